@@ -1,0 +1,57 @@
+"""`jaxem <command>`: the one command-line entry point.
+
+Each command lives in its own module, imported only when it runs, that defines
+`add_arguments(parser)` and `run(args, overrides) -> int`. `overrides` are the
+`--config.a.b=value` flags the command did not declare. Bad input raises `UserError`, which is
+printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxem.errors import UserError
+
+# name -> (module, one-line help). Add a command by adding a line here.
+COMMANDS = {
+    "demo": ("jaxem.commands.demo", "train, predict and evaluate on synthetic EM end to end"),
+    "train": ("jaxem.commands.train", "train a segmentation model from a config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxem", description="JAX/Flax segmentation of electron microscopy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"jaxem: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)}).", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"jaxem {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args, unknown = parser.parse_known_args(rest)
+    try:
+        return int(module.run(args, unknown) or 0)
+    except UserError as e:
+        print(f"jaxem {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxem {name}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `jaxem` command; see jaxem/cli.py."""

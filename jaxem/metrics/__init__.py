@@ -1,0 +1,1 @@
+"""jaxem.metrics."""
