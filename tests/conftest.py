@@ -1,0 +1,21 @@
+"""Test setup: 4 fake CPU devices (set before jax is imported) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """The folder of small real EM datasets beside the repo; skips the test when absent."""
+    for candidate in (Path(os.environ.get("JAXEM_SHARED_DATA", "")), SHARED_DATA):
+        if str(candidate) and candidate.is_dir() and (candidate / "isbi2012").is_dir():
+            return candidate
+    pytest.skip("../shared/data is not present")
