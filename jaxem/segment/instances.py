@@ -1,0 +1,141 @@
+"""Predictions -> instance labels: connected components, seeded watershed, mutex watershed.
+
+All functions take (y, x) or (z, y, x) probability maps (affinities: (K, *spatial)) and return
+uint64 labels of the same spatial shape with 0 = background and ids 1..N consecutive.
+
+Seeded watershed (the design choice): seeds are the regional maxima of the Euclidean distance
+transform of the thresholded interior (`seeds='distance'`), merged when separated by a saddle
+lower than `h` (h-maxima), so that two cells touching through a gap in a predicted membrane
+still get two seeds. `seeds='threshold'` uses connected components of a stricter threshold
+(`threshold / 2`) instead. The flood runs on the boundary map itself, so membrane voxels are
+assigned to the neighbouring cell they drain to: the result is a dense segmentation, as the
+field's metrics (VOI, adapted Rand) expect. On foreground maps the flood is confined to the
+foreground and background stays 0.
+"""
+
+from __future__ import annotations
+
+import cc3d
+import edt
+import fastremap
+import numpy as np
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from jaxem.errors import UserError
+
+METHODS = ("cc", "watershed")
+SEEDS = ("distance", "threshold")
+
+
+def instances_from_boundaries(
+    boundary_prob: np.ndarray,
+    method: str = "watershed",
+    threshold: float = 0.5,
+    min_size: int = 0,
+    per_slice: bool = False,
+    seeds: str = "distance",
+    h: float = 1.0,
+    anisotropy=None,
+) -> np.ndarray:
+    """Instances from a boundary map (high on membranes), (y, x) or (z, y, x) -> uint64 labels.
+
+    method 'cc': connected components of `boundary_prob < threshold` (membranes stay 0).
+    method 'watershed': seeded watershed on the boundary map (see module docstring); every voxel
+    is assigned. `per_slice` segments each z-slice of a 3D volume on its own with ids unique over
+    the volume. Objects smaller than `min_size` voxels become 0; ids are then made consecutive.
+    `anisotropy` is the voxel size (nm, z-y-x) used by the distance transform.
+    """
+    prob = _check_map(boundary_prob, "boundary_prob")
+    return _segment(prob < threshold, prob, None, method, threshold, min_size, per_slice, seeds, h, anisotropy)
+
+
+def instances_from_foreground(
+    foreground_prob: np.ndarray,
+    method: str = "watershed",
+    threshold: float = 0.5,
+    min_size: int = 0,
+    per_slice: bool = False,
+    seeds: str = "distance",
+    h: float = 1.0,
+    anisotropy=None,
+) -> np.ndarray:
+    """Instances from a foreground map (high inside objects), (y, x) or (z, y, x) -> uint64 labels.
+
+    Like `instances_from_boundaries`, but the watershed floods only the foreground
+    (`foreground_prob >= threshold`), so background stays 0; touching objects are split at the
+    saddles of their distance transform.
+    """
+    prob = _check_map(foreground_prob, "foreground_prob")
+    interior = prob >= threshold
+    return _segment(interior, 1.0 - prob, interior, method, threshold, min_size, per_slice, seeds, h, anisotropy)
+
+
+def _segment(interior, elevation, mask, method, threshold, min_size, per_slice, seeds, h, anisotropy):
+    if method not in METHODS:
+        raise UserError(f"segmentation method {method!r} is not one of {', '.join(METHODS)}.")
+    if seeds not in SEEDS:
+        raise UserError(f"watershed seeds {seeds!r} is not one of {', '.join(SEEDS)}.")
+    if per_slice and interior.ndim == 3:
+        aniso2 = None if anisotropy is None else tuple(anisotropy)[1:]
+        slices = [
+            _segment(interior[z], elevation[z], None if mask is None else mask[z], method, threshold, 0, False, seeds, h, aniso2)
+            for z in range(interior.shape[0])
+        ]
+        labels = stack_unique(slices)
+    elif method == "cc":
+        labels = connected_components(interior)
+    else:
+        markers = watershed_seeds(interior, elevation, threshold, seeds, h, anisotropy)
+        labels = watershed(elevation, markers=markers, mask=mask).astype(np.uint64)
+    return relabel(labels, min_size)
+
+
+def connected_components(mask: np.ndarray) -> np.ndarray:
+    """Face-connected components (4 in 2D, 6 in 3D) of a boolean mask -> uint64 labels."""
+    connectivity = 4 if mask.ndim == 2 else 6
+    return cc3d.connected_components(np.ascontiguousarray(mask), connectivity=connectivity, out_dtype=np.uint64)
+
+
+def watershed_seeds(interior, elevation, threshold, seeds="distance", h=1.0, anisotropy=None) -> np.ndarray:
+    """Watershed markers (uint64, 0 = no seed) from the interior mask or a stricter threshold.
+
+    'distance': h-maxima of the distance transform of `interior` (in units of `anisotropy`,
+    so `h` is in nm when voxel sizes are given). 'threshold': components of
+    `elevation < threshold / 2` for boundary maps (`> 1 - threshold / 2` foreground).
+    """
+    if seeds == "threshold":
+        return connected_components(elevation < threshold / 2)
+    aniso = tuple(float(a) for a in anisotropy) if anisotropy is not None else (1.0,) * interior.ndim
+    dist = edt.edt(np.ascontiguousarray(interior), anisotropy=aniso, black_border=False)
+    peaks = h_maxima(dist.astype(np.float32), h) > 0
+    return connected_components(peaks & interior)
+
+
+def stack_unique(slices: list[np.ndarray]) -> np.ndarray:
+    """Stacks per-slice labels (y, x) into (z, y, x), offsetting ids so they are unique."""
+    out, offset = [], 0
+    for labels in slices:
+        labels = labels.astype(np.uint64)
+        out.append(np.where(labels > 0, labels + np.uint64(offset), np.uint64(0)))
+        offset += int(labels.max(initial=0))
+    return np.stack(out)
+
+
+def relabel(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
+    """Zeroes objects smaller than `min_size` voxels, then renumbers ids to 1..N (uint64)."""
+    labels = np.asarray(labels, dtype=np.uint64)
+    if min_size > 0:
+        ids, counts = fastremap.unique(labels, return_counts=True)
+        small = [int(i) for i, c in zip(ids, counts) if i != 0 and c < min_size]
+        if small:
+            labels = fastremap.mask(labels, small)
+    labels, _ = fastremap.renumber(labels, start=1, preserve_zero=True)
+    return labels.astype(np.uint64, copy=False)
+
+
+def _check_map(prob, name: str) -> np.ndarray:
+    prob = np.asarray(prob)
+    if prob.ndim not in (2, 3):
+        raise UserError(f"{name} must be a (y, x) or (z, y, x) map, got shape {prob.shape}.")
+    return prob.astype(np.float32, copy=False)
