@@ -1,0 +1,153 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and run metadata.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Kept: the last `keep` checkpoints plus the
+best one by the chosen validation metric. Saves are asynchronous (training continues while the
+previous checkpoint is written). A checkpoint that cannot be read is skipped with a warning and
+the one before it is used, so a crash during a save never costs more than one interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxem.errors import UserError
+
+log = logging.getLogger(__name__)
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "ema_params", "rng")
+
+
+def state_to_tree(state) -> dict:
+    """The saved part of a TrainState (everything but the optimizer definition)."""
+    return {name: getattr(state, name) for name in STATE_FIELDS}
+
+
+def tree_to_state(template, tree: dict):
+    """A TrainState like `template` holding the arrays of a restored tree."""
+    return template.replace(**{name: tree[name] for name in STATE_FIELDS})
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, best_metric: str = "",
+                 best_mode: str = "min", async_save: bool = True):
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.best_metric, self.best_mode = best_metric, best_mode
+        keep_policies = [policies.LatestN(n=keep)]
+        if best_metric:
+            keep_policies.append(policies.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=(best_mode == "min"), n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep_policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None,
+             force: bool = False) -> bool:
+        """Starts saving (asynchronously); `metrics` (floats) rank the best checkpoint."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state_to_tree(state)),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, template_state) -> tuple[Any, dict, dict] | None:
+        """(state, data_state, meta) of the newest readable checkpoint, or None when there is none.
+
+        The state is restored onto the shardings of `template_state` (replicated on the mesh).
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(template_state))
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ))
+            except Exception as e:  # a torn or corrupted checkpoint: fall back to the previous one
+                log.warning("checkpoint %s/%d could not be read (%s: %s); trying the previous one.",
+                            self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                print(f"warning: checkpoint {self.directory}/{step} could not be read; using the previous one.")
+                continue
+            return tree_to_state(template_state, restored["state"]), restored["data"], restored["meta"]
+        return None
+
+    def best_step(self) -> int | None:
+        """The step with the best saved metric (None when no checkpoint has metrics)."""
+        scored = [(s, self.manager.metrics(s)) for s in self.steps()]
+        scored = [(s, m[self.best_metric]) for s, m in scored if m and self.best_metric in m]
+        if not scored:
+            return None
+        pick = min if self.best_mode == "min" else max
+        return pick(scored, key=lambda item: item[1])[0]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_for_inference(path: str | os.PathLike, step: int | None = None):
+    """Loads a trained model from a run directory (best checkpoint, else latest) or a step directory.
+
+    Returns (config, model, variables) where variables = {"params": ..., ["batch_stats": ...]}
+    (EMA weights when the run used EMA), ready for `model.apply(variables, x, train=False)`.
+    """
+    from jaxem import models
+    from jaxem.config import load_saved_config
+
+    path = Path(path)
+    if path.name.isdigit() and (path.parent.name == "checkpoints"):
+        step, run_dir = int(path.name), path.parent.parent
+    else:
+        run_dir = path
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{path} is not a jaxem run directory or checkpoint (no config.json in {run_dir}).")
+    config = load_saved_config(run_dir)
+    train_cfg = config.train
+    ckpt = Checkpointer(run_dir, best_metric=train_cfg.get("best_metric", ""), best_mode=train_cfg.get("best_mode", "min"),
+                        async_save=False)
+    if not ckpt.steps():
+        raise UserError(f"{run_dir} holds no checkpoints yet (train first, or point at another run).")
+    step = step if step is not None else (ckpt.best_step() or ckpt.steps()[-1])
+    if step not in ckpt.steps():
+        raise UserError(f"{run_dir} has no checkpoint at step {step} (it has {ckpt.steps()}).")
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    use_ema = float(train_cfg.get("ema_decay", 0.0)) > 0
+    variables = {"params": restored["ema_params"] if use_ema else restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+    model = models.build(config.model)
+    _check_params_match(model, config, variables, run_dir)
+    return config, model, variables
+
+
+def _check_params_match(model, config: ml_collections.ConfigDict, variables: dict, where) -> None:
+    """UserError when the checkpoint's parameter shapes do not fit the config's model."""
+    import jax.numpy as jnp
+
+    ndim = config.model.ndim
+    x = jnp.zeros((1,) + tuple(config.data.crop_shape)[-ndim:] + (1,), jnp.float32)
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
+    got = jax.tree.map(lambda a: tuple(a.shape), variables["params"])
+    want = jax.tree.map(lambda a: tuple(a.shape), expected)
+    if got != want:
+        raise UserError(f"the checkpoint in {where} does not match its config's model (parameter shapes differ).")

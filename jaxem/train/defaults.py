@@ -1,0 +1,56 @@
+"""The base experiment config every file in configs/ starts from.
+
+Each section comes from the module that owns it, so a new field appears in every config at
+once and the command line can override it (`--config.train.steps=100`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxem import models
+from jaxem.data import augment, pipeline, targets
+from jaxem.train.state import default_optimizer_config
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """Loop settings: length, logging/eval/checkpoint intervals, EMA, devices."""
+    return ml_collections.ConfigDict(dict(
+        steps=1000,
+        log_every=20,
+        eval_every=200,
+        eval_batches=4,
+        checkpoint_every=200,
+        keep_checkpoints=3,
+        best_metric="val_loss",  # a key of the validation metrics, prefixed with val_
+        best_mode="min",
+        async_checkpoints=True,
+        ema_decay=0.0,  # 0 = off; e.g. 0.999
+        accumulate_steps=1,  # micro-batches per optimizer step
+        num_devices=0,  # 0 = all devices of all processes
+    ))
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """Weighted loss terms (see jaxem.train.losses.LOSSES) and the BCE positive weight."""
+    return ml_collections.ConfigDict(dict(terms={"bce": 1.0, "dice": 1.0}, pos_weight=1.0))
+
+
+def default_predict_config() -> ml_collections.ConfigDict:
+    """Blockwise inference: block and halo in voxels (z, y, x or y, x), blocks per device batch."""
+    return ml_collections.ConfigDict(dict(block_shape=(256, 256), halo=(32, 32), batch_size=4))
+
+
+def base_config(ndim: int = 2, model: str = "unet") -> ml_collections.ConfigDict:
+    """A complete config: every section with defaults; experiment files override fields."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = pipeline.default_data_config()
+    config.augment = augment.default_augment_config(ndim)
+    config.target = targets.default_target_config()
+    config.model = models.default_config(model, ndim)
+    config.loss = default_loss_config()
+    config.optimizer = default_optimizer_config()
+    config.train = default_train_config()
+    config.predict = default_predict_config()
+    return config

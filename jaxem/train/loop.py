@@ -1,0 +1,194 @@
+"""The one training loop: it owns time, IO, logging and checkpoints; the steps own the math.
+
+    train(config, workdir) -> summary dict
+
+Running the same command again resumes from the newest readable checkpoint (state, RNG and data
+iterator position), so an interrupted run ends with the same parameters as an uninterrupted one.
+SIGTERM (preemption) saves a checkpoint before exiting. A NaN/Inf loss stops the run with a clear
+message; checkpoints are only written after the loss of that step was seen to be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxem import models
+from jaxem.config import fingerprint, save_config
+from jaxem.data import augment, pipeline, targets
+from jaxem.errors import UserError
+from jaxem.train import parallel
+from jaxem.train.checkpoint import Checkpointer
+from jaxem.train.logs import MetricWriter, environment_versions, plot_curves
+from jaxem.train.state import create_train_state, make_optimizer, parameter_count
+from jaxem.train.supervised import make_eval_step, make_train_step
+
+# Sections whose change makes old checkpoints unusable (parameter shapes or target meaning).
+SHAPE_SECTIONS = ("model", "target")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf."""
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """UserError when `workdir` holds checkpoints of a run with a different model or target."""
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+            raise UserError(f"{workdir} holds checkpoints but no config.json; use a new --workdir.")
+        return
+    saved = ml_collections.ConfigDict(json.loads(saved_path.read_text()))
+    for section in SHAPE_SECTIONS:
+        if section in saved and fingerprint(saved[section]) != fingerprint(config[section]):
+            raise UserError(
+                f"{workdir} holds a run with a different `{section}` config; use a new --workdir "
+                f"(or delete {workdir}) instead of mixing experiments.")
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    fetched = jax.device_get(history)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *_):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int) -> dict:
+    """Validation loss and Dice over the same `num_batches` validation batches every time."""
+    val_loader.set_state(val_start)
+    totals = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}
+    for _ in range(num_batches):
+        metrics, _ = eval_step(state, next(val_loader))
+        for k, v in jax.device_get(metrics).items():
+            totals[k] += float(v)
+    tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
+    return {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary dict."""
+    parallel.initialize_distributed()
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    check_workdir(config, workdir)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir)
+        (workdir / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n")
+
+    tc, ndim = config.train, config.model.ndim
+    mesh = parallel.make_mesh(tc.num_devices)
+    parallel.check_batch_size(config.data.batch_size, mesh)
+    if config.data.batch_size % (mesh.devices.size * tc.accumulate_steps):
+        raise UserError(f"data.batch_size={config.data.batch_size} must split into train.accumulate_steps="
+                        f"{tc.accumulate_steps} micro-batches on each of {mesh.devices.size} devices.")
+    models.check_input_shape(config.model, tuple(config.data.crop_shape))
+    channels = targets.num_target_channels(config.target, ndim)
+    if config.model.out_channels != channels:
+        raise UserError(f"model.out_channels={config.model.out_channels} but target kind "
+                        f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
+
+    model = models.build(config.model)
+    tx = make_optimizer(config.optimizer, tc.steps)
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
+    state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
+        jax.random.PRNGKey(config.seed))
+
+    ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, best_metric=tc.best_metric, best_mode=tc.best_mode,
+                        async_save=tc.async_checkpoints)
+    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
+    writer = MetricWriter(workdir, enabled=is_main)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, data_state, _ = restored
+        loader.set_state(data_state)
+        writer.truncate_after(int(state.step))
+    start = int(state.step)
+    has_val = bool(config.data.val_images) and tc.eval_every > 0
+    val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val") if has_val else None
+    val_start = val_loader.get_state() if has_val else None
+
+    augment_fn = augment.make_augment_fn(config.augment, ndim)
+    target_fn = targets.make_target_fn(config.target, ndim)
+    train_step = jax.jit(
+        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps),
+        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
+                        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
+    meta = {"model": fingerprint(config.model), "target": fingerprint(config.target)}
+    summary = {"start_step": start, "parameters": parameter_count(state.params), "devices": int(mesh.devices.size)}
+
+    def save(step: int, metrics: dict | None = None, force: bool = False):
+        ckpt.save(step, state, loader.get_state(), meta, metrics=metrics, force=force)
+
+    history, last_val, t0 = [], {}, time.time()
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), desc="train", unit="step",
+               dynamic_ncols=True)
+    with _Preemption() as preemption:
+        step = start
+        while step < tc.steps:
+            state, metrics = train_step(state, next(loader))
+            step += 1
+            history.append(metrics)
+            at_log = step % tc.log_every == 0 or step == tc.steps
+            at_eval = has_val and (step % tc.eval_every == 0 or step == tc.steps)
+            at_save = step % tc.checkpoint_every == 0 or step == tc.steps or preemption.requested
+            if at_log or at_eval or at_save:
+                mean = _mean_metrics(history)
+                history = []
+                if not np.isfinite(mean["loss"]):
+                    ckpt.wait()
+                    raise TrainingDiverged(
+                        f"the training loss became {mean['loss']} at step {step}; the last good checkpoint is "
+                        f"kept in {ckpt.directory} (lower optimizer.learning_rate or raise optimizer.grad_clip).")
+                writer.write(step, "train", mean)
+                bar.set_postfix(loss=f"{mean['loss']:.4f}", **({"val_dice": f"{last_val['dice']:.3f}"} if last_val else {}))
+            if at_eval:
+                last_val = evaluate(state, eval_step, val_loader, val_start, tc.eval_batches)
+                writer.write(step, "val", last_val)
+            if at_save:
+                save(step, {f"val_{k}": v for k, v in last_val.items()} if at_eval else None, force=preemption.requested)
+            bar.update(1)
+            if preemption.requested:
+                summary["preempted_at"] = step
+                break
+    bar.close()
+    ckpt.close()
+    loader.close()
+    if val_loader is not None:
+        val_loader.close()
+    writer.close()
+    elapsed = time.time() - t0
+    summary.update(final_step=step, seconds=elapsed, steps_per_second=(step - start) / max(elapsed, 1e-9),
+                   **{f"val_{k}": v for k, v in last_val.items()})
+    if is_main and (workdir / "metrics.jsonl").exists():
+        plot_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
+    return summary

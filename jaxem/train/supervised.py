@@ -1,0 +1,133 @@
+"""Pure train and eval steps for dense supervised segmentation.
+
+`train_step(state, batch) -> (state, metrics)`: augment on device, build targets from the
+augmented labels, forward/backward (optionally over micro-batches), optimizer update, EMA.
+The loop jits it with explicit shardings; nothing here does IO or reads the clock.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxem.train.losses import segmentation_loss
+from jaxem.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def probabilities(target_kind: str, logits: jax.Array) -> jax.Array:
+    """Softmax over channels for multiclass targets, otherwise an independent sigmoid per channel."""
+    return jax.nn.softmax(logits, axis=-1) if target_kind == "multiclass" else jax.nn.sigmoid(logits)
+
+
+def _main_and_aux(outputs) -> tuple[jax.Array, list[jax.Array]]:
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0], list(outputs[1])
+    return outputs, []
+
+
+def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
+    """Aux outputs are upsampled to full size and weighted 1/2, 1/4, ... (as in nnU-Net)."""
+    total = 0.0
+    for i, aux in enumerate(aux_logits):
+        aux = jax.image.resize(aux, aux.shape[:1] + target.shape[1:-1] + aux.shape[-1:], "linear")
+        total = total + 0.5 ** (i + 1) * segmentation_loss(loss_cfg, aux, target, target_mask)[0]
+    return total
+
+
+def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
+                    ema_decay: float = 0.0, accumulate_steps: int = 1) -> Callable:
+    """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
+
+    batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
+    With `accumulate_steps` k > 1 the batch is split into k micro-batches whose gradients are
+    averaged (one optimizer update per step, k times less activation memory).
+    """
+
+    def loss_fn(params, batch_stats, image, target, target_mask, rng):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+            outputs, updates = model.apply(variables, image, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+            batch_stats = updates["batch_stats"]
+        else:
+            outputs = model.apply(variables, image, train=True, rngs={"dropout": rng})
+        logits, aux = _main_and_aux(outputs)
+        loss, parts = segmentation_loss(loss_cfg, logits, target, target_mask)
+        if aux:
+            parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, target, target_mask)
+            loss = loss + parts["loss_deep_supervision"]
+        return loss, (parts, batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batches(x):
+        # Row i*k + j goes to micro-batch j, so every device keeps its rows (no resharding).
+        return jnp.swapaxes(x.reshape((x.shape[0] // accumulate_steps, accumulate_steps) + x.shape[1:]), 0, 1)
+
+    def accumulated_grads(params, batch_stats, image, target, target_mask, rng):
+        if accumulate_steps == 1:
+            return grad_fn(params, batch_stats, image, target, target_mask, rng)
+
+        def body(carry, xs):
+            grads_sum, loss_sum, parts_sum, stats = carry
+            (loss, (parts, stats)), grads = grad_fn(params, stats, *xs, rng)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)
+            return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), stats), None
+
+        xs = tuple(micro_batches(x) for x in (image, target, target_mask))
+        (_, (parts_shape, _)), grads_shape = jax.eval_shape(grad_fn, params, batch_stats, *(x[0] for x in xs), rng)
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+        init = (zeros(grads_shape), jnp.zeros((), jnp.float32), zeros(parts_shape), batch_stats)
+        (grads, loss, parts, batch_stats), _ = jax.lax.scan(body, init, xs)
+        scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
+        return (loss / accumulate_steps, (scale(parts), batch_stats)), scale(grads)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, dropout_rng = jax.random.split(rng)
+        batch = augment_fn(aug_rng, batch)
+        target, target_mask = target_fn(batch["labels"], batch["mask"])
+        (loss, (parts, batch_stats)), grads = accumulated_grads(
+            state.params, state.batch_stats, batch["image"], target, target_mask, dropout_rng)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if ema_decay > 0:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+        else:
+            ema = params
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state, ema_params=ema)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, loss_cfg: ml_collections.ConfigDict, target_fn: Callable, target_kind: str,
+                   use_ema: bool = False) -> Callable:
+    """Builds `eval_step(state, batch) -> (metrics, probabilities)` on un-augmented batches.
+
+    metrics: loss and the voxel-wise Dice of thresholded predictions (summed counts, so means over
+    many batches are exact); probabilities: (B, *spatial, K) float32.
+    """
+
+    def eval_step(state: TrainState, batch: Batch):
+        logits, _ = _main_and_aux(model.apply(state.variables(use_ema), batch["image"], train=False))
+        target, target_mask = target_fn(batch["labels"], batch["mask"])
+        loss, _ = segmentation_loss(loss_cfg, logits, target, target_mask)
+        probs = probabilities(target_kind, logits)
+        pred = (probs > 0.5).astype(jnp.float32)
+        counts = {
+            "tp": jnp.sum(pred * target * target_mask),
+            "fp": jnp.sum(pred * (1 - target) * target_mask),
+            "fn": jnp.sum((1 - pred) * target * target_mask),
+        }
+        return {"loss": loss, **counts}, probs
+
+    return eval_step
