@@ -69,7 +69,7 @@ def parse_value(text: str, current: Any, key: str) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise UserError(f"config field {key} expects a {type(current).__name__}, got {text!r}.") from None
+        raise UserError(f"config field {key} expects {_type_name(current)}, got {text!r}.") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
@@ -77,8 +77,16 @@ def parse_value(text: str, current: Any, key: str) -> Any:
     if isinstance(current, (tuple, list)) and isinstance(value, (int, float)):
         return type(current)([value])
     if type(value) is not type(current):
-        raise UserError(f"config field {key} expects a {type(current).__name__}, got {text!r}.")
+        raise UserError(f"config field {key} expects {_type_name(current)}, got {text!r}.")
     return value
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", tuple: "a tuple such as (1, 2)",
+              list: "a list such as [1, 2]", dict: "a dict"}
+
+
+def _type_name(value: Any) -> str:
+    return TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
 
 
 def _looks_literal(text: str) -> bool:
