@@ -1,0 +1,186 @@
+"""Training: the step learns, gives the same result on 1 and 4 devices, checkpoints and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxem import models
+from jaxem.config import apply_overrides, load_config
+from jaxem.data import augment, targets
+from jaxem.train import parallel
+from jaxem.train.checkpoint import Checkpointer, restore_for_inference
+from jaxem.train.defaults import base_config
+from jaxem.train.state import create_train_state, make_optimizer
+from jaxem.train.supervised import make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(norm="group"):
+    cfg = base_config(ndim=2)
+    cfg.model.widths = (4, 8)
+    cfg.model.norm = norm
+    cfg.model.out_channels = 1
+    cfg.optimizer.learning_rate = 1e-2
+    cfg.optimizer.warmup_steps = 0
+    cfg.optimizer.schedule = "constant"
+    return cfg
+
+
+def cell_batch(batch_size=8, size=32, seed=0):
+    """Blocky 'cells' separated by dark one-pixel membranes, and their instance labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((batch_size, size, size), np.int32)
+    for b in range(batch_size):
+        cuts_y = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
+        cuts_x = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
+        ids = (np.searchsorted(cuts_y, np.arange(size))[:, None] * 3 + np.searchsorted(cuts_x, np.arange(size))[None] + 1)
+        ids[cuts_y, :] = 0
+        ids[:, cuts_x] = 0
+        labels[b] = ids
+    image = np.where(labels > 0, 0.7, 0.1) + 0.1 * rng.standard_normal(labels.shape)
+    image = ((image - image.mean()) / image.std()).astype(np.float32)[..., None]
+    return {"image": image, "labels": labels, "mask": np.ones(labels.shape, np.float32)}
+
+
+def run_steps(cfg, mesh, batch, steps):
+    model = models.build(cfg.model)
+    tx = make_optimizer(cfg.optimizer, steps)
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    state = jax.jit(lambda r: create_train_state(model, tx, r, (1, 32, 32, 1)), out_shardings=rep)(jax.random.PRNGKey(0))
+    cfg.augment = augment.default_augment_config(2)
+    step = jax.jit(make_train_step(model, cfg.loss, augment.make_augment_fn(cfg.augment, 2),
+                                   targets.make_target_fn(cfg.target, 2), accumulate_steps=cfg.train.accumulate_steps),
+                   in_shardings=(rep, data), out_shardings=(rep, rep))
+    batch = jax.device_put(batch, data)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_train_step_decreases_loss():
+    _, losses = run_steps(tiny_config(), parallel.make_mesh(1), cell_batch(), 25)
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_same_result_on_1_and_4_devices(norm):
+    assert len(jax.devices()) == 4
+    cfg = tiny_config(norm)
+    state1, losses1 = run_steps(cfg, parallel.make_mesh(1), cell_batch(), 4)
+    state4, losses4 = run_steps(cfg, parallel.make_mesh(4), cell_batch(), 4)
+    np.testing.assert_allclose(losses1, losses4, rtol=2e-4, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state4.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+
+
+def test_gradient_accumulation_matches_full_batch():
+    cfg = tiny_config()
+    cfg.augment = augment.default_augment_config(2)
+    full, losses_full = run_steps(cfg, parallel.make_mesh(4), cell_batch(), 2)
+    cfg.train.accumulate_steps = 2
+    micro, losses_micro = run_steps(cfg, parallel.make_mesh(4), cell_batch(), 2)
+    np.testing.assert_allclose(losses_full, losses_micro, rtol=1e-3, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-3, atol=5e-4)
+
+
+def test_batch_size_must_divide_devices():
+    from jaxem.errors import UserError
+
+    with pytest.raises(UserError, match="not divisible by the 4 devices"):
+        parallel.check_batch_size(6, parallel.make_mesh(4))
+    with pytest.raises(UserError, match="only 4 exist"):
+        parallel.make_mesh(8)
+
+
+def test_checkpoint_round_trip_and_corrupt_fallback(tmp_path):
+    cfg = tiny_config()
+    mesh = parallel.make_mesh(1)
+    state, _ = run_steps(cfg, mesh, cell_batch(), 2)
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
+    ckpt.save(1, state.replace(step=jnp.asarray(1, jnp.int32)), {"next": 1}, {"m": "a"})
+    ckpt.save(2, state, {"next": 2}, {"m": "a"})
+    ckpt.wait()
+    restored, data_state, _ = ckpt.restore_latest(state)
+    assert data_state == {"next": 2} and int(restored.step) == int(state.step)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Corrupt every file of the newest checkpoint's state: the previous one is used instead.
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    restored, data_state, _ = Checkpointer(tmp_path, keep=3, async_save=False).restore_latest(state)
+    assert data_state == {"next": 1}
+
+
+def _demo_cfg_args(workdir):
+    return [sys.executable, "-m", "jaxem.cli", "train", "--config", "demo:tiny", "--workdir", str(workdir),
+            "--no-progress"]
+
+
+def _read_final_params(workdir):
+    _, _, variables = restore_for_inference(workdir)
+    return variables
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
+    """A run killed with SIGKILL mid-training and restarted ends exactly where an uninterrupted run does."""
+    from jaxem.commands.demo import write_synthetic_data
+
+    cfg = load_config("demo:tiny")
+    paths = write_synthetic_data(cfg, tmp_path / "data")
+    data_args = [f"--config.data.train_images=('{paths['train'][0]}',)", f"--config.data.train_labels=('{paths['train'][1]}',)",
+                 f"--config.data.val_images=('{paths['val'][0]}',)", f"--config.data.val_labels=('{paths['val'][1]}',)",
+                 "--config.train.steps=12", "--config.train.checkpoint_every=4", "--config.train.eval_every=4",
+                 "--config.train.log_every=1", "--config.train.async_checkpoints=false"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    subprocess.run(_demo_cfg_args(tmp_path / "full") + data_args, check=True, env=env, cwd=ROOT, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_demo_cfg_args(killed) + data_args, env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill between checkpoints: after step 6 is logged (checkpoint at 4)
+        rows = (killed / "metrics.jsonl").read_text().splitlines() if (killed / "metrics.jsonl").exists() else []
+        if any(json.loads(r)["step"] >= 6 for r in rows):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) < 12, steps
+    subprocess.run(_demo_cfg_args(killed) + data_args, check=True, env=env, cwd=ROOT, capture_output=True)
+
+    full, resumed = _read_final_params(tmp_path / "full"), _read_final_params(killed)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    logged = [json.loads(r)["step"] for r in (killed / "metrics.jsonl").read_text().splitlines()
+              if json.loads(r)["split"] == "train"]
+    assert logged == sorted(set(logged)), "resumed run logged duplicate steps"
+
+
+def test_workdir_of_other_experiment_is_refused(tmp_path):
+    from jaxem.errors import UserError
+    from jaxem.train.loop import check_workdir
+    from jaxem.config import save_config
+
+    cfg = load_config("demo:tiny")
+    save_config(cfg, tmp_path)
+    check_workdir(cfg, tmp_path)  # same experiment: fine
+    other = apply_overrides(cfg, ["--config.model.widths=(8, 16)"])
+    with pytest.raises(UserError, match="different `model` config"):
+        check_workdir(other, tmp_path)
