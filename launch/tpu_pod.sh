@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Cloud TPU VM pod (e.g. v5e-32): the same command on every worker; JAX discovers the pod itself.
 #   TPU_NAME=my-pod ZONE=us-central2-b bash launch/tpu_pod.sh configs/isbi2012_unet.py gs://bucket/runs/isbi [overrides]
-# The workdir should be a gs:// path (orbax writes checkpoints there from all workers) or a
-# filesystem mounted on every worker. Install once on all workers:
+# The workdir must be a filesystem mounted on every worker (e.g. a GCS bucket through gcsfuse, or
+# Filestore): all workers write checkpoints there and worker 0 writes the logs. Install once on all workers:
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all \
 #     --command 'git clone <your jaxem repo> jaxem && cd jaxem && pip install -e ".[tpu]"'
 set -euo pipefail
