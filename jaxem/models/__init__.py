@@ -1,1 +1,95 @@
-"""jaxem.models."""
+"""jaxem.models: the one registry of model names.
+
+    cfg = default_config('unet', 2); cfg.out_channels = 2
+    model = build(cfg)
+    variables = model.init(jax.random.key(0), x, train=False)      # x (B, *S, C_in) float32
+    logits = model.apply(variables, x, train=False)                # (B, *S, out_channels) float32
+    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+Models: 'unet' (2D/3D, conv or ResNet encoder), 'resnet' (encoder; pooled features), 'vit'
+(encoder; pooled features), 'unetr' (ViT encoder + conv decoder). Every model that has an encoder
+holds it as the submodule 'encoder', so `transfer_encoder_params` can copy pretrained weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import flax.linen as nn
+import ml_collections
+
+from jaxem.errors import UserError
+
+# name -> module defining default_config(ndim), from_config(cfg) and input_divisor(cfg).
+MODELS = {
+    "unet": "jaxem.models.unet",
+    "resnet": "jaxem.models.resnet",
+    "vit": "jaxem.models.vit",
+    "unetr": "jaxem.models.unetr",
+}
+
+
+def _module(name: str):
+    if name not in MODELS:
+        raise UserError(f"model.name {name!r} is unknown (choose from {', '.join(MODELS)}).")
+    return importlib.import_module(MODELS[name])
+
+
+def default_config(name: str, ndim: int = 2) -> ml_collections.ConfigDict:
+    """Every field of model `name` at spatial rank `ndim` (2 or 3), with defaults."""
+    if ndim not in (2, 3):
+        raise UserError(f"model.ndim must be 2 or 3, got {ndim!r}.")
+    return _module(name).default_config(ndim)
+
+
+def build(cfg: ml_collections.ConfigDict) -> nn.Module:
+    """The flax.linen Module that `cfg` (a model config section) describes."""
+    return _module(cfg.name).from_config(cfg)
+
+
+def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Per spatial axis, the number every input size must be a multiple of."""
+    return tuple(_module(cfg.name).input_divisor(cfg))
+
+
+def valid_shape(cfg: ml_collections.ConfigDict, shape: Sequence[int], round: str = "down") -> tuple[int, ...]:
+    """The nearest spatial shape the model takes, rounding each axis 'down' or 'up' (never below
+    one divisor)."""
+    if round not in ("down", "up"):
+        raise ValueError(f"round must be 'down' or 'up', got {round!r}")
+    divisor = input_divisor(cfg)
+    _check_rank(cfg, shape)
+    out = []
+    for size, d in zip(shape, divisor):
+        n = size // d if round == "down" else -(-size // d)
+        out.append(max(n, 1) * d)
+    return tuple(out)
+
+
+def check_input_shape(cfg: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
+    """Raises UserError naming the nearest valid sizes when the spatial `shape` does not fit."""
+    _check_rank(cfg, shape)
+    shape = tuple(int(s) for s in shape)
+    if valid_shape(cfg, shape, "down") == shape:
+        return
+    down, up = valid_shape(cfg, shape, "down"), valid_shape(cfg, shape, "up")
+    options = f"{down} or {up}" if down != up else f"{up}"
+    raise UserError(f"crop {shape} {_module(cfg.name).divisor_reason(cfg)}; nearest valid sizes: {options}.")
+
+
+def _check_rank(cfg: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
+    if len(shape) != cfg.ndim:
+        raise UserError(f"crop {tuple(shape)} has {len(shape)} axes but model.ndim is {cfg.ndim}.")
+
+
+def transfer_encoder_params(seg_variables: dict, encoder_variables: dict) -> dict:
+    """Copies a pretrained encoder into a segmentation model's 'encoder' subtree.
+
+    `encoder_variables` are the variables of an encoder model ('resnet', 'vit': they hold the
+    weights under 'encoder') or of the encoder alone. Every collection (params, batch_stats) present
+    in both is copied; every leaf must exist in the target with the same shape, otherwise a
+    UserError names the first mismatching path. Returns new variables; inputs are unchanged.
+    """
+    from jaxem.models.transfer import transfer_encoder
+    return transfer_encoder(seg_variables, encoder_variables)

@@ -1,0 +1,47 @@
+"""Output heads: per-voxel segmentation logits and SSL projection/prediction MLPs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class SegmentationHead(nn.Module):
+    """1x1 conv to `out_channels` logits. (B, *S, C) any dtype -> (B, *S, out_channels) float32.
+
+    The head runs in float32 whatever the trunk's dtype: it is cheap, and logits feed losses.
+    """
+
+    out_channels: int
+    dtype: Any = jnp.float32  # accepted for a uniform signature; the head always computes in float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ones = (1,) * (x.ndim - 2)
+        return nn.Conv(self.out_channels, ones, dtype=jnp.float32)(x.astype(jnp.float32))
+
+
+class MLPHead(nn.Module):
+    """SSL projection (SimCLR/MoCo v2) or prediction (BYOL) head: (B, D_in) -> (B, out_features).
+
+    `layers` Dense layers; all but the last are followed by an optional BatchNorm and ReLU.
+    Output float32.
+    """
+
+    hidden: int = 2048
+    out_features: int = 128
+    layers: int = 2
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.astype(jnp.float32)
+        for _ in range(self.layers - 1):
+            x = nn.Dense(self.hidden, use_bias=not self.batch_norm)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.relu(x)
+        return nn.Dense(self.out_features)(x)

@@ -1,0 +1,224 @@
+"""Building blocks shared by every model: norms, conv blocks, ASPP, per-level settings.
+
+All layers work on channels-last arrays of any spatial rank: (B, *spatial, C) with 2 or 3
+spatial axes. Kernel sizes, strides and dilations are tuples with one entry per spatial axis,
+so anisotropic (1, 3, 3) levels and isotropic (3, 3, 3) levels use the same code. Parameters
+are float32; `dtype` is the compute dtype (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxem.errors import UserError
+
+NORMS = ("batch", "group", "instance", "layer", "none")
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
+    "elu": nn.elu,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """Maps the config's dtype string to a jnp dtype."""
+    if name not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}.")
+    return DTYPES[name]
+
+
+def activation(name: str):
+    """Maps the config's activation string to a function."""
+    if name not in ACTIVATIONS:
+        raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}.")
+    return ACTIVATIONS[name]
+
+
+def per_axis(value: int | Sequence[int], ndim: int, field: str) -> tuple[int, ...]:
+    """An int (same on every axis) or an ndim-tuple -> ndim-tuple of ints."""
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(int(v) for v in value)
+    if len(value) != ndim:
+        raise UserError(f"model.{field} entry {value} has {len(value)} axes, expected {ndim} (ndim={ndim}).")
+    return value
+
+
+def per_level(value: Sequence, n: int, ndim: int, default: int, field: str) -> tuple[tuple[int, ...], ...]:
+    """Resolves a per-level setting to n tuples of ndim ints.
+
+    `()` means `default` on every axis of every level, a 1-tuple repeats its entry at every level,
+    otherwise there must be exactly n entries; each entry is an int or an ndim-tuple.
+    """
+    value = tuple(value)
+    if not value:
+        value = (default,)
+    if len(value) == 1:
+        value = value * n
+    if len(value) != n:
+        raise UserError(f"model.{field} has {len(value)} entries, expected {n} (one per level) or 1 or ().")
+    return tuple(per_axis(v, ndim, field) for v in value)
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest divisor of `channels` that is <= `groups` (GroupNorm needs an exact split)."""
+    g = max(1, min(groups, channels))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class Norm(nn.Module):
+    """Normalisation over channels-last features; batch statistics live in 'batch_stats'.
+
+    kind: 'batch' (running averages, momentum 0.9), 'group' (`groups` groups), 'instance'
+    (per channel over space), 'layer' (over channels at each voxel, as in ConvNeXt) or 'none'.
+    Statistics are computed in float32 even when `dtype` is bfloat16.
+    """
+
+    kind: str = "group"
+    groups: int = 8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.kind == "batch":
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+        if self.kind == "group":
+            return nn.GroupNorm(num_groups=group_count(x.shape[-1], self.groups), dtype=self.dtype)(x)
+        if self.kind == "instance":
+            return nn.GroupNorm(num_groups=None, group_size=1, dtype=self.dtype)(x)
+        if self.kind == "layer":
+            return nn.LayerNorm(dtype=self.dtype)(x)
+        if self.kind == "none":
+            return x
+        raise UserError(f"model.norm must be one of {', '.join(NORMS)}, got {self.kind!r}.")
+
+
+class ConvNormAct(nn.Module):
+    """conv (SAME padding) -> norm -> activation. (B, *S, C) -> (B, *S / strides, features)."""
+
+    features: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    dilation: tuple[int, ...] | None = None
+    norm: str = "group"
+    groups: int = 8
+    act: str = "relu"
+    use_act: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, self.kernel, strides=self.strides, kernel_dilation=self.dilation,
+                    padding="SAME", use_bias=self.norm == "none", dtype=self.dtype)(x)
+        x = Norm(self.norm, self.groups, self.dtype)(x, train)
+        return activation(self.act)(x) if self.use_act else x
+
+
+class ConvBlock(nn.Module):
+    """`convs` ConvNormAct layers at one resolution; residual adds a (projected) shortcut.
+
+    (B, *S, C) -> (B, *S, features). The residual form is conv-norm-act ... conv-norm, plus the
+    input (1x1 conv + norm where the width changes), then the activation (ResNet v1 / V-Net style).
+    """
+
+    features: int
+    kernel: tuple[int, ...]
+    convs: int = 2
+    residual: bool = False
+    dilation: tuple[int, ...] | None = None
+    norm: str = "group"
+    groups: int = 8
+    act: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = x
+        for i in range(self.convs):
+            last = i == self.convs - 1
+            y = ConvNormAct(self.features, self.kernel, dilation=self.dilation, norm=self.norm,
+                            groups=self.groups, act=self.act, use_act=not (self.residual and last),
+                            dtype=self.dtype)(y, train)
+        if not self.residual:
+            return y
+        if x.shape[-1] != self.features:
+            x = ConvNormAct(self.features, (1,) * (x.ndim - 2), norm=self.norm, groups=self.groups,
+                            use_act=False, dtype=self.dtype)(x, train)
+        return activation(self.act)(x + y)
+
+
+def dilate(kernel: tuple[int, ...], rate: int) -> tuple[int, ...]:
+    """Dilation `rate` on the axes the kernel spans (none on axes with kernel size 1)."""
+    return tuple(rate if k > 1 else 1 for k in kernel)
+
+
+class DilatedBottleneck(nn.Module):
+    """Residual stack of dilated convs, one per rate, to widen the receptive field (B, *S, C)."""
+
+    kernel: tuple[int, ...]
+    rates: tuple[int, ...] = (2, 4)
+    norm: str = "group"
+    groups: int = 8
+    act: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for rate in self.rates:
+            x = x + ConvNormAct(x.shape[-1], self.kernel, dilation=dilate(self.kernel, rate), norm=self.norm,
+                                groups=self.groups, act=self.act, dtype=self.dtype)(x, train)
+        return x
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab v3): 1x1, dilated convs per rate and a global-pool
+    branch, concatenated and projected back. (B, *S, C) -> (B, *S, C)."""
+
+    kernel: tuple[int, ...]
+    rates: tuple[int, ...] = (2, 4)
+    norm: str = "group"
+    groups: int = 8
+    act: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width, ones = x.shape[-1], (1,) * (x.ndim - 2)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        branches = [ConvNormAct(width, ones, **kw)(x, train)]
+        for rate in self.rates:
+            branches.append(ConvNormAct(width, self.kernel, dilation=dilate(self.kernel, rate), **kw)(x, train))
+        # Image-level branch: norms over a single voxel are degenerate, so conv + activation only.
+        pooled = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
+        pooled = activation(self.act)(nn.Conv(width, ones, dtype=self.dtype)(pooled))
+        branches.append(jnp.broadcast_to(pooled, x.shape[:-1] + (width,)))
+        return ConvNormAct(width, ones, **kw)(jnp.concatenate(branches, axis=-1), train)
+
+
+def max_pool(x: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+    """Max pooling with window = stride = factors. (B, *S, C) -> (B, *S / factors, C)."""
+    if all(f == 1 for f in factors):
+        return x
+    return nn.max_pool(x, factors, strides=factors)
+
+
+def maybe_remat(module_cls, remat: bool):
+    """`nn.remat(module_cls)` (recompute activations in the backward pass) when `remat` is set.
+
+    The wrapped module must take `(x, train)`; `train` is static (argnum 2 counts `self`).
+    """
+    return nn.remat(module_cls, static_argnums=(2,)) if remat else module_cls
+
+
+def prod(values: Sequence[int]) -> int:
+    return math.prod(values)
