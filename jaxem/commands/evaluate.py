@@ -1,0 +1,32 @@
+"""`jaxem evaluate`: the standard evaluation protocol (jaxem.metrics.report) from the command line."""
+
+from __future__ import annotations
+
+import json
+
+from jaxem.errors import UserError
+from jaxem.metrics import report
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--pred", required=True, help="prediction volume (zarr / tensorstore path or TIFF)")
+    parser.add_argument("--gt", required=True, help="ground-truth volume (zarr / tensorstore path or TIFF)")
+    parser.add_argument("--task", required=True, choices=report.TASKS)
+    parser.add_argument("--mask", default=None, help="optional volume; voxels where it is 0 are ignored")
+    parser.add_argument("--out", required=True, help="folder for report.json, report.md, morphology CSV and plots")
+    parser.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for float predictions")
+    parser.add_argument("--boundary-is-zero", action="store_true",
+                        help="boundary task: value 0 marks boundary (ISBI 2012 labels: 0 membrane, 255 cell)")
+    parser.add_argument("--block-voxels", type=int, default=report.BLOCK_VOXELS, help="voxels read per block")
+
+
+def run(args, overrides) -> int:
+    if overrides:
+        raise UserError(f"unknown arguments {' '.join(overrides)}; see `jaxem evaluate --help`.")
+    result = report.run_protocol(args.pred, args.gt, args.task, args.out, args.mask, threshold=args.threshold,
+                                 boundary_is_zero=args.boundary_is_zero, block_voxels=args.block_voxels)
+    keys = [k for k in ("dice", "adapted_rand_error", "vrand", "vinfo", "voi_split", "voi_merge",
+                        "warping_error", "map", "pq") if k in result]
+    print(json.dumps({k: result[k] for k in keys}))
+    print(f"wrote {args.out}/report.json and report.md")
+    return 0
