@@ -18,6 +18,8 @@ from jaxem.errors import UserError
 COMMANDS = {
     "demo": ("jaxem.commands.demo", "train, predict and evaluate on synthetic EM end to end"),
     "train": ("jaxem.commands.train", "train a segmentation model from a config"),
+    "evaluate": ("jaxem.commands.evaluate", "score a prediction against ground truth: report.json, report.md, morphology"),
+    "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),
 }
 
 
