@@ -1,0 +1,76 @@
+"""Test-time augmentation and model ensembles, as wrappers around a tile predictor.
+
+A predictor maps a batch x (B, *spatial, C) float32 to probabilities (B, *spatial, K). TTA runs
+it on flipped / rotated copies, inverts each transform on the output and averages. Ensembles
+combine several predictors (e.g. several checkpoints) by mean, median or majority vote.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxem.errors import UserError
+
+REDUCTIONS = ("mean", "median", "majority")
+
+
+def tta_transforms(spatial_shape: Sequence[int], rotations: bool = True) -> list[tuple[tuple[int, ...], int]]:
+    """(flip axes, quarter turns in the y-x plane) pairs; spatial axes counted from 0.
+
+    All 2^ndim flip combinations, times 4 rotations of the last two axes when `rotations` and
+    the y-x extent is square (so the rotated tile keeps its shape): 8 in 2D, 16 in 3D.
+    """
+    ndim = len(spatial_shape)
+    flips = [tuple(a for a, f in zip(range(ndim), bits) if f) for bits in itertools.product((0, 1), repeat=ndim)]
+    turns = (0, 1, 2, 3) if rotations and spatial_shape[-1] == spatial_shape[-2] else (0,)
+    if turns != (0,):
+        flips = [f for f in flips if ndim - 1 not in f]  # rot x flip(y) spans the same group: 4x2 in y-x
+    return [(f, k) for f in flips for k in turns]
+
+
+def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
+    """A predictor that averages `predict_fn` over `tta_transforms` (inverse-transformed)."""
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        spatial = x.shape[1:-1]
+        ndim = len(spatial)
+        total = None
+        transforms = tta_transforms(spatial, rotations)
+        for flips, turns in transforms:
+            axes = tuple(1 + a for a in flips)
+            xt = np.rot90(np.flip(x, axes), turns, axes=(ndim - 1, ndim))
+            y = predict_fn(np.ascontiguousarray(xt))
+            y = np.flip(np.rot90(y, -turns, axes=(ndim - 1, ndim)), axes)
+            total = y if total is None else total + y
+        return total / len(transforms)
+
+    fn.batch = getattr(predict_fn, "batch", 1)
+    return fn
+
+
+def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
+    """Combines predictors: 'mean', 'median', or 'majority' vote.
+
+    Majority on sigmoid outputs gives 1.0 where more than half of the models predict > 0.5 (0.5
+    on a tie); on softmax outputs the one-hot of the class most models choose (ties: lowest class).
+    """
+    if reduce not in REDUCTIONS:
+        raise UserError(f"ensemble reduction {reduce!r} is not one of {', '.join(REDUCTIONS)}.")
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        ys = np.stack([f(x) for f in predict_fns])
+        if reduce == "mean":
+            return ys.mean(0)
+        if reduce == "median":
+            return np.median(ys, axis=0)
+        if multiclass:
+            votes = np.eye(ys.shape[-1], dtype=np.float32)[ys.argmax(-1)].sum(0)
+            return np.eye(ys.shape[-1], dtype=np.float32)[votes.argmax(-1)]
+        frac = (ys > 0.5).mean(0)
+        return np.where(frac > 0.5, 1.0, np.where(frac == 0.5, 0.5, 0.0)).astype(np.float32)
+
+    fn.batch = min(getattr(f, "batch", 1) for f in predict_fns)
+    return fn

@@ -1,0 +1,131 @@
+"""One prediction job: checkpoints + input volume + ROI -> an OME-Zarr of probabilities.
+
+Shared by `jaxem predict`, the demo and the benchmarks. The job description (inputs, ROI, model
+steps, blending, dtype) is stored with the output, so the same job resumes and a different one
+is refused unless asked to overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxem.data.volume import Volume, open_volume
+from jaxem.errors import UserError
+from jaxem.infer.blockwise import make_predict_fn, predict_volume
+from jaxem.infer.ensemble import ensemble, with_tta
+from jaxem.infer.output import create_output
+from jaxem.infer.tiling import make_tiling
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
+MULTICLASS = ("multiclass", "semantic")
+
+
+def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+    """'z0:z1,y0:y1,x0:x1' (one range per spatial axis) -> ((z0, z1), ...); None = everything."""
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) != len(shape):
+        raise UserError(f"--roi {text!r} must have {len(shape)} ranges start:stop separated by commas, one per axis of {tuple(shape)}.")
+    roi = []
+    for axis, part in enumerate(parts):
+        a, _, b = part.partition(":")
+        try:
+            start, stop = int(a or 0), int(b) if b else shape[axis]
+        except ValueError:
+            raise UserError(f"--roi range {part!r} is not start:stop with integers.") from None
+        if not 0 <= start < stop <= shape[axis]:
+            raise UserError(f"--roi {text!r} lies outside the input volume of shape {tuple(shape)} (axis {axis}: {start}:{stop}).")
+        roi.append((start, stop))
+    return tuple(roi)
+
+
+def spatial_shape(source: Volume) -> tuple[int, ...]:
+    """The (z, y, x) or (y, x) shape of a volume with an optional leading channel axis."""
+    return tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
+
+
+def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Block and halo per volume axis; a 2D model on a 3D volume gets block 1 and halo 0 in z."""
+    block, halo = tuple(predict_cfg.block_shape), tuple(predict_cfg.halo)
+    pad = ndim - len(block)
+    if pad < 0:
+        raise UserError(f"predict.block_shape {block} has more axes than the input volume ({ndim}).")
+    return (1,) * pad + block, (0,) * pad + halo
+
+
+def make_normalizer(source: Volume, mode: str = "meanstd", sample: int = 1 << 22) -> Callable:
+    """Per-volume normalisation (as in training), with statistics from a strided sample."""
+    try:  # the loader's definition, when it exists, so inference normalises exactly like training
+        from jaxem.data.pipeline import normalization_stats, apply_normalization  # type: ignore
+    except ImportError:
+        normalization_stats = apply_normalization = None
+    step = max(1, int(round((np.prod(source.shape) / sample) ** (1 / source.ndim))))
+    data = source.read(tuple(slice(None, None, step) for _ in source.shape)).astype(np.float32)
+    if normalization_stats is not None:
+        stats = normalization_stats(data, mode)
+        return lambda x: apply_normalization(x, stats, mode)
+    if mode == "percentile":
+        lo, hi = np.percentile(data, (1, 99))
+        return lambda x: (x - lo) / max(hi - lo, 1e-6)
+    mean, std = float(data.mean()), float(data.std())
+    return lambda x: (x - mean) / max(std, 1e-6)
+
+
+def model_predictor(config, model, variables, tta: bool = False) -> Callable:
+    """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass)."""
+    kind = str(config.target.get("kind", "boundary"))
+    fn = make_predict_fn(lambda x: model.apply(variables, x, train=False), int(config.predict.get("batch_size", 4)),
+                         activation="softmax" if kind in MULTICLASS else "sigmoid", model_ndim=int(config.model.ndim))
+    return with_tta(fn) if tta else fn
+
+
+def run_prediction(
+    checkpoints: Sequence[str],
+    input_path: str,
+    output_path: str,
+    roi: str | None = None,
+    tta: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    reduce: str = "mean",
+    overrides: Callable | None = None,
+    progress: bool = True,
+) -> dict:
+    """Restores `checkpoints`, predicts the ROI of `input_path` into `output_path`; returns stats."""
+    from jaxem.train.checkpoint import restore_for_inference
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    source = open_volume(input_path)
+    shape = spatial_shape(source)
+    region = parse_roi(roi, shape)
+    restored = [restore_for_inference(c) for c in checkpoints]
+    config = overrides(restored[0][0]) if overrides else restored[0][0]
+    block, halo = block_and_halo(config.predict, len(shape))
+    tiling = make_tiling(shape, region, block, halo, config.predict.get("chunk_shape", None), config.predict.get("blend", "gaussian"))
+    fns = [model_predictor(config, m, v, tta) for _, m, v in restored]
+    multiclass = str(config.target.get("kind", "")) in MULTICLASS
+    fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
+    channels = int(config.model.out_channels)
+    job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],
+           "tta": tta, "dtype": dtype, "reduce": reduce, "block": list(block), "halo": list(halo), "blend": tiling.blend}
+    axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
+    target, resumed = create_output(output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
+                                    (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
+    normalize = make_normalizer(source, str(config.data.get("normalize", "meanstd")))
+    stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(), progress=progress)
+    return dict(stats, resumed=resumed)
+
+
+def process_filter() -> Callable | None:
+    """Multi-host: chunk i of the raster order goes to process i mod process_count."""
+    import jax
+
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return None
+    return lambda c: hash(c) % count == index
