@@ -6,8 +6,8 @@ undefined (unlabelled voxels, neighbourhoods that touch them, offsets that leave
 
 Kinds:
 - "foreground": 1 where label > 0 (K = 1).
-- "boundary": 1 where label == 0 or a voxel within `width` (box neighbourhood, per axis; an int
-  or one value per axis, e.g. (1, 2, 2) for anisotropic 3D) has a different id (K = 1).
+- "boundary": 1 where label == 0 or a voxel within `width` (box neighbourhood; (w,) for every
+  axis or one value per axis, e.g. (0, 2, 2) for anisotropic 3D) has a different id (K = 1).
 - "affinities": one channel per offset; 1 where both ends are labelled (> 0) and share the id.
   Offsets follow the usual convention (negative = look back), e.g.
   [[-1,0,0],[0,-1,0],[0,0,-1],[0,-9,0],[0,0,-9]]; () means the nearest neighbours (-1 per axis).
@@ -37,7 +37,7 @@ def default_target_config(ndim: int = 3) -> ml_collections.ConfigDict:
     """Defaults for `config.target` (boundary of width 1)."""
     return ml_collections.ConfigDict({
         "kind": "boundary",
-        "width": 1,
+        "width": (1,),  # boundary half-width in voxels: (w,) for every axis or one per axis
         "offsets": (),  # affinities; () = nearest neighbours along every axis
         "anisotropy": (1.0,) * ndim,  # distance: voxel size ratios (z, y, x)
         "num_classes": 2,  # multiclass
@@ -153,7 +153,8 @@ def affinity_offsets(cfg, ndim: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _per_axis(value, ndim, name):
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    values = values * ndim if len(values) == 1 else values
     if len(values) != ndim:
         raise UserError(f"{name} must be one number or {ndim} numbers (one per axis), got {value!r}.")
     return values
