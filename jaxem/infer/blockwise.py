@@ -220,3 +220,10 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=int(total), unit="vox", unit_scale=True, disable=not enabled, desc="predict")
+
+
+def predict_run(run_dir, input_path: str, output_path: str, **kwargs) -> dict:
+    """Predicts `input_path` with the model of a run workdir; see `jaxem.infer.job.run_prediction`."""
+    from jaxem.infer.job import run_prediction
+
+    return run_prediction([str(run_dir)], str(input_path), str(output_path), **kwargs)

@@ -57,22 +57,12 @@ def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
     return (1,) * pad + block, (0,) * pad + halo
 
 
-def make_normalizer(source: Volume, mode: str = "meanstd", sample: int = 1 << 22) -> Callable:
-    """Per-volume normalisation (as in training), with statistics from a strided sample."""
-    try:  # the loader's definition, when it exists, so inference normalises exactly like training
-        from jaxem.data.pipeline import normalization_stats, apply_normalization  # type: ignore
-    except ImportError:
-        normalization_stats = apply_normalization = None
-    step = max(1, int(round((np.prod(source.shape) / sample) ** (1 / source.ndim))))
-    data = source.read(tuple(slice(None, None, step) for _ in source.shape)).astype(np.float32)
-    if normalization_stats is not None:
-        stats = normalization_stats(data, mode)
-        return lambda x: apply_normalization(x, stats, mode)
-    if mode == "percentile":
-        lo, hi = np.percentile(data, (1, 99))
-        return lambda x: (x - lo) / max(hi - lo, 1e-6)
-    mean, std = float(data.mean()), float(data.std())
-    return lambda x: (x - mean) / max(std, 1e-6)
+def make_normalizer(source: Volume, data_cfg) -> Callable:
+    """Per-volume normalisation exactly as the training loader does it (jaxem.data.sampling)."""
+    from jaxem.data.sampling import normalize, normalize_stats
+
+    stats = normalize_stats(source, str(data_cfg.get("normalize", "meanstd")), tuple(data_cfg.get("percentiles", (1.0, 99.0))))
+    return lambda x: normalize(x, stats)
 
 
 def model_predictor(config, model, variables, tta: bool = False) -> Callable:
@@ -116,7 +106,7 @@ def run_prediction(
     axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
     target, resumed = create_output(output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
                                     (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
-    normalize = make_normalizer(source, str(config.data.get("normalize", "meanstd")))
+    normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(), progress=progress)
     return dict(stats, resumed=resumed)
 

@@ -1,13 +1,15 @@
-"""OME-Zarr (NGFF 0.4) outputs: a zarr v2 group with the array at `0` and multiscales metadata.
+"""Prediction outputs: a chunked zarr v2 array with voxel size, axes, ROI offset and job metadata.
 
-napari (napari-ome-zarr) and neuroglancer open the group; jaxem commands accept the group or a
-plain zarr array. The group also records the job that wrote it (`jaxem_job`), so a rerun of the
-same job resumes and a different job is refused unless `--overwrite`.
+The array is written at the output path itself, so `jaxem.data.volume.open_volume`, neuroglancer
+(zarr:// source) and napari open it directly; its attributes also carry an OME-NGFF 0.4
+`multiscales` entry (scale = voxel size, translation = ROI offset in nm) for tools that read it.
+Readers here also accept a real OME-Zarr group (the array at `0`). The attributes record the job
+that wrote the array (`jaxem_job`): a rerun of the same job resumes, a different one is refused
+unless `--overwrite`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import tensorstore as ts
@@ -27,19 +29,19 @@ def open_array(path: str, mode: str = "r") -> Volume:
 
 
 def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dict, overwrite: bool) -> tuple[Volume, bool]:
-    """Creates (or reopens, for the same job) an OME-Zarr group; returns (array, resumed)."""
+    """Creates (or reopens, for the same job) the output array; returns (array, resumed)."""
+    path = str(path)
     if _exists(path) and not overwrite:
         if read_attributes(path).get("jaxem_job") == job:
-            return open_volume(path.rstrip("/") + "/0", "r+"), True
+            return open_volume(path, "r+"), True
         raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
-    if _exists(path) and overwrite and is_local(path):
+    if _exists(path) and is_local(path):
         import shutil
 
-        shutil.rmtree(local_path(path))
-    kv = ts.KvStore.open(kvstore_spec(path)).result()
-    kv.write(".zgroup", json.dumps({"zarr_format": 2}).encode()).result()
-    array = create_volume(path.rstrip("/") + "/0", shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True)
-    write_attributes(path, {"multiscales": [_multiscales(axes, voxel_size, offset)], "jaxem_job": job})
+        shutil.rmtree(local_path(path))  # also removes the done log of the previous job
+    array = create_volume(path, shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True)
+    write_attributes(path, {"offset": [int(o) for o in offset], "multiscales": [_multiscales(axes, voxel_size, offset)],
+                            "jaxem_job": job})
     return array, False
 
 
@@ -51,7 +53,7 @@ def _multiscales(axes, voxel_size, offset) -> dict:
     return {
         "version": "0.4",
         "axes": kinds,
-        "datasets": [{"path": "0", "coordinateTransformations": [
+        "datasets": [{"path": ".", "coordinateTransformations": [
             {"type": "scale", "scale": lead + [float(v) for v in voxel_size]},
             {"type": "translation", "translation": translation},
         ]}],
