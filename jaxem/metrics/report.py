@@ -144,7 +144,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     counts, table = _Counts(), clustering.ContingencyAccumulator()
     shapes = {"pred": morphology.MorphologyAccumulator(len(gt.shape)), "gt": morphology.MorphologyAccumulator(len(gt.shape))}
     warp_mismatch, classes, n_cells = 0, None, 0
-    for box in tqdm(blocks(gt.shape, block_voxels), desc=f"evaluate {task}", disable=not progress):
+    for box in tqdm(blocks(gt.shape, block_voxels), desc=f"evaluate {task}", disable=None if progress else True):
         p, g = pred.read(box), gt.read(box)
         m = np.asarray(mask.read(box), bool) if mask is not None else None
         if task == "instance":

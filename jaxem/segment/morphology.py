@@ -139,7 +139,9 @@ def plot_histograms(table: dict, path: str | os.PathLike, title: str = "") -> No
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
     for ax, name in zip(axes, names):
         values = np.asarray(table[name], np.float64)
-        ax.hist(values[np.isfinite(values)], bins=40)
+        values = values[np.isfinite(values)]
+        spread = values.size and np.ptp(values) > 1e-9 * np.abs(values).max()
+        ax.hist(values, bins=40 if spread else 1)
         ax.set_xlabel(name)
     axes[0].set_ylabel("objects")
     fig.suptitle(title or f"{len(table['label'])} objects")
