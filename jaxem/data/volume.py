@@ -4,8 +4,20 @@ Volumes are (z, y, x) [2D: (y, x)], optionally with a leading channel axis ("c")
 travels with the volume in nanometres, (z, y, x). Everything large is read and written through
 tensorstore, one box at a time, so volumes may be far larger than memory.
 
-Metadata lives in the array's attributes (`.zattrs` for zarr v2) as
-`{"voxel_size": [z, y, x], "axes": ["z", "y", "x"], "unit": "nanometer"}`.
+Formats (`FORMATS`), detected from the files at the path or named with `format=`:
+
+- "ome-zarr": an OME-Zarr (NGFF v0.4) zarr v2 group; level `0` is the full-resolution array,
+  `1`, `2`, ... are downsampled levels; voxel size and axes come from the `multiscales`
+  metadata. This is what `jaxem data import` and `jaxem data pyramid` write (napari, neuroglancer).
+  A zarr v3 group with OME-Zarr v0.5 metadata (`attributes.ome.multiscales`) is read too.
+- "zarr" (v2 array) and "zarr3" (v3 array): jaxem metadata in the array attributes,
+  `{"voxel_size": [z, y, x], "axes": ["z", "y", "x"], "unit": "nanometer"}`.
+- "n5": stored x-first as N5 tools expect (BigDataViewer, Fiji) and presented as (z, y, x); voxel
+  size from `resolution` (x, y, z, the n5-viewer convention).
+- "precomputed": neuroglancer precomputed; stored (x, y, z, channel), presented as (z, y, x)
+  (single channel) or (c, z, y, x); voxel size from the scale's `resolution`; `level` picks the scale.
+
+Paths are local paths or tensorstore kvstore URLs (file://, gs://, s3://, memory://).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from jaxem.errors import UserError
 
 ATTRS_KEY = ".zattrs"
 DEFAULT_AXES = {2: ("y", "x"), 3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}
+FORMATS = ("ome-zarr", "zarr", "zarr3", "n5", "precomputed")
+_PRECOMPUTED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32")
 
 
 def kvstore_spec(path: str | os.PathLike) -> dict | str:
@@ -43,14 +57,25 @@ def local_path(path: str | os.PathLike) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
+def join(path: str | os.PathLike, *parts: str) -> str:
+    """Joins path components with "/" for local paths and URLs alike."""
+    return "/".join([str(path).rstrip("/"), *parts])
+
+
 @dataclass
 class Volume:
-    """A tensorstore array plus its voxel size (nm, z-y-x) and axis names."""
+    """A tensorstore array plus its voxel size (nm, z-y-x) and axis names.
+
+    `path` is what the volume was opened from (for an OME-Zarr group, the group); `format` one of
+    FORMATS; `level` the resolution level (0 = full resolution).
+    """
 
     store: ts.TensorStore
     path: str
     voxel_size: tuple[float, ...]
     axes: tuple[str, ...]
+    format: str = "zarr"
+    level: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -71,10 +96,10 @@ class Volume:
     def read(self, box: Sequence[slice] | None = None) -> np.ndarray:
         """Reads `box` (a tuple of slices, default everything) into a numpy array."""
         box = tuple(box) if box is not None else ()
-        return self.store[box].read().result()
+        return np.asarray(self.store[box].read().result())
 
     def __getitem__(self, box) -> np.ndarray:
-        return self.store[box].read().result()
+        return np.asarray(self.store[box].read().result())
 
     def write(self, array: np.ndarray, offset: Sequence[int] | None = None) -> None:
         """Writes `array` with its first voxel at `offset` (default the origin)."""
@@ -87,37 +112,165 @@ class Volume:
         box = tuple(slice(o, o + s) for o, s in zip(offset, array.shape))
         return self.store[box].write(np.asarray(array, dtype=self.dtype))
 
+    def info(self) -> dict:
+        """Shape, dtype, chunks, voxel size, axes and format as a JSON-ready dict."""
+        return {
+            "path": self.path, "format": self.format, "level": self.level, "shape": list(self.shape),
+            "dtype": self.dtype.name, "chunks": list(self.chunks), "voxel_size": list(self.voxel_size),
+            "axes": list(self.axes), "unit": "nanometer",
+        }
+
+
+# ---------------------------------------------------------------- small key-value helpers
+
+
+def read_json(path: str | os.PathLike, key: str) -> dict | None:
+    """The JSON document stored under `key` beside `path`, or None when there is none."""
+    try:
+        kv = ts.KvStore.open(kvstore_spec(path)).result()
+        result = kv.read(key).result()
+    except Exception:  # unreachable bucket, bad URL: treat as absent, the caller reports it
+        return None
+    if result.state != "value":
+        return None
+    try:
+        return json.loads(bytes(result.value))
+    except ValueError:
+        return None
+
+
+def write_json(path: str | os.PathLike, key: str, value: dict) -> None:
+    """Writes `value` as JSON under `key` beside `path`."""
+    kv = ts.KvStore.open(kvstore_spec(path)).result()
+    kv.write(key, json.dumps(value, indent=2).encode()).result()
+
 
 def read_attributes(path: str | os.PathLike) -> dict:
-    """The JSON attributes stored beside a zarr array ({} when there are none)."""
-    kv = ts.KvStore.open(kvstore_spec(path)).result()
-    value = kv.read(ATTRS_KEY).result().value
-    return json.loads(bytes(value)) if value else {}
+    """The JSON attributes stored beside a zarr v2 array or group ({} when there are none)."""
+    return read_json(path, ATTRS_KEY) or {}
 
 
 def write_attributes(path: str | os.PathLike, attrs: dict) -> None:
-    """Merges `attrs` into the JSON attributes stored beside a zarr array."""
+    """Merges `attrs` into the JSON attributes stored beside a zarr v2 array or group."""
     merged = read_attributes(path)
     merged.update(attrs)
-    kv = ts.KvStore.open(kvstore_spec(path)).result()
-    kv.write(ATTRS_KEY, json.dumps(merged, indent=2).encode()).result()
+    write_json(path, ATTRS_KEY, merged)
 
 
-def open_volume(path: str | os.PathLike, mode: str = "r") -> Volume:
-    """Opens an existing zarr volume for reading ("r") or reading and writing ("r+")."""
+# ---------------------------------------------------------------- format detection and open
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Which of FORMATS is stored at `path`, from its metadata files; UserError when none is."""
+    if read_json(path, ".zgroup") is not None:
+        return "ome-zarr"
+    if read_json(path, ".zarray") is not None:
+        return "zarr"
+    meta = read_json(path, "zarr.json")
+    if meta is not None:
+        return "zarr3" if meta.get("node_type") == "array" else "ome-zarr"
+    if (read_json(path, "attributes.json") or {}).get("dimensions") is not None:
+        return "n5"
+    if read_json(path, "info") is not None:
+        return "precomputed"
+    raise UserError(
+        f"{path} holds no volume jaxem can read (expected one of {', '.join(FORMATS)}: "
+        ".zgroup/.zarray, zarr.json, N5 attributes.json or precomputed info)."
+    )
+
+
+def open_volume(path: str | os.PathLike, mode: str = "r", format: str | None = None, level: int = 0) -> Volume:
+    """Opens an existing volume for reading ("r") or reading and writing ("r+").
+
+    format: one of FORMATS, or None to detect it; level: the resolution level of a multiscale
+    volume (OME-Zarr group, precomputed scale), 0 = full resolution.
+    """
+    path = str(path)
     if is_local(path) and not os.path.exists(local_path(path)):
         raise UserError(f"volume {path} does not exist.")
-    spec = {"driver": "zarr", "kvstore": kvstore_spec(path)}
+    if format is not None and format not in FORMATS:
+        raise UserError(f"unknown volume format {format!r} for {path} (expected one of {', '.join(FORMATS)}).")
+    format = format or detect_format(path)
+    opener = {"ome-zarr": _open_ome, "zarr": _open_zarr, "zarr3": _open_zarr, "n5": _open_n5,
+              "precomputed": _open_precomputed}[format]
+    return opener(path, mode, format, level)
+
+
+def _ts_open(spec: dict, path: str, mode: str, what: str) -> ts.TensorStore:
     try:
-        store = ts.open(spec, read=True, write=(mode != "r")).result()
+        return ts.open(spec, read=True, write=(mode != "r")).result()
     except ValueError as e:
-        raise UserError(f"{path} is not a readable zarr volume ({str(e).splitlines()[0]}).") from None
-    attrs = read_attributes(path)
-    ndim = len(store.shape)
+        raise UserError(f"{path} is not a readable {what} volume ({str(e).splitlines()[0]}).") from None
+
+
+def _open_zarr(path, mode, format, level) -> Volume:
+    driver = "zarr" if format == "zarr" else "zarr3"
+    store = _ts_open({"driver": driver, "kvstore": kvstore_spec(path)}, path, mode, format)
+    attrs = read_attributes(path) if format == "zarr" else (read_json(path, "zarr.json") or {}).get("attributes", {})
+    axes, voxel_size = _axes_and_voxel_size(attrs, len(store.shape), path)
+    return Volume(store=store, path=path, voxel_size=voxel_size, axes=axes, format=format)
+
+
+def _axes_and_voxel_size(attrs: dict, ndim: int, path) -> tuple[tuple[str, ...], tuple[float, ...]]:
     axes = tuple(attrs.get("axes") or DEFAULT_AXES.get(ndim, tuple(f"d{i}" for i in range(ndim))))
+    if len(axes) != ndim:
+        raise UserError(f"{path} has {ndim} axes but its metadata names {len(axes)} ({', '.join(axes)}).")
     spatial = sum(a in "zyx" for a in axes)
     voxel_size = tuple(float(v) for v in attrs.get("voxel_size", (1.0,) * spatial))
-    return Volume(store=store, path=str(path), voxel_size=voxel_size, axes=axes)
+    return axes, voxel_size
+
+
+def _open_ome(path, mode, format, level) -> Volume:
+    multiscales = ome_multiscales(path)
+    if multiscales is None:
+        raise UserError(f"{path} is a zarr group without OME-Zarr multiscales metadata (expected an image group).")
+    datasets = multiscales["datasets"]
+    if not 0 <= level < len(datasets):
+        raise UserError(f"{path} has levels 0-{len(datasets) - 1}, not level {level}.")
+    array_path = join(path, datasets[level]["path"])
+    inner = "zarr" if read_json(array_path, ".zarray") is not None else "zarr3"
+    volume = _open_zarr(array_path, mode, inner, 0)
+    axes = tuple(a["name"] if isinstance(a, dict) else a for a in multiscales.get("axes", volume.axes))
+    scale = next((t["scale"] for t in datasets[level].get("coordinateTransformations", []) if t["type"] == "scale"), None)
+    voxel_size = volume.voxel_size
+    if scale is not None:
+        voxel_size = tuple(float(s) for s, a in zip(scale, axes) if a in "zyx")
+    return Volume(store=volume.store, path=path, voxel_size=voxel_size, axes=axes, format="ome-zarr", level=level)
+
+
+def ome_multiscales(path: str | os.PathLike) -> dict | None:
+    """The first OME-Zarr multiscales entry of a group (v0.4 `.zattrs` or v0.5 `zarr.json`), or None."""
+    attrs = read_attributes(path)
+    if "multiscales" not in attrs:
+        attrs = (read_json(path, "zarr.json") or {}).get("attributes", {})
+        attrs = attrs.get("ome", attrs)
+    found = attrs.get("multiscales")
+    return found[0] if found else None
+
+
+def _open_n5(path, mode, format, level) -> Volume:
+    store = _ts_open({"driver": "n5", "kvstore": kvstore_spec(path)}, path, mode, "N5").T
+    attrs = read_json(path, "attributes.json") or {}
+    axes, voxel_size = _axes_and_voxel_size(attrs, len(store.shape), path)
+    resolution = attrs.get("resolution") or (attrs.get("pixelResolution") or {}).get("dimensions")
+    if "voxel_size" not in attrs and resolution:
+        voxel_size = tuple(float(v) for v in resolution[::-1][-len(voxel_size):])
+    return Volume(store=store, path=path, voxel_size=voxel_size, axes=axes, format="n5")
+
+
+def _open_precomputed(path, mode, format, level) -> Volume:
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": kvstore_spec(path), "scale_index": level}
+    store = _ts_open(spec, path, mode, "neuroglancer precomputed")
+    scale = (read_json(path, "info") or {})["scales"][level]
+    store = store[ts.d["channel", "z", "y", "x"].transpose[:]].translate_to[0]
+    axes = ("c", "z", "y", "x")
+    if store.shape[0] == 1:
+        store, axes = store[0], axes[1:]
+    voxel_size = tuple(float(v) for v in scale["resolution"][::-1])
+    return Volume(store=store, path=path, voxel_size=voxel_size, axes=axes, format="precomputed", level=level)
+
+
+# ---------------------------------------------------------------- create
 
 
 def create_volume(
@@ -128,30 +281,141 @@ def create_volume(
     chunks: Sequence[int] | None = None,
     axes: Sequence[str] | None = None,
     overwrite: bool = False,
+    format: str = "zarr",
+    labels: bool = False,
 ) -> Volume:
-    """Creates a chunked, blosc-compressed zarr v2 volume; refuses to replace one unless `overwrite`."""
+    """Creates a chunked, compressed volume; refuses to replace an existing one unless `overwrite`.
+
+    format: "zarr" (v2 array, the default), "zarr3", "n5", "precomputed" or "ome-zarr" (an
+    OME-Zarr v0.4 group whose level 0 is returned). labels: marks the volume as a label image
+    (OME "image-label", precomputed "segmentation"), which also makes pyramids use the mode.
+    """
+    path = str(path)
     shape = tuple(int(s) for s in shape)
-    axes = tuple(axes or DEFAULT_AXES[len(shape)])
+    axes = tuple(axes or DEFAULT_AXES.get(len(shape), ()))
+    if len(axes) != len(shape):
+        raise UserError(f"{path}: a volume of shape {shape} needs {len(shape)} axis names, got {axes}.")
     spatial = sum(a in "zyx" for a in axes)
-    if len(voxel_size) != spatial:
-        raise UserError(f"voxel size {tuple(voxel_size)} for {path} must have {spatial} values, one per axis {axes}.")
-    if is_local(path) and os.path.exists(local_path(path)) and os.listdir(local_path(path)) and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it.")
-    chunks = tuple(chunks) if chunks is not None else default_chunks(shape)
+    if voxel_size is None or len(voxel_size) != spatial:
+        raise UserError(f"voxel size {voxel_size} for {path} must have {spatial} values, one per axis {axes}.")
+    if format not in FORMATS:
+        raise UserError(f"unknown volume format {format!r} for {path} (expected one of {', '.join(FORMATS)}).")
+    _refuse_existing(path, overwrite)
+    voxel_size = tuple(float(v) for v in voxel_size)
+    chunks = tuple(min(int(c), s) for c, s in zip(chunks or default_chunks(shape), shape))
+    jaxem_attrs = {"voxel_size": list(voxel_size), "axes": list(axes), "unit": "nanometer"}
+    if labels:
+        jaxem_attrs["jaxem_kind"] = "labels"
+    creator = {"ome-zarr": _create_ome, "zarr": _create_zarr, "zarr3": _create_zarr3, "n5": _create_n5,
+               "precomputed": _create_precomputed}[format]
+    creator(path, shape, np.dtype(dtype), chunks, axes, jaxem_attrs, labels)
+    return open_volume(path, mode="r+", format=format)
+
+
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    if is_local(path):
+        local = local_path(path)
+        if os.path.exists(local) and (not os.path.isdir(local) or os.listdir(local)):
+            if not overwrite:
+                raise UserError(f"{path} already exists; pass --overwrite to replace it.")
+            import shutil
+
+            shutil.rmtree(local) if os.path.isdir(local) else os.remove(local)
+        return
+    try:
+        present = detect_format(path)
+    except UserError:
+        return
+    if not overwrite:
+        raise UserError(f"{path} already exists ({present}); pass --overwrite to replace it.")
+
+
+def _blosc() -> dict:
+    return {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}
+
+
+def _create_zarr(path, shape, dtype, chunks, axes, attrs, labels) -> None:
     spec = {
         "driver": "zarr",
         "kvstore": kvstore_spec(path),
+        "metadata": {"shape": list(shape), "chunks": list(chunks), "dtype": dtype.str,
+                     "compressor": _blosc(), "fill_value": 0},
+    }
+    ts.open(spec, create=True, delete_existing=True).result()
+    write_attributes(path, attrs)
+
+
+def _create_zarr3(path, shape, dtype, chunks, axes, attrs, labels) -> None:
+    spec = {
+        "driver": "zarr3",
+        "kvstore": kvstore_spec(path),
         "metadata": {
-            "shape": list(shape),
-            "chunks": [min(c, s) for c, s in zip(chunks, shape)],
-            "dtype": np.dtype(dtype).str,
-            "compressor": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2},
-            "fill_value": 0,
+            "shape": list(shape), "data_type": dtype.name, "fill_value": 0, "attributes": attrs,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}}],
+            "dimension_names": list(axes),
         },
     }
-    store = ts.open(spec, create=True, delete_existing=overwrite).result()
-    write_attributes(path, {"voxel_size": [float(v) for v in voxel_size], "axes": list(axes), "unit": "nanometer"})
-    return Volume(store=store, path=str(path), voxel_size=tuple(float(v) for v in voxel_size), axes=axes)
+    ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _create_n5(path, shape, dtype, chunks, axes, attrs, labels) -> None:
+    spec = {
+        "driver": "n5",
+        "kvstore": kvstore_spec(path),
+        "metadata": {"dimensions": list(shape[::-1]), "blockSize": list(chunks[::-1]), "dataType": dtype.name,
+                     "compression": {"type": "zstd", "level": 3}},
+    }
+    ts.open(spec, create=True, delete_existing=True).result()
+    meta = read_json(path, "attributes.json")
+    spatial = attrs["voxel_size"]
+    meta.update(attrs, resolution=spatial[::-1], units=["nm"] * len(spatial))
+    write_json(path, "attributes.json", meta)
+
+
+def _create_precomputed(path, shape, dtype, chunks, axes, attrs, labels) -> None:
+    if tuple(axes[-3:]) != ("z", "y", "x") or len(axes) > 4:
+        raise UserError(f"{path}: neuroglancer precomputed needs (z, y, x) or (c, z, y, x) axes, got {axes}.")
+    if dtype.name not in _PRECOMPUTED_DTYPES:
+        raise UserError(f"{path}: neuroglancer precomputed cannot store {dtype.name} (use one of {', '.join(_PRECOMPUTED_DTYPES)}).")
+    channels = shape[0] if len(shape) == 4 else 1
+    spec = {
+        "driver": "neuroglancer_precomputed",
+        "kvstore": kvstore_spec(path),
+        "multiscale_metadata": {"type": "segmentation" if labels else "image", "data_type": dtype.name,
+                                "num_channels": channels},
+        "scale_metadata": {"size": list(shape[-3:][::-1]), "resolution": attrs["voxel_size"][::-1],
+                           "encoding": "compressed_segmentation" if labels and dtype.name in ("uint32", "uint64") else "raw",
+                           "chunk_size": list(chunks[-3:][::-1])},
+    }
+    ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _create_ome(path, shape, dtype, chunks, axes, attrs, labels) -> None:
+    write_json(path, ".zgroup", {"zarr_format": 2})
+    _create_zarr(join(path, "0"), shape, dtype, chunks, axes, attrs, labels)
+    group = {"multiscales": [ome_metadata(axes, [attrs["voxel_size"]], name=os.path.basename(path.rstrip("/")))]}
+    group.update(attrs)
+    if labels:
+        group["image-label"] = {"version": "0.4"}
+    write_attributes(path, group)
+
+
+def ome_metadata(axes: Sequence[str], voxel_sizes: Sequence[Sequence[float]], name: str = "") -> dict:
+    """OME-Zarr v0.4 `multiscales` entry for levels "0", "1", ... with the given voxel sizes (nm)."""
+    kinds = [{"name": a, "type": "space", "unit": "nanometer"} if a in "zyx" else {"name": a, "type": "channel"}
+             for a in axes]
+    lead = [1.0] * (len(axes) - len(voxel_sizes[0]))
+    datasets = []
+    for level, vs in enumerate(voxel_sizes):
+        # level i's voxel centres sit at the centre of the finer voxels they average
+        shift = [0.0] * len(lead) + [(float(v) - float(v0)) / 2 for v, v0 in zip(vs, voxel_sizes[0])]
+        transforms = [{"type": "scale", "scale": lead + [float(v) for v in vs]}]
+        if any(shift):
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    return {"version": "0.4", "name": name, "axes": kinds, "datasets": datasets}
 
 
 def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
