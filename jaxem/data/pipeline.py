@@ -11,7 +11,8 @@ assembles its part with `jax.make_array_from_process_local_data`. Batches are pu
 `prefetch` steps ahead (transfers are asynchronous).
 
 split="val" gives a fixed list of crops tiling the validation volumes (at most `val_max_crops`,
-evenly spaced), one pass per `iter(loader)`; the last batch is padded with rows whose mask is 0.
+evenly spaced): `loader.num_batches` batches make one pass (the last one padded with rows whose
+mask is 0), after which the same batches repeat; `set_state({"batch": 0})` goes back to the start.
 """
 
 from __future__ import annotations
@@ -85,15 +86,16 @@ class TrainBatch:
 
 
 class ValBatch:
-    """Batch index k -> this process's rows of the fixed validation crops (padding rows have mask 0)."""
+    """Batch index k -> this process's rows of the fixed validation crops, repeating after one pass."""
 
     def __init__(self, source, boxes, batch_size, rows):
         self.source, self.boxes, self.batch_size, self.rows = source, boxes, batch_size, rows
+        self.num_batches = math.ceil(len(boxes) / batch_size)
 
     def __call__(self, k):
         crops = []
         for r in self.rows:
-            i = k * self.batch_size + r
+            i = (k % self.num_batches) * self.batch_size + r
             crop = self.source.finish(self.source.read(*self.boxes[min(i, len(self.boxes) - 1)]))
             if i >= len(self.boxes):
                 crop["mask"] = np.zeros_like(crop["mask"])
@@ -124,8 +126,8 @@ class BatchLoader:
                      for box in sampling.grid_boxes(shape, source.crop_shape)]
             keep = np.unique(np.linspace(0, len(boxes) - 1, min(len(boxes), int(data_cfg.val_max_crops))).round().astype(int))
             self.boxes = [boxes[i] for i in keep]
-            self.num_batches = math.ceil(len(self.boxes) / self.batch_size)
             self.make_batch = ValBatch(source, self.boxes, self.batch_size, self.rows)
+            self.num_batches = self.make_batch.num_batches
         else:
             self.num_batches = None
             self.make_batch = TrainBatch(source, self.seed, self.rows)
@@ -136,8 +138,7 @@ class BatchLoader:
     def _start(self, k: int) -> None:
         """(Re)builds the grain pipeline so that its first element is batch k."""
         self.close()
-        stop = self.num_batches if self.num_batches is not None else FOREVER
-        dataset = grain.MapDataset.range(k, max(k, stop)).map(self.make_batch)
+        dataset = grain.MapDataset.range(k, k + FOREVER).map(self.make_batch)
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.prefetch, prefetch_buffer_size=self.prefetch))
         if self.num_workers > 0:
             _parse_absl_flags()
@@ -146,29 +147,22 @@ class BatchLoader:
         self._iterator, self._next = iter(dataset), k
 
     def __iter__(self):
-        if self.split == "val" and self._next != 0:
-            self._start(0)
         return self
 
     def __next__(self) -> dict:
-        while len(self._queue) < self.prefetch and self._fill():
-            pass
-        if not self._queue:
-            raise StopIteration
+        while len(self._queue) < self.prefetch:
+            self._fill()
         self._next += 1
         return self._queue.popleft()
 
-    def _fill(self) -> bool:
+    def _fill(self) -> None:
         try:
             local = next(self._iterator)
-        except StopIteration:
-            return False
         except Exception as e:  # a UserError in a grain worker arrives wrapped; surface its sentence
             if isinstance(e, UserError) or "UserError" not in f"{e!r}{e.__cause__!r}":
                 raise
             raise UserError(_user_message(e)) from None
         self._queue.append({key: self._to_device(value) for key, value in local.items()})
-        return True
 
     def _to_device(self, local: np.ndarray) -> jax.Array:
         shape = (self.batch_size,) + local.shape[1:]
