@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("jaxem.commands.train", "train a segmentation model from a config"),
     "evaluate": ("jaxem.commands.evaluate", "score a prediction against ground truth: report.json, report.md, morphology"),
     "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),
+    "segment": ("jaxem.commands.segment", "predictions -> instances (cc, watershed, mutex watershed), blockwise and stitched"),
 }
 
 

@@ -1,0 +1,87 @@
+"""`jaxem segment`: predictions -> instance labels, blockwise with global ids, in-process or on Dask.
+
+    jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|mws
+                  [--kind boundary|foreground] [--channel 0] [--threshold 0.5] [--min-size 0]
+                  [--per-slice] [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]']
+                  [--dask local|ADDRESS] [--workers 2] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+from jaxem.errors import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", required=True, help="prediction zarr: (c, *spatial) or (*spatial)")
+    parser.add_argument("--output", required=True, help="output uint64 label zarr")
+    parser.add_argument("--method", default="watershed", help="cc, watershed or mws (mutex watershed on affinities)")
+    parser.add_argument("--kind", default="boundary", help="boundary (high on membranes) or foreground (high inside objects)")
+    parser.add_argument("--channel", type=int, default=0, help="channel of a (c, ...) prediction for cc/watershed")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--min-size", type=int, default=0, help="objects below this many voxels become background")
+    parser.add_argument("--per-slice", action="store_true", help="segment each z-slice on its own")
+    parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
+    parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
+    parser.add_argument("--offsets", default=None, help="mws: JSON list of offsets, one per affinity channel")
+    parser.add_argument("--dask", default=None, help="'local' (LocalCluster) or a scheduler address")
+    parser.add_argument("--workers", type=int, default=2, help="workers of --dask local")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args, overrides) -> int:
+    from jaxem.data.volume import open_volume
+    from jaxem.infer.executors import make_executor
+    from jaxem.infer.output import array_path
+    from jaxem.segment import instances
+    from jaxem.segment.stitch import segment_blockwise
+
+    if overrides:
+        raise UserError(f"unexpected arguments {' '.join(overrides)}.")
+    source = open_volume(array_path(args.input))
+    spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
+    if args.method == "mws":
+        if not args.offsets:
+            raise UserError("--method mws needs --offsets, a JSON list with one offset per affinity channel.")
+        fn, channel = partial(_mws, offsets=json.loads(args.offsets), min_size=0), "all"
+    elif args.method in instances.METHODS:
+        if args.kind not in ("boundary", "foreground"):
+            raise UserError(f"--kind {args.kind!r} is not boundary or foreground.")
+        impl = instances.instances_from_boundaries if args.kind == "boundary" else instances.instances_from_foreground
+        fn = partial(impl, method=args.method, threshold=args.threshold, per_slice=args.per_slice,
+                     anisotropy=source.voxel_size)
+        channel = args.channel if source.ndim > len(spatial) else None
+        if channel is not None and not 0 <= channel < source.shape[0]:
+            raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
+    else:
+        raise UserError(f"--method {args.method!r} is not one of cc, watershed, mws.")
+    block = _parse_block(args.block, spatial)
+    overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
+    executor = make_executor(args.dask, args.workers)
+    try:
+        stats = segment_blockwise(array_path(args.input), args.output, block, fn, overlap=overlap, min_size=args.min_size,
+                                  executor=executor, channel=channel, overwrite=args.overwrite)
+    finally:
+        executor.close()
+    print(json.dumps(stats))
+    return 0
+
+
+def _mws(data, offsets, min_size):
+    from jaxem.segment.instances import mutex_watershed
+
+    return mutex_watershed(data, offsets, min_size)
+
+
+def _parse_block(text, spatial):
+    if not text:
+        return tuple(spatial)
+    try:
+        block = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--block {text!r} must be integers separated by commas.") from None
+    if len(block) != len(spatial) or min(block) < 1:
+        raise UserError(f"--block {text!r} must have {len(spatial)} positive values, one per axis of {spatial}.")
+    return block

@@ -1,0 +1,169 @@
+"""Blockwise instance segmentation with globally consistent ids (union-find across block faces).
+
+1. Each block is segmented on its core grown by `overlap` voxels (context), ids made unique per
+   block (block number << 32), the core written to the output, and the labels of the strips
+   along its faces returned together with its id counts.
+2. Neighbouring blocks are matched on their shared strips: 'touch' (overlap 0, for connected
+   components) joins labels that are face-adjacent across the face, which makes the result equal
+   to whole-volume connected components; 'overlap' (for watershed) joins labels that cover the
+   majority of each other in the 2 * overlap strip both blocks segmented. The joins form a graph
+   whose connected components (scipy) are the global objects.
+3. Each block is relabelled to consecutive global ids (objects below `min_size` become 0).
+Steps 1 and 3 run on any executor (in-process or Dask); step 2 is a small graph on the driver.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+
+import fastremap
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from jaxem.data.volume import create_volume, open_volume
+from jaxem.infer.executors import InProcess
+
+SHIFT = 32  # block-unique ids: (block number << 32) + local id
+
+
+def block_grid(shape, block) -> list[tuple[int, ...]]:
+    """Block indices in raster order."""
+    return list(itertools.product(*(range(-(-s // b)) for s, b in zip(shape, block))))
+
+
+def core_box(index, shape, block) -> tuple[slice, ...]:
+    return tuple(slice(i * b, min((i + 1) * b, s)) for i, b, s in zip(index, block, shape))
+
+
+def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min_size=0, executor=None,
+                      channel=None, overwrite=False) -> dict:
+    """Segments a (z, y, x) or (y, x) map block by block into a uint64 label volume at `output_path`.
+
+    `segment_fn(array) -> labels` must be picklable (e.g. functools.partial of a top-level
+    function). `channel` picks one channel of a (c, ...) prediction ('all' passes every channel,
+    for affinities). Returns {'objects': N, 'blocks': B}.
+    """
+    executor = executor or InProcess()
+    source = open_volume(input_path)
+    shape = source.shape[1:] if channel is not None or source.ndim == len(block) + 1 else source.shape
+    create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
+                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite)
+    blocks = block_grid(shape, block)
+    task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
+    results = dict(zip(blocks, executor.map(task, blocks)))
+    mapping, count = _global_ids(results, shape, block, overlap, min_size)
+    executor.map(partial(_relabel_block, output_path, tuple(shape), tuple(block), mapping), blocks)
+    return {"objects": count, "blocks": len(blocks)}
+
+
+def _segment_block(input_path, output_path, shape, block, segment_fn, overlap, channel, index):
+    core = core_box(index, shape, block)
+    ext = tuple(slice(max(c.start - overlap, 0), min(c.stop + overlap, s)) for c, s in zip(core, shape))
+    source = open_volume(input_path)
+    if source.ndim > len(shape):  # (c, *spatial): one channel, or all of them for affinities
+        ext_read = ((slice(None) if channel == "all" else (channel or 0)),) + ext
+    data = source.read(ext_read if source.ndim > len(shape) else ext)
+    labels = np.asarray(segment_fn(data), np.uint64)
+    number = int(np.ravel_multi_index(index, [-(-s // b) for s, b in zip(shape, block)]))
+    labels = np.where(labels > 0, labels + np.uint64(number << SHIFT), np.uint64(0))
+    inner = tuple(slice(c.start - e.start, c.stop - e.start) for c, e in zip(core, ext))
+    out = labels[inner]
+    open_volume(output_path, "r+").write(out, [c.start for c in core])
+    ids, counts = fastremap.unique(out, return_counts=True)
+    return {"ext": [(e.start, e.stop) for e in ext], "faces": _faces(labels, core, ext, overlap), "ids": ids, "counts": counts}
+
+
+def _faces(labels, core, ext, overlap):
+    """Strips along each face, in the extended block's frame.
+
+    overlap 0: the core plane at the face (low: first, high: last). Else the 2 * overlap strip
+    centred on the face, as far as this block's extended box reaches.
+    """
+    faces = {}
+    for axis in range(labels.ndim):
+        for side in ("low", "high"):
+            edge = core[axis].start if side == "low" else core[axis].stop
+            if overlap == 0:
+                lo, hi = (edge, edge + 1) if side == "low" else (edge - 1, edge)
+            else:
+                lo, hi = max(edge - overlap, ext[axis].start), min(edge + overlap, ext[axis].stop)
+            box = [slice(None)] * labels.ndim
+            box[axis] = slice(lo - ext[axis].start, hi - ext[axis].start)
+            faces[(axis, side)] = labels[tuple(box)]
+    return faces
+
+
+def _global_ids(results, shape, block, overlap, min_size):
+    """Joins labels across faces; returns ({block id: global id}, number of objects)."""
+    ids = np.concatenate([r["ids"] for r in results.values()])
+    counts = np.concatenate([r["counts"] for r in results.values()])
+    keep = ids > 0
+    ids, counts = ids[keep], counts[keep]
+    pairs = [np.zeros((0, 2), np.uint64)]
+    for index, r in results.items():
+        for axis in range(len(shape)):
+            nb = tuple(i + (a == axis) for a, i in enumerate(index))
+            if nb in results:
+                pairs.append(_match(r["faces"][(axis, "high")], results[nb]["faces"][(axis, "low")], overlap, r, results[nb], axis))
+    pairs = np.concatenate(pairs).astype(np.uint64)
+    order = np.argsort(ids)
+    ids, counts = ids[order], counts[order]
+    pairs = pairs[np.isin(pairs[:, 0], ids) & np.isin(pairs[:, 1], ids)]  # labels seen only in context
+    rows, cols = np.searchsorted(ids, pairs[:, 0]), np.searchsorted(ids, pairs[:, 1])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component, weights=counts)
+    alive = sizes >= max(min_size, 1)
+    new_id = np.zeros(len(sizes), np.uint64)
+    new_id[alive] = np.arange(1, alive.sum() + 1, dtype=np.uint64)
+    return {int(i): int(new_id[c]) for i, c in zip(ids, component)}, int(alive.sum())
+
+
+def _match(a_face, b_face, overlap, ra, rb, axis) -> np.ndarray:
+    """Label pairs to join between block A's high face and block B's low face."""
+    if overlap == 0:
+        both = (a_face > 0) & (b_face > 0)
+        return np.unique(np.stack([a_face[both], b_face[both]], 1), axis=0)
+    a, b = _common(a_face, b_face, ra, rb, axis)
+    both = (a > 0) & (b > 0)
+    pairs, n = np.unique(np.stack([a[both], b[both]], 1), axis=0, return_counts=True)
+    if len(pairs) == 0:
+        return pairs.reshape(0, 2).astype(np.uint64)
+    ia, na = fastremap.unique(a, return_counts=True)
+    ib, nb = fastremap.unique(b, return_counts=True)
+    size_a, size_b = dict(zip(ia.tolist(), na.tolist())), dict(zip(ib.tolist(), nb.tolist()))
+    ok = [2 * c > size_a[int(p)] and 2 * c > size_b[int(q)] for (p, q), c in zip(pairs, n)]
+    return pairs[np.array(ok, bool)]
+
+
+def _common(a_face, b_face, ra, rb, axis):
+    """Crops two strips (in their own blocks' extended frames) to the box both cover."""
+    box_a, box_b = [], []
+    for d in range(a_face.ndim):
+        a0, b0 = ra["ext"][d][0], rb["ext"][d][0]
+        if d == axis:
+            a_lo, b_lo = a0 + _face_start(ra, d, "high", a_face.shape[d]), b0 + _face_start(rb, d, "low", b_face.shape[d])
+        else:
+            a_lo, b_lo = a0, b0
+        lo, hi = max(a_lo, b_lo), min(a_lo + a_face.shape[d], b_lo + b_face.shape[d])
+        box_a.append(slice(lo - a_lo, hi - a_lo))
+        box_b.append(slice(lo - b_lo, hi - b_lo))
+    return a_face[tuple(box_a)], b_face[tuple(box_b)]
+
+
+def _face_start(r, axis, side, width) -> int:
+    """Offset of a strip within the block's extended box along `axis`."""
+    ext_lo, ext_hi = r["ext"][axis]
+    return (ext_hi - ext_lo - width) if side == "high" else 0
+
+
+def _relabel_block(output_path, shape, block, mapping, index):
+    volume = open_volume(output_path, "r+")
+    box = core_box(index, shape, block)
+    labels = volume.read(box)
+    ids = fastremap.unique(labels)
+    local = {int(i): mapping.get(int(i), 0) for i in ids if i}
+    local[0] = 0
+    volume.write(fastremap.remap(labels, local, preserve_missing_labels=True).astype(np.uint64), [b.start for b in box])
