@@ -56,17 +56,23 @@ def check_labels(array: np.ndarray, name: str) -> None:
 
 def _block_pairs(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pred id, gt id, count) for each co-occurring pair in two flat blocks of equal size."""
-    p, pmap = fastremap.renumber(pred, preserve_zero=False, in_place=False)  # ids 1..np
-    g, gmap = fastremap.renumber(gt, preserve_zero=False, in_place=False)
-    n_p, n_g = len(pmap) + 1, len(gmap) + 1
-    key = p.astype(np.int64) * n_g + g
-    if n_p * n_g <= 4 * key.size:
-        counts = np.bincount(key, minlength=n_p * n_g)
-        key = np.flatnonzero(counts)
-        counts = counts[key]
-    else:
-        key, counts = np.unique(key, return_counts=True)
-    p_orig = np.zeros(n_p, dtype=np.uint64)
+    # EM labels are spatially coherent: compress runs of equal (pred, gt) along the block first
+    change = np.empty(pred.size, bool)
+    change[:1] = True
+    np.not_equal(pred[1:], pred[:-1], out=change[1:])
+    change[1:] |= gt[1:] != gt[:-1]
+    starts = np.flatnonzero(change)
+    lengths = np.diff(starts, append=pred.size)
+    p, pmap = fastremap.renumber(pred[starts], preserve_zero=False, in_place=False)  # ids 1..n_p
+    g, gmap = fastremap.renumber(gt[starts], preserve_zero=False, in_place=False)
+    n_g = len(gmap) + 1
+    # hash-renumber the packed pairs (linear time, no sort), then count run lengths per pair
+    pair, pair_map = fastremap.renumber(p.astype(np.int64) * n_g + g, preserve_zero=False, in_place=True)
+    key = np.zeros(len(pair_map) + 1, np.int64)
+    key[np.fromiter(pair_map.values(), np.int64, len(pair_map))] = np.fromiter(pair_map.keys(), np.int64, len(pair_map))
+    counts = np.bincount(pair, weights=lengths, minlength=key.size)
+    key, counts = key[1:], counts[1:]
+    p_orig = np.zeros(len(pmap) + 1, dtype=np.uint64)
     p_orig[np.fromiter(pmap.values(), np.int64, len(pmap))] = np.fromiter(pmap.keys(), np.uint64, len(pmap))
     g_orig = np.zeros(n_g, dtype=np.uint64)
     g_orig[np.fromiter(gmap.values(), np.int64, len(gmap))] = np.fromiter(gmap.keys(), np.uint64, len(gmap))
