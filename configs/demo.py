@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     config.data.num_workers = 0
 
     config.target.kind = "boundary"
-    config.target.width = 1
+    config.target.width = (1,)
 
     config.model.widths = (16, 32, 64, 128)
     config.model.out_channels = 1

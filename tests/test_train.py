@@ -88,7 +88,7 @@ def test_same_result_on_1_and_4_devices(norm):
 
 def test_gradient_accumulation_matches_full_batch():
     cfg = tiny_config()
-    cfg.augment = augment.default_augment_config(2)
+    cfg.optimizer.name = "sgd"  # Adam's g/|g| would amplify float noise in near-zero gradients
     full, losses_full = run_steps(cfg, parallel.make_mesh(4), cell_batch(), 2)
     cfg.train.accumulate_steps = 2
     micro, losses_micro = run_steps(cfg, parallel.make_mesh(4), cell_batch(), 2)

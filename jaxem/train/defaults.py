@@ -47,7 +47,7 @@ def base_config(ndim: int = 2, model: str = "unet") -> ml_collections.ConfigDict
     config.seed = 0
     config.data = pipeline.default_data_config()
     config.augment = augment.default_augment_config(ndim)
-    config.target = targets.default_target_config()
+    config.target = targets.default_target_config(ndim)
     config.model = models.default_config(model, ndim)
     config.loss = default_loss_config()
     config.optimizer = default_optimizer_config()
