@@ -50,15 +50,16 @@ def with_data_paths(config, paths):
     return config
 
 
-def evaluate_slices(instances: np.ndarray, gt: np.ndarray) -> dict:
-    """ISBI-style scores averaged over z-slices: clustering scores of instances and foreground Dice/IoU."""
+def evaluate_slices(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray) -> dict:
+    """ISBI-style scores averaged over z-slices: clustering scores of the instances, and Dice/IoU of
+    the predicted cell interior (boundary probability < 0.5) against the ground-truth interior."""
     from jaxem.metrics.clustering import clustering_scores
     from jaxem.metrics.pixel import binary_scores
 
     rows = []
-    for seg_slice, gt_slice in zip(instances, gt):
+    for seg_slice, boundary_slice, gt_slice in zip(instances, boundary, gt):
         scores = clustering_scores(seg_slice, gt_slice)
-        pixel = binary_scores(seg_slice > 0, gt_slice > 0)
+        pixel = binary_scores(boundary_slice < 0.5, gt_slice > 0)
         rows.append({**scores, "dice": pixel["dice"], "iou": pixel["iou"]})
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -91,10 +92,11 @@ def run(args, overrides) -> int:
     gt = open_volume(paths["test"][1]).read()
     boundary = _boundary_channel(predictions_path)
     ours = instances_from_boundaries(boundary, method="watershed", per_slice=True)
-    baseline = instances_from_boundaries(threshold_baseline(raw), method="watershed", per_slice=True)
+    baseline_boundary = threshold_baseline(raw)
+    baseline = instances_from_boundaries(baseline_boundary, method="watershed", per_slice=True)
     results = {
-        "unet": evaluate_slices(ours, gt),
-        "threshold_baseline": evaluate_slices(baseline, gt),
+        "unet": evaluate_slices(ours, boundary, gt),
+        "threshold_baseline": evaluate_slices(baseline, baseline_boundary, gt),
         "training": summary,
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

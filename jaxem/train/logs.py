@@ -77,18 +77,16 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) ->
 
 def environment_versions() -> dict:
     """Versions of the stack a run used, saved in its workdir for reproducibility."""
-    import flax
+    from importlib.metadata import PackageNotFoundError, version
+
     import jax
-    import jaxlib
-    import optax
-    import orbax.checkpoint
-    import tensorstore
 
-    import jaxem
-
-    return {
-        "jaxem": jaxem.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__, "optax": optax.__version__, "orbax-checkpoint": orbax.checkpoint.__version__,
-        "tensorstore": tensorstore.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-    }
+    packages = ("jaxem", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain", "numpy")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return {**versions, "python": platform.python_version(), "devices": [str(d) for d in jax.devices()],
+            "process_count": jax.process_count()}
