@@ -1,0 +1,62 @@
+"""The same config gives the same loss curve on 1 device, 4 devices and 2 processes x 2 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxem.commands.demo import write_synthetic_data
+from jaxem.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_losses(workdir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
+    cfg = load_config("demo:tiny")
+    paths = write_synthetic_data(cfg, tmp_path / "data")
+    args = ["-m", "jaxem.cli", "train", "--config", "demo:tiny", "--no-progress",
+            f"--config.data.train_images=('{paths['train'][0]}',)", f"--config.data.train_labels=('{paths['train'][1]}',)",
+            "--config.data.val_images=()", "--config.data.val_labels=()", "--config.train.eval_every=0",
+            "--config.train.steps=8", "--config.train.log_every=1", "--config.model.norm=batch"]
+    base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def single(devices: int, name: str) -> list[float]:
+        env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / name)], check=True, env=env, cwd=ROOT,
+                       capture_output=True, timeout=600)
+        return _train_losses(tmp_path / name)
+
+    one, four = single(1, "one"), single(4, "four")
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
+               "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"}
+        procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "multi")], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    multi = _train_losses(tmp_path / "multi")
+
+    assert len(one) == len(four) == len(multi) == 8
+    np.testing.assert_allclose(four, one, rtol=1e-3)
+    np.testing.assert_allclose(multi, one, rtol=1e-3)
+    assert one[-1] < one[0]
