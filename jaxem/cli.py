@@ -18,6 +18,7 @@ from jaxem.errors import UserError
 COMMANDS = {
     "demo": ("jaxem.commands.demo", "train, predict and evaluate on synthetic EM end to end"),
     "train": ("jaxem.commands.train", "train a segmentation model from a config"),
+    "data": ("jaxem.commands.data", "inspect, import, downsample and download EM volumes and datasets"),
     "evaluate": ("jaxem.commands.evaluate", "score a prediction against ground truth: report.json, report.md, morphology"),
     "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),
     "segment": ("jaxem.commands.segment", "predictions -> instances (cc, watershed, mutex watershed), blockwise and stitched"),
