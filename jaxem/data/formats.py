@@ -75,7 +75,7 @@ def _tiff_source(path: str) -> Source:
     shape = tuple(int(s) for s in series.shape)
     squeezed = tuple(s for s in shape[:-2] if s != 1) + shape[-2:]
     if len(squeezed) not in (2, 3) or "S" in series.axes:
-        raise UserError(f"{path} has axes {series.axes} of shape {shape}; expected a 2D (y, x) or 3D (z, y, x) grey-value stack.")
+        raise UserError(f"{path} has axes {series.axes} of shape {shape}; expected a 2D (y, x) or 3D (z, y, x) grey-value stack (colour or multi-sample images are not EM volumes).")
 
     def read(a, b):
         if len(squeezed) == 2:
