@@ -163,3 +163,13 @@ def test_augment_and_targets_run_on_a_sharded_loader_batch(volumes, mesh):
     assert target.shape == (8, 4, 16, 16, 1) and out["image"].shape == batch["image"].shape
     np.testing.assert_array_equal(jax.device_get(target)[..., 0], jax.device_get(out["labels"]) > 0)
     np.testing.assert_array_equal(jax.device_get(target_mask)[..., 0], jax.device_get(out["mask"]))
+
+
+def test_user_error_inside_a_worker_process_surfaces_as_user_error(volumes, mesh):
+    cfg = _cfg(volumes, foreground_min_fraction=0.99, max_retries=2, num_workers=2)
+    loader = pipeline.make_loader(cfg, mesh=mesh, ndim=2, seed=0)
+    try:
+        with pytest.raises(UserError, match="foreground_min_fraction=0.99 was not reached"):
+            next(loader)
+    finally:
+        loader.close()
