@@ -81,7 +81,9 @@ class _Preemption:
 
 
 def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int) -> dict:
-    """Validation loss and Dice over the same `num_batches` validation batches every time."""
+    """Validation loss and Dice over the same validation batches every time: the first
+    `num_batches`, or one pass over the validation crops when that is fewer."""
+    num_batches = min(num_batches, val_loader.num_batches)
     val_loader.set_state(val_start)
     totals = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}
     for _ in range(num_batches):
