@@ -41,11 +41,27 @@ def default_predict_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(block_shape=(256, 256), halo=(32, 32), batch_size=4))
 
 
+def with_dataset_volumes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fills data.{train,val}_{images,labels} from the registry when data.dataset names a dataset."""
+    from jaxem.data import datasets
+
+    name = config.data.get("dataset", "")
+    if not name:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    for split in ("train", "val"):
+        images, labels = datasets.split_paths(name, split)
+        config.data[f"{split}_images"], config.data[f"{split}_labels"] = images, labels
+    config.lock()
+    return config
+
+
 def base_config(ndim: int = 2, model: str = "unet") -> ml_collections.ConfigDict:
     """A complete config: every section with defaults; experiment files override fields."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = pipeline.default_data_config()
+    config.data.dataset = ""  # a registry name (jaxem data list): fills train/val volumes when set
     config.augment = augment.default_augment_config(ndim)
     config.target = targets.default_target_config(ndim)
     config.model = models.default_config(model, ndim)

@@ -26,6 +26,7 @@ from jaxem.data import augment, pipeline, targets
 from jaxem.errors import UserError
 from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
+from jaxem.train.defaults import with_dataset_volumes
 from jaxem.train.logs import MetricWriter, environment_versions, plot_curves
 from jaxem.train.state import create_train_state, make_optimizer, parameter_count
 from jaxem.train.supervised import make_eval_step, make_train_step
@@ -97,6 +98,7 @@ def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int) ->
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary dict."""
     parallel.initialize_distributed()
+    config = with_dataset_volumes(config)
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     check_workdir(config, workdir)
