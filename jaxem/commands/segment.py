@@ -15,8 +15,8 @@ from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", required=True, help="prediction zarr: (c, *spatial) or (*spatial)")
-    parser.add_argument("--output", required=True, help="output uint64 label zarr")
+    parser.add_argument("--input", required=True, help="prediction volume (OME-Zarr group or array): (c, *spatial) or (*spatial)")
+    parser.add_argument("--output", required=True, help="output OME-Zarr label group (uint64)")
     parser.add_argument("--method", default="watershed", help="cc, watershed or mws (mutex watershed on affinities)")
     parser.add_argument("--kind", default="boundary", help="boundary (high on membranes) or foreground (high inside objects)")
     parser.add_argument("--channel", type=int, default=0, help="channel of a (c, ...) prediction for cc/watershed")
@@ -34,13 +34,12 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     from jaxem.data.volume import open_volume
     from jaxem.infer.executors import make_executor
-    from jaxem.infer.output import array_path
     from jaxem.segment import instances
     from jaxem.segment.stitch import segment_blockwise
 
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")
-    source = open_volume(array_path(args.input))
+    source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
     if args.method == "mws":
         if not args.offsets:
@@ -61,7 +60,7 @@ def run(args, overrides) -> int:
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers)
     try:
-        stats = segment_blockwise(array_path(args.input), args.output, block, fn, overlap=overlap, min_size=args.min_size,
+        stats = segment_blockwise(args.input, args.output, block, fn, overlap=overlap, min_size=args.min_size,
                                   executor=executor, channel=channel, overwrite=args.overwrite)
     finally:
         executor.close()

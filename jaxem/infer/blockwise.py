@@ -6,9 +6,11 @@ weighted sum is divided by the weight sum, the chunk is written once, and only a
 has finished is the chunk recorded as done. A run killed at any moment and rerun skips the done
 chunks and produces the same output as an uninterrupted run; writes never overlap.
 
-Memory is bounded by the block size: at any time we hold one chunk accumulator, one batch of
-tiles, the reads prefetched for the next chunk and a tile cache capped by tile count and freed
-as soon as no pending chunk needs a tile.
+Memory is bounded by the block and chunk shapes, whatever the volume's shape: at any time we
+hold one chunk accumulator, one batch of tiles, the reads prefetched for the next chunk, a few
+in-flight writes, and a tile cache capped by tile count (`plan`). Chunks run in Morton order so
+tiles shared by neighbouring chunks are mostly still cached; a tile evicted under the cap is
+predicted again, which gives the same values (so the output does not depend on the order).
 
 `predict_fn(x)` maps a float32 batch (B, *block, C) to probabilities (B, *block, K); use
 `make_predict_fn` to build one from a flax module that shards batches over the local devices.
@@ -16,8 +18,8 @@ as soon as no pending chunk needs a tile.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -25,9 +27,8 @@ import numpy as np
 import tensorstore as ts
 
 from jaxem.data.volume import Volume, kvstore_spec
+from jaxem.infer.output import DONE_PREFIX
 from jaxem.infer.tiling import Tiling
-
-DONE_PREFIX = "jaxem_done/"
 
 
 def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid", model_ndim: int | None = None):
@@ -119,30 +120,36 @@ def predict_volume(
 ) -> dict:
     """Predicts every not-yet-done output chunk of `target` (K, *roi_shape) from `source`.
 
-    `chunk_filter(index) -> bool` selects this process's chunks (multi-host). Probabilities are
-    stored as float32/float16, or uint8 scaled by 255. Returns timing statistics.
+    Chunks run in Morton order; at most `cache_tiles` predicted tiles (default 8x the most tiles
+    one chunk needs) are kept between chunks, so memory depends on block and chunk shape, not on
+    the volume's. `chunk_filter(index) -> bool` selects this process's chunks (multi-host).
+    Probabilities are stored as float32/float16, or uint8 scaled by 255. Returns statistics:
+    tiles_predicted, tiles_total (distinct tiles of the ROI), halo_factor (model voxels per output
+    voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only).
     """
     log = DoneLog(target.path)
-    todo = [c for c in tiling.chunks() if c not in log.done() and (chunk_filter is None or chunk_filter(c))]
-    tiles_of = {c: tiling.tiles_for_chunk(c) for c in todo}
-    uses: dict = {}
-    for c in todo:
-        for t in tiles_of[c]:
-            uses[t] = uses.get(t, 0) + 1
+    done = log.done()
+    todo = [c for c in tiling.chunk_order() if c not in done and (chunk_filter is None or chunk_filter(c))]
+    limit = cache_tiles or 8 * max((len(tiling.tiles_for_chunk(c)) for c in _corner_chunks(tiling)), default=1)
     reader = TileReader(source, tiling, normalize)
-    cache: OrderedDict = OrderedDict()
-    limit = cache_tiles or 4 * max((len(v) for v in tiles_of.values()), default=1)
-    stats = {"chunks": len(todo), "tiles_predicted": 0, "forward_s": 0.0, "voxels": 0}
+    cache: dict = {}
+    stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
+             "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
     writes: list = []
+    steps = plan(tiling, todo, limit)
+    step = next(steps, None)
     with ThreadPoolExecutor(1) as marker:
-        for i, c in enumerate(todo):
-            if i + 1 < len(todo):
-                reader.prefetch([t for t in tiles_of[todo[i + 1]] if t not in cache])
-            _predict_missing(predict_fn, reader, [t for t in tiles_of[c] if t not in cache], cache, stats)
-            out = _blend_chunk(tiling, c, tiles_of[c], cache)
+        while step is not None:
+            c, tiles, missing, evict = step
+            step = next(steps, None)
+            if step is not None:
+                reader.prefetch(step[2])
+            _predict_missing(predict_fn, reader, missing, cache, stats)
+            out = _blend_chunk(tiling, c, tiles, cache)
             writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
-            _release(tiles_of[c], uses, cache, limit)
+            for t in evict:
+                del cache[t]
             stats["voxels"] += int(np.prod(out.shape[1:]))
             bar.update(int(np.prod(out.shape[1:])))
             writes = [w for w in writes if not w.done()]
@@ -151,7 +158,43 @@ def predict_volume(
         for w in writes:
             w.result()
     bar.close()
+    if len(todo) == len(tiling.chunks()):
+        stats["recompute_factor"] = round(stats["tiles_predicted"] / max(stats["tiles_total"], 1), 3)
     return stats
+
+
+def plan(tiling: Tiling, todo: Sequence[tuple], limit: int):
+    """The tile schedule for chunks `todo`, in that order, with at most `limit` tiles kept.
+
+    Yields (chunk, its tiles, tiles to predict now, tiles to drop after blending it). Tiles no
+    later chunk needs are dropped; beyond `limit`, those needed furthest in the future (Belady's
+    rule) are dropped and predicted again when needed. Pure bookkeeping, no arrays.
+    """
+    rank = {c: i for i, c in enumerate(todo)}
+    next_use: dict = {}  # cached tile -> rank of the next chunk that needs it (None: none)
+    for now, c in enumerate(todo):
+        tiles = tiling.tiles_for_chunk(c)
+        missing = [t for t in tiles if t not in next_use]
+        for t in tiles:  # only the tiles of this chunk had their next use now
+            next_use[t] = _next_use(tiling, t, rank, now)
+        evict = [t for t, n in next_use.items() if n is None]
+        if len(next_use) - len(evict) > limit:
+            alive = sorted((n, t) for t, n in next_use.items() if n is not None)
+            evict += [t for _, t in alive[limit:]]
+        for t in evict:
+            del next_use[t]
+        yield c, tiles, missing, evict
+
+
+def _next_use(tiling: Tiling, tile, rank: dict, now: int) -> int | None:
+    later = [rank[c] for c in tiling.chunks_for_tile(tile) if rank.get(c, -1) > now]
+    return min(later) if later else None
+
+
+def _corner_chunks(tiling: Tiling) -> list[tuple[int, ...]]:
+    """A few chunks that together need the most tiles any chunk needs (interior and edges)."""
+    per_axis = [sorted({0, min(1, g - 1), g // 2, max(g - 2, 0), g - 1}) for g in tiling.grid()]
+    return list(itertools.product(*per_axis))
 
 
 def _predict_missing(predict_fn, reader, missing, cache, stats) -> None:
@@ -201,15 +244,6 @@ def to_dtype(prob: np.ndarray, dtype) -> np.ndarray:
     if dtype == np.uint8:
         return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
     return prob.astype(dtype)
-
-
-def _release(tiles, uses, cache, limit) -> None:
-    for t in tiles:
-        uses[t] -= 1
-        if uses[t] == 0:
-            cache.pop(t, None)
-    while len(cache) > limit:
-        cache.popitem(last=False)
 
 
 def _box_shape(box) -> tuple[int, ...]:

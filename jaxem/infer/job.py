@@ -1,4 +1,4 @@
-"""One prediction job: checkpoints + input volume + ROI -> an OME-Zarr of probabilities.
+"""One prediction job: checkpoints + input volume + ROI -> an OME-Zarr group of probabilities.
 
 Shared by `jaxem predict`, the demo and the benchmarks. The job description (inputs, ROI, model
 steps, blending, dtype) is stored with the output, so the same job resumes and a different one
@@ -107,15 +107,20 @@ def run_prediction(
     target, resumed = create_output(output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
                                     (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
     normalize = make_normalizer(source, config.data)
-    stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(), progress=progress)
+    stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
+                           cache_tiles=config.predict.get("cache_tiles", None), progress=progress)
     return dict(stats, resumed=resumed)
 
 
-def process_filter() -> Callable | None:
-    """Multi-host: chunk i of the raster order goes to process i mod process_count."""
+def process_filter(tiling, count: int | None = None, index: int | None = None) -> Callable | None:
+    """Multi-host: process p of P takes the p-th of P contiguous runs of the Morton chunk order
+    (compact regions, so tiles shared by its chunks are reused); None for a single process."""
     import jax
 
-    count, index = jax.process_count(), jax.process_index()
+    count = jax.process_count() if count is None else count
+    index = jax.process_index() if index is None else index
     if count == 1:
         return None
-    return lambda c: hash(c) % count == index
+    order = tiling.chunk_order()
+    mine = {c for rank, c in enumerate(order) if rank * count // len(order) == index}
+    return mine.__contains__

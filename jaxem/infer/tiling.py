@@ -59,6 +59,30 @@ class Tiling:
         """All chunk indices in raster order."""
         return list(itertools.product(*(range(g) for g in self.grid())))
 
+    def chunk_order(self) -> list[tuple[int, ...]]:
+        """All chunk indices in Morton (Z-curve) order: neighbours in space are near in time at
+        every scale, so tiles shared by neighbouring chunks are reused soon (see blockwise.plan)."""
+        return sorted(self.chunks(), key=morton_key)
+
+    def chunks_for_tile(self, start) -> list[tuple[int, ...]]:
+        """Chunk indices whose box the weight of the tile at `start` (absolute) touches."""
+        per_axis = []
+        for axis, t in enumerate(start):
+            lo, hi = (s - self.roi[axis][0] for s in self._support(axis, t))
+            lo, hi = max(lo, 0), min(hi, self.roi_shape[axis])
+            c = self.chunk[axis]
+            per_axis.append(range(lo // c, (hi - 1) // c + 1) if hi > lo else range(0))
+        return list(itertools.product(*per_axis))
+
+    def tile_count(self) -> int:
+        """Number of distinct tiles covering the ROI."""
+        return int(np.prod([len(self.tile_starts(axis)) for axis in range(self.ndim)]))
+
+    def halo_factor(self) -> float:
+        """Voxels through the model per output voxel when every tile is predicted once:
+        tile_count * prod(block) / prod(roi_shape), about prod(block / stride) for large ROIs."""
+        return self.tile_count() * float(np.prod(self.block)) / float(np.prod(self.roi_shape))
+
     def chunk_box(self, index) -> tuple[slice, ...]:
         """The chunk's box relative to the ROI (i.e. in output coordinates)."""
         return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunk, self.roi_shape))
@@ -85,9 +109,9 @@ class Tiling:
         return _outer(profiles)
 
     def _support(self, axis: int, t: int) -> tuple[int, int]:
-        p = self._profile(axis, t)
-        nz = np.nonzero(p)[0]
-        return t + int(nz[0]), t + int(nz[-1]) + 1
+        b, h, n = self.block[axis], self.halo[axis], self.shape[axis]
+        lo, hi = _support(self.blend, b, h, t == 0, t + b >= n)
+        return t + lo, t + hi
 
     def _profile(self, axis: int, t: int) -> np.ndarray:
         b, h, n = self.block[axis], self.halo[axis], self.shape[axis]
@@ -103,6 +127,21 @@ def _tile_starts(n: int, r0: int, r1: int, block: int, halo: int) -> tuple[int, 
         if not starts or starts[-1] != t:
             starts.append(t)
     return tuple(starts)
+
+
+def morton_key(index) -> int:
+    """Interleaves the bits of a chunk index (first axis most significant within each bit)."""
+    key, n = 0, len(index)
+    for bit in range(max(int(v).bit_length() for v in index) if index else 0):
+        for a, v in enumerate(index):
+            key |= ((int(v) >> bit) & 1) << (bit * n + n - 1 - a)
+    return key
+
+
+@lru_cache(maxsize=4096)
+def _support(blend: str, block: int, halo: int, at_low_edge: bool, at_high_edge: bool) -> tuple[int, int]:
+    nz = np.nonzero(_profile(blend, block, halo, at_low_edge, at_high_edge))[0]
+    return int(nz[0]), int(nz[-1]) + 1
 
 
 @lru_cache(maxsize=4096)

@@ -39,7 +39,7 @@ def core_box(index, shape, block) -> tuple[slice, ...]:
 
 def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min_size=0, executor=None,
                       channel=None, overwrite=False) -> dict:
-    """Segments a (z, y, x) or (y, x) map block by block into a uint64 label volume at `output_path`.
+    """Segments a (z, y, x) or (y, x) map block by block into a uint64 OME-Zarr label group at `output_path`.
 
     `segment_fn(array) -> labels` must be picklable (e.g. functools.partial of a top-level
     function). `channel` picks one channel of a (c, ...) prediction ('all' passes every channel,
@@ -49,7 +49,7 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
     source = open_volume(input_path)
     shape = source.shape[1:] if channel is not None or source.ndim == len(block) + 1 else source.shape
     create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
-                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite)
+                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
     blocks = block_grid(shape, block)
     task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
     results = dict(zip(blocks, executor.map(task, blocks)))
