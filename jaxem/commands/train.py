@@ -14,6 +14,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    from jaxem.train.parallel import initialize_distributed
+
+    initialize_distributed()  # before the config touches any device
     from jaxem.train.loop import train
 
     config = apply_overrides(load_config(args.config), overrides)

@@ -19,13 +19,18 @@ from jaxem.errors import UserError
 DATA_AXIS = "data"
 
 
+_distributed_started = False
+
+
 def initialize_distributed() -> None:
     """Starts multi-host JAX when the environment describes a multi-process job.
 
     Reads JAXEM_COORDINATOR (host:port), JAXEM_NUM_PROCESSES and JAXEM_PROCESS_ID, or lets JAX
-    detect SLURM / Cloud TPU when JAXEM_DISTRIBUTED=auto. Single-process runs do nothing.
+    detect SLURM / Cloud TPU when JAXEM_DISTRIBUTED=auto. Single-process runs do nothing. Must run
+    before anything touches a JAX device (so it never asks JAX for devices itself).
     """
-    if jax.process_count() > 1 or getattr(initialize_distributed, "_done", False):
+    global _distributed_started
+    if _distributed_started:
         return
     coordinator = os.environ.get("JAXEM_COORDINATOR")
     if coordinator:
@@ -38,7 +43,7 @@ def initialize_distributed() -> None:
         )
     elif os.environ.get("JAXEM_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
-    initialize_distributed._done = True
+    _distributed_started = True
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
