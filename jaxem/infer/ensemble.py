@@ -20,11 +20,13 @@ REDUCTIONS = ("mean", "median", "majority")
 def tta_transforms(spatial_shape: Sequence[int], rotations: bool = True) -> list[tuple[tuple[int, ...], int]]:
     """(flip axes, quarter turns in the y-x plane) pairs; spatial axes counted from 0.
 
-    All 2^ndim flip combinations, times 4 rotations of the last two axes when `rotations` and
-    the y-x extent is square (so the rotated tile keeps its shape): 8 in 2D, 16 in 3D.
+    All flip combinations of the axes longer than 1 (flipping a 1-voxel axis, e.g. z of a 2D
+    model's (1, y, x) tile, changes nothing), times 4 rotations of the last two axes when
+    `rotations` and the y-x extent is square (so the rotated tile keeps its shape): 8 in 2D, 16 in 3D.
     """
     ndim = len(spatial_shape)
     flips = [tuple(a for a, f in zip(range(ndim), bits) if f) for bits in itertools.product((0, 1), repeat=ndim)]
+    flips = [f for f in flips if all(spatial_shape[a] > 1 for a in f)]
     turns = (0, 1, 2, 3) if rotations and spatial_shape[-1] == spatial_shape[-2] else (0,)
     if turns != (0,):
         flips = [f for f in flips if ndim - 1 not in f]  # rot x flip(y) spans the same group: 4x2 in y-x

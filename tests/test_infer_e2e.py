@@ -1,0 +1,128 @@
+"""`jaxem predict` + `jaxem segment` end to end from a real (tiny) trained run; SIGKILL resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxem.cli import main
+from jaxem.data.volume import create_volume, open_volume, read_attributes
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A demo:tiny run (6 steps, checkpoints at 3 and 6) and its synthetic test volume."""
+    from jaxem.commands.demo import with_data_paths, write_synthetic_data
+    from jaxem.config import load_config
+    from jaxem.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = load_config("demo:tiny")
+    config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))
+    train(config, workdir, progress=False)
+    return workdir
+
+
+def predict(*args) -> int:
+    return main(["predict", *map(str, args), "--no-progress"])
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_predict_then_segment_from_run(run_dir, tmp_path, capsys):
+    raw = run_dir / "data" / "test_raw.zarr"  # (2, 64, 64) uint8, voxel (40, 4, 4) nm
+    out = tmp_path / "pred.zarr"
+    assert predict("--run", run_dir, "--input", raw, "--output", out) == 0
+    stats = last_json(capsys)
+    assert stats["chunks"] == 1 and stats["recompute_factor"] == 1.0 and not stats["resumed"]
+    pred = open_volume(out)  # the group itself opens: OME-Zarr, level 0
+    assert pred.format == "ome-zarr" and (out / "0" / ".zarray").is_file()
+    assert pred.axes == ("c", "z", "y", "x") and pred.shape == (1, 2, 64, 64) and pred.dtype == np.float32
+    assert pred.voxel_size == (40.0, 4.0, 4.0)
+    p = pred.read()
+    assert 0.0 <= p.min() < p.max() <= 1.0 and p.std() > 1e-3
+
+    assert predict("--run", run_dir, "--input", raw, "--output", out) == 0  # same job: resumes, nothing to do
+    assert last_json(capsys)["chunks"] == 0
+    np.testing.assert_array_equal(open_volume(out).read(), p)
+    assert predict("--run", run_dir, "--input", raw, "--output", out, "--tta") == 2  # different job
+    assert "different job" in capsys.readouterr().err
+
+    seg = tmp_path / "seg.zarr"
+    assert main(["segment", "--input", str(out), "--output", str(seg), "--method", "watershed", "--per-slice"]) == 0
+    labels = open_volume(seg)
+    assert labels.format == "ome-zarr" and "image-label" in read_attributes(seg)
+    assert labels.shape == (2, 64, 64) and labels.dtype == np.uint64 and labels.voxel_size == (40.0, 4.0, 4.0)
+    assert labels.read().max() > 1
+
+
+def test_predict_checkpoint_tta_uint8_roi(run_dir, tmp_path, capsys):
+    raw = run_dir / "data" / "test_raw.zarr"
+    out = tmp_path / "roi.zarr"
+    step3 = run_dir / "checkpoints" / "3"
+    assert predict("--checkpoint", step3, "--input", raw, "--output", out, "--tta", "--dtype", "uint8", "--roi", "1:2,8:56,16:64") == 0
+    pred = open_volume(out)
+    assert pred.shape == (1, 1, 48, 48) and pred.dtype == np.uint8
+    assert read_attributes(out)["offset"] == [1, 8, 16]
+    transforms = read_attributes(out)["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert {"type": "translation", "translation": [0.0, 40.0, 32.0, 64.0]} in transforms
+    assert read_attributes(out)["jaxem_job"]["checkpoints"] == [str(step3)]
+    # the same job in float32: uint8 is exactly rint(255 p); TTA and the checkpoint step matter
+    roi = ("--input", raw, "--roi", "1:2,8:56,16:64")
+    for name, extra in (("f32", ("--checkpoint", step3, "--tta")), ("plain", ("--checkpoint", step3)), ("run", ("--run", run_dir, "--tta"))):
+        assert predict(*extra, *roi, "--output", tmp_path / name) == 0
+    p = open_volume(tmp_path / "f32").read()
+    np.testing.assert_array_equal(pred.read(), np.rint(p * 255).astype(np.uint8))
+    assert not np.allclose(p, open_volume(tmp_path / "plain").read(), atol=1e-3)
+    assert not np.allclose(p, open_volume(tmp_path / "run").read(), atol=1e-3)
+
+
+def test_checkpoint_not_matching_config_exits_2(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run_dir, bad, ignore=shutil.ignore_patterns("data", "tensorboard"))
+    config = json.loads((bad / "config.json").read_text())
+    config["model"]["widths"] = [4, 16]
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "o.zarr"
+    assert predict("--run", bad, "--input", run_dir / "data" / "test_raw.zarr", "--output", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not match its config" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(run_dir, tmp_path, capsys):
+    raw = open_volume(run_dir / "data" / "test_raw.zarr").read()
+    big = np.tile(raw, (4, 12, 12))  # (8, 768, 768): 144 chunks of (8, 64, 64), ~10 s on 2 cores
+    create_volume(tmp_path / "in.zarr", big.shape, big.dtype, (40.0, 4.0, 4.0)).write(big)
+    args = ["--run", run_dir, "--input", tmp_path / "in.zarr"]
+    assert predict(*args, "--output", tmp_path / "whole.zarr") == 0
+    total = last_json(capsys)["chunks"]
+
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "jaxem.cli", "predict", *map(str, args), "--output", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = out / "jaxem_done"
+    deadline = time.monotonic() + 120
+    while not (done.is_dir() and len(os.listdir(done)) >= 3) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(os.listdir(done))
+    assert proc.returncode == -signal.SIGKILL and 3 <= killed_at < total, (proc.returncode, killed_at, total)
+
+    assert predict(*args, "--output", out) == 0
+    stats = last_json(capsys)
+    assert stats["resumed"] and stats["chunks"] == total - killed_at
+    np.testing.assert_array_equal(open_volume(out).read(), open_volume(tmp_path / "whole.zarr").read())
