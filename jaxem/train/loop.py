@@ -95,6 +95,29 @@ def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int) ->
     return {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
 
 
+def build_training(config: ml_collections.ConfigDict, mesh):
+    """(model, initial state, jitted train_step, jitted eval_step) for `config` on `mesh`.
+
+    Params and optimizer state are replicated, batches sharded on 'data', and the train step
+    donates the state buffers it replaces.
+    """
+    tc, ndim = config.train, config.model.ndim
+    model = models.build(config.model)
+    tx = make_optimizer(config.optimizer, tc.steps)
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
+    state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
+        jax.random.PRNGKey(config.seed))
+    augment_fn = augment.make_augment_fn(config.augment, ndim)
+    target_fn = targets.make_target_fn(config.target, ndim)
+    train_step = jax.jit(
+        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps),
+        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
+                        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
+    return model, state, train_step, eval_step
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary dict."""
     parallel.initialize_distributed()
@@ -119,12 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
         raise UserError(f"model.out_channels={config.model.out_channels} but target kind "
                         f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
 
-    model = models.build(config.model)
-    tx = make_optimizer(config.optimizer, tc.steps)
-    replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
-    state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
-        jax.random.PRNGKey(config.seed))
+    model, state, train_step, eval_step = build_training(config, mesh)
 
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, best_metric=tc.best_metric, best_mode=tc.best_mode,
                         async_save=tc.async_checkpoints)
@@ -140,13 +158,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val") if has_val else None
     val_start = val_loader.get_state() if has_val else None
 
-    augment_fn = augment.make_augment_fn(config.augment, ndim)
-    target_fn = targets.make_target_fn(config.target, ndim)
-    train_step = jax.jit(
-        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps),
-        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
-                        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
     meta = {"model": fingerprint(config.model), "target": fingerprint(config.target)}
     summary = {"start_step": start, "parameters": parameter_count(state.params), "devices": int(mesh.devices.size)}
 
