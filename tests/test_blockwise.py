@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxem.data.volume import create_volume
-from jaxem.infer.blockwise import DoneLog, make_predict_fn, predict_volume
+from jaxem.infer.blockwise import DoneLog, make_predict_fn, plan, predict_volume
 from jaxem.infer.ensemble import ensemble, tta_transforms, with_tta
 from jaxem.infer.output import create_output
 from jaxem.infer.tiling import make_tiling
@@ -116,26 +116,56 @@ RSS_SCRIPT = textwrap.dedent("""
     from jaxem.infer.blockwise import make_predict_fn, predict_volume
     from jaxem.infer.output import create_output
     from jaxem.infer.tiling import make_tiling
-    z = int(sys.argv[1]); path = sys.argv[2]
-    src = create_volume(path + "/in", (z, 64, 64), np.float32, (1.0, 1.0, 1.0), chunks=(16, 64, 64))
-    for z0 in range(0, z, 16):
-        src.write(np.random.default_rng(z0).random((16, 64, 64)).astype(np.float32), (z0, 0, 0))
-    fn = make_predict_fn(lambda x: jnp.concatenate([x, 1 - x], -1), 2)
-    t = make_tiling(src.shape, None, (16, 32, 32), (2, 4, 4), blend="gaussian")
-    out, _ = create_output(path + "/out", (2, *src.shape), np.float32, (1.0,) * 3, (2, *t.chunk), ("c", "z", "y", "x"), (0, 0, 0), {{}}, True)
-    predict_volume(fn, src, out, t, progress=False)
-    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    shape = tuple(json.loads(sys.argv[1])); path = sys.argv[2]
+    src = create_volume(path + "/in", shape, np.float32, (1.0, 1.0, 1.0), chunks=(12, 64, 64))
+    for z0 in range(0, shape[0], 12):
+        src.write(np.random.default_rng(z0).random((12, *shape[1:])).astype(np.float32), (z0, 0, 0))
+    fn = make_predict_fn(lambda x: jnp.concatenate([x] * 8, -1), 2)  # 8 channels: 512 KiB per cached tile
+    t = make_tiling(src.shape, None, (16, 32, 32), (2, 4, 4), chunk=(12, 24, 24), blend="gaussian")
+    out, _ = create_output(path + "/out", (8, *src.shape), np.float16, (1.0,) * 3, (8, *t.chunk), ("c", "z", "y", "x"), (0, 0, 0), {{}}, True)
+    stats = predict_volume(fn, src, out, t, cache_tiles=32, progress=False)
+    print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, stats]))
 """)
 
 
-def test_peak_memory_is_flat_as_the_volume_grows(tmp_path):
+def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path):
+    """4x the voxels along z or along y and x: same peak RSS (within 10 %) and cached tiles.
+
+    Chunks of one stride (12, 24, 24) make each chunk share tiles with all 26 neighbours, so
+    keeping every tile until its last use would need a y*x-sized cache; the cache is capped (here
+    at 32 tiles of 512 KiB, which the smallest volume already fills) and evicted tiles recomputed.
+    """
     import jaxem
 
     root = str(__import__("pathlib").Path(jaxem.__file__).parents[1])
     script = tmp_path / "rss.py"
     script.write_text(RSS_SCRIPT.format(root=root))
-    peak = {}
-    for z in (96, 384):  # 4x the voxels: 1.5 MiB vs 6 MiB of float32 input, 2x that output
-        res = subprocess.run([sys.executable, str(script), str(z), str(tmp_path / f"v{z}")], capture_output=True, text=True, check=True)
-        peak[z] = json.loads(res.stdout.strip().splitlines()[-1])
-    assert peak[384] <= 1.10 * peak[96], peak
+    peak, stats = {}, {}
+    for shape in ((48, 96, 96), (192, 96, 96), (48, 192, 192)):  # input 1.7 MiB -> 6.8 MiB, output 8 channels
+        res = subprocess.run([sys.executable, str(script), json.dumps(shape), str(tmp_path / "x".join(map(str, shape)))],
+                             capture_output=True, text=True, check=True)
+        peak[shape], stats[shape] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = (48, 96, 96)
+    for shape in peak:
+        assert peak[shape] <= 1.10 * peak[base], peak
+        assert stats[shape]["peak_cached_tiles"] <= 32 + 27, stats[shape]  # cap + one chunk's tiles
+
+
+def test_morton_plan_bounds_the_cache_and_recomputes_little():
+    """Pure bookkeeping on a 4 x 11 x 11 chunk grid: Morton + Belady vs raster, same cap."""
+    tiling = make_tiling((240, 768, 768), None, (16, 32, 32), (2, 4, 4), blend="gaussian")
+    limit = 4 * max(len(tiling.tiles_for_chunk(c)) for c in tiling.chunks())
+
+    def replay(order):
+        live, predicted, peak = set(), 0, 0
+        for c, tiles, missing, evict in plan(tiling, order, limit):
+            assert not (set(tiles) - live - set(missing))  # every tile of the chunk is available
+            live |= set(missing)
+            predicted, peak = predicted + len(missing), max(peak, len(live))
+            live -= set(evict)
+        return predicted / tiling.tile_count(), peak
+
+    morton, peak = replay(tiling.chunk_order())
+    raster, _ = replay(tiling.chunks())
+    assert peak <= limit + max(len(tiling.tiles_for_chunk(c)) for c in tiling.chunks())
+    assert 1.0 <= morton < 1.25 and morton < raster, (morton, raster)

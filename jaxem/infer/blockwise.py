@@ -134,7 +134,7 @@ def predict_volume(
     reader = TileReader(source, tiling, normalize)
     cache: dict = {}
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
-             "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
+             "peak_cached_tiles": 0,              "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
     writes: list = []
     steps = plan(tiling, todo, limit)
@@ -146,6 +146,7 @@ def predict_volume(
             if step is not None:
                 reader.prefetch(step[2])
             _predict_missing(predict_fn, reader, missing, cache, stats)
+            stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache))
             out = _blend_chunk(tiling, c, tiles, cache)
             writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
             for t in evict:
@@ -207,7 +208,7 @@ def _predict_missing(predict_fn, reader, missing, cache, stats) -> None:
         stats["forward_s"] += time.perf_counter() - t0
         stats["tiles_predicted"] += len(group)
         for t, pred in zip(group, y):
-            cache[t] = pred
+            cache[t] = pred.copy()  # a view would pin the whole batch array while the tile is cached
 
 
 def _blend_chunk(tiling: Tiling, index, tiles, cache) -> np.ndarray:
