@@ -1,0 +1,164 @@
+"""Training-step throughput of the model zoo: voxels/s, FLOPs, and MFU on accelerators.
+
+    python benchmarks/models.py --small                       # seconds on a CPU
+    python benchmarks/models.py                                # realistic patches (GPU/TPU)
+    python benchmarks/models.py --models unet3d --batch 2 --dtype bfloat16 --remat
+
+One step = forward + backward of a BCE loss + an SGD update, jitted, on a random batch. FLOPs are
+XLA's cost analysis of that compiled step; MFU = FLOPs / step time / the chip's peak dense bf16
+FLOP/s (table below, by jax device_kind). Prints one JSON object with a record per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxem import models
+from jaxem.models import flops
+
+# Peak dense (no sparsity) bf16 FLOP/s by device_kind substring, from vendor spec sheets.
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,          # SXM / HBM3
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "V100": 125e12,          # fp16 tensor cores (no bf16)
+    "T4": 65e12,             # fp16
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+# name -> (preset, realistic batch); --small replaces sizes with tiny ones.
+MODELS = {
+    "unet2d": ("unet2d", 8),
+    "unet3d": ("unet3d", 2),
+    "unet3d_aniso": ("unet3d_aniso", 2),
+    "unet3d_resnet18": ("unet3d_resnet18", 2),
+    "resnet50_2d": ("resnet50_2d", 32),
+    "vit_base_3d": ("vit_base_3d", 2),
+    "unetr_base_3d": ("unetr_base_3d", 2),
+}
+SMALL = {  # fields and input sizes for --small
+    "unet": (dict(widths=(4, 8, 16), resnet_blocks=(1, 1, 1)), {2: (32, 32), 3: (4, 16, 16)}),
+    "resnet": (dict(widths=(4, 8), blocks=(1, 1)), {2: (32, 32), 3: (4, 16, 16)}),
+    "vit": (dict(hidden=32, depth=1, heads=2), {2: (32, 32), 3: (16, 16, 16)}),
+    "unetr": (dict(hidden=32, depth=1, heads=2, feature_size=4), {2: (32, 32), 3: (16, 16, 16)}),
+}
+
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device` (None for CPUs and unknown chips)."""
+    kind = device.device_kind
+    for key, peak in PEAK_BF16.items():
+        if key.lower() in kind.lower():
+            return peak
+    return None
+
+
+def config_for(name: str, small: bool, dtype: str, remat: bool):
+    cfg, spatial = flops.preset(MODELS[name][0])
+    batch = MODELS[name][1]
+    if small:
+        fields, shapes = SMALL[cfg.name]
+        cfg.update(fields)
+        if cfg.name == "unet" and cfg.kernel_sizes:
+            cfg.kernel_sizes, cfg.pool_factors = cfg.kernel_sizes[-3:], cfg.pool_factors[-2:]
+        spatial, batch = shapes[cfg.ndim], 2
+    cfg.dtype, cfg.remat = dtype, remat
+    return cfg, tuple(spatial), batch
+
+
+def make_step(model, tx):
+    """(params, stats, opt_state, x, y) -> same, loss: one SGD step of BCE on the main output."""
+    def loss_fn(params, stats, x, y):
+        variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+        out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        logits = out[0] if isinstance(out, tuple) else out
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean(), updates.get("batch_stats", stats)
+
+    def step(params, stats, opt_state, x, y):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+    return step
+
+
+def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None) -> dict:
+    cfg, spatial, default_batch = config_for(name, small, dtype, remat)
+    batch = batch or default_batch
+    model = models.build(cfg)
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (batch, *spatial, 1), jnp.float32)
+    variables = jax.jit(lambda x: model.init(key, x, train=False))(x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    out = out[0] if isinstance(out, tuple) else out  # targets shaped like the (main) output
+    y = (jax.random.uniform(key, out.shape) > 0.5).astype(jnp.float32)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    tx = optax.sgd(1e-3, momentum=0.9)
+    opt_state = tx.init(params)
+    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1, 2))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, stats, opt_state, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    step_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
+    jax.block_until_ready(loss)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)
+    jax.block_until_ready((params, loss))
+    step_s = (time.perf_counter() - t0) / steps
+    voxels = batch * int(np.prod(spatial))
+    peak = peak_flops(jax.devices()[0])
+    return {
+        "model": name, "config": cfg.name, "ndim": cfg.ndim, "input": [batch, *spatial], "dtype": dtype,
+        "remat": remat, "params": flops.count_params({"params": params}), "step_s": step_s,
+        "voxels_per_s": voxels / step_s, "step_flops": step_flops, "flops_per_voxel_train": step_flops / voxels,
+        "achieved_flops_per_s": step_flops / step_s, "mfu": (step_flops / step_s / peak) if peak else None,
+        "compile_s": compile_s, "loss": float(loss),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny widths and inputs: seconds on a CPU")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, 3 with --small)")
+    parser.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
+    steps = args.steps or (2 if args.small else 20)
+    results = [bench(m, args.small, dtype, args.remat, steps, args.batch) for m in args.models]
+    print(json.dumps({
+        "benchmark": "models", "device": device.device_kind, "platform": device.platform,
+        "devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
+        "peak_bf16_flops_per_s": peak_flops(device), "small": args.small, "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

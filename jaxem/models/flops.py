@@ -1,0 +1,91 @@
+"""Parameter counts and FLOPs (from XLA's cost analysis) for the model table in docs/models.md.
+
+    python -m jaxem.models.flops            # prints the Markdown table docs/models.md shows
+
+FLOPs are what XLA's cost analysis of the compiled function reports (a multiply-add counts 2;
+zero padding is not counted), for the forward pass in inference mode, divided by the number of
+input voxels. Compiling is enough: nothing is run, so realistic sizes cost only compile time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxem import models
+
+
+def count_params(variables: Any) -> int:
+    """Number of scalars in the 'params' collection."""
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(variables["params"])))
+
+
+def xla_flops(fn, *args) -> float:
+    """FLOPs of jax.jit(fn)(*args) from XLA's cost analysis (args may be ShapeDtypeStructs)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def model_cost(cfg: ml_collections.ConfigDict, spatial: Sequence[int], batch: int = 1,
+               in_channels: int = 1) -> dict:
+    """{'params', 'flops', 'flops_per_voxel'} of the inference forward pass at (batch, *spatial)."""
+    model = models.build(cfg)
+    x = jax.ShapeDtypeStruct((batch, *spatial, in_channels), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    flops = xla_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+    voxels = batch * int(np.prod(spatial))
+    return {"params": count_params(variables), "flops": flops, "flops_per_voxel": flops / voxels}
+
+
+def preset(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, ...]]:
+    """Named reference models with their stated input size (also used by benchmarks/models.py)."""
+    def cfg(model, ndim, **fields):
+        c = models.default_config(model, ndim)
+        c.update(fields)
+        return c
+
+    aniso = dict(widths=(32, 64, 128, 256), kernel_sizes=((1, 3, 3), (1, 3, 3), 3, 3),
+                 pool_factors=((1, 2, 2), (1, 2, 2), 2))
+    table = {
+        "unet2d": (cfg("unet", 2, widths=(32, 64, 128, 256, 512)), (512, 512)),
+        "unet2d_demo": (cfg("unet", 2, widths=(16, 32, 64, 128)), (256, 256)),
+        "unet3d": (cfg("unet", 3, widths=(32, 64, 128, 256)), (64, 128, 128)),
+        "unet3d_aniso": (cfg("unet", 3, **aniso), (32, 128, 128)),
+        "unet3d_residual_aspp": (cfg("unet", 3, block="residual", bottleneck="aspp", widths=(32, 64, 128, 256)),
+                                 (64, 128, 128)),
+        "resnet18_2d": (cfg("resnet", 2), (256, 256)),
+        "resnet50_2d": (cfg("resnet", 2, depth=50), (256, 256)),
+        "resnet18_3d": (cfg("resnet", 3, widths=(32, 64, 128, 256)), (64, 64, 64)),
+        "unet3d_resnet18": (cfg("unet", 3, encoder="resnet", widths=(32, 64, 128, 256)), (64, 128, 128)),
+        "vit_small_2d": (cfg("vit", 2, size="small"), (512, 512)),
+        "vit_base_3d": (cfg("vit", 3, size="base"), (96, 96, 96)),
+        "unetr_base_3d": (cfg("unetr", 3, size="base"), (96, 96, 96)),
+    }
+    return table[name]
+
+
+PRESETS = ("unet2d", "unet2d_demo", "unet3d", "unet3d_aniso", "unet3d_residual_aspp", "resnet18_2d",
+           "resnet50_2d", "resnet18_3d", "unet3d_resnet18", "vit_small_2d", "vit_base_3d", "unetr_base_3d")
+
+
+def markdown_table(names: Sequence[str] = PRESETS) -> str:
+    """The docs/models.md table: model, input, parameters, forward GFLOPs, FLOPs per voxel."""
+    rows = ["| preset | model | input (B=1) | parameters | forward GFLOP | FLOPs / voxel |",
+            "|---|---|---|---:|---:|---:|"]
+    for name in names:
+        cfg, spatial = preset(name)
+        cost = model_cost(cfg, spatial)
+        rows.append(f"| {name} | {cfg.name} {cfg.ndim}D | {'x'.join(map(str, spatial))} | "
+                    f"{cost['params']:,} | {cost['flops'] / 1e9:,.1f} | {cost['flops_per_voxel']:,.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table(sys.argv[1:] or PRESETS))
