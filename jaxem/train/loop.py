@@ -81,18 +81,43 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int) -> dict:
-    """Validation loss and Dice over the same validation batches every time: the first
-    `num_batches`, or one pass over the validation crops when that is fewer."""
+def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, score_instances: bool) -> dict:
+    """Validation metrics over the same validation batches every time (the first `num_batches`, or
+    one pass over the validation crops when that is fewer): loss and voxel Dice of the target, and
+    with `score_instances` (boundary targets) VRand/VInfo/VOI of watershed cells in each crop."""
     num_batches = min(num_batches, val_loader.num_batches)
     val_loader.set_state(val_start)
-    totals = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}
+    totals, crop_scores = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}, []
     for _ in range(num_batches):
-        metrics, _ = eval_step(state, next(val_loader))
+        batch = next(val_loader)
+        metrics, probs = eval_step(state, batch)
         for k, v in jax.device_get(metrics).items():
             totals[k] += float(v)
+        if score_instances:
+            crop_scores += _instance_scores(probs, batch)
     tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
-    return {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
+    result = {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
+    for key in ("vrand", "vinfo", "voi_split", "voi_merge"):
+        if crop_scores:
+            result[key] = float(np.mean([s[key] for s in crop_scores]))
+    return result
+
+
+def _instance_scores(probs, batch) -> list[dict]:
+    """Clustering scores of watershed cells from the membrane probabilities of each labelled crop."""
+    from jax.experimental import multihost_utils
+
+    from jaxem.metrics.clustering import clustering_scores
+    from jaxem.segment.instances import instances_from_boundaries
+
+    probs, labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                           for x in (probs[..., 0], batch["labels"], batch["mask"]))
+    scores = []
+    for p, gt, m in zip(probs, labels, mask):
+        if m.max() > 0 and gt.max() > 0:  # skip padding rows and crops without cells
+            cells = instances_from_boundaries(p, method="watershed", per_slice=p.ndim == 3)
+            scores.append(clustering_scores(cells, gt))
+    return scores
 
 
 def build_training(config: ml_collections.ConfigDict, mesh):
@@ -187,7 +212,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
                 writer.write(step, "train", mean)
                 bar.set_postfix(loss=f"{mean['loss']:.4f}", **({"val_dice": f"{last_val['dice']:.3f}"} if last_val else {}))
             if at_eval:
-                last_val = evaluate(state, eval_step, val_loader, val_start, tc.eval_batches)
+                last_val = evaluate(state, eval_step, val_loader, val_start, tc.eval_batches,
+                                    score_instances=config.target.kind == "boundary" and tc.eval_instances)
                 writer.write(step, "val", last_val)
             if at_save:
                 save(step, {f"val_{k}": v for k, v in last_val.items()} if at_eval else None, force=preemption.requested)
