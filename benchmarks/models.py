@@ -50,6 +50,7 @@ PEAK_BF16 = {
 # name -> (preset, realistic batch); --small replaces sizes with tiny ones.
 MODELS = {
     "unet2d": ("unet2d", 8),
+    "unet2d_demo": ("unet2d_demo", 4),
     "unet3d": ("unet3d", 2),
     "unet3d_aniso": ("unet3d_aniso", 2),
     "unet3d_resnet18": ("unet3d_resnet18", 2),
