@@ -96,7 +96,7 @@ def run_prediction(
     restored = [restore_for_inference(c) for c in checkpoints]
     config = overrides(restored[0][0]) if overrides else restored[0][0]
     block, halo = block_and_halo(config.predict, len(shape))
-    tiling = make_tiling(shape, region, block, halo, config.predict.get("chunk_shape", None), config.predict.get("blend", "gaussian"))
+    tiling = make_tiling(shape, region, block, halo, tuple(config.predict.get("chunk_shape", ())) or None, config.predict.get("blend", "gaussian"))
     fns = [model_predictor(config, m, v, tta) for _, m, v in restored]
     multiclass = str(config.target.get("kind", "")) in MULTICLASS
     fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
@@ -108,7 +108,7 @@ def run_prediction(
                                     (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
     normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
-                           cache_tiles=config.predict.get("cache_tiles", None), progress=progress)
+                           cache_tiles=int(config.predict.get("cache_tiles", 0)) or None, progress=progress)
     return dict(stats, resumed=resumed)
 
 

@@ -39,7 +39,14 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
 def default_predict_config() -> ml_collections.ConfigDict:
     """Blockwise inference: block and halo in voxels (z, y, x or y, x), blocks per device batch."""
-    return ml_collections.ConfigDict(dict(block_shape=(256, 256), halo=(32, 32), batch_size=4))
+    return ml_collections.ConfigDict(dict(
+        block_shape=(256, 256),
+        halo=(32, 32),
+        batch_size=4,  # tiles per device per forward pass
+        blend="gaussian",  # or "linear", "center" (exact crop-centre tiling)
+        chunk_shape=(),  # output chunk; () = block - 2 * halo
+        cache_tiles=0,  # predicted tiles kept for neighbouring chunks; 0 = 8x one chunk's tiles
+    ))
 
 
 def with_dataset_volumes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
