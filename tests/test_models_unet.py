@@ -2,6 +2,8 @@
 
 import math
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,9 @@ import pytest
 
 from jaxem import models
 from jaxem.errors import UserError
+
+# XLA's CPU backend spends ~10 s optimising even a tiny U-Net; tests only need correct numbers.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def small_cfg(ndim, **overrides):
@@ -18,15 +23,21 @@ def small_cfg(ndim, **overrides):
     return cfg
 
 
+def init_only(cfg, shape, channels=1):
+    model = models.build(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, *shape, channels))
+    return model, jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False), x
+
+
 def init_apply(cfg, shape, channels=1, train=False):
     model = models.build(cfg)
     x = jax.random.normal(jax.random.key(1), (2, *shape, channels))
-    variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
+    variables = jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
     if train:
-        out, _ = jax.jit(model.apply, static_argnames=("train", "mutable"))(
+        out, _ = jit(model.apply, static_argnames=("train", "mutable"))(
             variables, x, train=True, mutable=("batch_stats",))
     else:
-        out = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
+        out = jit(model.apply, static_argnames="train")(variables, x, train=False)
     return model, variables, x, out
 
 
@@ -44,7 +55,10 @@ def n_params(variables):
                          + [(3, (8, 16, 12), "batch")])
 def test_output_shape_every_norm(ndim, shape, norm):
     cfg = small_cfg(ndim, norm=norm, out_channels=3)
-    _, _, _, out = init_apply(cfg, shape, train=True)
+    model = models.build(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, *shape, 1))
+    out, _ = jit(lambda x: model.apply(model.init(jax.random.key(0), x, train=False), x, train=True,
+                                           mutable=["batch_stats"]))(x)
     assert out.shape == (2, *shape, 3) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
 
@@ -93,7 +107,7 @@ def test_param_count_no_norm_has_conv_biases():
                                        dict(bottleneck="dilated", deep_supervision=True)])
 def test_gradients_reach_every_parameter(overrides):
     cfg = small_cfg(2, **overrides)
-    model, variables, x, _ = init_apply(cfg, (16, 16))
+    model, variables, x = init_only(cfg, (16, 16))
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
@@ -101,7 +115,7 @@ def test_gradients_reach_every_parameter(overrides):
             out = out[0] + sum(jnp.mean(a) for a in out[1])
         return jnp.mean(jnp.sin(3 * out) * x)
 
-    grads = jax.jit(jax.grad(loss))(variables["params"])
+    grads = jit(jax.grad(loss))(variables["params"])
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     zero = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g) != 0)]
     assert not zero, f"parameters with zero gradient: {zero}"
@@ -109,8 +123,8 @@ def test_gradients_reach_every_parameter(overrides):
 
 def test_batch_stats_update_in_training():
     cfg = small_cfg(2, norm="batch")
-    model, variables, x, _ = init_apply(cfg, (16, 16))
-    _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    model, variables, x = init_only(cfg, (16, 16))
+    _, updates = jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after))

@@ -1,6 +1,8 @@
 """ResNet, ViT, UNETR, U-Net with ResNet encoder: shapes, hand-derived parameter counts,
 gradients, bfloat16 vs float32, remat, encoder transfer."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,9 @@ import pytest
 
 from jaxem import models
 from jaxem.errors import UserError
+
+# XLA's CPU backend spends ~10 s optimising even a tiny U-Net; tests only need correct numbers.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 TINY = {
     "unet": dict(widths=(4, 8, 8)),
@@ -34,8 +39,15 @@ def tiny_cfg(name, ndim, **overrides):
 def run(cfg, batch=2, channels=1, seed=1):
     model = models.build(cfg)
     x = jax.random.normal(jax.random.key(seed), (batch, *SHAPES[cfg.ndim], channels))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jit(model.init)(jax.random.key(0), x)
     return model, variables, x
+
+
+def outputs(cfg, batch=2, method=None):
+    """Init and apply in one compiled function (one compile per test instead of two)."""
+    model = models.build(cfg)
+    x = jax.random.normal(jax.random.key(1), (batch, *SHAPES[cfg.ndim], 1))
+    return jit(lambda x: model.apply(model.init(jax.random.key(0), x), x, method=method))(x)
 
 
 def leaves(out):
@@ -54,11 +66,9 @@ def abstract_variables(cfg, channels=1):
 @pytest.mark.parametrize("name,ndim,out_channels", [("unetr", 2, 3), ("unetr", 3, 1), ("resnet", 2, 0),
                                                     ("resnet", 3, 0), ("vit", 2, 5), ("vit", 3, 5)])
 def test_output_shapes(name, ndim, out_channels):
-    cfg = tiny_cfg(name, ndim, out_channels=out_channels)
-    model, variables, x = run(cfg)
-    out = jax.jit(model.apply)(variables, x)
+    out = outputs(tiny_cfg(name, ndim, out_channels=out_channels))
     if name == "unetr":
-        assert out.shape == (2, *SHAPES[ndim], 3)
+        assert out.shape == (2, *SHAPES[ndim], out_channels)
     else:
         width = {"resnet": 8, "vit": 5}[name]
         assert out.shape == (2, width)
@@ -66,24 +76,19 @@ def test_output_shapes(name, ndim, out_channels):
 
 
 def test_resnet_features_per_level_anisotropic():
-    cfg = tiny_cfg("resnet", 3, depth=50)
-    model, variables, x = run(cfg)
-    feats = model.apply(variables, x, method="features")
+    feats = outputs(tiny_cfg("resnet", 3, depth=50), method="features")
     assert [f.shape for f in feats] == [(2, 4, 16, 16, 16), (2, 4, 8, 8, 32)]  # bottleneck: 4 x width
 
 
 def test_vit_features_are_token_grids():
-    cfg = tiny_cfg("vit", 3)
-    model, variables, x = run(cfg)
-    feats = model.apply(variables, x, method="features")
+    feats = outputs(tiny_cfg("vit", 3), method="features")
     assert [f.shape for f in feats] == [(2, 2, 4, 4, 16)] * 2
 
 
 @pytest.mark.parametrize("depth", [18, pytest.param(50, marks=pytest.mark.slow)])
 def test_unet_with_resnet_encoder_shapes(depth):
     cfg = tiny_cfg("unet", 3, encoder="resnet", resnet_depth=depth, resnet_blocks=(1, 1, 1), out_channels=2)
-    model, variables, x = run(cfg)
-    assert jax.jit(model.apply)(variables, x).shape == (2, *SHAPES[3], 2)
+    assert outputs(cfg).shape == (2, *SHAPES[3], 2)
 
 
 def resnet_count(c, widths, kv, bottleneck, norm=2):
@@ -128,7 +133,7 @@ def nonzero_grad_check(cfg):
         out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return sum(jnp.mean(jnp.sin(3 * o + 0.1)) for o in leaves(out))
 
-    grads = jax.jit(jax.grad(loss))(variables["params"])
+    grads = jit(jax.grad(loss))(variables["params"])
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     return [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g) != 0)]
 
@@ -148,10 +153,10 @@ def test_bfloat16_close_to_float32(name, ndim):
     cfg32 = tiny_cfg(name, ndim, out_channels=2)
     cfg16 = tiny_cfg(name, ndim, out_channels=2, dtype="bfloat16")
     model32, variables, x = run(cfg32)
-    out32 = jax.jit(model32.apply)(variables, x)
-    out16 = jax.jit(models.build(cfg16).apply)(variables, x)
+    out32 = jit(model32.apply)(variables, x)
+    out16 = jit(models.build(cfg16).apply)(variables, x)
     assert out16.dtype == jnp.float32
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(jax.jit(models.build(cfg16).init)(jax.random.key(0), x)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract_variables(cfg16)))
     scale = float(jnp.max(jnp.abs(out32)))
     err = float(jnp.max(jnp.abs(out16 - out32)))
     assert err < 0.05 * scale, (err, scale)
@@ -171,7 +176,7 @@ def test_remat_same_outputs_and_gradients(name, ndim, overrides):
             out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return jnp.mean(jnp.sin(out)), out
 
-        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"]))
+        results.append(jit(jax.value_and_grad(loss, has_aux=True))(variables["params"]))
     (l0, o0), g0 = results[0]
     (l1, o1), g1 = results[1]
     assert jax.tree.structure(g0) == jax.tree.structure(g1)  # same param tree with remat
