@@ -2,7 +2,17 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# XLA's CPU backend spends most of a small test's time optimising the compiled code; level 0 still
+# computes the same numbers, about twice as fast end to end. Subprocesses use device_flags(n).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def device_flags(n: int) -> str:
+    """XLA_FLAGS for a test process with `n` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={n} {FAST_COMPILE}"
+
+
+os.environ.setdefault("XLA_FLAGS", device_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 from jaxem.commands.demo import write_synthetic_data
 from jaxem.config import load_config
 
@@ -38,7 +40,7 @@ def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
     base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def single(devices: int, name: str) -> list[float]:
-        env = {**base_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        env = {**base_env, "XLA_FLAGS": device_flags(devices)}
         subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / name)], check=True, env=env, cwd=ROOT,
                        capture_output=True, timeout=600)
         return _train_losses(tmp_path / name)
@@ -47,7 +49,7 @@ def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        env = {**base_env, "XLA_FLAGS": device_flags(2),
                "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
                "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"}
         procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "multi")], env=env,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from conftest import device_flags
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "colab").glob("*.ipynb"))
@@ -15,7 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "colab").glob("*.ipynb
 def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXEM_NOTEBOOK_SIZE", "tiny")
     monkeypatch.setenv("JAXEM_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", device_flags(2))
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]

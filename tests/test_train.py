@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import device_flags
+
 from jaxem import models
 from jaxem.config import apply_overrides, load_config
 from jaxem.data import augment, targets
@@ -147,7 +149,7 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
                  f"--config.data.val_images=('{paths['val'][0]}',)", f"--config.data.val_labels=('{paths['val'][1]}',)",
                  "--config.train.steps=12", "--config.train.checkpoint_every=4", "--config.train.eval_every=4",
                  "--config.train.log_every=1", "--config.train.async_checkpoints=false"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": device_flags(2), "JAX_PLATFORMS": "cpu"}
     subprocess.run(_demo_cfg_args(tmp_path / "full") + data_args, check=True, env=env, cwd=ROOT, capture_output=True)
 
     killed = tmp_path / "killed"
