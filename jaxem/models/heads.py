@@ -45,3 +45,24 @@ class MLPHead(nn.Module):
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
             x = nn.relu(x)
         return nn.Dense(self.out_features)(x)
+
+
+class PooledEncoder(nn.Module):
+    """An encoder model ('resnet', 'vit'): encoder + global mean over space (+ optional linear head).
+
+    __call__(x (B, *S, C_in), train) -> (B, D) float32, D = out_channels if out_channels > 0, else
+    the channels of the encoder's last feature map (the embedding SSL heads build on).
+    `apply(..., method='features')` returns the encoder's list of feature maps.
+    """
+
+    encoder: nn.Module
+    out_channels: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        last = self.encoder(x, train)[-1]
+        pooled = jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
+        return nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled
+
+    def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        return self.encoder(x, train)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxem.errors import UserError
+from jaxem.models.heads import PooledEncoder
 from jaxem.models import layers
 from jaxem.models.unet import pooling_reason
 
@@ -96,27 +97,6 @@ class ResNet(nn.Module):
         return features
 
 
-class ResNetModel(nn.Module):
-    """The 'resnet' model: encoder + global average pooling (+ optional linear head).
-
-    __call__(x (B, *S, C_in), train) -> (B, D) float32, D = out_channels if out_channels > 0,
-    else the last level's channels (the embedding SSL heads build on).
-    `apply(..., method='features')` returns the encoder's per-level feature maps.
-    """
-
-    encoder: ResNet
-    out_channels: int = 0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        last = self.encoder(x, train)[-1]
-        pooled = jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
-        return nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled
-
-    def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        return self.encoder(x, train)
-
-
 def default_config(ndim: int) -> ml_collections.ConfigDict:
     """Every field of the 'resnet' model (ResNet-18 widths, GroupNorm like the U-Net default)."""
     return ml_collections.ConfigDict(dict(
@@ -160,10 +140,10 @@ def encoder_from_config(unet_cfg: ml_collections.ConfigDict) -> ResNet:
     return build_resnet(unet_cfg, unet_cfg.resnet_depth, unet_cfg.resnet_blocks)
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> ResNetModel:
+def from_config(cfg: ml_collections.ConfigDict) -> PooledEncoder:
     if cfg.ndim not in (2, 3):
         raise UserError(f"model.ndim must be 2 or 3, got {cfg.ndim!r}.")
-    return ResNetModel(build_resnet(cfg, cfg.depth, cfg.blocks), cfg.out_channels)
+    return PooledEncoder(build_resnet(cfg, cfg.depth, cfg.blocks), cfg.out_channels)
 
 
 def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:

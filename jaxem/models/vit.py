@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from jaxem.errors import UserError
+from jaxem.models.heads import PooledEncoder
 from jaxem.models import layers
 
 SIZES = {  # name -> (hidden, depth, heads); MLP is 4 x hidden
@@ -84,26 +85,6 @@ class ViT(nn.Module):
         return [s.reshape(batch, *grid, self.hidden) for s in states]
 
 
-class ViTModel(nn.Module):
-    """The 'vit' model: encoder + mean over tokens (+ optional linear head).
-
-    __call__(x (B, *S, C), train) -> (B, D) float32 (D = out_channels if > 0 else hidden);
-    `apply(..., method='features')` returns the per-block token grids.
-    """
-
-    encoder: ViT
-    out_channels: int = 0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        last = self.encoder(x, train)[-1]
-        pooled = jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
-        return nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled
-
-    def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        return self.encoder(x, train)
-
-
 def default_config(ndim: int) -> ml_collections.ConfigDict:
     """Every field of the 'vit' model. hidden/depth/heads/mlp_dim = 0 take the `size` preset."""
     return ml_collections.ConfigDict(dict(
@@ -136,8 +117,8 @@ def encoder_from_config(cfg: ml_collections.ConfigDict) -> ViT:
                dtype=layers.compute_dtype(cfg.dtype), remat=cfg.remat)
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> ViTModel:
-    return ViTModel(encoder_from_config(cfg), cfg.out_channels)
+def from_config(cfg: ml_collections.ConfigDict) -> PooledEncoder:
+    return PooledEncoder(encoder_from_config(cfg), cfg.out_channels)
 
 
 def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
