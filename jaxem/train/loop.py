@@ -200,7 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
             history.append(metrics)
             at_log = step % tc.log_every == 0 or step == tc.steps
             at_eval = has_val and (step % tc.eval_every == 0 or step == tc.steps)
-            at_save = step % tc.checkpoint_every == 0 or step == tc.steps or preemption.requested
+            preempted = preemption.requested  # read once: a signal arriving later is handled next step
+            at_save = step % tc.checkpoint_every == 0 or step == tc.steps or preempted
             if at_log or at_eval or at_save:
                 mean = _mean_metrics(history)
                 history = []
@@ -216,9 +217,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
                                     score_instances=config.target.kind == "boundary" and tc.eval_instances)
                 writer.write(step, "val", last_val)
             if at_save:
-                save(step, {f"val_{k}": v for k, v in last_val.items()} if at_eval else None, force=preemption.requested)
+                save(step, {f"val_{k}": v for k, v in last_val.items()} if at_eval else None, force=preempted)
             bar.update(1)
-            if preemption.requested:
+            if preempted:
                 summary["preempted_at"] = step
                 break
     bar.close()
