@@ -1,6 +1,5 @@
 """U-Net: shapes in 2D/3D (anisotropic too), hand-derived parameter counts, gradients, errors."""
 
-import math
 
 import functools
 

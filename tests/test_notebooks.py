@@ -1,6 +1,5 @@
 """The notebooks in colab/ execute top to bottom (at their tiny size)."""
 
-import os
 from pathlib import Path
 
 import nbformat
