@@ -2,7 +2,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+PY="${PYTHON:-$(command -v python3.11 || command -v python3 || true)}"
 STAMP=.venv/.jaxem-installed
 if [ -z "$PY" ]; then
   echo "jaxem needs Python >= 3.11 (python3.11 or python3 on PATH)." >&2
