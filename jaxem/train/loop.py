@@ -150,10 +150,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     check_workdir(config, workdir)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir)
-        (workdir / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n")
 
     tc, ndim = config.train, config.model.ndim
     mesh = parallel.make_mesh(tc.num_devices)
@@ -168,10 +164,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
                         f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
 
     model, state, train_step, eval_step = build_training(config, mesh)
+    # Open the data before writing anything, so bad data paths leave the workdir untouched.
+    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
+    has_val = bool(config.data.val_images) and tc.eval_every > 0
+    val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val") if has_val else None
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir)
+        (workdir / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n")
 
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, best_metric=tc.best_metric, best_mode=tc.best_mode,
                         async_save=tc.async_checkpoints)
-    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
     writer = MetricWriter(workdir, enabled=is_main)
     restored = ckpt.restore_latest(state)
     if restored is not None:
@@ -179,8 +182,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
         loader.set_state(data_state)
         writer.truncate_after(int(state.step))
     start = int(state.step)
-    has_val = bool(config.data.val_images) and tc.eval_every > 0
-    val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val") if has_val else None
     val_start = val_loader.get_state() if has_val else None
 
     meta = {"model": fingerprint(config.model), "target": fingerprint(config.target)}
@@ -206,7 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
                 mean = _mean_metrics(history)
                 history = []
                 if not np.isfinite(mean["loss"]):
-                    ckpt.wait()
+                    ckpt.close()
+                    loader.close()
                     raise TrainingDiverged(
                         f"the training loss became {mean['loss']} at step {step}; the last good checkpoint is "
                         f"kept in {ckpt.directory} (lower optimizer.learning_rate or raise optimizer.grad_clip).")
