@@ -17,6 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -29,3 +30,13 @@ def shared_data():
         if str(candidate) and candidate.is_dir() and (candidate / "isbi2012").is_dir():
             return candidate
     pytest.skip("../shared/data is not present")
+
+
+def grid_boundaries(shape, step):
+    """A boundary map with membranes (1.0) every `step` voxels along each axis, cells 0.0."""
+    prob = np.zeros(shape, np.float32)
+    for axis in range(len(shape)):
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(0, shape[axis], step)
+        prob[tuple(index)] = 1.0
+    return prob

@@ -3,18 +3,9 @@
 import numpy as np
 import pytest
 
+from conftest import grid_boundaries
 from jaxem.errors import UserError
 from jaxem.segment.instances import instances_from_boundaries, instances_from_foreground, relabel
-
-
-def grid_boundaries(shape, step):
-    """A boundary map with membranes (1.0) every `step` voxels along each axis, cells 0.0."""
-    prob = np.zeros(shape, np.float32)
-    for axis in range(len(shape)):
-        index = [slice(None)] * len(shape)
-        index[axis] = slice(0, shape[axis], step)
-        prob[tuple(index)] = 1.0
-    return prob
 
 
 @pytest.mark.parametrize("shape,cells", [((33, 33), 16), ((17, 17, 17), 8)])

@@ -4,22 +4,14 @@ import json
 
 import numpy as np
 
+from conftest import grid_boundaries
 from jaxem.cli import main
 from jaxem.data.volume import create_volume, open_volume
 from jaxem.segment.instances import mutex_watershed
 
 
-def grid(shape, step):
-    prob = np.zeros(shape, np.float32)
-    for axis in range(len(shape)):
-        index = [slice(None)] * len(shape)
-        index[axis] = slice(0, shape[axis], step)
-        prob[tuple(index)] = 1.0
-    return prob
-
-
 def test_segment_cc_and_watershed_blockwise(tmp_path):
-    pred = grid((17, 33, 33), 8)[None]  # (c, z, y, x) as written by jaxem predict
+    pred = grid_boundaries((17, 33, 33), 8)[None]  # (c, z, y, x) as written by jaxem predict
     create_volume(tmp_path / "pred", pred.shape, np.float32, (1.0, 1.0, 1.0), axes=("c", "z", "y", "x")).write(pred)
     for method in ("cc", "watershed"):
         out = tmp_path / method

@@ -18,9 +18,9 @@ from jaxem.infer.blockwise import make_predict_fn, predict_volume
 from jaxem.infer.ensemble import ensemble, with_tta
 from jaxem.infer.output import create_output
 from jaxem.infer.tiling import make_tiling
+from jaxem.train.supervised import output_activation
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
-MULTICLASS = ("multiclass", "semantic")
 
 
 def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
@@ -69,7 +69,7 @@ def model_predictor(config, model, variables, tta: bool = False) -> Callable:
     """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass)."""
     kind = str(config.target.get("kind", "boundary"))
     fn = make_predict_fn(lambda x: model.apply(variables, x, train=False), int(config.predict.get("batch_size", 4)),
-                         activation="softmax" if kind in MULTICLASS else "sigmoid", model_ndim=int(config.model.ndim))
+                         activation=output_activation(kind), model_ndim=int(config.model.ndim))
     return with_tta(fn) if tta else fn
 
 
@@ -98,7 +98,7 @@ def run_prediction(
     block, halo = block_and_halo(config.predict, len(shape))
     tiling = make_tiling(shape, region, block, halo, tuple(config.predict.get("chunk_shape", ())) or None, config.predict.get("blend", "gaussian"))
     fns = [model_predictor(config, m, v, tta) for _, m, v in restored]
-    multiclass = str(config.target.get("kind", "")) in MULTICLASS
+    multiclass = output_activation(str(config.target.get("kind", ""))) == "softmax"
     fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
     channels = int(config.model.out_channels)
     job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],

@@ -20,9 +20,16 @@ from jaxem.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
+def output_activation(target_kind: str) -> str:
+    """'softmax' over channels for multiclass targets, otherwise 'sigmoid' per channel."""
+    return "softmax" if target_kind == "multiclass" else "sigmoid"
+
+
 def probabilities(target_kind: str, logits: jax.Array) -> jax.Array:
-    """Softmax over channels for multiclass targets, otherwise an independent sigmoid per channel."""
-    return jax.nn.softmax(logits, axis=-1) if target_kind == "multiclass" else jax.nn.sigmoid(logits)
+    """Model outputs as probabilities, with the activation of `output_activation(target_kind)`."""
+    if output_activation(target_kind) == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.sigmoid(logits)
 
 
 def _main_and_aux(outputs) -> tuple[jax.Array, list[jax.Array]]:
