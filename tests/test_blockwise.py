@@ -123,7 +123,7 @@ RSS_SCRIPT = textwrap.dedent("""
     fn = make_predict_fn(lambda x: jnp.concatenate([x] * 8, -1), 2)  # 8 channels: 512 KiB per cached tile
     t = make_tiling(src.shape, None, (16, 32, 32), (2, 4, 4), chunk=(12, 24, 24), blend="gaussian")
     out, _ = create_output(path + "/out", (8, *src.shape), np.float16, (1.0,) * 3, (8, *t.chunk), ("c", "z", "y", "x"), (0, 0, 0), {{}}, True)
-    stats = predict_volume(fn, src, out, t, cache_tiles=32, progress=False)
+    stats = predict_volume(fn, src, out, t, cache_tiles=32, read_cache_bytes=1 << 20, progress=False)
     print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, stats]))
 """)
 
@@ -133,7 +133,8 @@ def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path):
 
     Chunks of one stride (12, 24, 24) make each chunk share tiles with all 26 neighbours, so
     keeping every tile until its last use would need a y*x-sized cache; the cache is capped (here
-    at 32 tiles of 512 KiB, which the smallest volume already fills) and evicted tiles recomputed.
+    at 32 tiles of 512 KiB, which the smallest volume already fills) and evicted tiles recomputed;
+    the decoded-input cache (1 MiB) is smaller than the smallest input too.
     """
     import jaxem
 

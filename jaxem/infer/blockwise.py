@@ -8,9 +8,10 @@ chunks and produces the same output as an uninterrupted run; writes never overla
 
 Memory is bounded by the block and chunk shapes, whatever the volume's shape: at any time we
 hold one chunk accumulator, one batch of tiles, the reads prefetched for the next chunk, a few
-in-flight writes, and a tile cache capped by tile count (`plan`). Chunks run in Morton order so
-tiles shared by neighbouring chunks are mostly still cached; a tile evicted under the cap is
-predicted again, which gives the same values (so the output does not depend on the order).
+in-flight writes, a cache of decoded input chunks (`read_cache_bytes`) and a cache of predicted
+tiles capped in bytes (`cache_bytes`, see `plan`). Chunks run in Morton order so tiles shared by
+neighbouring chunks are mostly still cached; a tile evicted under the cap is predicted again,
+which gives the same values (so the output does not depend on the order).
 
 `predict_fn(x)` maps a float32 batch (B, *block, C) to probabilities (B, *block, K); use
 `make_predict_fn` to build one from a flax module that shards batches over the local devices.
@@ -29,6 +30,9 @@ import tensorstore as ts
 from jaxem.data.volume import Volume, kvstore_spec
 from jaxem.infer.output import DONE_PREFIX
 from jaxem.infer.tiling import Tiling
+
+DEFAULT_CACHE_BYTES = 2 << 30  # predicted tiles kept for neighbouring chunks
+DEFAULT_READ_CACHE_BYTES = 256 << 20  # decoded input chunks shared by overlapping tile reads
 
 
 def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid", model_ndim: int | None = None):
@@ -115,14 +119,18 @@ def predict_volume(
     normalize: Callable | None = None,
     out_dtype=np.float32,
     chunk_filter: Callable | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     cache_tiles: int | None = None,
+    read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES,
     progress: bool = True,
 ) -> dict:
     """Predicts every not-yet-done output chunk of `target` (K, *roi_shape) from `source`.
 
-    Chunks run in Morton order; at most `cache_tiles` predicted tiles (default 8x the most tiles
-    one chunk needs) are kept between chunks, so memory depends on block and chunk shape, not on
-    the volume's. `chunk_filter(index) -> bool` selects this process's chunks (multi-host).
+    Chunks run in Morton order; predicted tiles are kept between chunks up to `cache_bytes` of
+    float32 (at least one chunk's tiles; `cache_tiles` sets an exact tile count instead), and
+    decoded input chunks up to `read_cache_bytes`, so memory depends on these budgets and the
+    block and chunk shapes, not on the volume's. `chunk_filter(index) -> bool` selects this
+    process's chunks (multi-host).
     Probabilities are stored as float32/float16, or uint8 scaled by 255. Returns statistics:
     tiles_predicted, tiles_total (distinct tiles of the ROI), halo_factor (model voxels per output
     voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only).
@@ -130,11 +138,11 @@ def predict_volume(
     log = DoneLog(target.path)
     done = log.done()
     todo = [c for c in tiling.chunk_order() if c not in done and (chunk_filter is None or chunk_filter(c))]
-    limit = cache_tiles or 8 * max((len(tiling.tiles_for_chunk(c)) for c in _corner_chunks(tiling)), default=1)
-    reader = TileReader(source, tiling, normalize)
+    limit = cache_tiles or tile_cache_limit(tiling, target.shape[0], cache_bytes)
+    reader = TileReader(source.with_read_cache(read_cache_bytes) if read_cache_bytes else source, tiling, normalize)
     cache: dict = {}
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
-             "peak_cached_tiles": 0,              "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
+             "peak_cached_tiles": 0, "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
     writes: list = []
     steps = plan(tiling, todo, limit)
@@ -190,6 +198,14 @@ def plan(tiling: Tiling, todo: Sequence[tuple], limit: int):
 def _next_use(tiling: Tiling, tile, rank: dict, now: int) -> int | None:
     later = [rank[c] for c in tiling.chunks_for_tile(tile) if rank.get(c, -1) > now]
     return min(later) if later else None
+
+
+def tile_cache_limit(tiling: Tiling, channels: int, cache_bytes: int) -> int:
+    """How many predicted tiles (float32, `channels` each) fit in `cache_bytes`, but at least the
+    most tiles one chunk needs (plus one), since a chunk is blended from all of its tiles at once."""
+    per_chunk = max((len(tiling.tiles_for_chunk(c)) for c in _corner_chunks(tiling)), default=1)
+    tile_bytes = 4 * channels * int(np.prod(tiling.block))
+    return max(per_chunk + 1, int(cache_bytes) // tile_bytes)
 
 
 def _corner_chunks(tiling: Tiling) -> list[tuple[int, ...]]:

@@ -108,7 +108,7 @@ def run_prediction(
                                     (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
     normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
-                           cache_tiles=int(config.predict.get("cache_tiles", 0)) or None, progress=progress)
+                           cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30), progress=progress)
     return dict(stats, resumed=resumed)
 
 

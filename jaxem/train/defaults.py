@@ -45,7 +45,7 @@ def default_predict_config() -> ml_collections.ConfigDict:
         batch_size=4,  # tiles per device per forward pass
         blend="gaussian",  # or "linear", "center" (exact crop-centre tiling)
         chunk_shape=(),  # output chunk; () = block - 2 * halo
-        cache_tiles=0,  # predicted tiles kept for neighbouring chunks; 0 = 8x one chunk's tiles
+        cache_gib=2.0,  # host RAM for predicted tiles kept for neighbouring chunks (GiB of float32)
     ))
 
 
