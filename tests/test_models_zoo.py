@@ -126,6 +126,25 @@ def test_vit_param_count(ndim):
     assert n_params(abstract_variables(cfg, channels=c)) == expected
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_unetr_param_count(ndim):
+    """Counted by hand for hidden 16, depth 2, patch 4 (2D) or 2x4x4 (3D), feature size 4:
+    two decoder levels below the token grid; instance norm = scale + bias per channel."""
+    cfg = tiny_cfg("unetr", ndim, out_channels=3)
+    c, d, m, f, k = 2, 16, 64, 4, 3 ** ndim
+    up = (2 ** ndim, 4)  # transposed-conv taps: finest step 2 per axis, coarse step 2 in y, x only (3D z patch is 2)
+    vit_part = int(np.prod(cfg.patch_size)) * c * d + d + 2 * (4 * d + 4 * (d * d + d) + 2 * d * m + m + d) + 2 * d
+    conv_norm = lambda cin, cout, taps=k: taps * cin * cout + 2 * cout  # noqa: E731 (no conv bias)
+    res_block = lambda cin, cout: conv_norm(cin, cout) + conv_norm(cout, cout) + conv_norm(cin, cout, 1)  # noqa: E731
+    tconv = lambda cin, cout, taps: taps * cin * cout + cout  # noqa: E731
+    skip0 = res_block(c, f)                                        # conv block on the input
+    skip1 = tconv(d, 2 * f, up[1]) + conv_norm(2 * f, 2 * f)       # states[0] up one step
+    dec1 = tconv(d, 2 * f, up[1]) + res_block(4 * f, 2 * f)        # final state up, concat skip1
+    dec0 = tconv(2 * f, f, up[0]) + res_block(2 * f, f)            # up to full size, concat skip0
+    head = f * 3 + 3
+    assert n_params(abstract_variables(cfg, channels=c)) == vit_part + skip0 + skip1 + dec1 + dec0 + head
+
+
 def nonzero_grad_check(cfg):
     model, variables, x = run(cfg)
 
