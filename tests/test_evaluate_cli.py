@@ -77,6 +77,19 @@ def test_boundary_on_isbi_tiff(tmp_path, shared_data):
           "--task", "boundary", "--boundary-is-zero", "--out", str(same)])
     perfect = json.loads((same / "report.json").read_text())
     assert perfect["warping_error"] == 0 and perfect["vrand"] == 1 and perfect["vinfo"] == 1
+    mask = np.ones(labels.shape, np.uint8)
+    mask[:, 56:64, :] = 0  # hides the extra membrane
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    masked = tmp_path / "masked"
+    main(["evaluate", "--pred", str(tmp_path / "pred.tif"), "--gt", str(tmp_path / "gt.tif"), "--mask", str(tmp_path / "mask.tif"),
+          "--task", "boundary", "--boundary-is-zero", "--out", str(masked)])
+    assert json.loads((masked / "report.json").read_text())["warping_error"] == 0
+    mask[:, 56:64, :] = 1
+    mask[:, :, :4] = 0  # the membrane still shows: same mismatches over fewer voxels
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    main(["evaluate", "--pred", str(tmp_path / "pred.tif"), "--gt", str(tmp_path / "gt.tif"), "--mask", str(tmp_path / "mask.tif"),
+          "--task", "boundary", "--boundary-is-zero", "--out", str(tmp_path / "masked2")])
+    assert json.loads((tmp_path / "masked2" / "report.json").read_text())["warping_error"] > report["warping_error"]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -9,7 +9,8 @@ Tasks:
   contingency table accumulated over blocks; morphology of pred and gt objects.
 - boundary: 2D boundary maps, slice by slice (ISBI 2012): pixel metrics on boundary pixels,
   warping error, and the clustering metrics of the cells (4-connected non-boundary regions).
-Voxels outside the mask (where given) are left out of every metric except the warping error.
+Voxels outside the mask (where given) are left out of every metric; for the warping error the
+prediction takes the ground truth's values there, and the error is per masked voxel.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     _check_inputs(pred, gt, mask, task)
     counts, table = _Counts(), clustering.ContingencyAccumulator()
     shapes = {"pred": morphology.MorphologyAccumulator(len(gt.shape)), "gt": morphology.MorphologyAccumulator(len(gt.shape))}
-    warp_mismatch, classes, n_cells = 0, None, 0
+    warp_mismatch, warp_voxels, classes, n_cells = 0, 0, None, 0
     for box in tqdm(blocks(gt.shape, block_voxels), desc=f"evaluate {task}", disable=None if progress else True):
         p, g = pred.read(box), gt.read(box)
         m = np.asarray(mask.read(box), bool) if mask is not None else None
@@ -162,14 +163,17 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
         if task == "boundary":
             if boundary_is_zero:
                 pb, gb = ~pb, ~gb
-            warp_mismatch += topology.warping_mismatches(pb, gb)
+            # Outside the mask the prediction takes the ground truth's values, so no mismatch can
+            # arise there; the error is per masked voxel.
+            warp_mismatch += topology.warping_mismatches(np.where(m, pb, gb) if m is not None else pb, gb)
+            warp_voxels += int(m.sum()) if m is not None else pb.size
             n_cells = _add_cells(table, pb, gb, m, n_cells)
         if m is not None:
             pb, gb = pb[m], gb[m]
         counts.add(pb, gb)
         if task == "semantic" and np.issubdtype(g.dtype, np.integer) and np.issubdtype(p.dtype, np.integer):
             classes = _add_confusion(classes, p[m] if m is not None else p, g[m] if m is not None else g)
-    return _finish(task, counts, table, classes, warp_mismatch, gt), shapes
+    return _finish(task, counts, table, classes, warp_mismatch / max(warp_voxels, 1), gt), shapes
 
 
 def _add_cells(table, pb, gb, m, n_cells: int) -> int:
@@ -196,7 +200,7 @@ def _add_confusion(running, p, g):
     return out
 
 
-def _finish(task, counts, table, classes, warp_mismatch, gt) -> dict:
+def _finish(task, counts, table, classes, warping_error, gt) -> dict:
     scores = counts.scores()
     if counts.tp + counts.fn == 0:
         raise UserError(f"ground truth {gt.path} is empty: no foreground voxels to evaluate against.")
@@ -208,7 +212,7 @@ def _finish(task, counts, table, classes, warp_mismatch, gt) -> dict:
         if task == "instance":
             scores.update(detection.scores_from_table(t))
     if task == "boundary":
-        scores["warping_error"] = warp_mismatch / int(np.prod(gt.shape))
+        scores["warping_error"] = warping_error
     if classes is not None and len(classes) > 2:
         scores.update(_class_means(classes))
     return scores
