@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxem.data.volume import create_volume
-from jaxem.infer.blockwise import DoneLog, make_predict_fn, plan, predict_volume
+from jaxem.infer.blockwise import DoneLog, make_predict_fn, plan, predict_volume, tile_cache_limit
 from jaxem.infer.ensemble import ensemble, tta_transforms, with_tta
 from jaxem.infer.output import create_output
 from jaxem.infer.tiling import make_tiling
@@ -150,6 +150,17 @@ def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path):
     for shape in peak:
         assert peak[shape] <= 1.10 * peak[base], peak
         assert stats[shape]["peak_cached_tiles"] <= 32 + 27, stats[shape]  # cap + one chunk's tiles
+
+
+def test_tile_cache_budget_in_bytes():
+    """The byte budget counts float32 tiles of every output channel, and never drops below what
+    one chunk needs (its tiles are blended together)."""
+    t = make_tiling((64, 256, 256), None, (16, 32, 32), (2, 4, 4), blend="gaussian")
+    tile = 4 * 16 * 32 * 32
+    assert tile_cache_limit(t, 1, 10000 * tile) == 10000
+    assert tile_cache_limit(t, 8, 10000 * tile) == 1250
+    per_chunk = max(len(t.tiles_for_chunk(c)) for c in t.chunks())
+    assert tile_cache_limit(t, 1, 0) == per_chunk + 1
 
 
 def test_morton_plan_bounds_the_cache_and_recomputes_little():

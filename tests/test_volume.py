@@ -28,6 +28,10 @@ def test_round_trip_every_format(tmp_path, fmt):
     assert again.chunks == (2, 8, 8)
     np.testing.assert_array_equal(again.read(), data)
     np.testing.assert_array_equal(again.read((slice(1, 3), slice(4, 9), slice(20, 23))), data[1:3, 4:9, 20:23])
+    cached = again.with_read_cache(1 << 20)  # same view (N5 transposed, precomputed channel-squeezed)
+    assert (cached.shape, cached.axes, cached.voxel_size) == (again.shape, again.axes, again.voxel_size)
+    np.testing.assert_array_equal(cached.read((slice(1, 3), slice(4, 9), slice(20, 23))), data[1:3, 4:9, 20:23])
+    np.testing.assert_array_equal(cached.read(), data)
 
 
 def test_file_url_and_explicit_format(tmp_path):
