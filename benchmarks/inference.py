@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--cache-tiles", type=int, default=None, help="tile cache cap in tiles (default: 2 GiB of tiles)")
     parser.add_argument("--read-cache-mib", type=int, default=256, help="decoded input chunk cache; 0 = none")
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--monai", action="store_true")
+    parser.add_argument("--block", type=int, nargs=3, default=None, help="tile (default 32 64 64; 16 32 32 with --small)")
+    parser.add_argument("--halo", type=int, nargs=3, default=None, help="halo (default block / 8)")
+    parser.add_argument("--batch", type=int, default=2, help="tiles per device per forward")
+    parser.add_argument("--monai", action="store_true", help="also MONAI sliding_window_inference on the same volume")
     args = parser.parse_args()
 
     import flax.linen as nn
@@ -54,14 +57,15 @@ def main() -> None:
                 x = nn.relu(nn.Conv(self.width, (3, 3, 3))(x))
             return nn.Conv(1, (1, 1, 1))(x)
 
-    block, halo = ((16, 32, 32), (2, 4, 4)) if args.small else ((32, 64, 64), (4, 8, 8))
+    block = tuple(args.block or ((16, 32, 32) if args.small else (32, 64, 64)))
+    halo = tuple(args.halo or (b // 8 for b in block))
     width = 4 if args.small else args.width
     voxels = 2**18 if args.small else int(args.gib * 2**30 / 4)
     side = int(round((voxels / 4) ** (1 / 3)))
     shape = (side, 2 * side, 2 * side)
     net = Net(width)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *block, 1)))
-    fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=2)
+    fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         src = create_volume(f"{tmp}/in", shape, np.float32, (1.0, 1.0, 1.0), chunks=(32, 128, 128))
         for z in range(0, shape[0], 32):
@@ -91,7 +95,7 @@ def main() -> None:
         "devices": jax.device_count(),
     }
     if args.monai:
-        result["monai"] = monai_side_by_side(args.width, block)
+        result["monai"] = monai_side_by_side(width, shape, block, halo, fn.batch, result["voxels_per_s"])
     print(json.dumps(result))
 
 
@@ -103,23 +107,40 @@ def time_forward(fn, x, batches: int) -> float:
     return time.perf_counter() - t0
 
 
-def monai_side_by_side(width, block):
-    """MONAI sliding_window_inference on a same-width torch net; needs torch + monai and a GPU."""
+def monai_side_by_side(width, shape, block, halo, batch, jaxem_voxels_per_s) -> dict | str:
+    """MONAI's sliding_window_inference with the same net (3 convs of `width`, 1x1 conv, sigmoid),
+    tile, overlap (2 * halo / block), tiles per forward and Gaussian blend (sigma = block / 8), on
+    the same volume held in (GPU or CPU) memory: no reading or writing, unlike jaxem's zarr-to-zarr
+    run. Needs torch and monai (not jaxem dependencies: pip install torch monai)."""
     try:
         import torch
         from monai.inferers import sliding_window_inference
     except ImportError:
         return "not measured: torch/monai not installed (optional)"
-    net = torch.nn.Sequential(*[m for i in range(3) for m in (torch.nn.Conv3d(1 if i == 0 else width, width, 3, padding=1), torch.nn.ReLU())],
-                              torch.nn.Conv3d(width, 1, 1)).cuda().eval()
-    x = torch.rand(1, 1, 128, 256, 256, device="cuda")
-    with torch.no_grad():
-        sliding_window_inference(x, block, 4, net, overlap=0.25, mode="gaussian")
-        torch.cuda.synchronize()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    layers = []
+    for i in range(3):
+        layers += [torch.nn.Conv3d(1 if i == 0 else width, width, 3, padding=1), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Conv3d(width, 1, 1), torch.nn.Sigmoid()).to(device).eval()
+    overlap = [2 * h / b for h, b in zip(halo, block)]
+
+    def run(x):
+        out = sliding_window_inference(x, block, batch, net, overlap=overlap, mode="gaussian", sigma_scale=0.125)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.inference_mode():
+        run(torch.rand(1, 1, *(2 * b for b in block), device=device))  # warm-up (cudnn autotuning)
+        x = torch.rand(1, 1, *shape, device=device)
         t0 = time.perf_counter()
-        sliding_window_inference(x, block, 4, net, overlap=0.25, mode="gaussian")
-        torch.cuda.synchronize()
-    return {"voxels_per_s": round(x.numel() / (time.perf_counter() - t0))}
+        run(x)
+        seconds = time.perf_counter() - t0
+    voxels_per_s = float(np.prod(shape)) / seconds
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "monai_s": round(seconds, 3), "monai_voxels_per_s": round(voxels_per_s),
+            "jaxem_over_monai": round(jaxem_voxels_per_s / voxels_per_s, 3), "monai_in_memory": True}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ which gives the same values (so the output does not depend on the order).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,16 +145,17 @@ def predict_volume(
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
              "peak_cached_tiles": 0, "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
+    batch = getattr(predict_fn, "batch", 1)
     writes: list = []
-    steps = plan(tiling, todo, limit)
-    step = next(steps, None)
+    schedule = _Lookahead(plan(tiling, todo, limit))
     with ThreadPoolExecutor(1) as marker:
-        while step is not None:
-            c, tiles, missing, evict = step
-            step = next(steps, None)
-            if step is not None:
-                reader.prefetch(step[2])
-            _predict_missing(predict_fn, reader, missing, cache, stats)
+        for c, tiles, _, evict in schedule:
+            need = [t for t in tiles if t not in cache]
+            if need:  # fill the last batch with tiles that later chunks will need (no padded forwards)
+                spare = -len(need) % batch
+                need += schedule.upcoming(spare, skip=lambda t: t in cache or t in need)
+                _predict(predict_fn, reader, need, cache, stats)
+            reader.prefetch(schedule.upcoming(2 * batch, skip=lambda t: t in cache))
             stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache))
             out = _blend_chunk(tiling, c, tiles, cache)
             writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
@@ -214,10 +216,45 @@ def _corner_chunks(tiling: Tiling) -> list[tuple[int, ...]]:
     return list(itertools.product(*per_axis))
 
 
-def _predict_missing(predict_fn, reader, missing, cache, stats) -> None:
+class _Lookahead:
+    """Iterates the steps of `plan` and lets the caller see which tiles later steps will predict.
+
+    Predicting a few of those early fills the last batch of a chunk: chunks need 1-30 new tiles
+    each, so batches padded to the device batch would otherwise waste up to half the forwards. A
+    tile predicted early is only ever dropped by `plan` after the step that lists it as missing
+    (`plan` drops only tiles it has scheduled), so early tiles add at most batch - 1 to the cache.
+    """
+
+    def __init__(self, steps):
+        self.steps, self.window = steps, collections.deque()
+
+    def __iter__(self):
+        while self.window or self._extend():
+            yield self.window.popleft()
+
+    def _extend(self) -> bool:
+        step = next(self.steps, None)
+        if step is not None:
+            self.window.append(step)
+        return step is not None
+
+    def upcoming(self, n: int, skip: Callable) -> list:
+        """The first `n` tiles that later steps list as missing, in order, except those `skip`s."""
+        found: list = []
+        i = 0
+        while len(found) < n and (i < len(self.window) or self._extend()):
+            for t in self.window[i][2]:
+                if len(found) < n and t not in found and not skip(t):
+                    found.append(t)
+            i += 1
+        return found
+
+
+def _predict(predict_fn, reader, tiles, cache, stats) -> None:
+    """Predicts `tiles` in batches of the predictor's size and caches each one."""
     batch = getattr(predict_fn, "batch", 1)
-    for i in range(0, len(missing), batch):
-        group = missing[i:i + batch]
+    for i in range(0, len(tiles), batch):
+        group = tiles[i:i + batch]
         x = np.stack([reader.read(t) for t in group])
         t0 = time.perf_counter()
         y = predict_fn(x)
