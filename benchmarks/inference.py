@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--halo", type=int, nargs=3, default=None, help="halo (default block / 8)")
     parser.add_argument("--batch", type=int, default=2, help="tiles per device per forward")
     parser.add_argument("--monai", action="store_true", help="also MONAI sliding_window_inference on the same volume")
+    parser.add_argument("--xla-conv", action="store_true", help="XLA's own 3D conv (slow on CPUs) instead of jaxem's")
     args = parser.parse_args()
 
     import flax.linen as nn
@@ -47,15 +48,19 @@ def main() -> None:
     from jaxem.infer.blockwise import make_predict_fn, predict_volume
     from jaxem.infer.output import create_output
     from jaxem.infer.tiling import make_tiling
+    from jaxem.models import layers
 
     class Net(nn.Module):
+        """3 convs of `width` + a 1x1 conv, through jaxem's conv (XLA's own conv with --xla-conv)."""
         width: int
+        xla_conv: bool = False
 
         @nn.compact
         def __call__(self, x, train=False):
+            conv = nn.Conv if self.xla_conv else layers.Conv
             for _ in range(3):
-                x = nn.relu(nn.Conv(self.width, (3, 3, 3))(x))
-            return nn.Conv(1, (1, 1, 1))(x)
+                x = nn.relu(conv(self.width, (3, 3, 3))(x))
+            return conv(1, (1, 1, 1))(x)
 
     block = tuple(args.block or ((16, 32, 32) if args.small else (32, 64, 64)))
     halo = tuple(args.halo or (b // 8 for b in block))
@@ -63,7 +68,7 @@ def main() -> None:
     voxels = 2**18 if args.small else int(args.gib * 2**30 / 4)
     side = int(round((voxels / 4) ** (1 / 3)))
     shape = (side, 2 * side, 2 * side)
-    net = Net(width)
+    net = Net(width, args.xla_conv)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *block, 1)))
     fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=args.batch)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +96,8 @@ def main() -> None:
         "overhead": round(wall / forward - 1, 4), "halo_factor": stats["halo_factor"],
         "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
         "forward_in_loop_s": round(stats["forward_s"], 3),
-        "voxels_per_s": round(float(np.prod(shape)) / wall), "device": str(jax.devices()[0].platform),
+        "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
+        "device": str(jax.devices()[0].platform),
         "devices": jax.device_count(),
     }
     if args.monai:

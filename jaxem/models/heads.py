@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxem.models import layers
+
 
 class SegmentationHead(nn.Module):
     """1x1 conv to `out_channels` logits. (B, *S, C) any dtype -> (B, *S, out_channels) float32.
@@ -21,7 +23,7 @@ class SegmentationHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ones = (1,) * (x.ndim - 2)
-        return nn.Conv(self.out_channels, ones, dtype=jnp.float32)(x.astype(jnp.float32))
+        return layers.Conv(self.out_channels, ones, dtype=jnp.float32)(x.astype(jnp.float32))
 
 
 class MLPHead(nn.Module):

@@ -76,6 +76,89 @@ def group_count(channels: int, groups: int) -> int:
     return g
 
 
+# ---------------------------------------------------------------- CPU fast paths for 3D convolutions
+# XLA's CPU backend has fast 2D convolutions but a slow generic path for 3D ones (a 3x3x3 conv of
+# 2 x 32x64x64 x 4 channels: 172 ms vs 14 ms as 2D convs; a 2x2x2 transposed conv of 16 channels:
+# 550 ms vs 14 ms as a matmul). On the CPU only, 3D convs therefore run as a sum of 2D convs over
+# z slices (one per z tap) and transposed convs with kernel == stride as a matmul plus a reshape.
+# Same parameters and the same results up to float rounding; accelerators keep XLA's own convs.
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """lax's 'SAME' padding of one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated` for flax's channels-last nn.Conv; on the CPU a 3D convolution
+    (lhs (B, Z, Y, X, C), rhs (kz, ky, kx, C / groups, F)) runs as kz 2D convolutions over z slices."""
+    dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
+    plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
+    if lhs.ndim != 5 or not plain or not _on_cpu() or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
+    kz, sz, dz = rhs.shape[0], window_strides[0], dilation[0]
+    if isinstance(padding, str):
+        zpad = _same_pads(lhs.shape[1], kz, sz, dz) if padding == "SAME" else (0, 0)
+        yx_pad = padding
+    else:
+        zpad, yx_pad = tuple(padding[0]), [tuple(p) for p in padding[1:]]
+    x = jnp.pad(lhs, ((0, 0), zpad, (0, 0), (0, 0), (0, 0)))
+    out_z = (x.shape[1] - (kz - 1) * dz - 1) // sz + 1
+    total = None
+    for i in range(kz):  # accumulate in float32 whatever the compute dtype
+        taps = x[:, i * dz: i * dz + (out_z - 1) * sz + 1: sz]
+        y = jax.lax.conv_general_dilated(taps.reshape(-1, *taps.shape[2:]), rhs[i], window_strides[1:], yx_pad,
+                                         rhs_dilation=dilation[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=feature_group_count, precision=precision,
+                                         preferred_element_type=jnp.float32)
+        total = y if total is None else total + y
+    return total.astype(lhs.dtype).reshape(lhs.shape[0], out_z, *total.shape[1:])
+
+
+def Conv(*args, **kwargs) -> nn.Conv:
+    """flax nn.Conv that takes the CPU fast path for 3D inputs (same parameters)."""
+    return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+class UpConv(nn.Module):
+    """Transposed convolution with kernel == stride = `factors` (each input voxel paints its own
+    block of output voxels): (B, *S, C) -> (B, *S * factors, features). Parameters as flax's
+    nn.ConvTranspose(features, factors, strides=factors): kernel (*factors, C, features), bias."""
+
+    features: int
+    factors: tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.factors, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if x.ndim == 5 and _on_cpu():
+            return _paint_blocks(x, kernel) + bias
+        y = jax.lax.conv_transpose(x, kernel, self.factors, "SAME")
+        return y + bias
+
+
+def _paint_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """conv_transpose with kernel == stride as one matmul: output block (i, j, k) of input voxel
+    (z, y, x) is x[z, y, x] @ kernel[-1 - i, -1 - j, -1 - k] (lax flips the kernel)."""
+    n = x.ndim - 2
+    flipped = kernel[(slice(None, None, -1),) * n]
+    y = jnp.einsum("bzyxc,ijkco->bzyxijko", x, flipped)
+    b, z, h, w = x.shape[:4]
+    fz, fy, fx = kernel.shape[:3]
+    return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, z * fz, h * fy, w * fx, -1)
+
+
 class Norm(nn.Module):
     """Normalisation over channels-last features; batch statistics live in 'batch_stats'.
 
@@ -118,8 +201,8 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, self.kernel, strides=self.strides, kernel_dilation=self.dilation,
-                    padding="SAME", use_bias=self.norm == "none", dtype=self.dtype)(x)
+        x = Conv(self.features, self.kernel, strides=self.strides, kernel_dilation=self.dilation,
+                 padding="SAME", use_bias=self.norm == "none", dtype=self.dtype)(x)
         x = Norm(self.norm, self.groups, self.dtype)(x, train)
         return activation(self.act)(x) if self.use_act else x
 
@@ -200,7 +283,7 @@ class ASPP(nn.Module):
             branches.append(ConvNormAct(width, self.kernel, dilation=dilate(self.kernel, rate), **kw)(x, train))
         # Image-level branch: norms over a single voxel are degenerate, so conv + activation only.
         pooled = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
-        pooled = activation(self.act)(nn.Conv(width, ones, dtype=self.dtype)(pooled))
+        pooled = activation(self.act)(Conv(width, ones, dtype=self.dtype)(pooled))
         branches.append(jnp.broadcast_to(pooled, x.shape[:-1] + (width,)))
         return ConvNormAct(width, ones, **kw)(jnp.concatenate(branches, axis=-1), train)
 

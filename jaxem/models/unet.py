@@ -87,7 +87,7 @@ class UNet(nn.Module):
         aux = []
         for i in reversed(range(len(self.widths) - 1)):
             factors = self.pool_factors[i]
-            y = nn.ConvTranspose(self.widths[i], factors, strides=factors, dtype=self.dtype, name=f"up{i}")(y)
+            y = layers.UpConv(self.widths[i], factors, dtype=self.dtype, name=f"up{i}")(y)
             y = jnp.concatenate([features[i], y], axis=-1)
             y = block(self.widths[i], self.kernel_sizes[i], self.convs, self.residual, **kw, name=f"dec{i}")(y, train)
             if self.deep_supervision and 0 < i:

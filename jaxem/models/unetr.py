@@ -56,14 +56,12 @@ class UNETR(nn.Module):
         for level in range(1, levels):
             y = states[max(depth * level // levels - 1, 0)]
             for s in reversed(range(level, levels)):  # grid (level L) down to this level
-                y = nn.ConvTranspose(width(level), factors[s], strides=factors[s], dtype=self.dtype,
-                                     name=f"skip{level}_up{s}")(y)
+                y = layers.UpConv(width(level), factors[s], dtype=self.dtype, name=f"skip{level}_up{s}")(y)
                 y = layers.ConvNormAct(width(level), self.kernel, **kw, name=f"skip{level}_conv{s}")(y, train)
             skips.append(y)
         y = states[-1]
         for level in reversed(range(levels)):
-            y = nn.ConvTranspose(width(level), factors[level], strides=factors[level], dtype=self.dtype,
-                                 name=f"up{level}")(y)
+            y = layers.UpConv(width(level), factors[level], dtype=self.dtype, name=f"up{level}")(y)
             y = jnp.concatenate([skips[level], y], axis=-1)
             y = block(width(level), self.kernel, 2, True, **kw, name=f"dec{level}")(y, train)
         return SegmentationHead(self.out_channels, name="head")(y)

@@ -72,8 +72,8 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        x = nn.Conv(self.hidden, self.patch_size, strides=self.patch_size, padding="VALID",
-                    dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
+        x = layers.Conv(self.hidden, self.patch_size, strides=self.patch_size, padding="VALID",
+                        dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
         batch, grid = x.shape[0], x.shape[1:-1]
         tokens = x.reshape(batch, -1, self.hidden) + sincos_position_embedding(grid, self.hidden).astype(self.dtype)
         block = layers.maybe_remat(TransformerBlock, self.remat)

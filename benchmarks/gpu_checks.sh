@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, in one device call (about 6 minutes on an H100):
+#   bash scripts/gpu_wheels.sh                      # here first: ml_collections + monai wheels
+#   device run: command "bash benchmarks/gpu_checks.sh", carry [".whl"], timeout_s 600
+# Writes $OUT/{gpu.txt,models.json,inference.json,pytest.txt} (and each one's .err log).
+#   models.json     #5: 3D U-Net training step throughput and MFU in bfloat16 (goal >= 35 %)
+#   inference.json  #8: blockwise overhead at 1 GiB and MONAI sliding_window_inference side by side
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+run() {  # run NAME SECONDS CMD...: JSON to $OUT/NAME, the log's tail to stdout
+  local name=$1 seconds=$2; shift 2
+  echo "== $name"; timeout "$seconds" "$@" > "$OUT/$name" 2> "$OUT/$name.err"; echo "rc=$?"; tail -c 1500 "$OUT/$name"
+}
+run models.json 200 python3 benchmarks/models.py --models unet3d unet3d_aniso unet3d_resnet18 --dtype bfloat16
+run inference.json 180 python3 benchmarks/inference.py --gib 1 --width 16 --block 64 128 128 --batch 8 --monai
+run pytest.txt 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py

@@ -1,0 +1,55 @@
+"""The CPU fast paths for 3D convolutions (jaxem.models.layers) equal XLA's own convolutions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxem.models import layers
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+@pytest.mark.parametrize("kernel,strides,dilation,padding,groups", [
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1), "SAME", 1),
+    ((1, 3, 3), (1, 1, 1), (1, 1, 1), "SAME", 1),
+    ((3, 1, 1), (1, 1, 1), (1, 1, 1), "SAME", 1),
+    ((3, 3, 3), (2, 2, 2), (1, 1, 1), "SAME", 1),
+    ((3, 3, 3), (1, 2, 2), (1, 1, 1), "SAME", 2),
+    ((3, 3, 3), (1, 1, 1), (2, 3, 3), "SAME", 1),
+    ((2, 4, 4), (2, 4, 4), (1, 1, 1), "VALID", 1),  # ViT patch embedding
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1), [(1, 2), (0, 1), (2, 0)], 1),
+])
+def test_3d_conv_as_2d_slices_equals_xla_conv(kernel, strides, dilation, padding, groups):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 12, 10, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 4 // groups, 6)), jnp.float32)
+
+    def ours(x, w):
+        return layers.conv_general_dilated(x, w, strides, padding, None, dilation, None, groups)
+
+    def xla(x, w):
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
+        return jax.lax.conv_general_dilated(x, w, strides, padding, None, dilation, dn, groups)
+
+    np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(xla), (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    half = ours(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half.astype(jnp.float32), xla(x, w), rtol=0.05, atol=0.2)
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 2)])
+def test_upconv_equals_flax_conv_transpose(factors):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, *(5,) * len(factors), 3)), jnp.float32)
+    ours, flax_ = layers.UpConv(4, factors), nn.ConvTranspose(4, factors, strides=factors)
+    params = ours.init(jax.random.key(0), x)
+    reference = flax_.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)  # checkpoints interchange
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
+    y = ours.apply(params, x)
+    assert y.shape == (2, *(5 * f for f in factors), 4)
+    np.testing.assert_allclose(y, flax_.apply(params, x), rtol=1e-5, atol=1e-5)
