@@ -53,3 +53,21 @@ def test_upconv_equals_flax_conv_transpose(factors):
     y = ours.apply(params, x)
     assert y.shape == (2, *(5 * f for f in factors), 4)
     np.testing.assert_allclose(y, flax_.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counts_use_xla_convs():
+    """FLOP counts come from the model's own 3D convs, not the CPU's 2D-slice form (whose z
+    padding taps XLA would count)."""
+    from jaxem import models
+    from jaxem.models import flops
+
+    cfg = models.default_config("unet", 3)
+    cfg.update(widths=(4, 8), norm="none")
+    counted = flops.model_cost(cfg, (8, 16, 16))["flops"]
+    model = models.build(cfg)
+    x = jax.ShapeDtypeStruct((1, 8, 16, 16, 1), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    sliced = flops.xla_flops(lambda v, x: model.apply(v, x), variables, x)
+    with layers.xla_convs():
+        assert flops.xla_flops(lambda v, x: model.apply(v, x), variables, x) == counted
+    assert sliced != counted

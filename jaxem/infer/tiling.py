@@ -104,18 +104,14 @@ class Tiling:
         return tuple(slice(t, min(t + b, n)) for t, b, n in zip(start, self.block, self.shape))
 
     def weight(self, start) -> np.ndarray:
-        """Blending weight of the tile at `start`, float32 of shape `block`."""
-        profiles = [self._profile(axis, t) for axis, t in enumerate(start)]
-        return _outer(profiles)
+        """Blending weight of the tile at `start`, float32 of shape `block` (read-only, shared)."""
+        edges = tuple((t == 0, t + b >= n) for t, b, n in zip(start, self.block, self.shape))
+        return _weight(self.blend, self.block, self.halo, edges)
 
     def _support(self, axis: int, t: int) -> tuple[int, int]:
         b, h, n = self.block[axis], self.halo[axis], self.shape[axis]
         lo, hi = _support(self.blend, b, h, t == 0, t + b >= n)
         return t + lo, t + hi
-
-    def _profile(self, axis: int, t: int) -> np.ndarray:
-        b, h, n = self.block[axis], self.halo[axis], self.shape[axis]
-        return _profile(self.blend, b, h, t == 0, t + b >= n)
 
 
 @lru_cache(maxsize=4096)
@@ -165,11 +161,15 @@ def _profile(blend: str, block: int, halo: int, at_low_edge: bool, at_high_edge:
     return p
 
 
-def _outer(profiles) -> np.ndarray:
+@lru_cache(maxsize=256)
+def _weight(blend: str, block: tuple, halo: tuple, edges: tuple) -> np.ndarray:
+    """The outer product of the per-axis profiles; only edge tiles differ, so few are distinct."""
     w = np.ones((), np.float64)
-    for p in profiles:
-        w = np.multiply.outer(w, p)
-    return w.astype(np.float32)
+    for b, h, (low, high) in zip(block, halo, edges):
+        w = np.multiply.outer(w, _profile(blend, b, h, low, high))
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
 
 
 def make_tiling(shape, roi, block, halo, chunk=None, blend="gaussian") -> Tiling:

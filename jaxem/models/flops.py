@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from jaxem import models
+from jaxem.models import layers
 
 
 def count_params(variables: Any) -> int:
@@ -39,7 +40,8 @@ def model_cost(cfg: ml_collections.ConfigDict, spatial: Sequence[int], batch: in
     model = models.build(cfg)
     x = jax.ShapeDtypeStruct((batch, *spatial, in_channels), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    flops = xla_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+    with layers.xla_convs():  # the model's own convolutions, not the CPU's 2D-slice form
+        flops = xla_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
     voxels = batch * int(np.prod(spatial))
     return {"params": count_params(variables), "flops": flops, "flops_per_voxel": flops / voxels}
 

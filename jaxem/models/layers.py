@@ -8,6 +8,7 @@ are float32; `dtype` is the compute dtype (float32 or bfloat16).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -84,8 +85,21 @@ def group_count(channels: int, groups: int) -> int:
 # Same parameters and the same results up to float rounding; accelerators keep XLA's own convs.
 
 
+_FAST_PATHS = [True]
+
+
 def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    return _FAST_PATHS[-1] and jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def xla_convs():
+    """Models traced inside this block use XLA's own convolutions on the CPU too (FLOP counts)."""
+    _FAST_PATHS.append(False)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.pop()
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
