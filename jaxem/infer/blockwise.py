@@ -272,16 +272,21 @@ def _blend_chunk(tiling: Tiling, index, tiles, cache) -> np.ndarray:
     k = next(iter(cache[t] for t in tiles)).shape[-1]
     acc = np.zeros((*shape, k), np.float32)
     wsum = np.zeros(shape, np.float32)
+    scratch = np.empty((*shape, k), np.float32)  # one buffer for every weighted tile part
     for t in tiles:
         src, dst = [], []
         for a, (start, low, size) in enumerate(zip(t, lo, shape)):
             s0, s1 = max(start, low), min(start + tiling.block[a], low + size)
             src.append(slice(s0 - start, s1 - start))
             dst.append(slice(s0 - low, s1 - low))
-        w = tiling.weight(t)[tuple(src)]
-        acc[tuple(dst)] += cache[t][tuple(src)] * w[..., None]
-        wsum[tuple(dst)] += w
-    return np.moveaxis(acc / np.maximum(wsum, 1e-12)[..., None], -1, 0)
+        src, dst = tuple(src), tuple(dst)
+        w = tiling.weight(t)[src]
+        part = scratch[tuple(slice(0, d.stop - d.start) for d in dst)]
+        np.multiply(cache[t][src], w[..., None], out=part)
+        acc[dst] += part
+        wsum[dst] += w
+    acc /= np.maximum(wsum, 1e-12)[..., None]
+    return np.moveaxis(acc, -1, 0)
 
 
 def _write_chunk(target, tiling, index, out, out_dtype, log, marker):
