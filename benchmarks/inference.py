@@ -95,7 +95,7 @@ def main() -> None:
         "forward_s_per_batch_before_after": [round(before / max(batches // 2, 1), 4), round(after / max(batches - batches // 2, 1), 4)],
         "overhead": round(wall / forward - 1, 4), "halo_factor": stats["halo_factor"],
         "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
-        "forward_in_loop_s": round(stats["forward_s"], 3),
+        "model_wait_in_loop_s": round(stats["forward_s"], 3),
         "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
         "device": str(jax.devices()[0].platform),
         "devices": jax.device_count(),

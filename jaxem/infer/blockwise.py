@@ -59,13 +59,18 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
 
     jitted = jax.jit(forward, in_shardings=sharding, out_shardings=sharding)
 
-    def fn(x: np.ndarray) -> np.ndarray:
+    def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
+        """Starts the forward pass (jax dispatches asynchronously); returns a function that waits."""
         n = x.shape[0]
         if n < total:
             x = np.concatenate([x, np.zeros((total - n, *x.shape[1:]), x.dtype)])
-        return np.asarray(jitted(jax.device_put(x, sharding)))[:n]
+        y = jitted(jax.device_put(x, sharding))
+        return lambda: np.asarray(y)[:n]
 
-    fn.batch = total
+    def fn(x: np.ndarray) -> np.ndarray:
+        return submit(x)()
+
+    fn.batch, fn.submit = total, submit
     return fn
 
 
@@ -134,7 +139,9 @@ def predict_volume(
     process's chunks (multi-host).
     Probabilities are stored as float32/float16, or uint8 scaled by 255. Returns statistics:
     tiles_predicted, tiles_total (distinct tiles of the ROI), halo_factor (model voxels per output
-    voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only).
+    voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only),
+    forward_s (seconds the loop spent dispatching forwards and waiting for their results: the
+    next chunk's forwards run while a chunk is blended and written, so this is below their cost).
     """
     log = DoneLog(target.path)
     done = log.done()
@@ -148,15 +155,16 @@ def predict_volume(
     batch = getattr(predict_fn, "batch", 1)
     writes: list = []
     schedule = _Lookahead(plan(tiling, todo, limit))
+    forwards = _Forwards(predict_fn, reader, cache, stats)
+    known = forwards.known
     with ThreadPoolExecutor(1) as marker:
         for c, tiles, _, evict in schedule:
-            need = [t for t in tiles if t not in cache]
-            if need:  # fill the last batch with tiles that later chunks will need (no padded forwards)
-                spare = -len(need) % batch
-                need += schedule.upcoming(spare, skip=lambda t: t in cache or t in need)
-                _predict(predict_fn, reader, need, cache, stats)
-            reader.prefetch(schedule.upcoming(2 * batch, skip=lambda t: t in cache))
-            stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache))
+            forwards.start(schedule, [t for t in tiles if not known(t)], batch)
+            forwards.collect(tiles)
+            # The next chunk's forwards run on the device while this chunk is blended and written.
+            forwards.start(schedule, [t for t in schedule.peek_missing() if not known(t)], batch)
+            reader.prefetch(schedule.upcoming(2 * batch, skip=known))
+            stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache) + len(forwards.pending))
             out = _blend_chunk(tiling, c, tiles, cache)
             writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
             for t in evict:
@@ -238,6 +246,10 @@ class _Lookahead:
             self.window.append(step)
         return step is not None
 
+    def peek_missing(self) -> list:
+        """The tiles the next step lists as missing ([] after the last step)."""
+        return self.window[0][2] if self.window or self._extend() else []
+
     def upcoming(self, n: int, skip: Callable) -> list:
         """The first `n` tiles that later steps list as missing, in order, except those `skip`s."""
         found: list = []
@@ -250,18 +262,44 @@ class _Lookahead:
         return found
 
 
-def _predict(predict_fn, reader, tiles, cache, stats) -> None:
-    """Predicts `tiles` in batches of the predictor's size and caches each one."""
-    batch = getattr(predict_fn, "batch", 1)
-    for i in range(0, len(tiles), batch):
-        group = tiles[i:i + batch]
-        x = np.stack([reader.read(t) for t in group])
-        t0 = time.perf_counter()
-        y = predict_fn(x)
-        stats["forward_s"] += time.perf_counter() - t0
-        stats["tiles_predicted"] += len(group)
-        for t, pred in zip(group, y):
-            cache[t] = pred.copy()  # a view would pin the whole batch array while the tile is cached
+class _Forwards:
+    """Forward passes in flight: `start` dispatches full batches, `collect` moves finished
+    predictions into the tile cache (copies: a view would pin the whole batch array)."""
+
+    def __init__(self, predict_fn, reader, cache: dict, stats: dict):
+        self.submit = getattr(predict_fn, "submit", None) or (lambda x: (lambda y: lambda: y)(predict_fn(x)))
+        self.reader, self.cache, self.stats = reader, cache, stats
+        self.pending: dict = {}  # tile -> (its batch's tiles, the function that waits for the batch)
+
+    def known(self, tile) -> bool:
+        return tile in self.cache or tile in self.pending
+
+    def start(self, schedule: "_Lookahead", tiles: list, batch: int) -> None:
+        """Dispatches `tiles`, the last batch filled with tiles later chunks need (no padding)."""
+        if not tiles:
+            return
+        tiles = tiles + schedule.upcoming(-len(tiles) % batch, skip=lambda t: self.known(t) or t in tiles)
+        for i in range(0, len(tiles), batch):
+            group = tiles[i:i + batch]
+            x = np.stack([self.reader.read(t) for t in group])
+            t0 = time.perf_counter()
+            wait = self.submit(x)
+            self.stats["forward_s"] += time.perf_counter() - t0
+            self.stats["tiles_predicted"] += len(group)
+            for t in group:
+                self.pending[t] = (group, wait)
+
+    def collect(self, tiles) -> None:
+        """Waits for the batches holding `tiles` and caches every tile of those batches."""
+        for t in tiles:
+            if t in self.pending:
+                group, wait = self.pending[t]
+                t0 = time.perf_counter()
+                y = wait()
+                self.stats["forward_s"] += time.perf_counter() - t0
+                for u, pred in zip(group, y):
+                    self.cache[u] = pred.copy()
+                    del self.pending[u]
 
 
 def _blend_chunk(tiling: Tiling, index, tiles, cache) -> np.ndarray:
