@@ -29,6 +29,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxem.data.volume import Volume, kvstore_spec
+from jaxem.infer.ensemble import predictor, submitter
 from jaxem.infer.output import DONE_PREFIX
 from jaxem.infer.tiling import Tiling
 
@@ -67,11 +68,7 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
         y = jitted(jax.device_put(x, sharding))
         return lambda: np.asarray(y)[:n]
 
-    def fn(x: np.ndarray) -> np.ndarray:
-        return submit(x)()
-
-    fn.batch, fn.submit = total, submit
-    return fn
+    return predictor(submit, total)
 
 
 class TileReader:
@@ -267,7 +264,7 @@ class _Forwards:
     predictions into the tile cache (copies: a view would pin the whole batch array)."""
 
     def __init__(self, predict_fn, reader, cache: dict, stats: dict):
-        self.submit = getattr(predict_fn, "submit", None) or (lambda x: (lambda y: lambda: y)(predict_fn(x)))
+        self.submit = submitter(predict_fn)
         self.reader, self.cache, self.stats = reader, cache, stats
         self.pending: dict = {}  # tile -> (its batch's tiles, the function that waits for the batch)
 

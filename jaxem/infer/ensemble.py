@@ -33,24 +33,45 @@ def tta_transforms(spatial_shape: Sequence[int], rotations: bool = True) -> list
     return [(f, k) for f in flips for k in turns]
 
 
-def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
-    """A predictor that averages `predict_fn` over `tta_transforms` (inverse-transformed)."""
+def submitter(predict_fn: Callable) -> Callable:
+    """`predict_fn.submit` (start a forward, return a function that waits for it), or the same
+    interface around a synchronous predictor."""
+    return getattr(predict_fn, "submit", None) or (lambda x: (lambda y: lambda: y)(predict_fn(x)))
+
+
+def predictor(submit: Callable, batch: int) -> Callable:
+    """A predictor `fn(x) -> probabilities` with `fn.submit = submit` and `fn.batch = batch`."""
 
     def fn(x: np.ndarray) -> np.ndarray:
+        return submit(x)()
+
+    fn.batch, fn.submit = batch, submit
+    return fn
+
+
+def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
+    """A predictor that averages `predict_fn` over `tta_transforms` (inverse-transformed).
+    All transformed batches are dispatched before the first result is awaited."""
+    start = submitter(predict_fn)
+
+    def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
         spatial = x.shape[1:-1]
         ndim = len(spatial)
-        total = None
         transforms = tta_transforms(spatial, rotations)
+        waits = []
         for flips, turns in transforms:
             axes = tuple(1 + a for a in flips)
-            xt = np.rot90(np.flip(x, axes), turns, axes=(ndim - 1, ndim))
-            y = predict_fn(np.ascontiguousarray(xt))
-            y = np.flip(np.rot90(y, -turns, axes=(ndim - 1, ndim)), axes)
-            total = y if total is None else total + y
-        return total / len(transforms)
+            waits.append(start(np.ascontiguousarray(np.rot90(np.flip(x, axes), turns, axes=(ndim - 1, ndim)))))
 
-    fn.batch = getattr(predict_fn, "batch", 1)
-    return fn
+        def wait() -> np.ndarray:
+            total = None
+            for (flips, turns), result in zip(transforms, waits):
+                y = np.flip(np.rot90(result(), -turns, axes=(ndim - 1, ndim)), tuple(1 + a for a in flips))
+                total = y if total is None else total + y
+            return total / len(transforms)
+        return wait
+
+    return predictor(submit, getattr(predict_fn, "batch", 1))
 
 
 def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
@@ -62,8 +83,9 @@ def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: 
     if reduce not in REDUCTIONS:
         raise UserError(f"ensemble reduction {reduce!r} is not one of {', '.join(REDUCTIONS)}.")
 
-    def fn(x: np.ndarray) -> np.ndarray:
-        ys = np.stack([f(x) for f in predict_fns])
+    starts = [submitter(f) for f in predict_fns]
+
+    def combine(ys: np.ndarray) -> np.ndarray:
         if reduce == "mean":
             return ys.mean(0)
         if reduce == "median":
@@ -74,5 +96,8 @@ def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: 
         frac = (ys > 0.5).mean(0)
         return np.where(frac > 0.5, 1.0, np.where(frac == 0.5, 0.5, 0.0)).astype(np.float32)
 
-    fn.batch = min(getattr(f, "batch", 1) for f in predict_fns)
-    return fn
+    def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
+        waits = [start(x) for start in starts]  # every model's forward is dispatched first
+        return lambda: combine(np.stack([w() for w in waits]))
+
+    return predictor(submit, min(getattr(f, "batch", 1) for f in predict_fns))
