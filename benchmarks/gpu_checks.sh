@@ -5,6 +5,8 @@
 # Writes $OUT/{gpu.txt,models.json,inference.json,pytest.txt} (and each one's .err log).
 #   models.json     #5: 3D U-Net training step throughput and MFU in bfloat16 (goal >= 35 %)
 #   inference.json  #8: blockwise overhead at 1 GiB and MONAI sliding_window_inference side by side
+# SMOKE=1 PYTHON=.venv/bin/python bash benchmarks/gpu_checks.sh: the same steps at toy sizes on a
+# CPU, to check the script before spending device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -14,12 +16,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+if [ "${SMOKE:-0}" = 1 ]; then
+  MODELS_ARGS="--small --steps 1" INFER_ARGS="--gib 0.005 --width 4 --block 32 64 64 --batch 2"
+else
+  MODELS_ARGS="--dtype bfloat16" INFER_ARGS="--gib 1 --width 16 --block 64 128 128 --batch 8"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+$PYTHON -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 run() {  # run NAME SECONDS CMD...: JSON to $OUT/NAME, the log's tail to stdout
   local name=$1 seconds=$2; shift 2
   echo "== $name"; timeout "$seconds" "$@" > "$OUT/$name" 2> "$OUT/$name.err"; echo "rc=$?"; tail -c 1500 "$OUT/$name"
 }
-run models.json 200 python3 benchmarks/models.py --models unet3d unet3d_aniso unet3d_resnet18 --dtype bfloat16
-run inference.json 180 python3 benchmarks/inference.py --gib 1 --width 16 --block 64 128 128 --batch 8 --monai
-run pytest.txt 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py
+# shellcheck disable=SC2086  # the argument lists are meant to split
+run models.json 200 $PYTHON benchmarks/models.py --models unet3d unet3d_aniso unet3d_resnet18 $MODELS_ARGS
+run inference.json 180 $PYTHON benchmarks/inference.py $INFER_ARGS --monai
+run pytest.txt 120 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
