@@ -59,6 +59,26 @@ def test_semantic_with_mask_and_float_prediction(tmp_path):
     assert report["accuracy"] == pytest.approx(np.mean((prob > 0.5)[m] == gt.astype(bool)[m]))
 
 
+def test_semantic_objects_get_morphology_across_blocks(tmp_path):
+    """Three mitochondria-like objects, one spanning every evaluation slab: one CSV row each."""
+    gt = np.zeros((12, 32, 32), np.uint8)
+    gt[0:12, 4:8, 4:8] = 1     # spans all slabs
+    gt[2:5, 20:26, 20:30] = 1
+    gt[8:10, 24:28, 2:6] = 1
+    prob = np.where(gt > 0, 0.9, 0.1).astype(np.float32)
+    prob[0:12, 6, 4:8] = 0.2  # the prediction splits the long object lengthwise
+    paths = [_zarr(tmp_path / n, a) for n, a in (("p.zarr", prob), ("g.zarr", gt))]
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", paths[0], "--gt", paths[1], "--task", "semantic", "--out", str(out),
+                 "--block-voxels", str(2 * 32 * 32)]) == 0
+    rows = (out / "morphology_gt.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3
+    volumes = sorted(float(r.split(",")[1]) for r in rows[1:])
+    assert volumes == pytest.approx(sorted(v * 40 * 8 * 8 for v in (12 * 16, 3 * 6 * 10, 2 * 4 * 4)))
+    assert len((out / "morphology_pred.csv").read_text().splitlines()) == 1 + 4
+    assert "Morphology of gt objects" in (out / "report.md").read_text()
+
+
 def test_boundary_on_isbi_tiff(tmp_path, shared_data):
     labels = tifffile.imread(shared_data / "isbi2012" / "train-labels.tif")[:2, :128, :128]
     pred = labels.copy()

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from skimage.measure import regionprops
 
-from jaxem.segment.morphology import MorphologyAccumulator, morphology, plot_histograms, write_csv
+import cc3d
+
+from jaxem.segment.morphology import MorphologyAccumulator, SlabComponents, morphology, plot_histograms, write_csv
 
 
 def test_rectangle_by_hand(tmp_path):
@@ -50,3 +52,30 @@ def test_matches_regionprops_3d_anisotropic_and_blockwise():
     np.testing.assert_allclose(whole["minor_axis_nm"], [p.axis_minor_length for p in props], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(whole["centroid_z_nm"], [p.centroid[0] for p in props])
     assert [whole["bbox_x_max"][i] for i in range(len(props))] == [p.bbox[5] for p in props]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_slab_components_equal_whole_volume_components(ndim):
+    """Slabs of 2 planes along the first axis: a U whose arms join only in the last slab, a
+    bar crossing every slab, random blobs; objects and their morphology equal whole-volume cc."""
+    rng = np.random.default_rng(3)
+    shape = (12, 20, 16)[-ndim:]
+    mask = rng.random(shape) > 0.8
+    u = np.zeros(shape, bool)
+    u[1:11, 2:4] = True    # left arm, all the way down
+    u[1:11, 8:10] = True   # right arm
+    u[10:12, 2:10] = True  # the base joins them in the last slab
+    mask |= u
+    mask[:, 14, ...] = True  # a bar through every slab
+    components, acc = SlabComponents(), MorphologyAccumulator(ndim)
+    for z in range(0, shape[0], 2):
+        acc.add(components.add(mask[z:z + 2]), [z] + [0] * (ndim - 1))
+    acc.relabel(components.roots())
+    voxel = (40.0, 4.0, 4.0)[-ndim:]
+    ours = acc.table(voxel)
+    whole = morphology(cc3d.connected_components(mask, connectivity=4 if ndim == 2 else 6), voxel)
+    assert len(ours["label"]) == len(whole["label"]) == len(np.unique(cc3d.connected_components(mask, connectivity=4 if ndim == 2 else 6))) - 1
+    assert np.array_equal(ours["label"], np.arange(1, len(ours["label"]) + 1))  # consecutive ids
+    for key in whole:
+        if key != "label":
+            np.testing.assert_allclose(np.sort(ours[key]), np.sort(whole[key]), rtol=1e-9, err_msg=key)

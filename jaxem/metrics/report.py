@@ -144,6 +144,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     _check_inputs(pred, gt, mask, task)
     counts, table = _Counts(), clustering.ContingencyAccumulator()
     shapes = {"pred": morphology.MorphologyAccumulator(len(gt.shape)), "gt": morphology.MorphologyAccumulator(len(gt.shape))}
+    components = {"pred": morphology.SlabComponents(), "gt": morphology.SlabComponents()}  # semantic objects
     warp_mismatch, warp_voxels, classes, n_cells = 0, 0, None, 0
     for box in tqdm(blocks(gt.shape, block_voxels), desc=f"evaluate {task}", disable=None if progress else True):
         p, g = pred.read(box), gt.read(box)
@@ -160,6 +161,10 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
             counts.add(p != 0, g != 0)
             continue
         pb, gb = _foreground(p, threshold), _foreground(g, threshold)
+        if task == "semantic":  # objects = connected foreground (any class), joined across slabs
+            offset = [b.start for b in box] + [0] * (g.ndim - 1)
+            for name, fg in (("pred", pb), ("gt", gb)):
+                shapes[name].add(components[name].add(fg), offset)
         if task == "boundary":
             if boundary_is_zero:
                 pb, gb = ~pb, ~gb
@@ -173,6 +178,9 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
         counts.add(pb, gb)
         if task == "semantic" and np.issubdtype(g.dtype, np.integer) and np.issubdtype(p.dtype, np.integer):
             classes = _add_confusion(classes, p[m] if m is not None else p, g[m] if m is not None else g)
+    if task == "semantic":
+        for name in shapes:
+            shapes[name].relabel(components[name].roots())
     return _finish(task, counts, table, classes, warp_mismatch / max(warp_voxels, 1), gt), shapes
 
 
@@ -280,4 +288,4 @@ def run_protocol(pred_path, gt_path, task, out_dir, mask_path=None, **options) -
     voxel_size = tuple(gt.voxel_size)[-len(gt.shape):]
     meta = {"task": task, "pred": str(pred_path), "gt": str(gt_path), "mask": mask_path, "shape": list(gt.shape),
             "voxel_size": list(voxel_size), "seconds": round(time.perf_counter() - start, 3)}
-    return write_report(out_dir, scores, shapes if task == "instance" else {}, meta, voxel_size)
+    return write_report(out_dir, scores, shapes if task in ("instance", "semantic") else {}, meta, voxel_size)

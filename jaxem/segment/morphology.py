@@ -58,6 +58,11 @@ class MorphologyAccumulator:
         self._parts.append(dict(ids=ids[keep], count=count[keep], first=first[keep], second=second[keep],
                                 lo=lo[keep], hi=hi[keep] + 1))
 
+    def relabel(self, mapping: np.ndarray) -> None:
+        """Renames every id i added so far to mapping[i]; parts that now share an id are one object."""
+        for part in self._parts:
+            part["ids"] = np.asarray(mapping, np.uint64)[part["ids"].astype(np.int64)]
+
     @staticmethod
     def _axis(shape, a) -> np.ndarray:
         index = [1] * len(shape)
@@ -109,6 +114,46 @@ def _measure(ids, count, first, second, lo, hi, voxel_size) -> dict:
         table[f"bbox_{name}_min"] = lo[:, a]
         table[f"bbox_{name}_max"] = hi[:, a]
     return table
+
+
+class SlabComponents:
+    """Connected components (4-connected in 2D, 6 in 3D) of a binary volume given slab by slab
+    along its first axis, as a volume larger than memory is read: each slab is labelled (cc3d)
+    with ids following the previous slabs', and components touching across a slab face are
+    joined at the end (`roots`), also when the join shows only several slabs later (a U shape)."""
+
+    def __init__(self):
+        self.count, self.last, self.pairs = 0, None, []
+
+    def add(self, mask: np.ndarray) -> np.ndarray:
+        """Labels of `mask` (uint64, 0 = background), unique across all slabs added so far."""
+        import cc3d
+
+        labels = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=4 if mask.ndim == 2 else 6,
+                                           out_dtype=np.uint64)
+        found = int(labels.max(initial=0))
+        labels[labels > 0] += np.uint64(self.count)
+        if self.last is not None and len(labels):
+            both = (self.last > 0) & (labels[0] > 0)
+            self.pairs.append(np.stack([self.last[both], labels[0][both]], 1).astype(np.int64))
+        self.count += found
+        if len(labels):
+            self.last = labels[-1].copy()
+        return labels
+
+    def roots(self) -> np.ndarray:
+        """mapping[id] = the consecutive id (1..N) of the joined object holding `id`; mapping[0] = 0."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = self.count + 1
+        pairs = np.concatenate(self.pairs) if self.pairs else np.zeros((0, 2), np.int64)
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, component = connected_components(graph, directed=False)
+        _, first = np.unique(component, return_index=True)  # consecutive in order of first id
+        order = np.empty(len(first), np.int64)
+        order[np.argsort(first)] = np.arange(len(first))
+        return order[component].astype(np.uint64)  # id 0 is alone and first, so it maps to 0
 
 
 def morphology(labels: np.ndarray, voxel_size) -> dict:
