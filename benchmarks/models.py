@@ -3,6 +3,7 @@
     python benchmarks/models.py --small                       # a smoke run: under a minute on a CPU
     python benchmarks/models.py                                # realistic patches (GPU/TPU)
     python benchmarks/models.py --models unet3d --batch 2 --dtype bfloat16 --remat
+    python benchmarks/models.py --models unet3d --set norm=none    # what the norm layers cost
 
 One step = forward + backward of a BCE loss + an SGD update, jitted, on a random batch. FLOPs are
 XLA's cost analysis of that compiled step; MFU = FLOPs / step time / the chip's peak dense bf16
@@ -75,8 +76,9 @@ def peak_flops(device) -> float | None:
     return None
 
 
-def config_for(name: str, small: bool, dtype: str, remat: bool):
+def config_for(name: str, small: bool, dtype: str, remat: bool, fields: dict | None = None):
     cfg, spatial = flops.preset(MODELS[name][0])
+    cfg.update(fields or {})
     batch = MODELS[name][1]
     if small:
         fields, shapes = SMALL[cfg.name]
@@ -103,8 +105,8 @@ def make_step(model, tx):
     return step
 
 
-def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None) -> dict:
-    cfg, spatial, default_batch = config_for(name, small, dtype, remat)
+def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None, fields: dict | None = None) -> dict:
+    cfg, spatial, default_batch = config_for(name, small, dtype, remat, fields)
     batch = batch or default_batch
     model = models.build(cfg)
     key = jax.random.key(0)
@@ -142,6 +144,17 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     }
 
 
+def parse_field(text: str) -> tuple[str, object]:
+    """'norm=none' -> ('norm', 'none'); values are Python literals where they parse as one."""
+    import ast
+
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny widths and inputs, unoptimised CPU compiles: a smoke run")
@@ -151,11 +164,14 @@ def main() -> None:
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, 3 with --small)")
     parser.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a model config field for every model, e.g. --set norm=none (repeatable)")
     args = parser.parse_args()
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     steps = args.steps or (2 if args.small else 20)
-    results = [bench(m, args.small, dtype, args.remat, steps, args.batch) for m in args.models]
+    fields = dict(parse_field(f) for f in args.set)
+    results = [dict(bench(m, args.small, dtype, args.remat, steps, args.batch, fields), set=fields) for m in args.models]
     print(json.dumps({
         "benchmark": "models", "device": device.device_kind, "platform": device.platform,
         "devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,
