@@ -1,5 +1,6 @@
 """`jaxem evaluate` end to end on zarr and TIFF volumes, blockwise agreement, and bad input."""
 
+import csv
 import json
 
 import numpy as np
@@ -71,11 +72,27 @@ def test_semantic_objects_get_morphology_across_blocks(tmp_path):
     out = tmp_path / "out"
     assert main(["evaluate", "--pred", paths[0], "--gt", paths[1], "--task", "semantic", "--out", str(out),
                  "--block-voxels", str(2 * 32 * 32)]) == 0
-    rows = (out / "morphology_gt.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3
-    volumes = sorted(float(r.split(",")[1]) for r in rows[1:])
+    rows = list(csv.DictReader((out / "morphology_gt.csv").read_text().splitlines()))
+    assert len(rows) == 3 and {r["class"] for r in rows} == {"1"}
+    volumes = sorted(float(r["volume_nm3"]) for r in rows)
     assert volumes == pytest.approx(sorted(v * 40 * 8 * 8 for v in (12 * 16, 3 * 6 * 10, 2 * 4 * 4)))
     assert len((out / "morphology_pred.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_semantic_morphology_per_class(tmp_path):
+    """Touching objects of different classes are separate objects with their class; an object
+    of one class crossing a slab face stays one."""
+    gt = np.zeros((8, 16, 16), np.uint8)
+    gt[:, 2:6, 2:6] = 1
+    gt[:, 2:6, 6:10] = 2   # touches the class-1 object
+    gt[1:3, 10:14, 10:14] = 3
+    paths = [_zarr(tmp_path / n, a) for n, a in (("p.zarr", gt), ("g.zarr", gt))]
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", paths[0], "--gt", paths[1], "--task", "semantic", "--out", str(out),
+                 "--block-voxels", str(2 * 16 * 16)]) == 0
+    rows = list(csv.DictReader((out / "morphology_gt.csv").read_text().splitlines()))
+    by_class = {r["class"]: float(r["volume_nm3"]) for r in rows}
+    assert len(rows) == 3 and by_class == pytest.approx({"1": 8 * 16 * 40 * 64, "2": 8 * 16 * 40 * 64, "3": 2 * 16 * 40 * 64})
     assert "Morphology of gt objects" in (out / "report.md").read_text()
 
 

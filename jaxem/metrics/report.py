@@ -161,10 +161,11 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
             counts.add(p != 0, g != 0)
             continue
         pb, gb = _foreground(p, threshold), _foreground(g, threshold)
-        if task == "semantic":  # objects = connected foreground (any class), joined across slabs
+        if task == "semantic":  # objects = connected voxels of one class, joined across slabs
             offset = [b.start for b in box] + [0] * (g.ndim - 1)
-            for name, fg in (("pred", pb), ("gt", gb)):
-                shapes[name].add(components[name].add(fg), offset)
+            for name, fg, values in (("pred", pb, p), ("gt", gb, g)):
+                class_map = np.where(fg, values, 0) if np.issubdtype(values.dtype, np.integer) else fg
+                shapes[name].add(components[name].add(class_map), offset)
         if task == "boundary":
             if boundary_is_zero:
                 pb, gb = ~pb, ~gb
@@ -181,6 +182,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     if task == "semantic":
         for name in shapes:
             shapes[name].relabel(components[name].roots())
+            shapes[name].columns["class"] = components[name].class_of_roots()
     return _finish(task, counts, table, classes, warp_mismatch / max(warp_voxels, 1), gt), shapes
 
 

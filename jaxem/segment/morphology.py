@@ -29,6 +29,7 @@ class MorphologyAccumulator:
     def __init__(self, ndim: int):
         self.ndim = ndim
         self._parts: list[dict] = []
+        self.columns: dict[str, np.ndarray] = {}  # extra columns: name -> value indexed by label id
 
     def add(self, labels: np.ndarray, offset=None) -> None:
         """Adds a block of labels whose first voxel sits at `offset` (voxel indices) in the volume."""
@@ -86,7 +87,8 @@ class MorphologyAccumulator:
         np.minimum.at(lo, inverse, parts["lo"])
         np.maximum.at(hi, inverse, parts["hi"])
         count = np.bincount(inverse, parts["count"], n)
-        return _measure(ids, count, total(parts["first"]), total(parts["second"]), lo, hi, voxel_size)
+        table = _measure(ids, count, total(parts["first"]), total(parts["second"]), lo, hi, voxel_size)
+        return {"label": ids, **{k: v[ids.astype(np.int64)] for k, v in self.columns.items()}, **table}
 
 
 def _measure(ids, count, first, second, lo, hi, voxel_size) -> dict:
@@ -117,29 +119,39 @@ def _measure(ids, count, first, second, lo, hi, voxel_size) -> dict:
 
 
 class SlabComponents:
-    """Connected components (4-connected in 2D, 6 in 3D) of a binary volume given slab by slab
-    along its first axis, as a volume larger than memory is read: each slab is labelled (cc3d)
-    with ids following the previous slabs', and components touching across a slab face are
-    joined at the end (`roots`), also when the join shows only several slabs later (a U shape)."""
+    """Connected components (4-connected in 2D, 6 in 3D) of a class map (0 = background; a bool
+    mask is one class) given slab by slab along its first axis, as a volume larger than memory is
+    read: each slab is labelled (cc3d: voxels of one class) with ids following the previous
+    slabs', and components of the same class touching across a slab face are joined at the end
+    (`roots`), also when the join shows only several slabs later (a U shape)."""
 
     def __init__(self):
-        self.count, self.last, self.pairs = 0, None, []
+        self.count, self.last, self.last_class, self.pairs, self.classes = 0, None, None, [], [np.zeros(1, np.int64)]
 
-    def add(self, mask: np.ndarray) -> np.ndarray:
-        """Labels of `mask` (uint64, 0 = background), unique across all slabs added so far."""
+    def add(self, classes: np.ndarray) -> np.ndarray:
+        """Labels of `classes` (uint64, 0 = background), unique across all slabs added so far."""
         import cc3d
 
-        labels = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=4 if mask.ndim == 2 else 6,
-                                           out_dtype=np.uint64)
+        classes = np.ascontiguousarray(classes).astype(np.int64)
+        labels = cc3d.connected_components(classes, connectivity=4 if classes.ndim == 2 else 6, out_dtype=np.uint64)
         found = int(labels.max(initial=0))
+        class_of = np.zeros(found + 1, np.int64)
+        class_of[labels.ravel()] = classes.ravel()  # one class per component
+        self.classes.append(class_of[1:])
         labels[labels > 0] += np.uint64(self.count)
-        if self.last is not None and len(labels):
-            both = (self.last > 0) & (labels[0] > 0)
+        if self.last is not None:
+            both = (self.last > 0) & (labels[0] > 0) & (self.last_class == classes[0])
             self.pairs.append(np.stack([self.last[both], labels[0][both]], 1).astype(np.int64))
         self.count += found
-        if len(labels):
-            self.last = labels[-1].copy()
+        self.last, self.last_class = labels[-1].copy(), classes[-1].copy()
         return labels
+
+    def class_of_roots(self) -> np.ndarray:
+        """The class of each joined object, indexed by its id from `roots` (index 0: background)."""
+        roots = self.roots().astype(np.int64)
+        out = np.zeros(int(roots.max(initial=0)) + 1, np.int64)
+        out[roots] = np.concatenate(self.classes)
+        return out
 
     def roots(self) -> np.ndarray:
         """mapping[id] = the consecutive id (1..N) of the joined object holding `id`; mapping[0] = 0."""
