@@ -126,6 +126,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         zpad, yx_pad = tuple(padding[0]), [tuple(p) for p in padding[1:]]
     x = jnp.pad(lhs, ((0, 0), zpad, (0, 0), (0, 0), (0, 0)))
     out_z = (x.shape[1] - (kz - 1) * dz - 1) // sz + 1
+    if out_z <= 0:  # the kernel does not fit: XLA's empty result
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
     total = None
     for i in range(kz):  # accumulate in float32 whatever the compute dtype
         taps = x[:, i * dz: i * dz + (out_z - 1) * sz + 1: sz]
