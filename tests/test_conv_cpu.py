@@ -26,8 +26,9 @@ def test_3d_conv_as_2d_slices_equals_xla_conv(kernel, strides, dilation, padding
     x = jnp.asarray(rng.normal(size=(2, 7, 12, 10, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(*kernel, 4 // groups, 6)), jnp.float32)
 
-    def ours(x, w):
-        return layers.conv_general_dilated(x, w, strides, padding, None, dilation, None, groups)
+    def ours(x, w):  # called as flax's nn.Conv calls it, with channels-last dimension numbers
+        dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
+        return layers.conv_general_dilated(x, w, strides, padding, None, dilation, dn, groups)
 
     def xla(x, w):
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
