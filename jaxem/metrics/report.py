@@ -181,8 +181,9 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
             classes = _add_confusion(classes, p[m] if m is not None else p, g[m] if m is not None else g)
     if task == "semantic":
         for name in shapes:
-            shapes[name].relabel(components[name].roots())
-            shapes[name].columns["class"] = components[name].class_of_roots()
+            roots = components[name].roots()
+            shapes[name].relabel(roots)
+            shapes[name].columns["class"] = components[name].class_of_roots(roots)
     return _finish(task, counts, table, classes, warp_mismatch / max(warp_voxels, 1), gt), shapes
 
 

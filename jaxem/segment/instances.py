@@ -92,7 +92,8 @@ def _segment(interior, elevation, mask, method, threshold, min_size, per_slice, 
 
 
 def connected_components(mask: np.ndarray) -> np.ndarray:
-    """Face-connected components (4 in 2D, 6 in 3D) of a boolean mask -> uint64 labels."""
+    """Face-connected components (4 in 2D, 6 in 3D) of a boolean mask, or of each nonzero value
+    of an integer class map -> uint64 labels."""
     connectivity = 4 if mask.ndim == 2 else 6
     return cc3d.connected_components(np.ascontiguousarray(mask), connectivity=connectivity, out_dtype=np.uint64)
 

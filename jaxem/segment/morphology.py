@@ -130,10 +130,10 @@ class SlabComponents:
 
     def add(self, classes: np.ndarray) -> np.ndarray:
         """Labels of `classes` (uint64, 0 = background), unique across all slabs added so far."""
-        import cc3d
+        from jaxem.segment.instances import connected_components
 
-        classes = np.ascontiguousarray(classes).astype(np.int64)
-        labels = cc3d.connected_components(classes, connectivity=4 if classes.ndim == 2 else 6, out_dtype=np.uint64)
+        classes = np.asarray(classes).astype(np.int64)
+        labels = connected_components(classes)
         found = int(labels.max(initial=0))
         class_of = np.zeros(found + 1, np.int64)
         class_of[labels.ravel()] = classes.ravel()  # one class per component
@@ -146,9 +146,10 @@ class SlabComponents:
         self.last, self.last_class = labels[-1].copy(), classes[-1].copy()
         return labels
 
-    def class_of_roots(self) -> np.ndarray:
-        """The class of each joined object, indexed by its id from `roots` (index 0: background)."""
-        roots = self.roots().astype(np.int64)
+    def class_of_roots(self, roots: np.ndarray) -> np.ndarray:
+        """The class of each joined object, indexed by its id in `roots` (from `roots()`; index 0:
+        background)."""
+        roots = np.asarray(roots, np.int64)
         out = np.zeros(int(roots.max(initial=0)) + 1, np.int64)
         out[roots] = np.concatenate(self.classes)
         return out
