@@ -149,18 +149,16 @@ def predict_volume(
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
              "peak_cached_tiles": 0, "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
-    batch = getattr(predict_fn, "batch", 1)
     writes: list = []
     schedule = _Lookahead(plan(tiling, todo, limit))
     forwards = _Forwards(predict_fn, reader, cache, stats)
-    known = forwards.known
     with ThreadPoolExecutor(1) as marker:
         for c, tiles, _, evict in schedule:
-            forwards.start(schedule, [t for t in tiles if not known(t)], batch)
+            forwards.start(schedule, tiles)
             forwards.collect(tiles)
             # The next chunk's forwards run on the device while this chunk is blended and written.
-            forwards.start(schedule, [t for t in schedule.peek_missing() if not known(t)], batch)
-            reader.prefetch(schedule.upcoming(2 * batch, skip=known))
+            forwards.start(schedule, schedule.peek_missing())
+            reader.prefetch(schedule.upcoming(2 * forwards.batch, skip=forwards.known))
             stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache) + len(forwards.pending))
             out = _blend_chunk(tiling, c, tiles, cache)
             writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
@@ -264,17 +262,20 @@ class _Forwards:
     predictions into the tile cache (copies: a view would pin the whole batch array)."""
 
     def __init__(self, predict_fn, reader, cache: dict, stats: dict):
-        self.submit = submitter(predict_fn)
+        self.submit, self.batch = submitter(predict_fn), getattr(predict_fn, "batch", 1)
         self.reader, self.cache, self.stats = reader, cache, stats
         self.pending: dict = {}  # tile -> (its batch's tiles, the function that waits for the batch)
 
     def known(self, tile) -> bool:
         return tile in self.cache or tile in self.pending
 
-    def start(self, schedule: "_Lookahead", tiles: list, batch: int) -> None:
-        """Dispatches `tiles`, the last batch filled with tiles later chunks need (no padding)."""
+    def start(self, schedule: "_Lookahead", tiles: list) -> None:
+        """Dispatches those of `tiles` not cached or in flight, the last batch filled with tiles
+        later chunks need (no padding)."""
+        tiles = [t for t in tiles if not self.known(t)]
         if not tiles:
             return
+        batch = self.batch
         tiles = tiles + schedule.upcoming(-len(tiles) % batch, skip=lambda t: self.known(t) or t in tiles)
         for i in range(0, len(tiles), batch):
             group = tiles[i:i + batch]
