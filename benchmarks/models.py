@@ -122,10 +122,12 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     t0 = time.perf_counter()
     # --small is a smoke run: XLA's CPU backend would spend minutes optimising 8 tiny models.
     options = {"xla_backend_optimization_level": 0} if small and jax.devices()[0].platform == "cpu" else None
-    compiled = step.lower(params, stats, opt_state, x, y).compile(compiler_options=options)
+    lowered = step.lower(params, stats, opt_state, x, y)
+    compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    step_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    step_flops = _flops(compiled.cost_analysis())
+    traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
+    step_flops = step_flops or traced_flops
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
@@ -140,8 +142,14 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
         "remat": remat, "params": flops.count_params({"params": params}), "step_s": step_s,
         "voxels_per_s": voxels / step_s, "step_flops": step_flops, "flops_per_voxel_train": step_flops / voxels,
         "achieved_flops_per_s": step_flops / step_s, "mfu": (step_flops / step_s / peak) if peak else None,
-        "compile_s": compile_s, "loss": float(loss),
+        "traced_step_flops": traced_flops, "compile_s": compile_s, "loss": float(loss),
     }
+
+
+def _flops(cost) -> float | None:
+    """The 'flops' entry of a cost analysis (older jax returned one dict per computation)."""
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def parse_field(text: str) -> tuple[str, object]:

@@ -72,3 +72,17 @@ def test_flop_counts_use_xla_convs():
     with layers.xla_convs():
         assert flops.xla_flops(lambda v, x: model.apply(v, x), variables, x) == counted
     assert sliced != counted
+
+
+@pytest.mark.parametrize("shape,factors", [((2, 4, 8, 8, 3), (1, 2, 2)), ((1, 6, 8, 10, 2), (2, 2, 2)),
+                                           ((2, 8, 12, 3), (2, 3)), ((1, 5, 9, 9, 2), (2, 2, 2))])
+def test_max_pool_matches_reduce_window(shape, factors):
+    """The reshape + max pooling equals flax's reduce_window pooling, values and gradients
+    (random inputs have no ties), including sizes that do not divide (floored)."""
+    x = jax.random.normal(jax.random.key(1), shape)
+    ref = nn.max_pool(x, factors, strides=factors)
+    np.testing.assert_array_equal(layers.max_pool(x, factors), ref)
+    weights = jax.random.normal(jax.random.key(2), ref.shape)
+    grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, factors) * weights))(x)
+    grad_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, factors, strides=factors) * weights))(x)
+    np.testing.assert_allclose(grad, grad_ref, rtol=0, atol=0)
