@@ -24,9 +24,9 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 if [ "${SMOKE:-0}" = 1 ]; then
-  M="--small --steps 1"; C="--small --steps 1"; I="--gib 0.005 --width 4 --block 32 64 64 --batch 2"
+  M="--small --steps 1"; C="--small --steps 1"; P="--small"; I="--gib 0.005 --width 4 --block 32 64 64 --batch 2"
 else
-  M="--dtype bfloat16 --steps 20"; C=""; I="--gib 1 --width 16 --block 64 128 128 --batch 8"
+  M="--dtype bfloat16 --steps 20"; C=""; P=""; I="--gib 1 --width 16 --block 64 128 128 --batch 8"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 $PYTHON -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
@@ -48,10 +48,15 @@ for path in sys.argv[1:]:
     text, pos, dec = open(path).read(), 0, json.JSONDecoder()
     while text[pos:].strip():
         obj, end = dec.raw_decode(text[pos:].lstrip()); pos = len(text) - len(text[pos:].lstrip()) + end
+        for r in obj.get("top", [])[:14]:
+            print(path.rsplit("/", 1)[-1], f'{r["ms_per_step"]:8.2f} ms {r["calls_per_step"]:4.0f}x', r["kernel"][:50], "|", r["hlo"][:110])
+        if "top" in obj:
+            print(path.rsplit("/", 1)[-1], "kernel ms per step", round(obj["kernel_ms_per_step"], 2))
+            continue
         rows = obj.get("results") or obj.get("levels") or [obj]
         for r in rows:
             keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                    if k in ("model", "input", "set", "step_s", "mfu", "tflops", "seconds", "level")
+                    if k in ("model", "convs", "input", "set", "step_s", "mfu", "tflops", "seconds", "level")
                     or "overhead" in k or "monai" in k or k.endswith("_s")}
             print(path.rsplit("/", 1)[-1], json.dumps(keep))
 PY
@@ -63,6 +68,11 @@ if [ "$STAGE" = mfu ]; then
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=none
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=batch
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --batch 4
+elif [ "$STAGE" = profile ]; then  # where the 3D U-Net step's time goes, XLA convs vs 2D slices
+  run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
+  run profile_slices.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30 --convs slices
 else
   run models_zoo.json 150 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
   run pytest.txt 120 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_conv_cpu.py tests/test_blockwise.py

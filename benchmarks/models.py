@@ -5,9 +5,11 @@
     python benchmarks/models.py --models unet3d --batch 2 --dtype bfloat16 --remat
     python benchmarks/models.py --models unet3d --set norm=none    # what the norm layers cost
 
-One step = forward + backward of a BCE loss + an SGD update, jitted, on a random batch. FLOPs are
-XLA's cost analysis of that compiled step; MFU = FLOPs / step time / the chip's peak dense bf16
-FLOP/s (table below, by jax device_kind). Prints one JSON object with a record per model.
+One step = forward + backward of a BCE loss + an SGD update, jitted, on a random batch. Model FLOPs
+are the multiply-adds of the step's convolutions and matmuls counted from its jaxpr
+(`flops.matmul_flops`: the same on every backend; XLA's cost analysis, also reported, leaves out
+the convolutions it hands to cuDNN on GPUs); MFU = model FLOPs / step time / the chip's peak dense
+bf16 FLOP/s (table below, by jax device_kind). Prints one JSON object with a record per model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxem import models
-from jaxem.models import flops
+from jaxem.models import flops, layers
 
 # Peak dense (no sparsity) bf16 FLOP/s by device_kind substring, from vendor spec sheets.
 PEAK_BF16 = {
@@ -67,6 +69,10 @@ SMALL = {  # fields and input sizes for --small
 }
 
 
+# --convs: how 3D convolutions run. auto: XLA's (cuDNN) on accelerators, 2D slices on CPUs.
+CONVS = {"auto": None, "xla": False, "slices": True}
+
+
 def peak_flops(device) -> float | None:
     """Peak dense bf16 FLOP/s of `device` (None for CPUs and unknown chips)."""
     kind = device.device_kind
@@ -105,7 +111,8 @@ def make_step(model, tx):
     return step
 
 
-def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None, fields: dict | None = None) -> dict:
+def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None, fields: dict | None = None,
+          convs: str = "auto") -> dict:
     cfg, spatial, default_batch = config_for(name, small, dtype, remat, fields)
     batch = batch or default_batch
     model = models.build(cfg)
@@ -122,12 +129,15 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     t0 = time.perf_counter()
     # --small is a smoke run: XLA's CPU backend would spend minutes optimising 8 tiny models.
     options = {"xla_backend_optimization_level": 0} if small and jax.devices()[0].platform == "cpu" else None
-    lowered = step.lower(params, stats, opt_state, x, y)
+    with layers.slice_convs(CONVS[convs]):
+        lowered = step.lower(params, stats, opt_state, x, y)
     compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     step_flops = _flops(compiled.cost_analysis())
     traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
     step_flops = step_flops or traced_flops
+    with layers.xla_convs():  # count the model's convolutions, not the CPU's 2D-slice form
+        model_flops = flops.matmul_flops(make_step(model, tx), params, stats, opt_state, x, y)
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
@@ -138,11 +148,12 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     voxels = batch * int(np.prod(spatial))
     peak = peak_flops(jax.devices()[0])
     return {
-        "model": name, "config": cfg.name, "ndim": cfg.ndim, "input": [batch, *spatial], "dtype": dtype,
+        "model": name, "convs": convs, "config": cfg.name, "ndim": cfg.ndim, "input": [batch, *spatial], "dtype": dtype,
         "remat": remat, "params": flops.count_params({"params": params}), "step_s": step_s,
-        "voxels_per_s": voxels / step_s, "step_flops": step_flops, "flops_per_voxel_train": step_flops / voxels,
-        "achieved_flops_per_s": step_flops / step_s, "mfu": (step_flops / step_s / peak) if peak else None,
-        "traced_step_flops": traced_flops, "compile_s": compile_s, "loss": float(loss),
+        "voxels_per_s": voxels / step_s, "model_flops": model_flops, "model_flops_per_voxel": model_flops / voxels,
+        "achieved_flops_per_s": model_flops / step_s, "mfu": (model_flops / step_s / peak) if peak else None,
+        "xla_step_flops": step_flops, "xla_traced_step_flops": traced_flops, "compile_s": compile_s,
+        "loss": float(loss),
     }
 
 
@@ -174,12 +185,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a model config field for every model, e.g. --set norm=none (repeatable)")
+    parser.add_argument("--convs", default="auto", choices=list(CONVS),
+                        help="3D convolutions as XLA's convs, or as 2D convs per z tap (the CPU default)")
     args = parser.parse_args()
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
     steps = args.steps or (2 if args.small else 20)
     fields = dict(parse_field(f) for f in args.set)
-    results = [dict(bench(m, args.small, dtype, args.remat, steps, args.batch, fields), set=fields) for m in args.models]
+    results = [dict(bench(m, args.small, dtype, args.remat, steps, args.batch, fields, args.convs), set=fields)
+               for m in args.models]
     print(json.dumps({
         "benchmark": "models", "device": device.device_kind, "platform": device.platform,
         "devices": jax.device_count(), "host": platform.node(), "jax": jax.__version__,

@@ -85,21 +85,29 @@ def group_count(channels: int, groups: int) -> int:
 # Same parameters and the same results up to float rounding; accelerators keep XLA's own convs.
 
 
-_FAST_PATHS = [True]
+_SLICE_CONVS = [None]  # None: on the CPU only; True / False: everywhere / nowhere
 
 
-def _on_cpu() -> bool:
-    return _FAST_PATHS[-1] and jax.default_backend() == "cpu"
+def _slice_form() -> bool:
+    """Whether 3D convolutions take the 2D-slice form (and transposed ones the matmul form)."""
+    forced = _SLICE_CONVS[-1]
+    return jax.default_backend() == "cpu" if forced is None else forced
 
 
 @contextlib.contextmanager
-def xla_convs():
-    """Models traced inside this block use XLA's own convolutions on the CPU too (FLOP counts)."""
-    _FAST_PATHS.append(False)
+def slice_convs(enabled: bool):
+    """Models traced inside this block take (True) or skip (False) the 2D-slice / matmul forms on
+    every backend; `xla_convs()` is `slice_convs(False)` (FLOP counts, benchmarks on GPUs)."""
+    _SLICE_CONVS.append(enabled)
     try:
         yield
     finally:
-        _FAST_PATHS.pop()
+        _SLICE_CONVS.pop()
+
+
+def xla_convs():
+    """Models traced inside this block use XLA's own convolutions on the CPU too (FLOP counts)."""
+    return slice_convs(False)
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -115,7 +123,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     (lhs (B, Z, Y, X, C), rhs (kz, ky, kx, C / groups, F)) runs as kz 2D convolutions over z slices."""
     dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
-    if lhs.ndim != 5 or not plain or not _on_cpu() or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
+    if lhs.ndim != 5 or not plain or not _slice_form() or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision)
     kz, sz, dz = rhs.shape[0], window_strides[0], dilation[0]
@@ -159,7 +167,7 @@ class UpConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.factors, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if x.ndim == 5 and _on_cpu():
+        if x.ndim == 5 and _slice_form():
             return _paint_blocks(x, kernel) + bias
         y = jax.lax.conv_transpose(x, kernel, self.factors, "SAME")
         return y + bias
