@@ -73,6 +73,13 @@ elif [ "$STAGE" = profile ]; then  # where the 3D U-Net step's time goes, XLA co
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
   run profile_slices.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30 --convs slices
+elif [ "$STAGE" = tune ]; then  # matmul up-convs; cuDNN in NDHWC; bf16 2D slices; batch 4
+  NHWC="env XLA_FLAGS=--xla_gpu_force_conv_nhwc=true"
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M
+  run models.json 90 $NHWC $PYTHON benchmarks/models.py --models unet3d $M
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
+  run profile.json 90 $NHWC $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
+  run models.json 90 $NHWC $PYTHON benchmarks/models.py --models unet3d $M --batch 4
 else
   run models_zoo.json 150 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
   run pytest.txt 120 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_conv_cpu.py tests/test_blockwise.py

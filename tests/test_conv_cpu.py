@@ -86,3 +86,14 @@ def test_max_pool_matches_reduce_window(shape, factors):
     grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, factors) * weights))(x)
     grad_ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, factors, strides=factors) * weights))(x)
     np.testing.assert_allclose(grad, grad_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pointwise_conv_as_matmul_equals_flax_conv(ndim):
+    """1x1 convolutions (heads, projections) run as a matmul: same values and gradients as nn.Conv."""
+    x = jax.random.normal(jax.random.key(3), (2, *(6,) * ndim, 5))
+    ours, flax_ = layers.Conv(3, (1,) * ndim), nn.Conv(3, (1,) * ndim)
+    params = flax_.init(jax.random.key(4), x)
+    np.testing.assert_allclose(ours.apply(params, x), flax_.apply(params, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, flax_)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)

@@ -89,15 +89,15 @@ _SLICE_CONVS = [None]  # None: on the CPU only; True / False: everywhere / nowhe
 
 
 def _slice_form() -> bool:
-    """Whether 3D convolutions take the 2D-slice form (and transposed ones the matmul form)."""
+    """Whether 3D convolutions take the 2D-slice form."""
     forced = _SLICE_CONVS[-1]
     return jax.default_backend() == "cpu" if forced is None else forced
 
 
 @contextlib.contextmanager
 def slice_convs(enabled: bool):
-    """Models traced inside this block take (True) or skip (False) the 2D-slice / matmul forms on
-    every backend; `xla_convs()` is `slice_convs(False)` (FLOP counts, benchmarks on GPUs)."""
+    """Models traced inside this block run 3D convolutions as 2D convolutions per z tap (True) or as
+    XLA's own convolutions (False) on every backend; `xla_convs()` is `slice_convs(False)`."""
     _SLICE_CONVS.append(enabled)
     try:
         yield
@@ -119,10 +119,15 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
-    """`lax.conv_general_dilated` for flax's channels-last nn.Conv; on the CPU a 3D convolution
-    (lhs (B, Z, Y, X, C), rhs (kz, ky, kx, C / groups, F)) runs as kz 2D convolutions over z slices."""
+    """`lax.conv_general_dilated` for flax's channels-last nn.Conv (lhs (B, *S, C), rhs (*K, C / groups, F)).
+
+    A 1x1 convolution runs as a matmul on every backend (no layout changes around cuDNN on GPUs);
+    on the CPU a 3D convolution runs as kz 2D convolutions over z slices (see `slice_convs`)."""
     dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
+    pointwise = all(k == 1 for k in rhs.shape[:-2]) and all(s == 1 for s in window_strides)
+    if pointwise and plain and feature_group_count == 1 and padding in ("SAME", "VALID"):
+        return jnp.einsum("...c,cf->...f", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
     if lhs.ndim != 5 or not plain or not _slice_form() or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision)
@@ -137,13 +142,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if out_z <= 0:  # the kernel does not fit: XLA's empty result
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision)
+    # Accumulate the taps in float32 whatever the compute dtype. XLA's CPU convs can output float32
+    # from bfloat16 directly; cuDNN cannot (XLA would run them in float32), so on GPUs each tap is
+    # a bfloat16 conv converted before the sum.
+    on_cpu = jax.default_backend() == "cpu"
     total = None
-    for i in range(kz):  # accumulate in float32 whatever the compute dtype
+    for i in range(kz):
         taps = x[:, i * dz: i * dz + (out_z - 1) * sz + 1: sz]
         y = jax.lax.conv_general_dilated(taps.reshape(-1, *taps.shape[2:]), rhs[i], window_strides[1:], yx_pad,
                                          rhs_dilation=dilation[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                          feature_group_count=feature_group_count, precision=precision,
-                                         preferred_element_type=jnp.float32)
+                                         preferred_element_type=jnp.float32 if on_cpu else None)
+        y = y.astype(jnp.float32)
         total = y if total is None else total + y
     return total.astype(lhs.dtype).reshape(lhs.shape[0], out_z, *total.shape[1:])
 
@@ -167,21 +177,21 @@ class UpConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.factors, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if x.ndim == 5 and _slice_form():
-            return _paint_blocks(x, kernel) + bias
-        y = jax.lax.conv_transpose(x, kernel, self.factors, "SAME")
-        return y + bias
+        return _paint_blocks(x, kernel) + bias
 
 
 def _paint_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """conv_transpose with kernel == stride as one matmul: output block (i, j, k) of input voxel
-    (z, y, x) is x[z, y, x] @ kernel[-1 - i, -1 - j, -1 - k] (lax flips the kernel)."""
+    """`lax.conv_transpose(x, kernel, strides=kernel size, 'SAME')` as one matmul on every backend:
+    output block (i, j, k) of input voxel (z, y, x) is x[z, y, x] @ kernel[-1 - i, -1 - j, -1 - k]
+    (lax flips the kernel). As a convolution, its kernel gradient took 230 ms of a 290 ms 3D U-Net
+    step on an H200 (cuDNN's fallback for a 2x2x2 window over the whole volume); as a matmul, <1 ms."""
     n = x.ndim - 2
-    flipped = kernel[(slice(None, None, -1),) * n]
-    y = jnp.einsum("bzyxc,ijkco->bzyxijko", x, flipped)
-    b, z, h, w = x.shape[:4]
-    fz, fy, fx = kernel.shape[:3]
-    return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, z * fz, h * fy, w * fx, -1)
+    factors = kernel.shape[:n]
+    flipped = kernel[(slice(None, None, -1),) * n].reshape(-1, *kernel.shape[n:])  # (prod(factors), C, F)
+    y = jnp.einsum("...c,kcf->...kf", x, flipped).reshape(*x.shape[:-1], *factors, -1)
+    # (B, S1..Sn, f1..fn, F) -> (B, S1, f1, ..., Sn, fn, F) -> (B, S1 f1, ..., Sn fn, F)
+    order = [0] + [a for i in range(n) for a in (1 + i, 1 + n + i)] + [1 + 2 * n]
+    return y.transpose(order).reshape(x.shape[0], *(s * f for s, f in zip(x.shape[1:-1], factors)), -1)
 
 
 class Norm(nn.Module):
