@@ -20,15 +20,15 @@ import time
 import jax
 import jax.numpy as jnp
 
+import jaxem  # noqa: F401  (its XLA flags: cuDNN in channels-last layouts)
 from benchmarks.models import peak_flops
 
 
 def conv_step(x, w):
     """Forward 3x3x3 conv and both gradients of sum(y * y) / 2: (B, Z, Y, X, C) -> scalar, dx, dw."""
     def loss(x, w):
-        y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-                                         preferred_element_type=jnp.float32)
-        return 0.5 * jnp.sum(jnp.square(y))
+        y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))  # bf16 out, as in the models
     return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
 

@@ -80,6 +80,11 @@ elif [ "$STAGE" = tune ]; then  # matmul up-convs; cuDNN in NDHWC; bf16 2D slice
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
   run profile.json 90 $NHWC $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
   run models.json 90 $NHWC $PYTHON benchmarks/models.py --models unet3d $M --batch 4
+elif [ "$STAGE" = final ]; then  # NDHWC is jaxem's default now; wider U-Net, other 3D models, tests
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set "widths=(64,128,256,512)"
+  run models_zoo.json 90 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
+  run conv.json 40 $PYTHON benchmarks/conv_ceiling.py $C
+  run pytest.txt 100 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py
 else
   run models_zoo.json 150 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
   run pytest.txt 120 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_conv_cpu.py tests/test_blockwise.py
