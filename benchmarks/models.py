@@ -55,6 +55,7 @@ MODELS = {
     "unet2d": ("unet2d", 8),
     "unet2d_demo": ("unet2d_demo", 4),
     "unet3d": ("unet3d", 2),
+    "unet3d_wide": ("unet3d_wide", 2),
     "unet3d_aniso": ("unet3d_aniso", 2),
     "unet3d_resnet18": ("unet3d_resnet18", 2),
     "resnet50_2d": ("resnet50_2d", 32),
@@ -136,8 +137,7 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     step_flops = _flops(compiled.cost_analysis())
     traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
     step_flops = step_flops or traced_flops
-    with layers.xla_convs():  # count the model's convolutions, not the CPU's 2D-slice form
-        model_flops = flops.matmul_flops(make_step(model, tx), params, stats, opt_state, x, y)
+    model_flops = flops.matmul_flops(make_step(model, tx), params, stats, opt_state, x, y)
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()

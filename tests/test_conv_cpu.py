@@ -97,3 +97,13 @@ def test_pointwise_conv_as_matmul_equals_flax_conv(ndim):
     np.testing.assert_allclose(ours.apply(params, x), flax_.apply(params, x), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, flax_)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+def test_max_pool_gradient_of_tied_windows_goes_to_one_element():
+    """ReLU zeros tie whole windows: each window passes its gradient to exactly one element."""
+    x = jnp.maximum(jax.random.normal(jax.random.key(5), (1, 4, 8, 8, 2)), 0.0).at[:, :2].set(0.0)
+    g = jax.grad(lambda x: jnp.sum(layers.max_pool(x, (2, 2, 2)) * 3.0))(x)
+    assert np.isfinite(g).all()
+    per_window = np.asarray(g).reshape(1, 2, 2, 4, 2, 4, 2, 2)
+    np.testing.assert_array_equal(per_window.sum(axis=(2, 4, 6)), 3.0)
+    np.testing.assert_array_equal((per_window != 0).sum(axis=(2, 4, 6)), 1)

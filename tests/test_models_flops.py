@@ -25,3 +25,34 @@ def test_markdown_table_row():
     params = flops.model_cost(cfg, spatial)["params"]
     table = flops.markdown_table(["unet2d_demo"])
     assert f"| unet2d_demo | unet 2D | 256x256 | {params:,} |" in table
+
+
+def test_matmul_flops_counts_training_convs_exactly():
+    """The jaxpr count of a U-Net: forward MACs by hand (taps on 'SAME' padding left out), and a
+    training step's convolutions and matmuls = 3x the forward (input and kernel gradients)."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = models.default_config("unet", 3)
+    a, b, s = 4, 8, 8
+    cfg.update(widths=(a, b), norm="none")
+    model = models.build(cfg)
+    x = jnp.ones((2, s, s, s, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def forward(v, x):
+        return model.apply(v, x, train=False)
+
+    def valid_taps(n):  # (output, tap) pairs of a 3-wide 'SAME' kernel that meet the n real inputs
+        return 3 * n - 2
+
+    fine, coarse = valid_taps(s) ** 3, valid_taps(s // 2) ** 3  # per batch item and channel pair
+    macs = (fine * (1 * a + a * a + 2 * a * a + a * a)                # encoder level 0, decoder level 0
+            + coarse * (a * b + b * b)                                 # bottom level
+            + (s // 2) ** 3 * 8 * b * a + s ** 3 * a * 1)              # 2x2x2 up-conv, 1x1x1 head
+    assert flops.matmul_flops(forward, variables, x) == 2 * 2 * macs
+
+    def loss(v, x):
+        return jnp.sum(forward(v, x))
+    grads = jax.grad(loss, argnums=(0, 1))
+    assert flops.matmul_flops(grads, variables, x) == 3 * flops.matmul_flops(forward, variables, x)

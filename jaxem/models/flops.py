@@ -44,7 +44,8 @@ def matmul_flops(fn, *args) -> float:
     not those on zero padding, nor on zeros inserted by input dilation (gradients of strided and
     transposed convolutions).
     """
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    with layers.xla_convs():  # the model's convolutions, not the CPU's 2D-slice form
+        return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _jaxpr_flops(jaxpr) -> float:
@@ -103,6 +104,7 @@ def preset(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, ...]]:
         "unet2d": (cfg("unet", 2, widths=(32, 64, 128, 256, 512)), (512, 512)),
         "unet2d_demo": (cfg("unet", 2, widths=(16, 32, 64, 128)), (256, 256)),
         "unet3d": (cfg("unet", 3, widths=(32, 64, 128, 256)), (64, 128, 128)),
+        "unet3d_wide": (cfg("unet", 3, widths=(64, 128, 256, 512)), (64, 128, 128)),
         "unet3d_aniso": (cfg("unet", 3, **aniso), (32, 128, 128)),
         "unet3d_residual_aspp": (cfg("unet", 3, block="residual", bottleneck="aspp", widths=(32, 64, 128, 256)),
                                  (64, 128, 128)),
@@ -117,7 +119,7 @@ def preset(name: str) -> tuple[ml_collections.ConfigDict, tuple[int, ...]]:
     return table[name]
 
 
-PRESETS = ("unet2d", "unet2d_demo", "unet3d", "unet3d_aniso", "unet3d_residual_aspp", "resnet18_2d",
+PRESETS = ("unet2d", "unet2d_demo", "unet3d", "unet3d_wide", "unet3d_aniso", "unet3d_residual_aspp", "resnet18_2d",
            "resnet50_2d", "resnet18_3d", "unet3d_resnet18", "vit_small_2d", "vit_base_3d", "unetr_base_3d")
 
 

@@ -9,6 +9,7 @@ are float32; `dtype` is the compute dtype (float32 or bfloat16).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Sequence
 
@@ -330,13 +331,37 @@ def max_pool(x: jax.Array, factors: tuple[int, ...]) -> jax.Array:
     spatial = x.shape[1:-1]
     if any(n % f for n, f in zip(spatial, factors)):  # floor like lax's reduce_window
         return nn.max_pool(x, factors, strides=factors)
-    # Non-overlapping windows as a reshape + max: XLA's reduce_window gradient (select-and-scatter)
-    # is several times slower on CPUs and GPUs than the gradient of a plain reduction.
+    # Non-overlapping windows moved to one last axis: XLA's reduce_window gradient (select-and-
+    # scatter) is several times slower on CPUs and GPUs than this one.
+    n = len(factors)
     split = [x.shape[0]]
-    for n, f in zip(spatial, factors):
-        split += [n // f, f]
-    window_axes = tuple(range(2, 2 * len(factors) + 1, 2))
-    return x.reshape(*split, x.shape[-1]).max(axis=window_axes)
+    for size, f in zip(spatial, factors):
+        split += [size // f, f]
+    order = [0, *range(1, 2 * n, 2), 2 * n + 1, *range(2, 2 * n + 1, 2)]  # (B, *S/f, C, *f)
+    windows = x.reshape(*split, x.shape[-1]).transpose(order)
+    return _window_max(windows.reshape(*windows.shape[:n + 2], -1), math.prod(factors))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _window_max(windows: jax.Array, size: int) -> jax.Array:
+    """(..., size) -> (...): the max of each window; its gradient goes to the window's first maximum.
+
+    Not jnp.max's own gradient: that finds the maxima by comparing the input with the output, and
+    where XLA computes the input twice (fused into both uses) and the copies differ in the last
+    bit, nothing matches and the gradient is 0 / 0 = NaN (seen on CPUs at optimisation level 0)."""
+    return jnp.max(windows, axis=-1)
+
+
+def _window_max_fwd(windows, size):
+    first = jnp.argmax(windows, axis=-1)
+    return jnp.take_along_axis(windows, first[..., None], axis=-1)[..., 0], first
+
+
+def _window_max_bwd(size, first, g):
+    return (g[..., None] * jax.nn.one_hot(first, size, dtype=g.dtype),)
+
+
+_window_max.defvjp(_window_max_fwd, _window_max_bwd)
 
 
 def maybe_remat(module_cls, remat: bool):
