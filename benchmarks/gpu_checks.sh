@@ -6,6 +6,9 @@
 # STAGE=mfu  writes $OUT/{gpu.txt,conv.json,models.json,errors.log}: the 3D U-Net training step's
 #            MFU in bfloat16 (#5, goal >= 35 %), the cuDNN ceiling of its convolutions level by
 #            level, and the variants that say where the rest goes (norm none/batch, batch 4).
+# STAGE=profile / tune / final: the follow-ups of 2026-11-25 (kernel profile of the step, cuDNN
+#            layout and slice-form variants, wider U-Net + other 3D models + model tests on the GPU);
+#            results and what each showed: benchmarks/results/2026-11-25_h200/README.md.
 # STAGE=rest writes $OUT/{gpu.txt,models_zoo.json,inference.json,pytest.txt,errors.log}: the other
 #            3D models, blockwise inference of 1 GiB against MONAI, and the model tests on the GPU.
 # Steps run in order and are skipped once BUDGET seconds (default 400) are spent, so what is done
