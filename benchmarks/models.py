@@ -112,10 +112,9 @@ def make_step(model, tx):
     return step
 
 
-def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None, fields: dict | None = None,
-          convs: str = "auto") -> dict:
-    cfg, spatial, default_batch = config_for(name, small, dtype, remat, fields)
-    batch = batch or default_batch
+def training_setup(cfg, spatial: tuple[int, ...], batch: int):
+    """(jitted step, step function, args): the jitted training step of `cfg`'s model and its arguments
+    (params, stats, opt_state, x (batch, *spatial, 1), y random 0/1 targets shaped like the output)."""
     model = models.build(cfg)
     key = jax.random.key(0)
     x = jax.random.normal(key, (batch, *spatial, 1), jnp.float32)
@@ -125,8 +124,16 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     y = (jax.random.uniform(key, out.shape) > 0.5).astype(jnp.float32)
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.sgd(1e-3, momentum=0.9)
-    opt_state = tx.init(params)
-    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1, 2))
+    step_fn = make_step(model, tx)
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2)), step_fn, (params, stats, tx.init(params), x, y)
+
+
+def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: int | None, fields: dict | None = None,
+          convs: str = "auto") -> dict:
+    cfg, spatial, default_batch = config_for(name, small, dtype, remat, fields)
+    batch = batch or default_batch
+    step, step_fn, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, batch)
+    model_flops = flops.matmul_flops(step_fn, params, stats, opt_state, x, y)
     t0 = time.perf_counter()
     # --small is a smoke run: XLA's CPU backend would spend minutes optimising 8 tiny models.
     options = {"xla_backend_optimization_level": 0} if small and jax.devices()[0].platform == "cpu" else None
@@ -137,7 +144,6 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     step_flops = _flops(compiled.cost_analysis())
     traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
     step_flops = step_flops or traced_flops
-    model_flops = flops.matmul_flops(make_step(model, tx), params, stats, opt_state, x, y)
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()

@@ -20,11 +20,8 @@ import re
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from benchmarks.models import CONVS, MODELS, config_for, make_step, parse_field
-from jaxem import models
+from benchmarks.models import CONVS, MODELS, config_for, parse_field, training_setup
 from jaxem.models import layers
 
 
@@ -68,18 +65,7 @@ def main() -> None:
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg, spatial, batch = config_for(args.model, args.small, dtype, False, dict(parse_field(f) for f in args.set))
-    batch = args.batch or batch
-    model = models.build(cfg)
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (batch, *spatial, 1), jnp.float32)
-    variables = jax.jit(lambda x: model.init(key, x, train=False))(x)
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    out = out[0] if isinstance(out, tuple) else out
-    y = (jax.random.uniform(key, out.shape) > 0.5).astype(jnp.float32)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    tx = optax.sgd(1e-3, momentum=0.9)
-    opt_state = tx.init(params)
-    step = jax.jit(make_step(model, tx), donate_argnums=(0, 1, 2))
+    step, _, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, args.batch or batch)
     with layers.slice_convs(CONVS[args.convs]):
         compiled = step.lower(params, stats, opt_state, x, y).compile()
     hlo_text = compiled.as_text()
@@ -95,7 +81,7 @@ def main() -> None:
     total = sum(sum(v) for v in times.values())
     ranked = sorted(times.items(), key=lambda kv: -sum(kv[1]))[:args.top]
     print(json.dumps({
-        "benchmark": "profile_step", "model": args.model, "convs": args.convs, "input": [batch, *spatial], "dtype": dtype,
+        "benchmark": "profile_step", "model": args.model, "convs": args.convs, "input": list(x.shape[:-1]), "dtype": dtype,
         "device": jax.devices()[0].device_kind, "kernel_ms_per_step": total / args.steps,
         "top": [{"kernel": name[:120], "hlo_op": op, "ms_per_step": sum(d) / args.steps,
                  "share": sum(d) / total, "calls_per_step": len(d) / args.steps, "hlo": hlo_line(hlo_text, op)}

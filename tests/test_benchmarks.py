@@ -1,0 +1,55 @@
+"""The speed benchmarks run and report what they claim (smoke sizes on the CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import models as models_bench
+from jaxem import models
+from jaxem.models import flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_models_benchmark_counts_three_forwards_per_step():
+    """A training step's model FLOPs are its forward's convolutions and matmuls x 3 (input and
+    kernel gradients) less the input gradient of the first conv (the image needs none), and the
+    record's rates follow from them."""
+    record = models_bench.bench("unet3d", small=True, dtype="float32", remat=False, steps=1, batch=None)
+    cfg, spatial, _ = models_bench.config_for("unet3d", True, "float32", False)
+    model = models.build(cfg)
+    x = jnp.zeros((2, *spatial, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    forward = flops.matmul_flops(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x)
+    pairs = (3 * 4 - 2) * (3 * 16 - 2) ** 2  # (output, tap) pairs of a 3x3x3 'SAME' conv on 4x16x16
+    first_conv_input_grad = 2 * 2 * 1 * cfg.widths[0] * pairs  # 2 flops x batch x 1 -> widths[0] channels
+    assert record["model_flops"] == 3 * forward - first_conv_input_grad
+    assert record["achieved_flops_per_s"] == record["model_flops"] / record["step_s"]
+    assert record["voxels_per_s"] == 2 * 4 * 16 * 16 / record["step_s"]
+
+
+def test_profile_step_finds_the_convolutions():
+    out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--small", "--top", "40"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True, env={**_env(), "PYTHONPATH": str(ROOT)})
+    report = json.loads(out.stdout)
+    assert report["kernel_ms_per_step"] > 0
+    assert 0 < sum(r["share"] for r in report["top"]) <= 1 + 1e-9
+    convs = [r for r in report["top"] if "convolution(" in r["hlo"]]
+    assert convs, "no convolution among the step's top XLA ops"
+
+
+def test_conv_ceiling_reports_each_level():
+    out = subprocess.run([sys.executable, "benchmarks/conv_ceiling.py", "--small", "--steps", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True, env={**_env(), "PYTHONPATH": str(ROOT)})
+    report = json.loads(out.stdout)
+    assert [lv["input"][-1] for lv in report["levels"]] == [4, 8]
+    assert all(lv["tflops"] > 0 and lv["mfu"] is None for lv in report["levels"])  # no peak for CPUs
+
+
+def _env():
+    import os
+    return dict(os.environ)
