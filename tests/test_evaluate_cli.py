@@ -93,7 +93,10 @@ def test_semantic_morphology_per_class(tmp_path):
     rows = list(csv.DictReader((out / "morphology_gt.csv").read_text().splitlines()))
     by_class = {r["class"]: float(r["volume_nm3"]) for r in rows}
     assert len(rows) == 3 and by_class == pytest.approx({"1": 8 * 16 * 40 * 64, "2": 8 * 16 * 40 * 64, "3": 2 * 16 * 40 * 64})
-    assert "Morphology of gt objects" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "Morphology of gt objects" in report_md
+    for c, volume in ((1, 8 * 16 * 40 * 64), (3, 2 * 16 * 40 * 64)):  # one summary row per class
+        assert f"| class {c} | 1 | {volume:.4g} |" in report_md
 
 
 def test_boundary_on_isbi_tiff(tmp_path, shared_data):

@@ -254,6 +254,20 @@ def _clean(value):
     return value
 
 
+def _morphology_summary(table: dict) -> list[str]:
+    """Markdown lines: object count, median size and equivalent diameter, per class when the
+    table has a 'class' column (semantic objects)."""
+    size_key = next(k for k in table if k.startswith(("volume", "area")))
+    classes = np.asarray(table["class"]) if "class" in table else None
+    rows = [("all", np.ones(len(table["label"]), bool))] if classes is None else \
+        [(f"class {c}", classes == c) for c in np.unique(classes)]
+    lines = [f"| objects | count | median {size_key} | median equivalent diameter (nm) |", "|---|---:|---:|---:|"]
+    for name, keep in rows:
+        lines.append(f"| {name} | {int(keep.sum())} | {np.median(table[size_key][keep]):.4g} | "
+                     f"{np.median(table['equivalent_diameter_nm'][keep]):.4g} |")
+    return lines
+
+
 def write_report(out_dir, scores: dict, shapes: dict, meta: dict, voxel_size) -> dict:
     """Writes report.json, report.md and morphology_{pred,gt}.csv/.png (when objects exist)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -273,10 +287,8 @@ def write_report(out_dir, scores: dict, shapes: dict, meta: dict, voxel_size) ->
             continue
         morphology.write_csv(table, os.path.join(out_dir, f"morphology_{name}.csv"))
         morphology.plot_histograms(table, os.path.join(out_dir, f"morphology_{name}.png"), f"{name}: {len(table['label'])} objects")
-        size_key = next(k for k in table if k.startswith(("volume", "area")))
-        lines += ["", f"## Morphology of {name} objects", "", f"{len(table['label'])} objects; median {size_key} "
-                  f"{np.median(table[size_key]):.4g}, median equivalent diameter {np.median(table['equivalent_diameter_nm']):.4g} nm "
-                  f"([CSV](morphology_{name}.csv), ![histograms](morphology_{name}.png))"]
+        lines += ["", f"## Morphology of {name} objects", "", *_morphology_summary(table),
+                  "", f"[CSV](morphology_{name}.csv), ![histograms](morphology_{name}.png)"]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return report

@@ -187,21 +187,29 @@ def write_csv(table: dict, path: str | os.PathLike) -> None:
 
 
 def plot_histograms(table: dict, path: str | os.PathLike, title: str = "") -> None:
-    """Saves histograms of size, equivalent diameter, axis lengths and axis ratio as one PNG."""
+    """Saves histograms of size, equivalent diameter, axis lengths and axis ratio as one PNG; with a
+    'class' column (semantic objects), one colour per class over shared bins, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [n for n in table if n.startswith(("volume", "area", "equivalent", "major", "minor", "axis_ratio"))]
+    classes = np.asarray(table["class"]) if "class" in table else np.zeros(len(table["label"]), np.int64)
+    labels = np.unique(classes)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
     for ax, name in zip(axes, names):
         values = np.asarray(table[name], np.float64)
-        values = values[np.isfinite(values)]
-        spread = values.size and np.ptp(values) > 1e-9 * np.abs(values).max()
-        ax.hist(values, bins=40 if spread else 1)
+        finite = np.isfinite(values)
+        spread = finite.any() and np.ptp(values[finite]) > 1e-9 * np.abs(values[finite]).max()
+        bins = np.histogram_bin_edges(values[finite], bins=40 if spread else 1) if finite.any() else 1
+        per_class = [values[finite & (classes == c)] for c in labels]
+        ax.hist(per_class, bins=bins, histtype="stepfilled" if len(labels) == 1 else "step",
+                label=[f"class {c}" for c in labels])
         ax.set_xlabel(name)
     axes[0].set_ylabel("objects")
+    if len(labels) > 1:
+        axes[-1].legend(fontsize="small")
     fig.suptitle(title or f"{len(table['label'])} objects")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
