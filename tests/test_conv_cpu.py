@@ -107,3 +107,17 @@ def test_max_pool_gradient_of_tied_windows_goes_to_one_element():
     per_window = np.asarray(g).reshape(1, 2, 2, 4, 2, 4, 2, 2)
     np.testing.assert_array_equal(per_window.sum(axis=(2, 4, 6)), 3.0)
     np.testing.assert_array_equal((per_window != 0).sum(axis=(2, 4, 6)), 1)
+
+
+def test_import_sets_channels_last_cudnn_flag_unless_the_user_did():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, jaxem; print(os.environ['XLA_FLAGS'])"
+    for before, after in [("", "--xla_gpu_force_conv_nhwc=true"),
+                          ("--xla_cpu_use_onednn=true", "--xla_cpu_use_onednn=true --xla_gpu_force_conv_nhwc=true"),
+                          ("--xla_gpu_force_conv_nhwc=false", "--xla_gpu_force_conv_nhwc=false")]:
+        env = {**os.environ, "XLA_FLAGS": before}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == after
