@@ -9,6 +9,8 @@
 # STAGE=profile / tune / final: the follow-ups of 2026-11-25 (kernel profile of the step, cuDNN
 #            layout and slice-form variants, wider U-Net + other 3D models + model tests on the GPU);
 #            results and what each showed: benchmarks/results/2026-11-25_h200/README.md.
+# STAGE=next: the measurements still open after 2026-11-25 (unet3d_wide and unet3d MFU with the final
+#            code, 1 GiB inference against MONAI, model/blockwise tests): BUDGET=420, timeout_s 480.
 # STAGE=rest writes $OUT/{gpu.txt,models_zoo.json,inference.json,pytest.txt,errors.log}: the other
 #            3D models, blockwise inference of 1 GiB against MONAI, and the model tests on the GPU.
 # Steps run in order and are skipped once BUDGET seconds (default 400) are spent, so what is done
@@ -88,9 +90,13 @@ elif [ "$STAGE" = final ]; then  # NDHWC is jaxem's default now; wider U-Net, ot
   run models_zoo.json 90 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
   run conv.json 40 $PYTHON benchmarks/conv_ceiling.py $C
   run pytest.txt 100 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py
+elif [ "$STAGE" = next ]; then  # what is left for the next lent GPU: #5's MFU with the final code, #8's MONAI side by side
+  run models.json 120 $PYTHON benchmarks/models.py --models unet3d_wide unet3d $M
+  run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
+  run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
 else
   run models_zoo.json 150 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
-  run pytest.txt 120 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py tests/test_conv_cpu.py tests/test_blockwise.py
+  run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
   run inference.json 180 $PYTHON benchmarks/inference.py $I --monai
 fi
 echo "== stage $STAGE done in $((SECONDS - START))s"
