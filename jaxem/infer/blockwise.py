@@ -277,6 +277,7 @@ class _Forwards:
             return
         batch = self.batch
         tiles = tiles + schedule.upcoming(-len(tiles) % batch, skip=lambda t: self.known(t) or t in tiles)
+        self.reader.prefetch(tiles)  # every read in flight before the first batch waits for its own
         for i in range(0, len(tiles), batch):
             group = tiles[i:i + batch]
             x = np.stack([self.reader.read(t) for t in group])
