@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
-# The GPU measurements, in device calls of a few minutes each (an H100/H200 lent to the session):
+# The GPU measurements, in one device call of a few minutes (an H100/H200 lent to the session):
 #   bash scripts/gpu_wheels.sh                      # here first: ml_collections + monai wheels
-#   device run: "STAGE=mfu bash benchmarks/gpu_checks.sh",  carry [".whl"], timeout_s 420
-#   device run: "STAGE=rest bash benchmarks/gpu_checks.sh", carry [".whl"], timeout_s 420
-# STAGE=mfu  writes $OUT/{gpu.txt,conv.json,models.json,errors.log}: the 3D U-Net training step's
-#            MFU in bfloat16 (#5, goal >= 35 %), the cuDNN ceiling of its convolutions level by
-#            level, and the variants that say where the rest goes (norm none/batch, batch 4).
-# STAGE=profile / tune / final: the follow-ups of 2026-11-25 (kernel profile of the step, cuDNN
-#            layout and slice-form variants, wider U-Net + other 3D models + model tests on the GPU);
-#            results and what each showed: benchmarks/results/2026-11-25_h200/README.md.
-# STAGE=next: the measurements still open after 2026-11-25 (unet3d_wide and unet3d MFU with the final
-#            code, 1 GiB inference against MONAI, model/blockwise tests): BUDGET=420, timeout_s 480.
-# STAGE=rest writes $OUT/{gpu.txt,models_zoo.json,inference.json,pytest.txt,errors.log}: the other
-#            3D models, blockwise inference of 1 GiB against MONAI, and the model tests on the GPU.
+#   device run: "BUDGET=420 bash benchmarks/gpu_checks.sh", carry [".whl"], timeout_s 480
+# STAGE=next (default) writes $OUT/{gpu.txt,models.json,inference.json,pytest.txt,errors.log}: the
+#            measurements still open after 2026-11-25: unet3d_wide and unet3d training-step MFU in
+#            bfloat16 (#5, goal >= 35 %), 1 GiB blockwise inference against MONAI, and the model,
+#            blockwise and layer tests on the GPU at highest matmul precision.
+# STAGE=profile writes $OUT/{gpu.txt,profile.json,conv.json,models.json,errors.log}: where the 3D
+#            U-Net step's time goes (kernels by HLO op), the convolution library's ceiling per
+#            U-Net level, and the step without norm layers and with batch norm.
+# The calls of 2026-11-25 ran earlier stages of this script (mfu, profile, tune, final) at the
+# commits benchmarks/results/2026-11-25_h200/README.md names.
 # Steps run in order and are skipped once BUDGET seconds (default 400) are spent, so what is done
 # comes back before the call's limit. SMOKE=1 PYTHON=.venv/bin/python runs every step at toy sizes
 # on a CPU, to check the script before spending device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
-STAGE=${STAGE:-mfu}
+STAGE=${STAGE:-next}
 BUDGET=${BUDGET:-400}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -67,37 +65,18 @@ for path in sys.argv[1:]:
 PY
 }
 # shellcheck disable=SC2086  # the argument lists are meant to split
-if [ "$STAGE" = mfu ]; then
-  run models.json 120 $PYTHON benchmarks/models.py --models unet3d $M
-  run conv.json 60 $PYTHON benchmarks/conv_ceiling.py $C
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=none
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=batch
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --batch 4
-elif [ "$STAGE" = profile ]; then  # where the 3D U-Net step's time goes, XLA convs vs 2D slices
-  run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
-  run profile_slices.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30 --convs slices
-elif [ "$STAGE" = tune ]; then  # matmul up-convs; cuDNN in NDHWC; bf16 2D slices; batch 4
-  NHWC="env XLA_FLAGS=--xla_gpu_force_conv_nhwc=true"
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M
-  run models.json 90 $NHWC $PYTHON benchmarks/models.py --models unet3d $M
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --convs slices
-  run profile.json 90 $NHWC $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
-  run models.json 90 $NHWC $PYTHON benchmarks/models.py --models unet3d $M --batch 4
-elif [ "$STAGE" = final ]; then  # NDHWC is jaxem's default now; wider U-Net, other 3D models, tests
-  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set "widths=(64,128,256,512)"
-  run models_zoo.json 90 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
-  run conv.json 40 $PYTHON benchmarks/conv_ceiling.py $C
-  run pytest.txt 100 $PYTHON -m pytest -q -x -p no:cacheprovider tests/test_models_unet.py
-elif [ "$STAGE" = next ]; then  # what is left for the next lent GPU: #5's MFU with the final code, #8's MONAI side by side
+if [ "$STAGE" = next ]; then
   run models.json 120 $PYTHON benchmarks/models.py --models unet3d_wide unet3d $M
   run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
   run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
+elif [ "$STAGE" = profile ]; then
+  run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
+  run conv.json 60 $PYTHON benchmarks/conv_ceiling.py $C
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=none
+  run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=batch
 else
-  run models_zoo.json 150 $PYTHON benchmarks/models.py --models unet3d_aniso unet3d_resnet18 $M
-  run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
-  run inference.json 180 $PYTHON benchmarks/inference.py $I --monai
+  echo "STAGE must be next or profile, got $STAGE" >&2
+  exit 2
 fi
 echo "== stage $STAGE done in $((SECONDS - START))s"
 summary

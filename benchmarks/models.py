@@ -143,7 +143,6 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
     compile_s = time.perf_counter() - t0
     step_flops = _flops(compiled.cost_analysis())
     traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
-    step_flops = step_flops or traced_flops
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
