@@ -141,8 +141,8 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
         lowered = step.lower(params, stats, opt_state, x, y)
     compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
-    step_flops = _flops(compiled.cost_analysis())
-    traced_flops = _flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
+    step_flops = flops.cost_flops(compiled.cost_analysis())
+    traced_flops = flops.cost_flops(lowered.cost_analysis())  # before XLA's rewrites (a cross-check on GPUs)
     params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)  # warm-up
     jax.block_until_ready(loss)
     t0 = time.perf_counter()
@@ -160,12 +160,6 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
         "xla_step_flops": step_flops, "xla_traced_step_flops": traced_flops, "compile_s": compile_s,
         "loss": float(loss),
     }
-
-
-def _flops(cost) -> float | None:
-    """The 'flops' entry of a cost analysis (older jax returned one dict per computation)."""
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def parse_field(text: str) -> tuple[str, object]:

@@ -29,10 +29,15 @@ def count_params(variables: Any) -> int:
 
 def xla_flops(fn, *args) -> float:
     """FLOPs of jax.jit(fn)(*args) from XLA's cost analysis (args may be ShapeDtypeStructs)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return cost_flops(jax.jit(fn).lower(*args).compile().cost_analysis())
+
+
+def cost_flops(cost) -> float | None:
+    """The 'flops' entry of a lowered or compiled function's cost_analysis() (None where the
+    backend reports none)."""
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per computation
         cost = cost[0]
-    return float(cost["flops"])
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def matmul_flops(fn, *args) -> float:
