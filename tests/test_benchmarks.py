@@ -1,6 +1,7 @@
 """The speed benchmarks run and report what they claim (smoke sizes on the CPU)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_models_benchmark_counts_three_forwards_per_step():
 
 def test_profile_step_finds_the_convolutions():
     out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--small", "--top", "40"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, check=True, env={**_env(), "PYTHONPATH": str(ROOT)})
+                         capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     report = json.loads(out.stdout)
     assert report["kernel_ms_per_step"] > 0
     assert 0 < sum(r["share"] for r in report["top"]) <= 1 + 1e-9
@@ -44,12 +45,7 @@ def test_profile_step_finds_the_convolutions():
 
 def test_conv_ceiling_reports_each_level():
     out = subprocess.run([sys.executable, "benchmarks/conv_ceiling.py", "--small", "--steps", "1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, check=True, env={**_env(), "PYTHONPATH": str(ROOT)})
+                         capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     report = json.loads(out.stdout)
     assert [lv["input"][-1] for lv in report["levels"]] == [4, 8]
     assert all(lv["tflops"] > 0 and lv["mfu"] is None for lv in report["levels"])  # no peak for CPUs
-
-
-def _env():
-    import os
-    return dict(os.environ)
