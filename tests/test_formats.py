@@ -62,6 +62,9 @@ def test_import_bad_input(tmp_path, stack):
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
     with pytest.raises(UserError, match="grey-value"):
         formats.import_volume(tmp_path / "rgb.tif", tmp_path / "b.zarr", voxel_size=(4, 4))
+    tifffile.imwrite(tmp_path / "three.tif", np.zeros((3, 8, 8), np.uint8))  # tifffile stores it as planar RGB
+    with pytest.raises(UserError, match="If these are 3 z-slices.*minisblack"):
+        formats.import_volume(tmp_path / "three.tif", tmp_path / "b.zarr", voxel_size=(40, 4, 4))
     with pytest.raises(UserError, match="does not exist"):
         formats.import_volume(tmp_path / "nope.tif", tmp_path / "c.zarr", voxel_size=(4, 4))
     formats.import_volume(tmp_path / "a.tif", tmp_path / "a.zarr", voxel_size=(40, 4, 4))

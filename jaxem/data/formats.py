@@ -75,7 +75,11 @@ def _tiff_source(path: str) -> Source:
     shape = tuple(int(s) for s in series.shape)
     squeezed = tuple(s for s in shape[:-2] if s != 1) + shape[-2:]
     if len(squeezed) not in (2, 3) or "S" in series.axes:
-        raise UserError(f"{path} has axes {series.axes} of shape {shape}; expected a 2D (y, x) or 3D (z, y, x) grey-value stack (colour or multi-sample images are not EM volumes).")
+        hint = ""
+        if series.axes == "SYX":  # what tifffile.imwrite makes of a (3|4, y, x) stack unless told otherwise
+            hint = (f" If these are {shape[0]} z-slices, re-save them as grey-value pages: "
+                    "tifffile.imwrite(path, stack, photometric='minisblack').")
+        raise UserError(f"{path} has axes {series.axes} of shape {shape}; expected a 2D (y, x) or 3D (z, y, x) grey-value stack (colour or multi-sample images are not EM volumes).{hint}")
 
     def read(a, b):
         if len(squeezed) == 2:
