@@ -17,7 +17,12 @@ import glob
 import json
 import os
 import re
+import sys
 import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 

@@ -49,3 +49,37 @@ def test_conv_ceiling_reports_each_level():
     report = json.loads(out.stdout)
     assert [lv["input"][-1] for lv in report["levels"]] == [4, 8]
     assert all(lv["tflops"] > 0 and lv["mfu"] is None for lv in report["levels"])  # no peak for CPUs
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("ndim,fields", [
+    (3, dict(widths=(4, 8, 16))),                                      # the default: plain, GroupNorm
+    (3, dict(widths=(4, 8, 16), block="residual", norm="batch", kernel_sizes=((1, 3, 3), 3, 3),
+             pool_factors=((1, 2, 2), 2), activation="gelu")),
+    (2, dict(widths=(8, 16), norm="instance", activation="leaky_relu", out_channels=3)),
+    (2, dict(widths=(8, 16), norm="none", block="residual", activation="silu")),
+])
+def test_torch_twin_computes_the_jaxem_unet(ndim, fields):
+    """benchmarks/torch_unet.py's PyTorch twin, given the flax variables, has the same parameter
+    count and the same outputs as the jaxem U-Net (so the side-by-side times the same FLOPs)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_unet
+
+    cfg = models.default_config("unet", ndim)
+    cfg.update(fields)
+    model = models.build(cfg)
+    shape = (2, 4, 16, 16, 1) if ndim == 3 else (2, 16, 16, 1)
+    x = jax.random.normal(jax.random.key(0), shape)
+    variables = model.init(jax.random.key(1), x, train=False)
+    variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(2), v.shape), variables)  # non-trivial norms
+    twin = torch_unet.build_twin(cfg)
+    assert sum(p.numel() for p in twin.parameters()) == flops.count_params({"params": variables["params"]})
+    torch_unet.load_flax_variables(twin, variables)
+    x_torch = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
+    for train in (False, True):
+        ours = model.apply(variables, x, train=train, mutable=["batch_stats"])[0]
+        theirs = twin.train(train)(x_torch).detach().numpy()
+        np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=2e-4, atol=2e-4)
