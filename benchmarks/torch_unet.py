@@ -200,7 +200,7 @@ def bench_twin(cfg, spatial, batch: int, steps: int, dtype: str, compile_: bool)
     sync()
     step_s = (time.perf_counter() - t0) / steps
     return {"torch": torch.__version__, "torch_device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "compile": compile_, "step_s": step_s, "warmup_s": warmup_s, "loss": float(loss),
+            "compile": compile_, "step_s": step_s, "warmup_s": warmup_s, "loss": loss.item(),
             "params": sum(p.numel() for p in model.parameters())}
 
 
