@@ -85,3 +85,20 @@ def test_best_checkpoint_is_kept_beyond_the_last_n(data_paths, tmp_path):
         assert (tmp_path / name).exists()
     assert any((tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "versions.json").read_text())["jax"]
+
+
+def test_without_best_metric_inference_takes_the_latest_checkpoint(data_paths, tmp_path):
+    """best_metric='' (recipes whose validation slices are the scored ones) selects nothing:
+    the last N checkpoints are kept and inference loads the newest, whatever the losses were."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    cfg = tiny(data_paths, "--config.train.steps=4", "--config.train.eval_every=1", "--config.train.checkpoint_every=1",
+               "--config.train.keep_checkpoints=2", "--config.train.best_metric=", "--config.train.async_checkpoints=false")
+    train(cfg, tmp_path, progress=False)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    assert ckpt.steps() == [3, 4]
+    newest = ckpt.manager.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    _, _, variables = restore_for_inference(tmp_path)
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(newest["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -23,7 +23,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         eval_instances=True,  # boundary targets: also VRand/VInfo/VOI of watershed cells per val crop
         checkpoint_every=200,
         keep_checkpoints=3,
-        best_metric="val_loss",  # a key of the validation metrics, prefixed with val_
+        best_metric="val_loss",  # a key of the validation metrics, prefixed with val_; "" = keep/use the latest
         best_mode="min",
         async_checkpoints=True,
         ema_decay=0.0,  # 0 = off; e.g. 0.999
