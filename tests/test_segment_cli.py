@@ -39,3 +39,22 @@ def test_segment_mws_on_affinities(tmp_path):
 def test_segment_bad_input_is_exit_2(tmp_path, capsys):
     assert main(["segment", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_segment_mws_strides_and_bad_offsets(tmp_path, capsys):
+    """--strides subsamples the repulsive edges as mutex_watershed(strides=...) does; malformed
+    --offsets / --strides are one-sentence errors with exit code 2 and no output written."""
+    rng = np.random.default_rng(0)
+    offsets = [(1, 0), (0, 1), (0, 4), (4, 0)]
+    aff = rng.uniform(size=(4, 32, 32)).astype(np.float32)
+    create_volume(tmp_path / "aff", aff.shape, np.float32, (1.0, 1.0), axes=("c", "y", "x")).write(aff)
+    base = ["segment", "--input", str(tmp_path / "aff"), "--method", "mws", "--offsets", json.dumps(offsets)]
+    assert main(base + ["--output", str(tmp_path / "s"), "--strides", "2,2"]) == 0
+    expected = mutex_watershed(aff, offsets, strides=(2, 2))
+    assert open_volume(tmp_path / "s").read().max() == expected.max() != mutex_watershed(aff, offsets).max()
+    for bad, message in [(["--offsets", "[[1,0],"], "is not JSON"), (["--offsets", '[[1,0],"x"]'], "integer lists"),
+                         (["--strides", "2,x"], "--strides '2,x' must be integers"), (["--strides", "2"], "2 positive values")]:
+        args = base + ["--output", str(tmp_path / "bad")] + bad
+        assert main(args) == 2, bad
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

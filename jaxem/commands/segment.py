@@ -2,7 +2,7 @@
 
     jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|mws
                   [--kind boundary|foreground] [--channel 0] [--threshold 0.5] [--min-size 0]
-                  [--per-slice] [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]']
+                  [--per-slice] [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
                   [--dask local|ADDRESS] [--workers 2] [--overwrite]
 """
 
@@ -26,6 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
     parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
     parser.add_argument("--offsets", default=None, help="mws: JSON list of offsets, one per affinity channel")
+    parser.add_argument("--strides", default=None, help="mws: subsample the long-range (repulsive) edges, e.g. 1,2,2")
     parser.add_argument("--dask", default=None, help="'local' (LocalCluster) or a scheduler address")
     parser.add_argument("--workers", type=int, default=2, help="workers of --dask local")
     parser.add_argument("--overwrite", action="store_true")
@@ -44,7 +45,8 @@ def run(args, overrides) -> int:
     if args.method == "mws":
         if not args.offsets:
             raise UserError("--method mws needs --offsets, a JSON list with one offset per affinity channel.")
-        fn, channel = partial(_mws, offsets=json.loads(args.offsets), min_size=0), "all"
+        fn, channel = partial(_mws, offsets=_parse_offsets(args.offsets),
+                              strides=_parse_per_axis(args.strides, spatial, "--strides") if args.strides else None), "all"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):
             raise UserError(f"--kind {args.kind!r} is not boundary or foreground.")
@@ -56,7 +58,7 @@ def run(args, overrides) -> int:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
     else:
         raise UserError(f"--method {args.method!r} is not one of cc, watershed, mws.")
-    block = _parse_block(args.block, spatial)
+    block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers)
     try:
@@ -68,19 +70,29 @@ def run(args, overrides) -> int:
     return 0
 
 
-def _mws(data, offsets, min_size):
+def _mws(data, offsets, strides):
     from jaxem.segment.instances import mutex_watershed
 
-    return mutex_watershed(data, offsets, min_size)
+    return mutex_watershed(data, offsets, strides=strides)
 
 
-def _parse_block(text, spatial):
+def _parse_offsets(text: str) -> list:
+    try:
+        offsets = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"--offsets {text!r} is not JSON; expected a list of offsets such as '[[1,0,0],[0,1,0],[0,0,1]]'.") from None
+    if not isinstance(offsets, list) or not all(isinstance(o, list) and all(isinstance(v, int) for v in o) for o in offsets):
+        raise UserError(f"--offsets {text!r} must be a JSON list of integer lists, one per affinity channel.")
+    return offsets
+
+
+def _parse_per_axis(text, spatial, flag="--block"):
     if not text:
         return tuple(spatial)
     try:
         block = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise UserError(f"--block {text!r} must be integers separated by commas.") from None
+        raise UserError(f"{flag} {text!r} must be integers separated by commas.") from None
     if len(block) != len(spatial) or min(block) < 1:
-        raise UserError(f"--block {text!r} must have {len(spatial)} positive values, one per axis of {spatial}.")
+        raise UserError(f"{flag} {text!r} must have {len(spatial)} positive values, one per axis of {spatial}.")
     return block
