@@ -1,10 +1,14 @@
 """ISBI 2012 accuracy recipe: train (unless the run exists) and score held-out slices 16-19.
 
     python benchmarks/isbi2012.py --run runs/isbi2012_cpu --config isbi2012_unet:cpu [--config.x=y ...]
+    python benchmarks/isbi2012.py --run runs/isbi2012_cpu --config isbi2012_unet:cpu --seeds 0 1 2
 
 Prepares the dataset from ../shared/data/isbi2012 (a local copy of the challenge data) when it is
 not yet in $JAXEM_DATA. Prints JSON: held-out VRand, VInfo, adapted Rand error, VOI split/merge,
 interior Dice/IoU for the model and for the raw-threshold baseline, training time, the machine.
+With --seeds, one run per seed in <run>/seed<N> (config.seed = N) and the mean and standard
+deviation of every score over the seeds: single runs differ by ~0.01 VRand from rounding alone
+(docs/training.md), so compare recipes by these.
 """
 
 from __future__ import annotations
@@ -15,13 +19,43 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 LOCAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
+
+
+def train_and_score(config, run: Path, progress: bool) -> dict:
+    """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19."""
+    from jaxem.data import datasets
+    from jaxem.metrics.heldout import score_run
+    from jaxem.train.loop import train
+
+    start = time.time()
+    summary = train(config, run, progress=progress)
+    train_seconds = time.time() - start
+    images, labels = datasets.split_paths("isbi2012", "val")
+    scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", progress=progress)
+    return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """{"model"|"threshold_baseline": {metric: {"mean", "std", "values"}}} over the seeds' scores."""
+    out = {}
+    for who in ("model", "threshold_baseline"):
+        metrics = next(iter(per_seed.values()))["scores"][who]
+        out[who] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                        "values": v}
+                    for k in metrics
+                    for v in [[float(r["scores"][who][k]) for r in per_seed.values()]]}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (trained here when it holds no finished run)")
     parser.add_argument("--config", default="isbi2012_unet:cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="one run per seed in <run>/seed<N>, and the scores' mean and std over them")
     parser.add_argument("--no-progress", action="store_true")
     args, overrides = parser.parse_known_args()
 
@@ -29,25 +63,30 @@ def main() -> None:
 
     from jaxem.config import apply_overrides, load_config
     from jaxem.data import datasets
-    from jaxem.metrics.heldout import format_table, score_run
-    from jaxem.train.loop import train
+    from jaxem.metrics.heldout import SCORE_KEYS, format_table
 
     if not datasets.is_prepared("isbi2012"):
         datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
     config = apply_overrides(load_config(args.config), overrides)
-    start = time.time()
-    summary = train(config, args.run, progress=not args.no_progress)
-    train_seconds = time.time() - start
-    images, labels = datasets.split_paths("isbi2012", "val")
-    results = score_run(args.run, images[0], labels[0], out_dir=Path(args.run) / "heldout",
-                        progress=not args.no_progress)
-    print(format_table(results))
-    print(json.dumps({
-        "benchmark": "isbi2012_heldout_slices_16_19", "config": args.config, "overrides": overrides,
-        "scores": results, "training": summary, "wall_seconds_this_invocation": train_seconds,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "devices": [str(d) for d in jax.devices()]},
-    }, indent=2))
+    report = {"benchmark": "isbi2012_heldout_slices_16_19", "config": args.config, "overrides": overrides}
+    if args.seeds is None:
+        result = train_and_score(config, Path(args.run), not args.no_progress)
+        print(format_table(result["scores"]))
+        report.update(result)
+    else:
+        per_seed = {}
+        for seed in args.seeds:
+            config.seed = seed
+            per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress)
+        summary = over_seeds(per_seed)
+        print(f"{'metric':<20}{'model mean':>12}{'std':>8}   seeds {', '.join(map(str, args.seeds))}")
+        for k in SCORE_KEYS:
+            m = summary["model"][k]
+            print(f"{k:<20}{m['mean']:>12.4f}{m['std']:>8.4f}   " + " ".join(f"{v:.4f}" for v in m["values"]))
+        report.update(seeds=args.seeds, over_seeds=summary, per_seed={str(s): r for s, r in per_seed.items()})
+    report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "devices": [str(d) for d in jax.devices()]}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -83,3 +83,23 @@ def test_torch_twin_computes_the_jaxem_unet(ndim, fields):
         ours = model.apply(variables, x, train=train, mutable=["batch_stats"])[0]
         theirs = twin.train(train)(x_torch).detach().numpy()
         np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_isbi_benchmark_over_seeds(shared_data, tmp_path):
+    """--seeds trains one run per seed (its config.seed set) and reports each score's mean and std
+    over them (a 2-step recipe: this checks the bookkeeping, not the accuracy)."""
+    tiny = ["--config.train.steps=2", "--config.train.eval_every=0", "--config.train.checkpoint_every=2",
+            "--config.data.crop_shape=(64,64)", "--config.data.batch_size=4", "--config.optimizer.warmup_steps=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, "benchmarks/isbi2012.py", "--run", str(tmp_path / "r"), "--seeds", "0", "3",
+                          "--no-progress", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900, check=True, env=env)
+    report = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    assert report["seeds"] == [0, 3] and set(report["per_seed"]) == {"0", "3"}
+    for seed in (0, 3):
+        assert json.loads((tmp_path / "r" / f"seed{seed}" / "config.json").read_text())["seed"] == seed
+    vrand = [report["per_seed"][s]["scores"]["model"]["vrand"] for s in ("0", "3")]
+    summary = report["over_seeds"]["model"]["vrand"]
+    assert summary["values"] == vrand
+    assert summary["mean"] == pytest.approx(np.mean(vrand)) and summary["std"] == pytest.approx(np.std(vrand, ddof=1))
+    assert "vrand" in out.stdout.splitlines()[1]
