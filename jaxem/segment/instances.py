@@ -151,7 +151,8 @@ def mutex_watershed(affinities: np.ndarray, offsets, min_size: int = 0, strides=
     longer ones repulsive (weight = 1 - affinity); edges are taken strongest first and joined by
     a union-find unless a mutex (repulsion) already separates the two clusters. Long-range edges
     can be subsampled with `strides` (e.g. (1, 2, 2)). Runs in `mwatershed` (funkelab's Rust
-    implementation), whose single signed weight per edge (> 0 attractive) this maps onto.
+    implementation), whose single signed weight per edge (> 0 attractive) this maps onto. It takes
+    float64 weights, 8 bytes per voxel and offset: segment large volumes blockwise (`segment.stitch`).
     """
     affinities = np.asarray(affinities)
     spatial = affinities.shape[1:]
