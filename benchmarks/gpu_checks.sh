@@ -72,7 +72,8 @@ PY
 # shellcheck disable=SC2086  # the argument lists are meant to split
 if [ "$STAGE" = next ]; then
   run models.json 120 $PYTHON benchmarks/models.py --models unet3d_wide unet3d $M
-  run torch.json 180 $PYTHON benchmarks/torch_unet.py --models unet3d $T --compile
+  run torch.json 90 $PYTHON benchmarks/torch_unet.py --models unet3d $T --modes eager
+  run torch.json 150 $PYTHON benchmarks/torch_unet.py --models unet3d $T --modes compiled
   run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
   run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
 elif [ "$STAGE" = profile ]; then

@@ -1,8 +1,8 @@
 """A jaxem U-Net training step side by side with its PyTorch twin: same layers, parameter count and
 FLOPs, run the way a PyTorch user would (channels-last, bf16 autocast on GPUs, cudnn.benchmark,
-and with --compile also torch.compile).
+and with --modes compiled also torch.compile).
 
-    python benchmarks/torch_unet.py --models unet3d unet3d_wide [--compile]   # a GPU
+    python benchmarks/torch_unet.py --models unet3d unet3d_wide [--modes eager compiled]   # a GPU
     python benchmarks/torch_unet.py --small                                     # a CPU smoke run
 
 One step = forward + backward of a BCE loss + an SGD (momentum 0.9) update on a random batch, as in
@@ -215,7 +215,8 @@ def main() -> None:
                         help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20, 2 with --small)")
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="also time the twin under torch.compile")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="how PyTorch runs the twin: eager and/or under torch.compile")
     args = parser.parse_args()
     device = jax.devices()[0]
     dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
@@ -228,7 +229,7 @@ def main() -> None:
         batch = args.batch or batch
         record = {"model": name, "input": [batch, *spatial], "dtype": dtype, "params": ours["params"],
                   "model_flops": ours["model_flops"], "jaxem_step_s": ours["step_s"], "jaxem_mfu": ours["mfu"]}
-        for compile_ in ([False, True] if args.compile else [False]):
+        for compile_ in [mode == "compiled" for mode in args.modes]:
             theirs = bench_twin(cfg, spatial, batch, steps, dtype, compile_)
             if theirs["params"] != ours["params"]:
                 raise SystemExit(f"{name}: the twin has {theirs['params']} parameters, jaxem's model {ours['params']}.")
