@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fetches the pure-Python wheels that the lent GPU machine lacks (it has jax, flax, optax, orbax,
-# tensorstore and torch, but no network) into .whl/, for `benchmarks/gpu_checks.sh`.
+# Fetches the wheels that the lent GPU machine lacks (it has jax, flax, optax, orbax, tensorstore and
+# torch on Python 3.12, but no network) into .whl/, for `benchmarks/gpu_checks.sh`.
 #   bash scripts/gpu_wheels.sh        # here, once per session, before the device call
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +8,5 @@ grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/e
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl ml_collections==1.1.0 monai==1.6.1
+  -d .whl ml_collections==1.1.0 monai==1.6.1 mwatershed==0.5.4
 ls -la .whl
