@@ -52,6 +52,7 @@ def test_predict_then_segment_from_run(run_dir, tmp_path, capsys):
     assert pred.voxel_size == (40.0, 4.0, 4.0)
     p = pred.read()
     assert 0.0 <= p.min() < p.max() <= 1.0 and p.std() > 1e-3
+    assert read_attributes(out)["jaxem_target"] == {"kind": "boundary", "channels": 1}
 
     assert predict("--run", run_dir, "--input", raw, "--output", out) == 0  # same job: resumes, nothing to do
     assert last_json(capsys)["chunks"] == 0

@@ -58,3 +58,27 @@ def test_segment_mws_strides_and_bad_offsets(tmp_path, capsys):
         assert main(args) == 2, bad
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_mws_takes_the_offsets_jaxem_predict_recorded(tmp_path, capsys):
+    """A 2D affinity model's offsets, recorded by predict in the volume's axes, are what
+    `jaxem segment --method mws` uses when no --offsets are given."""
+    from jaxem.config import load_config
+    from jaxem.data.volume import write_attributes
+    from jaxem.infer.job import target_description
+
+    config = load_config("demo")
+    config.target.kind, config.target.offsets, config.model.out_channels = "affinities", ((-1, 0), (0, -1), (0, -4)), 3
+    described = target_description(config, volume_ndim=3)
+    assert described == {"kind": "affinities", "channels": 3, "offsets": [[0, -1, 0], [0, 0, -1], [0, 0, -4]]}
+
+    rng = np.random.default_rng(1)
+    aff = rng.uniform(size=(3, 2, 16, 16)).astype(np.float32)
+    create_volume(tmp_path / "aff", aff.shape, np.float32, (40.0, 4.0, 4.0), axes=("c", "z", "y", "x")).write(aff)
+    rc = main(["segment", "--input", str(tmp_path / "aff"), "--output", str(tmp_path / "none"), "--method", "mws"])
+    assert rc == 2 and "records none" in capsys.readouterr().err
+    write_attributes(tmp_path / "aff", {"jaxem_target": described})
+    assert main(["segment", "--input", str(tmp_path / "aff"), "--output", str(tmp_path / "m"), "--method", "mws"]) == 0
+    expected, got = mutex_watershed(aff, described["offsets"]), open_volume(tmp_path / "m").read()
+    pairs = np.unique(np.stack([got.ravel(), expected.ravel()]), axis=1)
+    assert got.max() == expected.max() == pairs.shape[1] > 1  # the same partition

@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--per-slice", action="store_true", help="segment each z-slice on its own")
     parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
     parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
-    parser.add_argument("--offsets", default=None, help="mws: JSON list of offsets, one per affinity channel")
+    parser.add_argument("--offsets", default=None,
+                        help="mws: JSON list of offsets, one per affinity channel (default: those `jaxem predict` recorded)")
     parser.add_argument("--strides", default=None, help="mws: subsample the long-range (repulsive) edges, e.g. 1,2,2")
     parser.add_argument("--dask", default=None, help="'local' (LocalCluster) or a scheduler address")
     parser.add_argument("--workers", type=int, default=2, help="workers of --dask local")
@@ -33,7 +34,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
-    from jaxem.data.volume import open_volume
+    from jaxem.data.volume import open_volume, read_attributes
     from jaxem.infer.executors import make_executor
     from jaxem.segment import instances
     from jaxem.segment.stitch import segment_blockwise
@@ -43,9 +44,11 @@ def run(args, overrides) -> int:
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
     if args.method == "mws":
-        if not args.offsets:
-            raise UserError("--method mws needs --offsets, a JSON list with one offset per affinity channel.")
-        fn, channel = partial(_mws, offsets=_parse_offsets(args.offsets),
+        offsets = _parse_offsets(args.offsets) if args.offsets else read_attributes(args.input).get("jaxem_target", {}).get("offsets")
+        if not offsets:
+            raise UserError(f"--method mws needs --offsets, a JSON list with one offset per affinity channel "
+                            f"({args.input} records none: `jaxem predict` records them for affinity models).")
+        fn, channel = partial(_mws, offsets=offsets,
                               strides=_parse_per_axis(args.strides, spatial, "--strides") if args.strides else None), "all"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):

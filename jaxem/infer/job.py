@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxem.data.volume import Volume, open_volume
+from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.blockwise import make_predict_fn, predict_volume
 from jaxem.infer.ensemble import ensemble, with_tta
@@ -106,10 +106,25 @@ def run_prediction(
     axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
     target, resumed = create_output(output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
                                     (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
+    write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
     normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
                            cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30), progress=progress)
     return dict(stats, resumed=resumed)
+
+
+def target_description(config, volume_ndim: int) -> dict:
+    """What the output channels are, for the steps after prediction: {"kind", "channels"} and, for
+    affinities, "offsets" in the volume's axes (a 2D model's (dy, dx) become (0, dy, dx) on a stack),
+    which `jaxem segment --method mws` reads when no --offsets are given."""
+    from jaxem.data.targets import affinity_offsets
+
+    kind = str(config.target.get("kind", "boundary"))
+    description = {"kind": kind, "channels": int(config.model.out_channels)}
+    if kind == "affinities":
+        lead = (0,) * (volume_ndim - int(config.model.ndim))
+        description["offsets"] = [list(lead + o) for o in affinity_offsets(config.target, int(config.model.ndim))]
+    return description
 
 
 def process_filter(tiling, count: int | None = None, index: int | None = None) -> Callable | None:
