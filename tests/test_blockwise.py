@@ -1,6 +1,7 @@
 """Blockwise prediction equals a whole-volume forward pass; resume; TTA; ensembles; flat memory."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -234,3 +235,16 @@ def test_morton_plan_bounds_the_cache_and_recomputes_little():
     raster, _ = replay(tiling.chunks())
     assert peak <= limit + max(len(tiling.tiles_for_chunk(c)) for c in tiling.chunks())
     assert 1.0 <= morton < 1.25 and morton < raster, (morton, raster)
+
+
+@pytest.mark.parametrize("block,halo,chunk,message", [
+    ((8, 16, 16), (2, 4, 4), (4, 8), "chunk_shape (4, 8) must have one value per volume axis"),
+    ((8, 16, 16), (2, 4, 4), (4, 8, 9), "multiple of the tile stride"),
+    ((8, 16), (2, 4), None, "one value per volume axis"),
+    ((8, 16, 16), (4, 4, 4), None, "less than half"),
+])
+def test_bad_tiling_settings_are_clear_errors(block, halo, chunk, message):
+    from jaxem.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        make_tiling((16, 64, 64), None, block, halo, chunk)

@@ -62,3 +62,45 @@ def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
     np.testing.assert_allclose(four, one, rtol=1e-3)
     np.testing.assert_allclose(multi, one, rtol=1e-3)
     assert one[-1] < one[0]
+
+
+@pytest.mark.slow
+def test_predict_with_2_processes_equals_1_process(tmp_path):
+    """`jaxem predict` over 2 processes x 2 devices: process 0 creates the output, each process
+    predicts its share of the chunks, and the volume equals a single process's prediction; a rerun
+    resumes (nothing left to do) and another job's output is refused by both processes. The run
+    trained here on 4 devices: inference restores it on 2 (another topology)."""
+    from jaxem.commands.demo import with_data_paths
+    from jaxem.data.volume import open_volume, read_attributes
+    from jaxem.train.loop import train
+
+    cfg = load_config("demo:tiny")
+    paths = write_synthetic_data(cfg, tmp_path / "data")
+    train(with_data_paths(cfg, paths), tmp_path / "run", progress=False)
+    args = ["-m", "jaxem.cli", "predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "data" / "test_raw.zarr"),
+            "--no-progress", "--config.predict.block_shape=(32,32)", "--config.predict.halo=(4,4)",
+            "--config.predict.chunk_shape=(24,24)"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": device_flags(2)}
+    subprocess.run([sys.executable, *args, "--output", str(tmp_path / "one.zarr")], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=600)
+
+    def two_processes(*extra) -> tuple[list[int], list[dict]]:
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, *args, "--output", str(tmp_path / "two.zarr"), *extra], cwd=ROOT,
+                                  env={**env, "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
+                                       "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in range(2)]
+        outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+        stats = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
+        return [p.returncode for p in procs], stats
+
+    codes, stats = two_processes()
+    assert codes == [0, 0] and len(stats) == 1 and not stats[0]["resumed"]  # printed by process 0 only
+    assert 0 < stats[0]["chunks"] < 18  # 2 x 64x64 in 24x24 chunks: 18, shared by the processes
+    one, two = open_volume(tmp_path / "one.zarr").read(), open_volume(tmp_path / "two.zarr").read()
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
+    assert read_attributes(tmp_path / "two.zarr")["jaxem_target"]["kind"] == "boundary"
+    codes, stats = two_processes()
+    assert codes == [0, 0] and stats[0]["resumed"] and stats[0]["chunks"] == 0
+    codes, stats = two_processes("--tta")
+    assert codes == [2, 2] and not stats

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    from jaxem.train.parallel import initialize_distributed
+
+    initialize_distributed()  # several processes (JAXEM_COORDINATOR ...) share the volume's chunks
     from jaxem.config import apply_overrides
     from jaxem.infer.job import run_prediction
 
@@ -37,5 +40,8 @@ def run(args, overrides) -> int:
     apply = (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None
     stats = run_prediction(checkpoints, args.input, args.output, roi=args.roi, tta=args.tta, dtype=args.dtype,
                            overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress)
-    print(json.dumps(stats))
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(stats))
     return 0

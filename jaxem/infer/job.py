@@ -7,16 +7,19 @@ is refused unless asked to overwrite.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.blockwise import make_predict_fn, predict_volume
 from jaxem.infer.ensemble import ensemble, with_tta
-from jaxem.infer.output import create_output
+from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.tiling import make_tiling
 from jaxem.train.supervised import output_activation
 
@@ -96,7 +99,9 @@ def run_prediction(
     restored = [restore_for_inference(c) for c in checkpoints]
     config = overrides(restored[0][0]) if overrides else restored[0][0]
     block, halo = block_and_halo(config.predict, len(shape))
-    tiling = make_tiling(shape, region, block, halo, tuple(config.predict.get("chunk_shape", ())) or None, config.predict.get("blend", "gaussian"))
+    chunk = tuple(config.predict.get("chunk_shape", ()))
+    chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
+    tiling = make_tiling(shape, region, block, halo, chunk, config.predict.get("blend", "gaussian"))
     fns = [model_predictor(config, m, v, tta) for _, m, v in restored]
     multiclass = output_activation(str(config.target.get("kind", ""))) == "softmax"
     fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
@@ -104,13 +109,36 @@ def run_prediction(
     job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],
            "tta": tta, "dtype": dtype, "reduce": reduce, "block": list(block), "halo": list(halo), "blend": tiling.blend}
     axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
-    target, resumed = create_output(output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
-                                    (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job, overwrite)
-    write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
+    create = functools.partial(create_output, output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
+                               (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job)
+    target, resumed = create_shared_output(create, output_path, job, overwrite)
+    if jax.process_index() == 0:
+        write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
     normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
-                           cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30), progress=progress)
+                           cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30),
+                           progress=progress and jax.process_index() == 0)
+    if jax.process_count() > 1:  # every chunk is written when any process returns
+        multihost_utils.sync_global_devices("jaxem predict: all chunks written")
     return dict(stats, resumed=resumed)
+
+
+def create_shared_output(create: Callable, path: str, job: dict, overwrite: bool):
+    """`create(overwrite)` -> (volume, resumed) on process 0; with several processes the others wait,
+    then open what it made (the same job, so never replaced). Every process first checks the
+    refusal itself, so a refused output stops all of them, not just process 0."""
+    refuse_other_job(path, job, overwrite)
+    if jax.process_count() == 1:
+        return create(overwrite)
+    multihost_utils.sync_global_devices("jaxem predict: output checked")  # before process 0 touches it
+    resumed = False
+    if jax.process_index() == 0:
+        target, resumed = create(overwrite)
+    multihost_utils.sync_global_devices("jaxem predict: output created")
+    resumed = bool(multihost_utils.broadcast_one_to_all(np.asarray(resumed)))
+    if jax.process_index() != 0:
+        target, _ = create(False)
+    return target, resumed
 
 
 def target_description(config, volume_ndim: int) -> dict:

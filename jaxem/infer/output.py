@@ -27,17 +27,22 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
     voxels of the input volume; job: a JSON-ready description compared on resume.
     """
     path = str(path)
+    refuse_other_job(path, job, overwrite)
     if exists(path):
         if not overwrite:
-            if read_attributes(path).get("jaxem_job") == job:
-                return open_volume(path, "r+", format="ome-zarr"), True
-            raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
+            return open_volume(path, "r+", format="ome-zarr"), True
         clear_done(path)  # a remote store keeps keys create_volume does not know about
     volume = create_volume(path, shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True, format="ome-zarr")
     attrs = read_attributes(path)
     attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(_translation(axes, voxel_size, offset))
     write_attributes(path, {"multiscales": attrs["multiscales"], "offset": [int(o) for o in offset], "jaxem_job": job})
     return volume, False
+
+
+def refuse_other_job(path, job: dict, overwrite: bool) -> None:
+    """UserError when `path` holds the output of a different job and `overwrite` is off (read only)."""
+    if exists(str(path)) and not overwrite and read_attributes(path).get("jaxem_job") != job:
+        raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
 
 
 def _translation(axes, voxel_size, offset) -> dict:

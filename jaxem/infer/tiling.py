@@ -188,6 +188,8 @@ def make_tiling(shape, roi, block, halo, chunk=None, blend="gaussian") -> Tiling
     if chunk is None:
         chunk = tuple(s * max(1, round(64 / s)) for s in stride)
     chunk = tuple(int(c) for c in chunk)
+    if len(chunk) != len(shape):
+        raise UserError(f"predict.chunk_shape {chunk} must have one value per volume axis {shape}.")
     if any(c % s for c, s in zip(chunk, stride)):
         raise UserError(f"output chunk {chunk} must be a multiple of the tile stride {stride} (block - 2 * halo).")
     return Tiling(shape, roi, block, halo, chunk, blend)

@@ -129,7 +129,7 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     step = step if step is not None else (ckpt.best_step() or ckpt.steps()[-1])
     if step not in ckpt.steps():
         raise UserError(f"{run_dir} has no checkpoint at step {step} (it has {ckpt.steps()}).")
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    restored = _restore_on_this_host(ckpt, step)
     ckpt.close()
     use_ema = float(train_cfg.get("ema_decay", 0.0)) > 0
     variables = {"params": restored["ema_params"] if use_ema else restored["params"]}
@@ -138,6 +138,16 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     model = models.build(config.model)
     _check_params_match(model, config, variables, run_dir)
     return config, model, variables
+
+
+def _restore_on_this_host(ckpt: Checkpointer, step: int) -> dict:
+    """The saved state tree with every array on this process's first device, whatever the device
+    count the run trained on (orbax otherwise refuses a checkpoint saved on another topology: a
+    run trained on 8 GPUs could not predict on 1)."""
+    metadata = ocp.StandardCheckpointHandler().metadata(ckpt.directory / str(step) / "state")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
 def _check_params_match(model, config: ml_collections.ConfigDict, variables: dict, where) -> None:
