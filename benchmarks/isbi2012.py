@@ -42,11 +42,11 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
     """{"model"|"threshold_baseline": {metric: {"mean", "std", "values"}}} over the seeds' scores."""
     out = {}
     for who in ("model", "threshold_baseline"):
-        metrics = next(iter(per_seed.values()))["scores"][who]
-        out[who] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                        "values": v}
-                    for k in metrics
-                    for v in [[float(r["scores"][who][k]) for r in per_seed.values()]]}
+        out[who] = {}
+        for metric in next(iter(per_seed.values()))["scores"][who]:
+            values = [float(r["scores"][who][metric]) for r in per_seed.values()]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            out[who][metric] = {"mean": float(np.mean(values)), "std": std, "values": values}
     return out
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from benchmarks import models as models_bench
 from jaxem import models
@@ -49,10 +51,6 @@ def test_conv_ceiling_reports_each_level():
     report = json.loads(out.stdout)
     assert [lv["input"][-1] for lv in report["levels"]] == [4, 8]
     assert all(lv["tflops"] > 0 and lv["mfu"] is None for lv in report["levels"])  # no peak for CPUs
-
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("ndim,fields", [

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import grid_boundaries
 from jaxem.errors import UserError
-from jaxem.segment.instances import instances_from_boundaries, instances_from_foreground, relabel
+from jaxem.segment.instances import instances_from_boundaries, instances_from_foreground, mutex_watershed, relabel
 
 
 @pytest.mark.parametrize("shape,cells", [((33, 33), 16), ((17, 17, 17), 8)])
@@ -117,8 +117,6 @@ def test_mutex_watershed_equals_the_algorithm_spelled_out(shape, offsets, stride
     algorithm on smooth random affinities (no ties)."""
     from scipy.ndimage import gaussian_filter
 
-    from jaxem.segment.instances import mutex_watershed
-
     rng = np.random.default_rng(len(shape))
     affinities = gaussian_filter(rng.uniform(size=(len(offsets), *shape)), (0,) + (1.5,) * len(shape))
     affinities = (affinities - affinities.min()) / (affinities.max() - affinities.min())
@@ -135,7 +133,5 @@ def test_mutex_watershed_equals_the_algorithm_spelled_out(shape, offsets, stride
     ([(1, 0), (0, 1), (3, 0)], (2, 2, 2), "strides need 2 values"),
 ])
 def test_mutex_watershed_bad_offsets_or_strides_are_clear_errors(offsets, strides, message):
-    from jaxem.segment.instances import mutex_watershed
-
     with pytest.raises(UserError, match=message):
         mutex_watershed(np.ones((3, 8, 8), np.float32), offsets, strides=strides)

@@ -48,8 +48,8 @@ def run(args, overrides) -> int:
         if not offsets:
             raise UserError(f"--method mws needs --offsets, a JSON list with one offset per affinity channel "
                             f"({args.input} records none: `jaxem predict` records them for affinity models).")
-        fn, channel = partial(_mws, offsets=offsets,
-                              strides=_parse_per_axis(args.strides, spatial, "--strides") if args.strides else None), "all"
+        strides = _parse_per_axis(args.strides, spatial, "--strides") if args.strides else None
+        fn, channel = partial(instances.mutex_watershed, offsets=offsets, strides=strides), "all"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):
             raise UserError(f"--kind {args.kind!r} is not boundary or foreground.")
@@ -71,12 +71,6 @@ def run(args, overrides) -> int:
         executor.close()
     print(json.dumps(stats))
     return 0
-
-
-def _mws(data, offsets, strides):
-    from jaxem.segment.instances import mutex_watershed
-
-    return mutex_watershed(data, offsets, strides=strides)
 
 
 def _parse_offsets(text: str) -> list:

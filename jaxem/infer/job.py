@@ -127,9 +127,9 @@ def create_shared_output(create: Callable, path: str, job: dict, overwrite: bool
     """`create(overwrite)` -> (volume, resumed) on process 0; with several processes the others wait,
     then open what it made (the same job, so never replaced). Every process first checks the
     refusal itself, so a refused output stops all of them, not just process 0."""
-    refuse_other_job(path, job, overwrite)
     if jax.process_count() == 1:
-        return create(overwrite)
+        return create(overwrite)  # which refuses another job's output itself
+    refuse_other_job(path, job, overwrite)
     multihost_utils.sync_global_devices("jaxem predict: output checked")  # before process 0 touches it
     resumed = False
     if jax.process_index() == 0:
