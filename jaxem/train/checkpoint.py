@@ -8,6 +8,7 @@ the one before it is used, so a crash during a save never costs more than one in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -21,17 +22,21 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxem.errors import UserError
 
 log = logging.getLogger(__name__)
-STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "ema_params", "rng")
+
+
+def _array_fields(state) -> list[str]:
+    """The pytree fields of a state dataclass (TrainState or a subclass): all but the optimizer."""
+    return [f.name for f in dataclasses.fields(state) if f.metadata.get("pytree_node", True)]
 
 
 def state_to_tree(state) -> dict:
     """The saved part of a TrainState (everything but the optimizer definition)."""
-    return {name: getattr(state, name) for name in STATE_FIELDS}
+    return {name: getattr(state, name) for name in _array_fields(state)}
 
 
 def tree_to_state(template, tree: dict):
-    """A TrainState like `template` holding the arrays of a restored tree."""
-    return template.replace(**{name: tree[name] for name in STATE_FIELDS})
+    """A state like `template` holding the arrays of a restored tree."""
+    return template.replace(**{name: tree[name] for name in _array_fields(template)})
 
 
 class Checkpointer:

@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
@@ -148,7 +149,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     parallel.initialize_distributed()
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
     check_workdir(config, workdir)
 
     tc, ndim = config.train, config.model.ndim
@@ -166,8 +166,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     model, state, train_step, eval_step = build_training(config, mesh)
     # Open the data before writing anything, so bad data paths leave the workdir untouched.
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
-    has_val = bool(config.data.val_images) and tc.eval_every > 0
-    val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val") if has_val else None
+    validate, val_loader = None, None
+    if config.data.val_images and tc.eval_every > 0:
+        val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val")
+        val_start = val_loader.get_state()
+        score_instances = config.target.kind == "boundary" and tc.eval_instances
+        validate = lambda state: evaluate(state, eval_step, val_loader, val_start, tc.eval_batches, score_instances)  # noqa: E731
+    meta = {section: fingerprint(config[section]) for section in SHAPE_SECTIONS}
+    try:
+        return run_loop(config, workdir, state=state, train_step=train_step, loader=loader, meta=meta,
+                        devices=int(mesh.devices.size), validate=validate, progress=progress)
+    finally:
+        if val_loader is not None:
+            val_loader.close()
+
+
+def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_step: Callable, loader,
+             meta: dict, devices: int, validate: Callable | None = None, progress: bool = True) -> dict:
+    """Runs `train_step` over `loader` to `config.train.steps`, with logs, checkpoints and resume.
+
+    The loop every kind of training shares (supervised, self-supervised). `state` is the freshly
+    initialised state (replaced by the newest readable checkpoint in `workdir` if there is one);
+    `validate(state) -> {name: float}` runs every `train.eval_every` steps when given. Writes the
+    resolved config, versions, metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
+    closes `loader`. Returns a summary dict (steps, time, last validation metrics).
+    """
+    tc = config.train
+    is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         save_config(config, workdir)
@@ -182,10 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
         loader.set_state(data_state)
         writer.truncate_after(int(state.step))
     start = int(state.step)
-    val_start = val_loader.get_state() if has_val else None
-
-    meta = {"model": fingerprint(config.model), "target": fingerprint(config.target)}
-    summary = {"start_step": start, "parameters": parameter_count(state.params), "devices": int(mesh.devices.size)}
+    summary = {"start_step": start, "parameters": parameter_count(state.params), "devices": devices}
 
     def save(step: int, metrics: dict | None = None, force: bool = False):
         ckpt.save(step, state, loader.get_state(), meta, metrics=metrics, force=force)
@@ -200,7 +222,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
             step += 1
             history.append(metrics)
             at_log = step % tc.log_every == 0 or step == tc.steps
-            at_eval = has_val and (step % tc.eval_every == 0 or step == tc.steps)
+            at_eval = validate is not None and (step % tc.eval_every == 0 or step == tc.steps)
             preempted = preemption.requested  # read once: a signal arriving later is handled next step
             at_save = step % tc.checkpoint_every == 0 or step == tc.steps or preempted
             if at_log or at_eval or at_save:
@@ -213,10 +235,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
                         f"the training loss became {mean['loss']} at step {step}; the last good checkpoint is "
                         f"kept in {ckpt.directory} (lower optimizer.learning_rate or raise optimizer.grad_clip).")
                 writer.write(step, "train", mean)
-                bar.set_postfix(loss=f"{mean['loss']:.4f}", **({"val_dice": f"{last_val['dice']:.3f}"} if last_val else {}))
+                bar.set_postfix(loss=f"{mean['loss']:.4f}", **({"val_dice": f"{last_val['dice']:.3f}"} if "dice" in last_val else {}))
             if at_eval:
-                last_val = evaluate(state, eval_step, val_loader, val_start, tc.eval_batches,
-                                    score_instances=config.target.kind == "boundary" and tc.eval_instances)
+                last_val = validate(state)
                 writer.write(step, "val", last_val)
             if at_save:
                 save(step, {f"val_{k}": v for k, v in last_val.items()} if at_eval else None, force=preempted)
@@ -227,8 +248,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     bar.close()
     ckpt.close()
     loader.close()
-    if val_loader is not None:
-        val_loader.close()
     writer.close()
     elapsed = time.time() - t0
     summary.update(final_step=step, seconds=elapsed, steps_per_second=(step - start) / max(elapsed, 1e-9),
