@@ -48,7 +48,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise UserError(f"config file {path} could not be read: {type(e).__name__}: {e}.") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path} has no get_config() function.")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # e.g. an argument the config does not know
+        raise UserError(f"get_config({arg!r}) in {path} failed: {type(e).__name__}: {e}") from e
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise UserError(f"get_config() in {path} returned {type(cfg).__name__}, expected an ml_collections.ConfigDict.")
     cfg.lock()

@@ -72,15 +72,51 @@ def make_augment_fn(cfg: ml_collections.ConfigDict, ndim: int):
     return fn
 
 
-def make_two_view_fn(cfg: ml_collections.ConfigDict, ndim: int):
-    """Returns `fn(rng, image (B, *spatial, C)) -> (view1, view2)`: two independent augmentations."""
+def make_two_view_fn(cfg: ml_collections.ConfigDict, ndim: int, crop_scale: tuple[float, float] = (1.0, 1.0)):
+    """Returns `fn(rng, image (B, *spatial, C)) -> (view1, view2)`, two independent views per example
+    for self-supervised training: each a random resized crop (see `random_resized_crop`) then the
+    augmentations of `cfg`. `crop_scale` (1, 1) skips the crop."""
     augment = make_augment_fn(cfg, ndim)
+
+    def view(rng, image):
+        crop_rng, augment_rng = jax.random.split(rng)
+        if tuple(crop_scale) != (1.0, 1.0):
+            image = random_resized_crop(crop_rng, image, crop_scale)
+        return augment(augment_rng, {"image": image})["image"]
 
     def fn(rng, image):
         k1, k2 = jax.random.split(rng)
-        return augment(k1, {"image": image})["image"], augment(k2, {"image": image})["image"]
+        return view(k1, image), view(k2, image)
 
     return fn
+
+
+def random_resized_crop(rng: jax.Array, image: jax.Array, scale: tuple[float, float] = (0.3, 1.0),
+                        aspect: tuple[float, float] = (0.75, 4 / 3)) -> jax.Array:
+    """Per example, a random in-plane window resized back to the full crop (SimCLR's main view op).
+
+    image (B, *spatial, C) -> same shape. The window covers a fraction U(scale) of the (y, x) plane
+    with aspect ratio log-uniform in `aspect` (clipped to the crop), at a uniform position; 3D crops
+    keep every z-section (EM sections are thick: zooming in z would mix resolutions). Linear
+    interpolation.
+    """
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}.")
+    plane = (image.ndim - 3, image.ndim - 2)  # the (y, x) axes of one example (*spatial, C)
+
+    def one(key, example):
+        k_area, k_aspect, k_pos = jax.random.split(key, 3)
+        area = jax.random.uniform(k_area, (), minval=lo, maxval=hi)
+        log_ratio = jax.random.uniform(k_aspect, (), minval=math.log(aspect[0]), maxval=math.log(aspect[1]))
+        ratio = jnp.exp(log_ratio)
+        fraction = jnp.clip(jnp.sqrt(jnp.stack([area / ratio, area * ratio])), 0.0, 1.0)  # of (y, x)
+        start = jax.random.uniform(k_pos, (2,)) * (1.0 - fraction) * jnp.array([example.shape[a] for a in plane])
+        zoom = 1.0 / fraction
+        return jax.image.scale_and_translate(example, example.shape, plane, zoom, -start * zoom, "linear",
+                                             antialias=False)
+
+    return jax.vmap(one)(jax.random.split(rng, image.shape[0]), image)
 
 
 def _augment_example(cfg, ndim, spatial, key, image, labels, mask):

@@ -55,16 +55,19 @@ def default_data_config() -> ml_collections.ConfigDict:
     })
 
 
-def make_loader(data_cfg, *, mesh, ndim: int, seed: int, split: str = "train") -> "BatchLoader":
-    """A BatchLoader over `data_cfg.{split}_images/_labels/_masks`, sharded over mesh axis 'data'."""
+def make_loader(data_cfg, *, mesh, ndim: int, seed: int, split: str = "train", labelled: bool = True) -> "BatchLoader":
+    """A BatchLoader over `data_cfg.{split}_images/_labels/_masks`, sharded over mesh axis 'data'.
+
+    `labelled=False` reads images only (self-supervised training): batches hold "image" and "mask".
+    """
     if split not in ("train", "val"):
         raise UserError(f"loader split must be 'train' or 'val', got {split!r}.")
     crop_shape = tuple(int(c) for c in data_cfg.crop_shape)
     if len(crop_shape) != ndim:
         raise UserError(f"data.crop_shape {crop_shape} must have {ndim} values for a {ndim}D model.")
-    images, labels = tuple(data_cfg[f"{split}_images"]), tuple(data_cfg[f"{split}_labels"])
+    images, labels = tuple(data_cfg[f"{split}_images"]), tuple(data_cfg[f"{split}_labels"]) if labelled else ()
     masks = tuple(data_cfg.get(f"{split}_masks", ()))
-    shapes = sampling.volume_shapes(images, labels, masks, crop_shape, split)
+    shapes = sampling.volume_shapes(images, labels, masks, crop_shape, split, labelled)
     stats = [sampling.normalize_stats(sampling.open_volume(p), data_cfg.normalize, tuple(data_cfg.percentiles))
              for p in images]
     source = sampling.CropSource(

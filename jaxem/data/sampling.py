@@ -109,25 +109,24 @@ class CropSource:
         return index, _random_box(rng, shape, crop)
 
     def read(self, index: int, box: tuple[slice, ...]) -> dict[str, np.ndarray]:
-        """One crop: image (*crop) float32 normalized, labels (*crop) int32, mask (*crop) float32."""
-        image = self.volume("images", index).store[box].read()
-        labels = self.volume("labels", index).store[box].read()
-        mask = self.volume("masks", index).store[box].read() if self.masks else None
+        """One crop: image (*crop) float32 normalized, mask (*crop) float32 (1 = labelled) and, when
+        the source has labels, labels (*crop) int32."""
+        kinds = ["images"] + (["labels"] if self.labels else []) + (["masks"] if self.masks else [])
+        reads = {kind: self.volume(kind, index).store[box].read() for kind in kinds}  # concurrent reads
         squeeze = tuple(range(len(box) - len(self.crop_shape)))
-        labels = np.squeeze(labels.result(), squeeze)
-        mask = np.ones(labels.shape, np.float32) if mask is None else np.squeeze(mask.result(), squeeze).astype(np.float32)
-        return {
-            "image": normalize(np.squeeze(image.result(), squeeze), self.stats[index]),
-            "labels": labels,
-            "mask": mask,
-        }
+        arrays = {kind: np.squeeze(future.result(), squeeze) for kind, future in reads.items()}
+        crop = {"image": normalize(arrays["images"], self.stats[index])}
+        if self.labels:
+            crop["labels"] = arrays["labels"]
+        crop["mask"] = arrays["masks"].astype(np.float32) if self.masks else np.ones(crop["image"].shape, np.float32)
+        return crop
 
     def sample(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A random crop meeting `foreground_min_fraction` (UserError after `max_retries` failed draws)."""
         best = 0.0
         for _ in range(max(1, self.max_retries)):
             crop = self.read(*self.random_box(rng))
-            if self.foreground_min_fraction <= 0:
+            if self.foreground_min_fraction <= 0 or not self.labels:
                 return self.finish(crop)
             fraction = float(np.mean((crop["labels"] > 0) & (crop["mask"] > 0)))
             if fraction >= self.foreground_min_fraction:
@@ -139,6 +138,8 @@ class CropSource:
             f"lower it or raise data.max_retries.")
 
     def finish(self, crop: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "labels" not in crop:
+            return crop
         labels = crop["labels"]
         if self.renumber:
             labels, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=False)
@@ -161,18 +162,23 @@ def grid_boxes(shape: Sequence[int], crop_shape: Sequence[int]) -> list[tuple[sl
 
 
 def volume_shapes(images: Sequence[str], labels: Sequence[str], masks: Sequence[str],
-                  crop_shape: Sequence[int], split: str) -> list[tuple[int, ...]]:
-    """Opens and checks the volumes of one split; returns their shapes (UserError on any mismatch)."""
+                  crop_shape: Sequence[int], split: str, labelled: bool = True) -> list[tuple[int, ...]]:
+    """Opens and checks the volumes of one split; returns their shapes (UserError on any mismatch).
+
+    With `labelled=False` (self-supervised training) `labels` must be empty and only images are read.
+    """
     if len(images) == 0:
         raise UserError(f"data.{split}_images is empty: name at least one image volume.")
-    if len(images) != len(labels):
+    if labelled and len(images) != len(labels):
         raise UserError(f"data.{split}_images has {len(images)} volumes but data.{split}_labels has {len(labels)}.")
+    if not labelled and labels:
+        raise UserError(f"data.{split}_labels must be empty for training without labels, got {len(labels)} volumes.")
     if masks and len(masks) != len(images):
         raise UserError(f"data.{split}_masks has {len(masks)} volumes, expected one per image ({len(images)}).")
     shapes = []
-    for i, (image_path, label_path) in enumerate(zip(images, labels)):
+    for i, image_path in enumerate(images):
         shape = open_volume(image_path).shape
-        others = [label_path] + ([masks[i]] if masks else [])
+        others = ([labels[i]] if labelled else []) + ([masks[i]] if masks else [])
         for other in others:
             if open_volume(other).shape != shape:
                 raise UserError(f"{other} has shape {open_volume(other).shape} but its image {image_path} has {shape}.")

@@ -62,9 +62,13 @@ class PooledEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        last = self.encoder(x, train)[-1]
-        pooled = jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
+        pooled = global_mean_pool(self.encoder(x, train)[-1])
         return nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled
 
     def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
         return self.encoder(x, train)
+
+
+def global_mean_pool(features: jax.Array) -> jax.Array:
+    """(B, *S, C) any dtype -> (B, C) float32: the mean over every spatial position (or token)."""
+    return jnp.mean(features.astype(jnp.float32), axis=tuple(range(1, features.ndim - 1)))

@@ -146,13 +146,28 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
 
 
 def _restore_on_this_host(ckpt: Checkpointer, step: int) -> dict:
-    """The saved state tree with every array on this process's first device, whatever the device
-    count the run trained on (orbax otherwise refuses a checkpoint saved on another topology: a
-    run trained on 8 GPUs could not predict on 1)."""
-    metadata = ocp.StandardCheckpointHandler().metadata(ckpt.directory / str(step) / "state")
+    """The saved state tree of checkpoint `step`, on this process's first device."""
+    return restore_on_this_host(ckpt.directory / str(step) / "state")
+
+
+def restore_on_this_host(directory: str | os.PathLike) -> dict:
+    """The tree saved by orbax in `directory` with every array on this process's first device,
+    whatever the device count it was saved from (orbax otherwise refuses a checkpoint saved on
+    another topology: a run trained on 8 GPUs could not predict on 1)."""
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(Path(directory).resolve())
+    metadata = getattr(metadata, "item_metadata", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    return checkpointer.restore(Path(directory).resolve(), target)
+
+
+def save_tree(directory: str | os.PathLike, tree: Any) -> None:
+    """Saves a pytree of arrays with orbax into `directory` (replacing what is there); every
+    process of a multi-process job must call it."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(directory).resolve(), tree, force=True)
+    checkpointer.wait_until_finished()
 
 
 def _check_params_match(model, config: ml_collections.ConfigDict, variables: dict, where) -> None:

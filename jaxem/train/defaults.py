@@ -29,6 +29,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         ema_decay=0.0,  # 0 = off; e.g. 0.999
         accumulate_steps=1,  # micro-batches per optimizer step
         num_devices=0,  # 0 = all devices of all processes
+        init_encoder="",  # a `jaxem pretrain` workdir (or its encoder/): start the encoder from it
     ))
 
 

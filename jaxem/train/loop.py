@@ -14,7 +14,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -32,27 +32,36 @@ from jaxem.train.logs import MetricWriter, environment_versions, plot_curves
 from jaxem.train.state import create_train_state, make_optimizer, parameter_count
 from jaxem.train.supervised import make_eval_step, make_train_step
 
-# Sections whose change makes old checkpoints unusable (parameter shapes or target meaning).
-SHAPE_SECTIONS = ("model", "target")
+# Sections whose change makes old checkpoints unusable (parameter shapes or target meaning);
+# 'ssl' marks a self-supervised run, whose checkpoints a supervised run cannot resume (and back).
+SHAPE_SECTIONS = ("model", "target", "ssl")
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or Inf."""
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """UserError when `workdir` holds checkpoints of a run with a different model or target."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...] = SHAPE_SECTIONS) -> None:
+    """UserError when `workdir` holds checkpoints of a run whose config differs in one of `sections`
+    (a section present in only one of the two configs differs too)."""
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise UserError(f"{workdir} holds checkpoints but no config.json; use a new --workdir.")
         return
     saved = ml_collections.ConfigDict(json.loads(saved_path.read_text()))
-    for section in SHAPE_SECTIONS:
-        if section in saved and fingerprint(saved[section]) != fingerprint(config[section]):
+    for section in sections:
+        if section not in saved and section not in config:
+            continue
+        if section not in saved or section not in config or fingerprint(saved[section]) != fingerprint(config[section]):
             raise UserError(
                 f"{workdir} holds a run with a different `{section}` config; use a new --workdir "
                 f"(or delete {workdir}) instead of mixing experiments.")
+
+
+def run_meta(config: ml_collections.ConfigDict, sections: tuple[str, ...] = SHAPE_SECTIONS) -> dict:
+    """What each checkpoint records of its run: the fingerprint of every shape section present."""
+    return {section: fingerprint(config[section]) for section in sections if section in config}
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -134,6 +143,8 @@ def build_training(config: ml_collections.ConfigDict, mesh):
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
     state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
         jax.random.PRNGKey(config.seed))
+    if tc.get("init_encoder"):
+        state = with_pretrained_encoder(state, tc.init_encoder, mesh)
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
     train_step = jax.jit(
@@ -142,6 +153,23 @@ def build_training(config: ml_collections.ConfigDict, mesh):
     eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
     return model, state, train_step, eval_step
+
+
+def with_pretrained_encoder(state, path: str, mesh):
+    """`state` whose encoder variables (params and EMA copy; batch_stats with batch norm) come from
+    the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit."""
+    from jaxem.ssl.pretrain import load_encoder
+
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    try:
+        variables = models.transfer_encoder_params(variables, load_encoder(path))
+    except UserError as e:
+        raise UserError(f"train.init_encoder={path}: {e}") from None
+    variables = parallel.replicate(jax.device_get(variables), mesh)
+    params = variables["params"]
+    opt_state = jax.jit(state.tx.init, out_shardings=parallel.replicated(mesh))(params)
+    return state.replace(params=params, ema_params=params, batch_stats=variables.get("batch_stats", state.batch_stats),
+                         opt_state=opt_state)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
@@ -172,24 +200,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
         val_start = val_loader.get_state()
         score_instances = config.target.kind == "boundary" and tc.eval_instances
         validate = lambda state: evaluate(state, eval_step, val_loader, val_start, tc.eval_batches, score_instances)  # noqa: E731
-    meta = {section: fingerprint(config[section]) for section in SHAPE_SECTIONS}
     try:
-        return run_loop(config, workdir, state=state, train_step=train_step, loader=loader, meta=meta,
-                        devices=int(mesh.devices.size), validate=validate, progress=progress)
+        summary, _ = run_loop(config, workdir, state=state, train_step=train_step, loader=loader, meta=run_meta(config),
+                              devices=int(mesh.devices.size), validate=validate, progress=progress)
+        return summary
     finally:
         if val_loader is not None:
             val_loader.close()
 
 
 def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_step: Callable, loader,
-             meta: dict, devices: int, validate: Callable | None = None, progress: bool = True) -> dict:
+             meta: dict, devices: int, validate: Callable | None = None, progress: bool = True) -> tuple[dict, Any]:
     """Runs `train_step` over `loader` to `config.train.steps`, with logs, checkpoints and resume.
 
     The loop every kind of training shares (supervised, self-supervised). `state` is the freshly
     initialised state (replaced by the newest readable checkpoint in `workdir` if there is one);
     `validate(state) -> {name: float}` runs every `train.eval_every` steps when given. Writes the
     resolved config, versions, metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
-    closes `loader`. Returns a summary dict (steps, time, last validation metrics).
+    closes `loader`. Returns (summary dict: steps, time, last validation metrics; the final state).
     """
     tc = config.train
     is_main = jax.process_index() == 0
@@ -254,4 +282,4 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
                    **{f"val_{k}": v for k, v in last_val.items()})
     if is_main and (workdir / "metrics.jsonl").exists():
         plot_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
-    return summary
+    return summary, state

@@ -58,9 +58,42 @@ def segmentation_loss(loss_cfg, logits, targets, mask=None) -> tuple[jax.Array, 
     return sum(parts.values()), parts
 
 
-def info_nce(queries: jax.Array, keys: jax.Array, temperature: float = 0.1) -> jax.Array:
-    """InfoNCE / NT-Xent: row i of `queries` (N, D) matches row i of `keys` (N, D), all else negative."""
-    q = queries / jnp.linalg.norm(queries, axis=-1, keepdims=True)
-    k = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
-    logits = q @ k.T / temperature
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(q.shape[0])))
+def unit_vectors(x: jax.Array) -> jax.Array:
+    """Rows of `x` (N, D) scaled to length 1 (zero rows stay zero)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _similarities(a: jax.Array, b: jax.Array, temperature: float) -> jax.Array:
+    # Full float32 precision: a temperature of 0.1-0.2 multiplies any rounding of the dot products.
+    return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST) / temperature
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.1) -> tuple[jax.Array, jax.Array]:
+    """SimCLR's NT-Xent loss over the 2N embeddings of N positive pairs (z1[i], z2[i]), each (N, D).
+
+    Every embedding must pick its partner out of the other 2N - 1 (all other views are negatives;
+    under jit on a 'data'-sharded batch these include the other devices' views). Returns
+    (mean loss, top-1 accuracy of picking the partner).
+    """
+    n = z1.shape[0]
+    z = unit_vectors(jnp.concatenate([z1, z2]).astype(jnp.float32))
+    logits = _similarities(z, z, temperature)
+    logits = jnp.where(jnp.eye(2 * n, dtype=bool), -1e9, logits)  # a view is not its own negative
+    partner = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, partner)
+    return jnp.mean(loss), jnp.mean(jnp.argmax(logits, axis=-1) == partner)
+
+
+def moco_infonce(queries: jax.Array, keys: jax.Array, queue: jax.Array,
+                 temperature: float = 0.2) -> tuple[jax.Array, jax.Array]:
+    """MoCo's InfoNCE: query i (N, D) must pick its key i (N, D) against the K queued keys (K, D).
+
+    `keys` and `queue` are constants (no gradient flows into them); `queue` rows are unit vectors.
+    Returns (mean loss, top-1 accuracy of picking the positive key).
+    """
+    q = unit_vectors(queries.astype(jnp.float32))
+    k = jax.lax.stop_gradient(unit_vectors(keys.astype(jnp.float32)))
+    positive = jnp.sum(q * k, axis=-1, keepdims=True) / temperature
+    logits = jnp.concatenate([positive, _similarities(q, jax.lax.stop_gradient(queue), temperature)], axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(q.shape[0], jnp.int32))
+    return jnp.mean(loss), jnp.mean(jnp.argmax(logits, axis=-1) == 0)

@@ -1,0 +1,61 @@
+"""Self-supervised pretraining of the demo U-Net's encoder on unlabelled (synthetic) EM.
+
+    jaxem pretrain --workdir runs/pretrain                          # MoCo v2 (default)
+    jaxem pretrain --config pretrain:simclr --workdir runs/simclr   # SimCLR
+    jaxem demo --workdir runs/finetuned --config.train.init_encoder=runs/pretrain
+
+The model section is the demo's U-Net, so the exported encoder fine-tunes in `jaxem demo` (or any
+config with the same encoder). With data.train_images empty, `jaxem pretrain` writes a synthetic
+volume of `synthetic.shape` into WORKDIR/data; set data.train_images to pretrain on real EM
+(labels are never read). Arguments (comma-separated): moco | simclr, tiny (seconds, for tests).
+"""
+
+from jaxem.ssl.contrastive import default_ssl_config
+from jaxem.train.defaults import base_config
+
+
+def get_config(arg: str = ""):
+    options = {a for a in arg.split(",") if a}
+    unknown = options - {"moco", "simclr", "tiny"}
+    if unknown or {"moco", "simclr"} <= options:
+        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use moco or simclr, and tiny.")
+    config = base_config(ndim=2, model="unet")
+    config.seed = 0
+    config.synthetic = dict(shape=(32, 256, 256), voxel_size=(40.0, 4.0, 4.0), seed=100)
+
+    config.ssl = default_ssl_config()
+    config.ssl.method = "simclr" if "simclr" in options else "moco"
+    config.ssl.temperature = 0.2
+    config.ssl.queue_size = 2048
+
+    config.data.crop_shape = (128, 128)
+    config.data.batch_size = 32
+
+    config.model.widths = (16, 32, 64, 128)  # the demo's U-Net (configs/demo.py)
+
+    # Views differ in intensity and blur as well as geometry, so that matching them needs structure.
+    config.augment.contrast = {"p": 0.8, "brightness": 0.4, "contrast": 0.4}
+    config.augment.gamma = {"p": 0.5, "max_log_gamma": 0.4}
+    config.augment.blur = {"p": 0.5, "max_sigma": 2.0}
+    config.augment.noise = {"p": 0.5, "max_std": 0.2}
+
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 20
+    config.train.steps = 300
+    config.train.log_every = 10
+    config.train.eval_every = 0
+    config.train.checkpoint_every = 100
+    config.train.best_metric = ""
+
+    if "tiny" in options:
+        config.synthetic.shape = (4, 64, 64)
+        config.data.crop_shape = (32, 32)
+        config.data.batch_size = 8
+        config.model.widths = (4, 8)
+        config.ssl.queue_size = 32
+        config.ssl.projection_hidden = 32
+        config.ssl.projection_dim = 16
+        config.train.steps = 6
+        config.train.log_every = 2
+        config.train.checkpoint_every = 3
+    return config

@@ -1,0 +1,60 @@
+"""`jaxem pretrain --workdir DIR [--config FILE[:ARG]] [--config.a.b=value ...]`: self-supervised
+pretraining (MoCo v2 / SimCLR) of a model's encoder on unlabelled EM; exports DIR/encoder.
+
+Without data.train_images it pretrains on a synthetic volume it writes to DIR/data (the config's
+`synthetic` section). Running the same command again resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxem.config import apply_overrides, load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="pretrain", help="config file, default configs/pretrain.py (FILE[:ARG])")
+    parser.add_argument("--workdir", required=True, help="run directory: config, logs, checkpoints, encoder/ (resumes if present)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def with_synthetic_images(config, data_dir: Path):
+    """The config with data.train_images set to a synthetic raw volume in `data_dir` (written once)."""
+    import ml_collections
+
+    from jaxem.data.synthetic import generate
+    from jaxem.data.volume import create_volume
+
+    synthetic = config.synthetic
+    path = data_dir / "pretrain_raw.zarr"
+    if not (path / ".zattrs").exists():
+        em = generate(shape=tuple(synthetic.shape), voxel_size=tuple(synthetic.voxel_size), seed=synthetic.seed)
+        create_volume(path, em.raw.shape, em.raw.dtype, voxel_size=tuple(synthetic.voxel_size), overwrite=True).write(em.raw)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.train_images = (str(path),)
+    config.lock()
+    return config
+
+
+def run(args, overrides) -> int:
+    from jaxem.errors import UserError
+    from jaxem.train.parallel import initialize_distributed
+
+    initialize_distributed()  # before the config touches any device
+    from jaxem.ssl.pretrain import pretrain
+
+    config = apply_overrides(load_config(args.config), overrides)
+    if "ssl" not in config:
+        raise UserError(f"config {args.config} has no `ssl` section; pretrain from configs/pretrain.py or a copy of it.")
+    if not config.data.train_images:
+        if "synthetic" not in config:
+            raise UserError("data.train_images is empty and the config has no `synthetic` section; name image volumes.")
+        config = with_synthetic_images(config, Path(args.workdir) / "data")
+    summary = pretrain(config, args.workdir, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    if "preempted_at" in summary:
+        print(f"preempted at step {summary['preempted_at']}: run the same command to resume.")
+    else:
+        print(f"encoder written to {summary['encoder_dir']}; fine-tune with --config.train.init_encoder={args.workdir}")
+    return 0

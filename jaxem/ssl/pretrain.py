@@ -1,0 +1,103 @@
+"""Self-supervised pretraining runs, encoder export and loading for fine-tuning.
+
+    summary = pretrain(config, workdir)     # config.ssl says how; config.model names the encoder
+    variables = load_encoder(workdir)       # {"params": ..., ["batch_stats": ...]} of the encoder
+
+`config.model` is the segmentation model the encoder will serve (a U-Net, or a 'resnet'/'vit'
+encoder model): its 'encoder' is pretrained, so the result copies into the same config's model.
+A run writes what a supervised run writes (config.json, metrics.jsonl, TensorBoard events,
+checkpoints, training_curves.png) plus `encoder/`: the encoder's variables (orbax) and
+`model.json`, the model config they fit. Fine-tune with `--config.train.init_encoder=WORKDIR`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from jaxem import models
+from jaxem.data import augment, pipeline
+from jaxem.errors import UserError
+from jaxem.ssl.contrastive import build_contrastive_model, check_ssl_config, create_contrastive_state, make_contrastive_step
+from jaxem.train import parallel
+from jaxem.train.checkpoint import restore_on_this_host, save_tree
+from jaxem.train.loop import check_workdir, run_loop, run_meta
+from jaxem.train.state import make_optimizer
+
+SECTIONS = ("model", "ssl")  # a change here makes the workdir's checkpoints unusable
+ENCODER_DIR, MODEL_FILE, VARIABLES_DIR = "encoder", "model.json", "variables"
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+    """Pretrains `config.model`'s encoder with `config.ssl` on `config.data.train_images` (labels
+    are not read); resumes from `workdir`'s checkpoints; exports the encoder when done.
+
+    Returns the loop's summary plus `encoder_dir`.
+    """
+    parallel.initialize_distributed()
+    workdir = Path(workdir)
+    check_workdir(config, workdir, SECTIONS)
+    ndim, batch_size = config.model.ndim, config.data.batch_size
+    mesh = parallel.make_mesh(config.train.num_devices)
+    parallel.check_batch_size(batch_size, mesh)
+    check_ssl_config(config.ssl, batch_size)
+    models.check_input_shape(config.model, tuple(config.data.crop_shape))
+
+    state, train_step = build_pretraining(config, mesh)
+    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train", labelled=False)
+    summary, state = run_loop(config, workdir, state=state, train_step=train_step, loader=loader,
+                              meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress)
+    if "preempted_at" not in summary:
+        summary["encoder_dir"] = str(export_encoder(state, config, workdir / ENCODER_DIR))
+    return summary
+
+
+def build_pretraining(config: ml_collections.ConfigDict, mesh):
+    """(initial ContrastiveState, jitted train_step) on `mesh`: state replicated, batches sharded."""
+    model = build_contrastive_model(models.build(config.model).encoder, config.ssl)
+    tx = make_optimizer(config.optimizer, config.train.steps)
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
+    state = jax.jit(lambda rng: create_contrastive_state(model, tx, rng, init_shape, config.ssl),
+                    out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+    two_views = augment.make_two_view_fn(config.augment, config.model.ndim, tuple(config.ssl.crop_scale))
+    train_step = jax.jit(make_contrastive_step(model, config.ssl, two_views),
+                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                         donate_argnums=0)
+    return state, train_step
+
+
+def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Path) -> Path:
+    """Writes the encoder of a pretraining `state` to `directory`: `variables/` (orbax: params and,
+    with batch norm, batch_stats) and `model.json` (the model config they fit, the ssl config and
+    the step). Every process of a multi-process run must call it. Returns `directory`."""
+    directory = Path(directory)
+    variables = {"params": state.params["encoder"]}
+    if "encoder" in (state.batch_stats or {}):
+        variables["batch_stats"] = state.batch_stats["encoder"]
+    save_tree(directory / VARIABLES_DIR, variables)
+    if jax.process_index() == 0:
+        record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step)}
+        (directory / MODEL_FILE).write_text(json.dumps(record, indent=2, default=list) + "\n")
+    return directory
+
+
+def load_encoder(path: str | Path) -> dict:
+    """The encoder variables {"params": ..., ["batch_stats": ...]} from an exported encoder
+    directory or a pretraining run directory (its `encoder/`), on this process's first device."""
+    path = Path(path)
+    directory = path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
+    if not (directory / MODEL_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
+        raise UserError(f"{path} holds no exported encoder (expected {directory}/{MODEL_FILE} and "
+                        f"{VARIABLES_DIR}/; pretrain with `jaxem pretrain` first, to the end).")
+    return restore_on_this_host(directory / VARIABLES_DIR)
+
+
+def encoder_model_config(path: str | Path) -> ml_collections.ConfigDict:
+    """The model config an exported encoder (or pretraining run) was pretrained for."""
+    path = Path(path)
+    directory = path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
+    return ml_collections.ConfigDict(json.loads((directory / MODEL_FILE).read_text())["model"])
