@@ -165,14 +165,12 @@ def volume_shapes(images: Sequence[str], labels: Sequence[str], masks: Sequence[
                   crop_shape: Sequence[int], split: str, labelled: bool = True) -> list[tuple[int, ...]]:
     """Opens and checks the volumes of one split; returns their shapes (UserError on any mismatch).
 
-    With `labelled=False` (self-supervised training) `labels` must be empty and only images are read.
+    With `labelled=False` (self-supervised training) `labels` are ignored.
     """
     if len(images) == 0:
         raise UserError(f"data.{split}_images is empty: name at least one image volume.")
     if labelled and len(images) != len(labels):
         raise UserError(f"data.{split}_images has {len(images)} volumes but data.{split}_labels has {len(labels)}.")
-    if not labelled and labels:
-        raise UserError(f"data.{split}_labels must be empty for training without labels, got {len(labels)} volumes.")
     if masks and len(masks) != len(images):
         raise UserError(f"data.{split}_masks has {len(masks)} volumes, expected one per image ({len(images)}).")
     shapes = []

@@ -89,7 +89,8 @@ def build_contrastive_model(encoder: nn.Module, cfg: ml_collections.ConfigDict) 
 class ContrastiveState(TrainState):
     """TrainState plus MoCo's parts. For MoCo `ema_params` is the momentum (key) encoder and
     `key_batch_stats` its normalisation statistics; `queue` (K, D) holds unit-length keys, the
-    oldest at `queue_ptr`. SimCLR keeps `ema_params` = params and an empty (0, D) queue."""
+    oldest at `queue_ptr`. SimCLR keeps `ema_params` = params and an unused (1, D) queue (orbax
+    cannot save empty arrays)."""
 
     key_batch_stats: Any
     queue: jax.Array
@@ -103,7 +104,7 @@ def create_contrastive_state(model: ContrastiveModel, tx: optax.GradientTransfor
     init_rng, queue_rng, state_rng = jax.random.split(rng, 3)
     variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    size = cfg.queue_size if cfg.method == "moco" else 0
+    size = cfg.queue_size if cfg.method == "moco" else 1
     queue = jax.random.normal(queue_rng, (size, cfg.projection_dim), jnp.float32)
     queue = unit_vectors(queue)
     return ContrastiveState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

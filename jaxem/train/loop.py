@@ -175,6 +175,9 @@ def with_pretrained_encoder(state, path: str, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns a summary dict."""
     parallel.initialize_distributed()
+    if "ssl" in config:
+        raise UserError("the config has an `ssl` section: it describes self-supervised pretraining, run it with "
+                        "`jaxem pretrain` (fine-tune its encoder with --config.train.init_encoder=WORKDIR).")
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
     check_workdir(config, workdir)
