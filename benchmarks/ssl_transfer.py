@@ -1,0 +1,135 @@
+"""Does self-supervised pretraining help when labels are few? ISBI 2012, pretrained vs from scratch.
+
+    python benchmarks/ssl_transfer.py --run runs/ssl_isbi [--labelled-slices 2] [--seeds 0 1 2]
+        [--pretrain-config pretrain] [--pretrain.x=y ...] [--finetune.x=y ...]
+
+1. Pretrains the ISBI CPU recipe's U-Net encoder (configs/isbi2012_unet.py:cpu) with
+   `--pretrain-config` (MoCo v2 by default) on the raw images of slices 0-15 and the 30 unlabelled
+   test slices: no image of the scored slices 16-19 is seen.
+2. Fine-tunes that recipe on only the first `--labelled-slices` labelled slices, once from the
+   pretrained encoder and once from scratch, per seed (same seed, same data order for both).
+3. Scores both on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py).
+
+Finished runs are reused. Prints JSON: per-seed and mean scores of both arms, the difference, the
+times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.isbi2012 import LOCAL_COPY, over_seeds  # noqa: E402
+
+ARMS = ("scratch", "pretrained")
+
+
+def labelled_subset(slices: int, out: Path) -> tuple[str, str]:
+    """Writes ISBI training slices [0, slices) (image and labels) to `out`; returns their paths."""
+    from jaxem.data import datasets
+    from jaxem.data.volume import create_volume, open_volume
+
+    images, labels = datasets.split_paths("isbi2012", "train")
+    paths = []
+    for source, name in ((images[0], "image.zarr"), (labels[0], "labels.zarr")):
+        path = out / name
+        if not (path / ".zattrs").exists():
+            volume = open_volume(source)
+            array = volume.read()[:slices]
+            create_volume(path, array.shape, array.dtype, voxel_size=volume.voxel_size, overwrite=True).write(array)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def pretrain_encoder(args, overrides: list[str], run: Path, progress: bool) -> dict:
+    """Pretrains the recipe's encoder on unlabelled ISBI slices (not 16-19); returns the summary."""
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.data import datasets
+    from jaxem.ssl.pretrain import pretrain
+
+    config = load_config(args.pretrain_config)
+    config.model = load_config(args.finetune_config).model
+    config.data.train_images = datasets.split_paths("isbi2012", "train")[0] + datasets.split_paths("isbi2012", "test")[0]
+    config = apply_overrides(config, overrides)
+    start = time.time()
+    summary = pretrain(config, run, progress=progress)
+    return dict(summary, wall_seconds_this_invocation=time.time() - start)
+
+
+def finetune_and_score(args, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
+                       encoder: str, progress: bool) -> dict:
+    """Trains the recipe on the labelled subset (from `encoder` when given) and scores slices 16-19."""
+    from benchmarks.isbi2012 import train_and_score
+    from jaxem.config import apply_overrides, load_config
+
+    config = load_config(args.finetune_config)
+    config = apply_overrides(config, [
+        "--config.data.dataset=", f"--config.data.train_images=('{subset[0]}',)",
+        f"--config.data.train_labels=('{subset[1]}',)", f"--config.seed={seed}",
+        f"--config.train.init_encoder={encoder}", *overrides])
+    from jaxem.data import datasets
+
+    config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
+    return train_and_score(config, run, progress)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs")
+    parser.add_argument("--labelled-slices", type=int, default=2, help="labelled training slices (of 16)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--pretrain-config", default="pretrain")
+    parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args, rest = parser.parse_known_args()
+    pretrain_overrides = ["--config." + a[len("--pretrain."):] for a in rest if a.startswith("--pretrain.")]
+    finetune_overrides = ["--config." + a[len("--finetune."):] for a in rest if a.startswith("--finetune.")]
+    if len(pretrain_overrides) + len(finetune_overrides) != len(rest):
+        parser.error(f"unknown arguments {[a for a in rest if not a.startswith(('--pretrain.', '--finetune.'))]}")
+
+    import jax
+
+    from jaxem.data import datasets
+    from jaxem.metrics.heldout import SCORE_KEYS
+
+    if not datasets.is_prepared("isbi2012"):
+        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+    run, progress = Path(args.run), not args.no_progress
+    subset = labelled_subset(args.labelled_slices, run / f"labelled_{args.labelled_slices}")
+    pretraining = pretrain_encoder(args, pretrain_overrides, run / "pretrain", progress)
+    results = {arm: {} for arm in ARMS}
+    for seed in args.seeds:
+        for arm in ARMS:
+            encoder = str(run / "pretrain") if arm == "pretrained" else ""
+            results[arm][seed] = finetune_and_score(args, finetune_overrides, subset,
+                                                    run / f"{arm}_{args.labelled_slices}" / f"seed{seed}", seed,
+                                                    encoder, progress)
+    summary = {arm: over_seeds(results[arm])["model"] for arm in ARMS}
+    print(f"{'metric':<20}{'scratch':>10}{'pretrained':>12}   ({len(args.seeds)} seeds, {args.labelled_slices} labelled slices)")
+    for k in SCORE_KEYS:
+        print(f"{k:<20}{summary['scratch'][k]['mean']:>10.4f}{summary['pretrained'][k]['mean']:>12.4f}")
+    report = {
+        "benchmark": "ssl_transfer_isbi2012_heldout_slices_16_19",
+        "labelled_slices": args.labelled_slices, "seeds": args.seeds,
+        "pretrain_config": args.pretrain_config, "finetune_config": args.finetune_config,
+        "pretrain_overrides": pretrain_overrides, "finetune_overrides": finetune_overrides,
+        "pretraining": pretraining,
+        "mean": summary,
+        "pretrained_minus_scratch": {k: float(np.mean(summary["pretrained"][k]["values"]) -
+                                              np.mean(summary["scratch"][k]["values"])) for k in SCORE_KEYS},
+        "per_seed": {arm: {str(s): r for s, r in results[arm].items()} for arm in ARMS},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "devices": [str(d) for d in jax.devices()]},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
