@@ -7,7 +7,10 @@
 The model section is the demo's U-Net, so the exported encoder fine-tunes in `jaxem demo` (or any
 config with the same encoder). With data.train_images empty, `jaxem pretrain` writes a synthetic
 volume of `synthetic.shape` into WORKDIR/data; set data.train_images to pretrain on real EM
-(labels are never read). Arguments (comma-separated): moco | simclr, tiny (seconds, for tests).
+(labels are never read). Arguments (comma-separated): moco | simclr; 3d (an anisotropic 3D U-Net
+encoder on 8 x 128x128 crops: in-plane levels first, as for serial-section EM); tiny (seconds, for
+tests). Another model (a U-Net with a ResNet encoder, UNETR) is a copy of this file with that
+model section: the encoder is pretrained for exactly the model it will fine-tune.
 """
 
 from jaxem.ssl.contrastive import default_ssl_config
@@ -16,10 +19,11 @@ from jaxem.train.defaults import base_config
 
 def get_config(arg: str = ""):
     options = {a for a in arg.split(",") if a}
-    unknown = options - {"moco", "simclr", "tiny"}
+    unknown = options - {"moco", "simclr", "3d", "tiny"}
     if unknown or {"moco", "simclr"} <= options:
-        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use moco or simclr, and tiny.")
-    config = base_config(ndim=2, model="unet")
+        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use moco or simclr, 3d, tiny.")
+    ndim = 3 if "3d" in options else 2
+    config = base_config(ndim=ndim, model="unet")
     config.seed = 0
     config.synthetic = dict(shape=(32, 256, 256), voxel_size=(40.0, 4.0, 4.0), seed=100)
 
@@ -32,6 +36,12 @@ def get_config(arg: str = ""):
     config.data.batch_size = 32
 
     config.model.widths = (16, 32, 64, 128)  # the demo's U-Net (configs/demo.py)
+    if ndim == 3:
+        config.data.crop_shape = (8, 128, 128)
+        config.data.batch_size = 8
+        config.ssl.queue_size = 2048
+        config.model.kernel_sizes = ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3))
+        config.model.pool_factors = ((1, 2, 2), (1, 2, 2), (2, 2, 2))
 
     # Views differ in intensity and blur as well as geometry, so that matching them needs structure.
     config.augment.contrast = {"p": 0.8, "brightness": 0.4, "contrast": 0.4}
@@ -49,9 +59,12 @@ def get_config(arg: str = ""):
 
     if "tiny" in options:
         config.synthetic.shape = (4, 64, 64)
-        config.data.crop_shape = (32, 32)
+        config.data.crop_shape = (2, 32, 32) if ndim == 3 else (32, 32)
         config.data.batch_size = 8
         config.model.widths = (4, 8)
+        if ndim == 3:
+            config.model.kernel_sizes = ((1, 3, 3), (3, 3, 3))
+            config.model.pool_factors = ((1, 2, 2),)
         config.ssl.queue_size = 32
         config.ssl.projection_hidden = 32
         config.ssl.projection_dim = 16

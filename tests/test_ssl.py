@@ -235,3 +235,25 @@ def test_cli_pretrain_then_fine_tune_and_refusals(tmp_path, capsys):
     assert "get_config('tiny,byol')" in capsys.readouterr().err
     assert main(["demo", "--config", "demo:tiny", "--workdir", str(tmp_path / "ft2"), "--no-progress",
                  f"--config.train.init_encoder={run}"]) == 0
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("unet_3d", {}),
+    ("unet_resnet_encoder", {"model.encoder": "resnet", "model.resnet_blocks": "(1, 1)"}),
+    ("vit", None),
+])
+def test_every_encoder_kind_pretrains(name, fields, tmp_path):
+    """One MoCo step for a 3D anisotropic U-Net encoder, a U-Net's ResNet encoder and a ViT: finite
+    loss, and the exported encoder is the model's 'encoder' subtree."""
+    config = _tiny_run_config(tmp_path, "moco,3d" if name == "unet_3d" else "moco", **(fields or {}))
+    if name == "vit":
+        config.model = models.default_config("vit", 2)
+        config.model.update(dict(hidden=16, depth=2, heads=2, patch_size=(8, 8)))
+    config.train.steps = 1
+    summary = pretrain(config, tmp_path / "run", progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["final_step"] == 1 and np.isfinite(logs[-1]["loss"])
+    exported = load_encoder(tmp_path / "run")
+    x = jnp.zeros((1,) + tuple(config.data.crop_shape) + (1,))
+    expected = jax.eval_shape(lambda: models.build(config.model).init(jax.random.key(0), x))["params"]["encoder"]
+    assert jax.tree.map(jnp.shape, exported["params"]) == jax.tree.map(lambda s: s.shape, expected)
