@@ -101,3 +101,28 @@ def test_isbi_benchmark_over_seeds(shared_data, tmp_path):
     assert summary["values"] == vrand
     assert summary["mean"] == pytest.approx(np.mean(vrand)) and summary["std"] == pytest.approx(np.std(vrand, ddof=1))
     assert "vrand" in out.stdout.splitlines()[1]
+
+
+@pytest.mark.slow
+def test_ssl_transfer_benchmark_compares_pretrained_and_scratch(shared_data, tmp_path):
+    """The ISBI label-efficiency benchmark pretrains on unscored slices only, fine-tunes both arms on
+    the labelled subset (the pretrained arm from the exported encoder) and reports the difference
+    (2-step runs: this checks the bookkeeping, not the accuracy)."""
+    tiny = ["--pretrain.train.steps=2", "--pretrain.data.batch_size=8", "--pretrain.ssl.queue_size=64",
+            "--finetune.train.steps=2", "--finetune.train.eval_every=0", "--finetune.train.checkpoint_every=2",
+            "--finetune.data.crop_shape=(64,64)", "--finetune.data.batch_size=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, "benchmarks/ssl_transfer.py", "--run", str(tmp_path / "r"), "--no-progress",
+                          "--labelled-slices", "3", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         check=True, env=env)
+    report = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    pretrain_cfg = json.loads((tmp_path / "r" / "pretrain" / "config.json").read_text())
+    assert len(pretrain_cfg["data"]["train_images"]) == 2  # slices 0-15 and the 30 unlabelled test slices
+    assert all("/val/" not in p for p in pretrain_cfg["data"]["train_images"])
+    runs = {arm: json.loads((tmp_path / "r" / f"{arm}_3" / "seed0" / "config.json").read_text()) for arm in ("scratch", "pretrained")}
+    assert runs["scratch"]["train"]["init_encoder"] == "" and runs["pretrained"]["train"]["init_encoder"].endswith("pretrain")
+    assert runs["pretrained"]["model"] == pretrain_cfg["model"]
+    from jaxem.data.volume import open_volume
+    assert open_volume(runs["pretrained"]["data"]["train_images"][0]).shape == (3, 512, 512)
+    diff = report["pretrained_minus_scratch"]["vrand"]
+    assert diff == pytest.approx(report["mean"]["pretrained"]["vrand"]["mean"] - report["mean"]["scratch"]["vrand"]["mean"])
