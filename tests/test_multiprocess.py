@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,3 +105,31 @@ def test_predict_with_2_processes_equals_1_process(tmp_path):
     assert codes == [0, 0] and stats[0]["resumed"] and stats[0]["chunks"] == 0
     codes, stats = two_processes("--tta")
     assert codes == [2, 2] and not stats
+
+
+@pytest.mark.slow
+def test_pretrain_with_2_processes_equals_1_process(tmp_path):
+    """`jaxem pretrain` (MoCo) over 2 processes x 2 devices: process 0 writes the synthetic volume
+    while the other waits, both read their halves of each batch, the queue takes the global batch's
+    keys, and loss curve and exported encoder equal a 4-device single process's."""
+    from jaxem.ssl.pretrain import load_encoder
+
+    args = ["-m", "jaxem.cli", "pretrain", "--config", "pretrain:tiny", "--no-progress", "--config.train.log_every=1"]
+    base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
+                   env={**base_env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**base_env, "XLA_FLAGS": device_flags(2),
+               "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
+               "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"}
+        procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "multi")], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    one, multi = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "multi")
+    assert len(one) == len(multi) == 6
+    np.testing.assert_allclose(multi, one, rtol=1e-3)
+    for a, b in zip(*(jax.tree.leaves(load_encoder(tmp_path / run)) for run in ("one", "multi"))):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

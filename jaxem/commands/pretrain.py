@@ -20,17 +20,22 @@ def add_arguments(parser) -> None:
 
 
 def with_synthetic_images(config, data_dir: Path):
-    """The config with data.train_images set to a synthetic raw volume in `data_dir` (written once)."""
+    """The config with data.train_images set to a synthetic raw volume in `data_dir` (written once,
+    by process 0 of a multi-process run while the others wait)."""
+    import jax
     import ml_collections
+    from jax.experimental import multihost_utils
 
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume
 
     synthetic = config.synthetic
     path = data_dir / "pretrain_raw.zarr"
-    if not (path / ".zattrs").exists():
+    if jax.process_index() == 0 and not (path / ".zattrs").exists():
         em = generate(shape=tuple(synthetic.shape), voxel_size=tuple(synthetic.voxel_size), seed=synthetic.seed)
         create_volume(path, em.raw.shape, em.raw.dtype, voxel_size=tuple(synthetic.voxel_size), overwrite=True).write(em.raw)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxem pretrain: synthetic volume written")
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.train_images = (str(path),)
     config.lock()
