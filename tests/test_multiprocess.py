@@ -25,6 +25,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(command: list[str], env: dict) -> tuple[list[int], list[str]]:
+    """Runs `python *command` as 2 processes of one JAX job (local coordinator, gloo collectives)
+    with `env` (which sets each process's device count); returns their exit codes and outputs."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
+                                   "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"})
+             for pid in range(2)]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
 def _train_losses(workdir: Path) -> list[float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == "train"]
@@ -47,16 +59,9 @@ def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
         return _train_losses(tmp_path / name)
 
     one, four = single(1, "one"), single(4, "four")
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = {**base_env, "XLA_FLAGS": device_flags(2),
-               "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
-               "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"}
-        procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "multi")], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    codes, outputs = run_two_processes([*args, "--workdir", str(tmp_path / "multi")],
+                                       {**base_env, "XLA_FLAGS": device_flags(2)})
+    assert codes == [0, 0], outputs
     multi = _train_losses(tmp_path / "multi")
 
     assert len(one) == len(four) == len(multi) == 8
@@ -86,14 +91,9 @@ def test_predict_with_2_processes_equals_1_process(tmp_path):
                    capture_output=True, timeout=600)
 
     def two_processes(*extra) -> tuple[list[int], list[dict]]:
-        port = _free_port()
-        procs = [subprocess.Popen([sys.executable, *args, "--output", str(tmp_path / "two.zarr"), *extra], cwd=ROOT,
-                                  env={**env, "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
-                                       "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for pid in range(2)]
-        outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+        codes, outputs = run_two_processes([*args, "--output", str(tmp_path / "two.zarr"), *extra], env)
         stats = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
-        return [p.returncode for p in procs], stats
+        return codes, stats
 
     codes, stats = two_processes()
     assert codes == [0, 0] and len(stats) == 1 and not stats[0]["resumed"]  # printed by process 0 only
@@ -118,16 +118,9 @@ def test_pretrain_with_2_processes_equals_1_process(tmp_path):
     base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
                    env={**base_env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = {**base_env, "XLA_FLAGS": device_flags(2),
-               "JAXEM_COORDINATOR": f"127.0.0.1:{port}", "JAXEM_NUM_PROCESSES": "2",
-               "JAXEM_PROCESS_ID": str(pid), "JAXEM_CPU_COLLECTIVES": "gloo"}
-        procs.append(subprocess.Popen([sys.executable, *args, "--workdir", str(tmp_path / "multi")], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    codes, outputs = run_two_processes([*args, "--workdir", str(tmp_path / "multi")],
+                                       {**base_env, "XLA_FLAGS": device_flags(2)})
+    assert codes == [0, 0], outputs
     one, multi = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "multi")
     assert len(one) == len(multi) == 6
     np.testing.assert_allclose(multi, one, rtol=1e-3)
