@@ -231,6 +231,9 @@ def test_cli_pretrain_then_fine_tune_and_refusals(tmp_path, capsys):
                  f"--config.train.init_encoder={run}", "--config.model.widths=(8, 16)"])
     err = capsys.readouterr().err
     assert code == 2 and f"train.init_encoder={run}" in err and "has shape" in err
+    assert main(["predict", "--run", str(run), "--input", str(run / "data" / "pretrain_raw.zarr"),
+                 "--output", str(tmp_path / "p.zarr")]) == 2
+    assert "is a self-supervised pretraining run" in capsys.readouterr().err
     assert main(["pretrain", "--config", "pretrain:tiny,byol", "--workdir", str(tmp_path / "x")]) == 2
     assert "get_config('tiny,byol')" in capsys.readouterr().err
     assert main(["demo", "--config", "demo:tiny", "--workdir", str(tmp_path / "ft2"), "--no-progress",

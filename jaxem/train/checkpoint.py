@@ -126,6 +126,9 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{path} is not a jaxem run directory or checkpoint (no config.json in {run_dir}).")
     config = load_saved_config(run_dir)
+    if "ssl" in config:
+        raise UserError(f"{run_dir} is a self-supervised pretraining run (its model has no segmentation output yet); "
+                        f"fine-tune it first: jaxem train ... --config.train.init_encoder={run_dir}")
     train_cfg = config.train
     ckpt = Checkpointer(run_dir, best_metric=train_cfg.get("best_metric", ""), best_mode=train_cfg.get("best_mode", "min"),
                         async_save=False)
