@@ -157,12 +157,13 @@ def restore_on_this_host(directory: str | os.PathLike) -> dict:
     """The tree saved by orbax in `directory` with every array on this process's first device,
     whatever the device count it was saved from (orbax otherwise refuses a checkpoint saved on
     another topology: a run trained on 8 GPUs could not predict on 1)."""
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(Path(directory).resolve())
-    metadata = getattr(metadata, "item_metadata", metadata)
+    directory = Path(directory).resolve()
+    # The handler reads the tree's metadata without looking for the checkpoint-level metadata file,
+    # which an item of a CheckpointManager step does not have (orbax would warn on every restore).
+    metadata = ocp.StandardCheckpointHandler().metadata(directory)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return checkpointer.restore(Path(directory).resolve(), target)
+    return ocp.StandardCheckpointer().restore(directory, target)
 
 
 def save_tree(directory: str | os.PathLike, tree: Any) -> None:
