@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": ("jaxem.commands.demo", "train, predict and evaluate on synthetic EM end to end"),
     "train": ("jaxem.commands.train", "train a segmentation model from a config"),
     "pretrain": ("jaxem.commands.pretrain", "self-supervised pretraining (MoCo v2 / SimCLR) of an encoder on unlabelled EM"),
+    "plan": ("jaxem.commands.plan", "plan a U-Net training config from the data and a memory budget (nnU-Net-style)"),
     "data": ("jaxem.commands.data", "inspect, import, downsample and download EM volumes and datasets"),
     "evaluate": ("jaxem.commands.evaluate", "score a prediction against ground truth: report.json, report.md, morphology"),
     "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),

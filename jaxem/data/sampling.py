@@ -35,7 +35,7 @@ def normalize_stats(volume: Volume, mode: str = "meanstd", percentiles=(1.0, 99.
     """
     key = (str(volume.path), mode, tuple(percentiles), seed)
     if key not in _STATS_CACHE:
-        sample = _subsample(volume, seed).astype(np.float64)
+        sample = subsample(volume, seed).astype(np.float64)
         if mode == "meanstd":
             a, b = sample.mean(), sample.std()
         elif mode == "percentile":
@@ -53,14 +53,14 @@ def normalize(array: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
     return ((np.asarray(array, np.float32) - np.float32(a)) / np.float32(b)).astype(np.float32)
 
 
-def _subsample(volume: Volume, seed: int) -> np.ndarray:
-    """The whole volume when small, else random boxes totalling about STATS_VOXELS voxels."""
+def subsample(volume: Volume, seed: int, voxels: int = STATS_VOXELS) -> np.ndarray:
+    """The whole volume when small, else random boxes totalling about `voxels` voxels (flattened)."""
     shape = volume.shape
-    if np.prod(shape) <= STATS_VOXELS:
-        return volume.read()
+    if np.prod(shape) <= voxels:
+        return volume.read().ravel()
     rng = np.random.default_rng(seed)
     side = tuple(min(s, 64 if len(shape) == 3 else 512) for s in shape)
-    count = max(1, STATS_VOXELS // int(np.prod(side)))
+    count = max(1, voxels // int(np.prod(side)))
     futures = [volume.store[_random_box(rng, shape, side)].read() for _ in range(count)]
     return np.concatenate([f.result().ravel() for f in futures])
 

@@ -1,0 +1,244 @@
+"""nnU-Net-style self-configuration: a dataset's fingerprint and a memory budget -> a training config.
+
+    fp = fingerprint(images, labels)                 # shapes, voxel sizes, intensities, foreground
+    p = plan(fp, ndim=3, memory_gib=16)              # patch, pooling, kernels, widths, batch size
+    write_config(p, "configs/my_plan.py")            # an editable config file for `jaxem train`
+
+The rules follow nnU-Net (Isensee et al. 2021), adapted to EM:
+- Topology from voxel spacing: an axis is pooled only while its spacing is at most twice the finest
+  axis's, and convolved with kernel 3 only then (kernel 1 otherwise). Serial-section EM
+  (40 x 4 x 4 nm) thus gets in-plane (1, 3, 3) kernels and (1, 2, 2) pooling until the in-plane
+  spacing catches up with z, then isotropic levels: the hybrid 2D-3D U-Net of DeepEM3D. Axes are
+  pooled while their feature map stays >= 2 * `min_feature` voxels, for at most `max_levels`.
+- Patch: starts physically balanced (about the same extent in nm on every axis, in-plane
+  `start_size` voxels) and shrinks along its physically longest axis until a batch of 2 fits.
+- Widths: `base_width` doubling per level, capped at `max_width`.
+- Batch size: the largest that fits `memory_gib`, measured, not guessed: the training step is
+  compiled by XLA for batches of 1 and 2 and its memory analysis (arguments + temporaries +
+  outputs) read off, so the figure is for the backend the planner runs on (plan on the machine
+  type you will train on). Capped at `max_batch` and at 5 % of the dataset's voxels per batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxem.errors import UserError
+
+GIB = 2 ** 30
+
+
+def fingerprint(images: Sequence[str], labels: Sequence[str] = (), samples_voxels: int = 2_000_000,
+                seed: int = 0) -> dict:
+    """What planning needs to know of a dataset: per volume shape and voxel size (nm, z-y-x),
+    intensity statistics of a random subsample (mean, std, 0.5/99.5 percentiles, in the volumes'
+    own units), and with `labels` the fraction of labelled (> 0) voxels."""
+    from jaxem.data.sampling import subsample
+    from jaxem.data.volume import open_volume
+
+    if not images:
+        raise UserError("name at least one image volume to plan for.")
+    if labels and len(labels) != len(images):
+        raise UserError(f"{len(images)} image volumes but {len(labels)} label volumes; give one per image or none.")
+    volumes = [open_volume(p) for p in images]
+    per_volume = max(1, samples_voxels // len(volumes))
+    values = np.concatenate([subsample(v, seed, per_volume) for v in volumes]).astype(np.float64)
+    result = {
+        "images": [str(p) for p in images],
+        "labels": [str(p) for p in labels],
+        "shapes": [list(v.shape) for v in volumes],
+        "voxel_sizes": [list(v.voxel_size) for v in volumes],
+        "intensity": {"mean": float(values.mean()), "std": float(values.std()),
+                      "p00_5": float(np.percentile(values, 0.5)), "p99_5": float(np.percentile(values, 99.5))},
+    }
+    if labels:
+        fractions = [float(np.mean(subsample(open_volume(p), seed, per_volume) > 0)) for p in labels]
+        result["foreground_fraction"] = float(np.mean(fractions))
+    return result
+
+
+def topology(patch: Sequence[int], spacing: Sequence[float], min_feature: int = 4,
+             max_levels: int = 6) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """(pool_factors, kernel_sizes) of a U-Net for `patch` voxels at `spacing` (nm per axis).
+
+    Level by level: an axis with spacing <= 2x the finest current spacing gets kernel 3 (else 1)
+    and is pooled by 2 when it also keeps >= 2 * min_feature voxels; stops when nothing can be
+    pooled or at `max_levels` levels. len(kernel_sizes) = len(pool_factors) + 1.
+    """
+    size, spacing = [int(s) for s in patch], [float(s) for s in spacing]
+    pools, kernels = [], []
+    while True:
+        finest = min(spacing)
+        near = [s <= 2 * finest for s in spacing]
+        kernels.append(tuple(3 if n else 1 for n in near))
+        pool = tuple(2 if n and sz >= 2 * min_feature else 1 for n, sz in zip(near, size))
+        if all(p == 1 for p in pool) or len(kernels) == max_levels:
+            break
+        pools.append(pool)
+        size = [sz // p for sz, p in zip(size, pool)]
+        spacing = [s * p for s, p in zip(spacing, pool)]
+    return tuple(pools), tuple(kernels)
+
+
+def _divisor(pools) -> list[int]:
+    return [math.prod(p[a] for p in pools) for a in range(len(pools[0]))] if pools else []
+
+
+def fit_topology(patch: Sequence[int], spacing: Sequence[float], min_feature: int, max_levels: int):
+    """(patch rounded down to a multiple of its pooling, pool_factors, kernel_sizes)."""
+    pools, kernels = topology(patch, spacing, min_feature, max_levels)
+    divisor = _divisor(pools) or [1] * len(patch)
+    return tuple(max(d, (p // d) * d) for p, d in zip(patch, divisor)), pools, kernels
+
+
+def initial_patch(shape: Sequence[int], spacing: Sequence[float], start_size: int) -> list[int]:
+    """About `start_size` voxels on the finest axes and the same physical extent on the others,
+    never more than the volume."""
+    extent = start_size * min(spacing)
+    return [max(1, min(int(s), round(extent / sp))) for s, sp in zip(shape, spacing)]
+
+
+def measure_step_memory(config, batch_size: int) -> int:
+    """Peak bytes of one training step of `config` at `batch_size`, from XLA's memory analysis of
+    the compiled step on this process's first device (arguments + temporaries + outputs - aliased)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxem.train import parallel
+    from jaxem.train.loop import build_training
+
+    mesh = parallel.make_mesh(1)
+    _, state, train_step, _ = build_training(config, mesh)
+    spatial, sharding = tuple(config.data.crop_shape), parallel.data_sharding(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, *spatial, 1), jnp.float32, sharding=sharding),
+             "labels": jax.ShapeDtypeStruct((batch_size, *spatial), jnp.int32, sharding=sharding),
+             "mask": jax.ShapeDtypeStruct((batch_size, *spatial), jnp.float32, sharding=sharding)}
+    m = train_step.lower(state, batch).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def plan(fp: dict, ndim: int, memory_gib: float, *, base_width: int = 32, max_width: int = 0,
+         start_size: int = 0, min_feature: int = 4, max_levels: int = 6, max_batch: int = 0,
+         target: str = "boundary", measure: Callable = measure_step_memory, progress: Callable = print) -> dict:
+    """The plan for fingerprint `fp` (see `fingerprint`) at `ndim` 2 (sections) or 3 within
+    `memory_gib` GiB per device. Defaults: start_size 512 (2D) / 128 (3D), max_width 512 / 320,
+    max_batch 32 / 8. Returns a dict with the config fields it sets and the measured memory."""
+    if ndim not in (2, 3):
+        raise UserError(f"ndim must be 2 or 3, got {ndim!r}.")
+    start_size = start_size or (512 if ndim == 2 else 128)
+    max_width = max_width or (512 if ndim == 2 else 320)
+    max_batch = max_batch or (32 if ndim == 2 else 8)
+    shape = [int(s) for s in np.median(np.array([s[-ndim:] for s in fp["shapes"]]), axis=0)]
+    spacing = [float(s) for s in np.median(np.array([v[-ndim:] for v in fp["voxel_sizes"]]), axis=0)]
+    if any(s < 2 * min_feature for s in shape):
+        raise UserError(f"the volumes' median {ndim}D shape {tuple(shape)} is too small to plan a U-Net for "
+                        f"(every axis needs >= {2 * min_feature} voxels); use ndim 2 for thin stacks.")
+    dataset_voxels = sum(math.prod(s) for s in fp["shapes"])
+    budget = memory_gib * GIB
+
+    patch = initial_patch(shape, spacing, start_size)
+    while True:
+        patch, pools, kernels = fit_topology(patch, spacing, min_feature, max_levels)
+        widths = tuple(min(base_width * 2 ** i, max_width) for i in range(len(kernels)))
+        config = _config(fp, ndim, patch, pools, kernels, widths, 2, target)
+        one, two = measure(config, 1), measure(config, 2)
+        per_example, fixed = max(two - one, 1), max(2 * one - two, 0)
+        progress(f"plan: patch {patch}, {len(kernels)} levels: batch 2 needs {two / GIB:.2f} GiB")
+        if two <= budget:
+            break
+        # Activation memory grows with the patch's voxels: aim straight at the size that fits.
+        voxels = math.prod(patch) * (budget - fixed) / max(two - fixed, 1) * 0.95
+        smaller = _shrink(patch, spacing, pools, min_feature, voxels)
+        if smaller is None:
+            raise UserError(f"even the smallest patch needs {two / GIB:.2f} GiB for a batch of 2, more than "
+                            f"--memory-gib {memory_gib}; raise the budget or lower --base-width.")
+        patch = smaller
+    fits = int((budget - fixed) // per_example)
+    batch = max(2, min(fits, max_batch, int(0.05 * dataset_voxels // math.prod(patch)) or 2))
+    config = _config(fp, ndim, patch, pools, kernels, widths, batch, target)
+    memory = measure(config, batch)
+    return {
+        "ndim": ndim, "spacing_nm": spacing, "median_shape": shape, "crop_shape": list(patch),
+        "pool_factors": [list(p) for p in pools], "kernel_sizes": [list(k) for k in kernels],
+        "widths": list(widths), "batch_size": batch, "memory_gib": memory_gib,
+        "measured_step_gib": memory / GIB, "per_example_gib": per_example / GIB,
+        "target": target, "out_channels": int(config.model.out_channels), "fingerprint": fp,
+    }
+
+
+def _shrink(patch, spacing, pools, min_feature, target_voxels: float) -> tuple[int, ...] | None:
+    """The patch cut, one pooling unit at a time along its physically longest axis that can
+    shrink, until it has at most `target_voxels` voxels (at least one cut); None if none can."""
+    divisor = _divisor(pools) or [1] * len(patch)
+    floor = [max(d, 2 * min_feature) for d in divisor]
+    patch, cut = list(patch), False
+    while not cut or math.prod(patch) > target_voxels:
+        axes = [a for a in range(len(patch)) if patch[a] - divisor[a] >= floor[a]]
+        if not axes:
+            return tuple(patch) if cut else None
+        axis = max(axes, key=lambda a: patch[a] * spacing[a])
+        patch[axis] -= divisor[axis]
+        cut = True
+    return tuple(patch)
+
+
+def _config(fp, ndim, patch, pools, kernels, widths, batch, target):
+    """The training config these choices make (data paths from the fingerprint)."""
+    from jaxem.data.targets import num_target_channels
+    from jaxem.train.defaults import base_config
+
+    config = base_config(ndim=ndim, model="unet")
+    config.target.kind = target
+    config.model.out_channels = num_target_channels(config.target, ndim)
+    config.data.train_images = tuple(fp["images"])
+    config.data.train_labels = tuple(fp["labels"])
+    config.data.crop_shape = tuple(patch)
+    config.data.batch_size = batch
+    config.model.widths = tuple(widths)
+    config.model.pool_factors = tuple(tuple(p) for p in pools)
+    config.model.kernel_sizes = tuple(tuple(k) for k in kernels)
+    config.train.num_devices = 1
+    return config
+
+
+def write_config(p: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Writes the plan as a config file (`get_config()`) that `jaxem train --config` takes."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; choose another --output or pass --overwrite.")
+    fp = p["fingerprint"]
+    tup = lambda xs: "(" + ", ".join(map(repr, xs)) + ("," if len(xs) == 1 else "") + ")"  # noqa: E731
+    summary = {k: p[k] for k in ("spacing_nm", "median_shape", "measured_step_gib", "per_example_gib", "memory_gib")}
+    text = f'''"""Planned by `jaxem plan` on {datetime.date.today()} for {len(fp["images"])} volume(s).
+
+Fingerprint: shapes {fp["shapes"]}, voxel sizes {fp["voxel_sizes"]} nm,
+intensity {json.dumps(fp["intensity"])}{", foreground fraction %.3f" % fp["foreground_fraction"] if "foreground_fraction" in fp else ""}.
+Plan: {json.dumps(summary)}
+Validation volumes are not set: add data.val_images / data.val_labels.
+"""
+
+from jaxem.train.defaults import base_config
+
+
+def get_config(arg: str = ""):
+    config = base_config(ndim={p["ndim"]}, model="unet")
+    config.data.train_images = {tup(fp["images"])}
+    config.data.train_labels = {tup(fp["labels"])}
+    config.data.crop_shape = {tup(p["crop_shape"])}
+    config.data.batch_size = {p["batch_size"]}  # planned for one device: use N times this on N devices
+    config.target.kind = {p["target"]!r}
+    config.model.out_channels = {p["out_channels"]}
+    config.model.widths = {tup(p["widths"])}
+    config.model.pool_factors = {tup([tuple(x) for x in p["pool_factors"]])}
+    config.model.kernel_sizes = {tup([tuple(x) for x in p["kernel_sizes"]])}
+    return config
+'''
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
