@@ -236,8 +236,12 @@ def test_cli_pretrain_then_fine_tune_and_refusals(tmp_path, capsys):
     assert "is a self-supervised pretraining run" in capsys.readouterr().err
     assert main(["pretrain", "--config", "pretrain:tiny,byol", "--workdir", str(tmp_path / "x")]) == 2
     assert "get_config('tiny,byol')" in capsys.readouterr().err
-    assert main(["demo", "--config", "demo:tiny", "--workdir", str(tmp_path / "ft2"), "--no-progress",
-                 f"--config.train.init_encoder={run}"]) == 0
+    finetune = ["demo", "--config", "demo:tiny", "--workdir", str(tmp_path / "ft2"), "--no-progress",
+                f"--config.train.init_encoder={run}"]
+    assert main(finetune) == 0
+    # Resuming (here: a finished run) takes the run's own checkpoint: the encoder may be gone by then.
+    shutil.rmtree(run / "encoder")
+    assert main([*finetune, "--config.train.steps=8"]) == 0
 
 
 @pytest.mark.parametrize("name,fields", [

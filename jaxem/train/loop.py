@@ -59,6 +59,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tu
                 f"(or delete {workdir}) instead of mixing experiments.")
 
 
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether `workdir` holds at least one finished checkpoint (a step directory)."""
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def run_meta(config: ml_collections.ConfigDict, sections: tuple[str, ...] = SHAPE_SECTIONS) -> dict:
     """What each checkpoint records of its run: the fingerprint of every shape section present."""
     return {section: fingerprint(config[section]) for section in sections if section in config}
@@ -130,11 +136,12 @@ def _instance_scores(probs, batch) -> list[dict]:
     return scores
 
 
-def build_training(config: ml_collections.ConfigDict, mesh):
+def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool = True):
     """(model, initial state, jitted train_step, jitted eval_step) for `config` on `mesh`.
 
     Params and optimizer state are replicated, batches sharded on 'data', and the train step
-    donates the state buffers it replaces.
+    donates the state buffers it replaces. With `train.init_encoder` set (and `load_encoder`) the
+    encoder starts from that pretrained encoder.
     """
     tc, ndim = config.train, config.model.ndim
     model = models.build(config.model)
@@ -143,7 +150,7 @@ def build_training(config: ml_collections.ConfigDict, mesh):
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
     state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
         jax.random.PRNGKey(config.seed))
-    if tc.get("init_encoder"):
+    if tc.get("init_encoder") and load_encoder:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh)
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
@@ -194,7 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
         raise UserError(f"model.out_channels={config.model.out_channels} but target kind "
                         f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
 
-    model, state, train_step, eval_step = build_training(config, mesh)
+    # A resumed run continues from its own checkpoint: the pretrained encoder is not needed again.
+    model, state, train_step, eval_step = build_training(config, mesh, load_encoder=not has_checkpoints(workdir))
     # Open the data before writing anything, so bad data paths leave the workdir untouched.
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
     validate, val_loader = None, None
