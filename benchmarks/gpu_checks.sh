@@ -2,11 +2,12 @@
 # The GPU measurements, in one device call of a few minutes (an H100/H200 lent to the session):
 #   bash scripts/gpu_wheels.sh                      # here first: ml_collections + monai wheels
 #   device run: "BUDGET=480 bash benchmarks/gpu_checks.sh", carry [".whl"], timeout_s 540
-# STAGE=next (default) writes $OUT/{gpu.txt,models.json,torch.json,pytest.txt,inference.json,errors.log},
+# STAGE=next (default) writes $OUT/{gpu.txt,models.json,torch.json,pytest.txt,inference.json,ssl.json,errors.log},
 #            the measurements still open, most wanted first: unet3d_wide and unet3d training-step
 #            MFU in bfloat16 (#5, goal >= 35 %), the unet3d step against its PyTorch twin (eager and
 #            torch.compile), the model, blockwise and layer tests on the GPU at highest matmul
-#            precision, and 1 GiB blockwise inference against MONAI.
+#            precision, 1 GiB blockwise inference against MONAI, and the MoCo/SimCLR pretraining
+#            step beside the supervised one (ssl.json).
 # STAGE=profile writes $OUT/{gpu.txt,profile.json,conv.json,models.json,errors.log}: where the 3D
 #            U-Net step's time goes (kernels by HLO op), the convolution library's ceiling per
 #            U-Net level, and the step without norm layers and with batch norm.
@@ -32,10 +33,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 if [ "${SMOKE:-0}" = 1 ]; then
   M="--small --steps 1"; C="--small --steps 1"; P="--small"; I="--gib 0.005 --width 4 --block 32 64 64 --batch 2"
-  T="--small --steps 1"
+  T="--small --steps 1"; S="--small --steps 1"
 else
   M="--dtype bfloat16 --steps 20"; C=""; P=""; I="--gib 1 --width 16 --block 64 128 128 --batch 8"
-  T="--dtype bfloat16 --steps 20"
+  T="--dtype bfloat16 --steps 20"; S="--steps 10"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 $PYTHON -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.txt"
@@ -68,7 +69,7 @@ for path in sys.argv[1:]:
             r = {k: ({"step_s": v["step_s"], "mfu": v["mfu"]} if k.startswith("torch") and isinstance(v, dict) else v)
                  for k, v in r.items()}
             keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                    if k in ("model", "convs", "input", "set", "step_s", "mfu", "tflops", "seconds", "level")
+                    if k in ("model", "method", "convs", "input", "set", "step_s", "mfu", "tflops", "seconds", "level")
                     or "overhead" in k or "monai" in k or k.endswith("_s") or k.startswith(("jaxem_", "torch"))}
             print(path.rsplit("/", 1)[-1], json.dumps(keep))
 PY
@@ -80,6 +81,7 @@ if [ "$STAGE" = next ]; then
   run torch.json 150 $PYTHON benchmarks/torch_unet.py --models unet3d $T --modes compiled
   run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
   run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
+  run ssl.json 90 $PYTHON benchmarks/ssl_step.py $S
 elif [ "$STAGE" = profile ]; then
   run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
   run conv.json 60 $PYTHON benchmarks/conv_ceiling.py $C

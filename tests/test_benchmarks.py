@@ -35,6 +35,17 @@ def test_models_benchmark_counts_three_forwards_per_step():
     assert record["voxels_per_s"] == 2 * 4 * 16 * 16 / record["step_s"]
 
 
+def test_ssl_step_benchmark_times_both_methods_beside_the_supervised_step():
+    out = subprocess.run([sys.executable, "benchmarks/ssl_step.py", "--small", "--steps", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = json.loads(out.stdout)
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"moco", "simclr", "supervised"}
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["crops_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+    assert rows["moco"]["crop"] == rows["supervised"]["crop"] == [32, 32]
+
+
 def test_profile_step_finds_the_convolutions():
     out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--small", "--top", "40"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
