@@ -95,9 +95,3 @@ def load_encoder(path: str | Path) -> dict:
                         f"{VARIABLES_DIR}/; pretrain with `jaxem pretrain` first, to the end).")
     return restore_on_this_host(directory / VARIABLES_DIR)
 
-
-def encoder_model_config(path: str | Path) -> ml_collections.ConfigDict:
-    """The model config an exported encoder (or pretraining run) was pretrained for."""
-    path = Path(path)
-    directory = path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
-    return ml_collections.ConfigDict(json.loads((directory / MODEL_FILE).read_text())["model"])
