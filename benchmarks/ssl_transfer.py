@@ -48,14 +48,15 @@ def labelled_subset(slices: int, out: Path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def pretrain_encoder(args, overrides: list[str], run: Path, progress: bool) -> dict:
-    """Pretrains the recipe's encoder on unlabelled ISBI slices (not 16-19); returns the summary."""
+def pretrain_encoder(args, overrides: list[str], model, run: Path, progress: bool) -> dict:
+    """Pretrains `model` (the fine-tuning config's model section) on unlabelled ISBI slices (not
+    16-19); returns the summary."""
     from jaxem.config import apply_overrides, load_config
     from jaxem.data import datasets
     from jaxem.ssl.pretrain import pretrain
 
     config = load_config(args.pretrain_config)
-    config.model = load_config(args.finetune_config).model
+    config.model = model
     config.data.train_images = datasets.split_paths("isbi2012", "train")[0] + datasets.split_paths("isbi2012", "test")[0]
     config = apply_overrides(config, overrides)
     start = time.time()
@@ -103,7 +104,10 @@ def main() -> None:
         datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
     run, progress = Path(args.run), not args.no_progress
     subset = labelled_subset(args.labelled_slices, run / f"labelled_{args.labelled_slices}")
-    pretraining = pretrain_encoder(args, pretrain_overrides, run / "pretrain", progress)
+    from jaxem.config import apply_overrides, load_config
+
+    model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
+    pretraining = pretrain_encoder(args, pretrain_overrides, model, run / "pretrain", progress)
     results = {arm: {} for arm in ARMS}
     for seed in args.seeds:
         for arm in ARMS:

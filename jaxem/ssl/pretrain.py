@@ -44,6 +44,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(batch_size, mesh)
     check_ssl_config(config.ssl, batch_size)
+    if config.ssl.method == "moco" and config.model.get("norm") == "batch" and jax.process_index() == 0:
+        print("warning: MoCo with a batch-norm encoder half-collapsed on ISBI 2012 (docs/ssl.md); group norm "
+              "(the U-Net default) or ssl.method=simclr trained well there.")
     models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
     state, train_step = build_pretraining(config, mesh)
