@@ -214,7 +214,9 @@ def apply_overrides_dict(cfg, **fields):
 def test_cli_pretrain_then_fine_tune_and_refusals(tmp_path, capsys):
     run = tmp_path / "pretrain"
     assert main(["pretrain", "--config", "pretrain:tiny", "--workdir", str(run), "--no-progress"]) == 0
-    assert (run / "encoder" / "model.json").is_file() and (run / "training_curves.png").is_file()
+    assert (run / "encoder" / "model.json").is_file()
+    import matplotlib.pyplot as plt
+    assert plt.imread(run / "training_curves.png").shape[1] == 4 * 450  # loss + the 3 collapse monitors
     assert "--config.train.init_encoder=" in capsys.readouterr().out
 
     # Another ssl config in the same workdir, or a supervised run there: refused, nothing touched.

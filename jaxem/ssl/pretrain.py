@@ -52,7 +52,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     state, train_step = build_pretraining(config, mesh)
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train", labelled=False)
     summary, state = run_loop(config, workdir, state=state, train_step=train_step, loader=loader,
-                              meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress)
+                              meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress,
+                              train_panels=("accuracy", "positive_cosine", "embedding_std"))
     if "preempted_at" not in summary:
         summary["encoder_dir"] = str(export_encoder(state, config, workdir / ENCODER_DIR))
     return summary

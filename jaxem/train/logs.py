@@ -48,26 +48,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """PNG of training loss (and every validation metric) against step."""
+def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike, train_panels: tuple[str, ...] = ()) -> Path:
+    """PNG of training loss, of each train metric named in `train_panels` (e.g. SSL's collapse
+    monitors), and of every validation metric, against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    names = sorted({k for r in rows if r["split"] == "val" for k in r if k not in ("step", "split")})
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.5 * (1 + len(names)), 3.5), squeeze=False)
     train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    panels = [("train", name) for name in train_panels if any(name in r for r in train)]
+    panels += [("val", name) for name in sorted({k for r in val for k in r if k not in ("step", "split")})]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.5 * (1 + len(panels)), 3.5), squeeze=False)
     ax = axes[0, 0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    val = [r for r in rows if r["split"] == "val"]
     if val and "loss" in val[0]:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
-    for ax, name in zip(axes[0, 1:], names):
-        ax.plot([r["step"] for r in val if name in r], [r[name] for r in val if name in r], "o-")
-        ax.set_xlabel("step"), ax.set_title(f"val {name}"), ax.grid(alpha=0.3)
+    for ax, (split, name) in zip(axes[0, 1:], panels):
+        points = [(r["step"], r[name]) for r in (train if split == "train" else val) if name in r]
+        ax.plot(*zip(*points), "-" if split == "train" else "o-")
+        ax.set_xlabel("step"), ax.set_title(f"{split} {name}"), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

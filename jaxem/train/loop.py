@@ -221,14 +221,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
 
 
 def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_step: Callable, loader,
-             meta: dict, devices: int, validate: Callable | None = None, progress: bool = True) -> tuple[dict, Any]:
+             meta: dict, devices: int, validate: Callable | None = None, progress: bool = True,
+             train_panels: tuple[str, ...] = ()) -> tuple[dict, Any]:
     """Runs `train_step` over `loader` to `config.train.steps`, with logs, checkpoints and resume.
 
     The loop every kind of training shares (supervised, self-supervised). `state` is the freshly
     initialised state (replaced by the newest readable checkpoint in `workdir` if there is one);
     `validate(state) -> {name: float}` runs every `train.eval_every` steps when given. Writes the
     resolved config, versions, metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
-    closes `loader`. Returns (summary dict: steps, time, last validation metrics; the final state).
+    closes `loader`; `train_panels` names train metrics that get a panel of their own in the plot.
+    Returns (summary dict: steps, time, last validation metrics; the final state).
     """
     tc = config.train
     is_main = jax.process_index() == 0
@@ -292,5 +294,5 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
     summary.update(final_step=step, seconds=elapsed, steps_per_second=(step - start) / max(elapsed, 1e-9),
                    **{f"val_{k}": v for k, v in last_val.items()})
     if is_main and (workdir / "metrics.jsonl").exists():
-        plot_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
+        plot_curves(workdir / "metrics.jsonl", workdir / "training_curves.png", train_panels)
     return summary, state
