@@ -177,6 +177,9 @@ class BatchLoader:
 
     def set_state(self, state: dict) -> None:
         """Continues from `state` (from get_state): the next batch is exactly the one that followed."""
+        if "batch" not in state:
+            raise UserError(f"the checkpoint's data position {sorted(state)} does not fit this run's loader (was "
+                            f"semi-supervised training turned on or off?); use a new --workdir.")
         if int(state.get("seed", self.seed)) != self.seed:
             raise UserError(f"loader state was saved with seed {state['seed']} but this run uses seed {self.seed}.")
         self._start(int(state["batch"]))

@@ -25,6 +25,7 @@ from jaxem import models
 from jaxem.config import fingerprint, save_config
 from jaxem.data import augment, pipeline, targets
 from jaxem.errors import UserError
+from jaxem.semi import mean_teacher
 from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
 from jaxem.train.defaults import with_dataset_volumes
@@ -155,7 +156,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
     train_step = jax.jit(
-        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps),
+        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
+                        semi_cfg=config.get("semi"), target_kind=config.target.kind),
         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
@@ -188,6 +190,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
     check_workdir(config, workdir)
+    semi = mean_teacher.enabled(config.get("semi"))
+    if semi:
+        mean_teacher.check_semi_config(config)
 
     tc, ndim = config.train, config.model.ndim
     mesh = parallel.make_mesh(tc.num_devices)
@@ -205,6 +210,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     model, state, train_step, eval_step = build_training(config, mesh, load_encoder=not has_checkpoints(workdir))
     # Open the data before writing anything, so bad data paths leave the workdir untouched.
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
+    if semi:
+        loader = mean_teacher.PairedLoader(loader, mean_teacher.make_unlabelled_loader(config, mesh))
     validate, val_loader = None, None
     if config.data.val_images and tc.eval_every > 0:
         val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val")

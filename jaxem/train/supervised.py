@@ -48,27 +48,42 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 
 
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
-                    ema_decay: float = 0.0, accumulate_steps: int = 1) -> Callable:
+                    ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
+                    target_kind: str = "boundary") -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
     With `accumulate_steps` k > 1 the batch is split into k micro-batches whose gradients are
-    averaged (one optimizer update per step, k times less activation memory).
+    averaged (one optimizer update per step, k times less activation memory). With a `semi_cfg`
+    whose weight is > 0 (jaxem.semi.mean_teacher) the batch also holds "unlabelled" crops
+    (B_u, *spatial, 1) and the loss a mean-teacher consistency term against `ema_params`.
     """
+    from jaxem.semi import mean_teacher
 
-    def loss_fn(params, batch_stats, image, target, target_mask, rng):
+    semi = mean_teacher.enabled(semi_cfg)
+
+    def forward(params, batch_stats, image, rng):
+        """Train-mode outputs and the updated batch statistics."""
         variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-            outputs, updates = model.apply(variables, image, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-            batch_stats = updates["batch_stats"]
-        else:
-            outputs = model.apply(variables, image, train=True, rngs={"dropout": rng})
+        if not batch_stats:
+            return model.apply(variables, image, train=True, rngs={"dropout": rng}), batch_stats
+        variables["batch_stats"] = batch_stats
+        outputs, updates = model.apply(variables, image, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        return outputs, updates["batch_stats"]
+
+    def loss_fn(params, batch_stats, image, target, target_mask, rng, semi_inputs=None):
+        outputs, batch_stats = forward(params, batch_stats, image, rng)
         logits, aux = _main_and_aux(outputs)
         loss, parts = segmentation_loss(loss_cfg, logits, target, target_mask)
         if aux:
             parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, target, target_mask)
             loss = loss + parts["loss_deep_supervision"]
+        if semi_inputs is not None:
+            student_in, teacher_probs, weight = semi_inputs
+            student, batch_stats = forward(params, batch_stats, student_in, rng)
+            parts["consistency"] = mean_teacher.consistency(probabilities(target_kind, _main_and_aux(student)[0]),
+                                                            teacher_probs)
+            loss = loss + weight * parts["consistency"]
         return loss, (parts, batch_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -95,13 +110,28 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
         return (loss / accumulate_steps, (scale(parts), batch_stats)), scale(grads)
 
+    def teacher_inputs(state: TrainState, unlabelled: jax.Array, rng: jax.Array):
+        """(student input, teacher probabilities, weight) for the consistency term."""
+        augment_rng, noise_rng = jax.random.split(rng)
+        crops = augment_fn(augment_rng, {"image": unlabelled})["image"]
+        student_in, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
+        teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
+        weight = semi_cfg.weight * mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
+        return student_in, probabilities(target_kind, teacher_logits), weight
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, dropout_rng = jax.random.split(rng)
-        batch = augment_fn(aug_rng, batch)
-        target, target_mask = target_fn(batch["labels"], batch["mask"])
-        (loss, (parts, batch_stats)), grads = accumulated_grads(
-            state.params, state.batch_stats, batch["image"], target, target_mask, dropout_rng)
+        augmented = augment_fn(aug_rng, batch)
+        target, target_mask = target_fn(augmented["labels"], augmented["mask"])
+        args = (state.params, state.batch_stats, augmented["image"], target, target_mask, dropout_rng)
+        if semi:
+            # A stream of its own (fold_in), so the supervised part draws what it draws without it.
+            semi_inputs = teacher_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
+            (loss, (parts, batch_stats)), grads = grad_fn(*args, semi_inputs)
+            parts["consistency_weight"] = semi_inputs[2]
+        else:
+            (loss, (parts, batch_stats)), grads = accumulated_grads(*args)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
