@@ -1,14 +1,16 @@
-"""Does self-supervised pretraining help when labels are few? ISBI 2012, pretrained vs from scratch.
+"""Do unlabelled images help when labels are few? ISBI 2012: a pretrained encoder, a mean teacher, scratch.
 
     python benchmarks/ssl_transfer.py --run runs/ssl_isbi [--labelled-slices 2] [--seeds 0 1 2]
-        [--pretrain-config pretrain] [--pretrain.x=y ...] [--finetune.x=y ...]
+        [--arms scratch pretrained mean_teacher] [--pretrain-config pretrain] [--pretrain.x=y ...] [--finetune.x=y ...]
 
 1. Pretrains the ISBI CPU recipe's U-Net encoder (configs/isbi2012_unet.py:cpu) with
    `--pretrain-config` (MoCo v2 by default) on the raw images of slices 0-15 and the 30 unlabelled
    test slices: no image of the scored slices 16-19 is seen.
 2. Fine-tunes that recipe on only the first `--labelled-slices` labelled slices, once from the
    pretrained encoder and once from scratch, per seed (same seed, same data order for both).
-3. Scores both on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py).
+   With `--arms ... mean_teacher`, also trains it semi-supervised (jaxem.semi.mean_teacher: EMA
+   teacher 0.99, consistency weight 1) with the pretraining's unlabelled images.
+3. Scores every arm on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py).
 
 Finished runs are reused. Prints JSON: per-seed and mean scores of both arms, the difference, the
 times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
@@ -23,12 +25,28 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.isbi2012 import LOCAL_COPY, over_seeds  # noqa: E402
 
-ARMS = ("scratch", "pretrained")
+ARMS = ("scratch", "pretrained", "mean_teacher")
+
+
+def unlabelled_images() -> tuple[str, ...]:
+    """ISBI images no scored slice is in: training slices 0-15 and the 30 unlabelled test slices."""
+    from jaxem.data import datasets
+
+    return datasets.split_paths("isbi2012", "train")[0] + datasets.split_paths("isbi2012", "test")[0]
+
+
+def arm_overrides(arm: str, run: Path) -> list[str]:
+    """What an arm adds to the fine-tuning config."""
+    if arm == "pretrained":
+        return [f"--config.train.init_encoder={run / 'pretrain'}"]
+    if arm == "mean_teacher":
+        return ["--config.train.ema_decay=0.99", "--config.semi.weight=1.0",
+                f"--config.semi.unlabelled_images={unlabelled_images()!r}"]
+    return []
 
 
 def labelled_subset(slices: int, out: Path) -> tuple[str, str]:
@@ -52,12 +70,11 @@ def pretrain_encoder(args, overrides: list[str], model, run: Path, progress: boo
     """Pretrains `model` (the fine-tuning config's model section) on unlabelled ISBI slices (not
     16-19); returns the summary."""
     from jaxem.config import apply_overrides, load_config
-    from jaxem.data import datasets
     from jaxem.ssl.pretrain import pretrain
 
     config = load_config(args.pretrain_config)
     config.model = model
-    config.data.train_images = datasets.split_paths("isbi2012", "train")[0] + datasets.split_paths("isbi2012", "test")[0]
+    config.data.train_images = unlabelled_images()
     config = apply_overrides(config, overrides)
     start = time.time()
     summary = pretrain(config, run, progress=progress)
@@ -65,8 +82,8 @@ def pretrain_encoder(args, overrides: list[str], model, run: Path, progress: boo
 
 
 def finetune_and_score(args, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
-                       encoder: str, progress: bool) -> dict:
-    """Trains the recipe on the labelled subset (from `encoder` when given) and scores slices 16-19."""
+                       progress: bool) -> dict:
+    """Trains the recipe on the labelled subset (with `overrides`) and scores slices 16-19."""
     from benchmarks.isbi2012 import train_and_score
     from jaxem.config import apply_overrides, load_config
 
@@ -74,7 +91,7 @@ def finetune_and_score(args, overrides: list[str], subset: tuple[str, str], run:
     config = apply_overrides(config, [
         "--config.data.dataset=", f"--config.data.train_images=('{subset[0]}',)",
         f"--config.data.train_labels=('{subset[1]}',)", f"--config.seed={seed}",
-        f"--config.train.init_encoder={encoder}", *overrides])
+        *overrides])
     from jaxem.data import datasets
 
     config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
@@ -86,6 +103,8 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs")
     parser.add_argument("--labelled-slices", type=int, default=2, help="labelled training slices (of 16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["scratch", "pretrained"],
+                        help="what to compare (scratch is always included)")
     parser.add_argument("--pretrain-config", default="pretrain")
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--no-progress", action="store_true")
@@ -97,6 +116,7 @@ def main() -> None:
 
     import jax
 
+    from jaxem.config import apply_overrides, load_config
     from jaxem.data import datasets
     from jaxem.metrics.heldout import SCORE_KEYS
 
@@ -104,31 +124,32 @@ def main() -> None:
         datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
     run, progress = Path(args.run), not args.no_progress
     subset = labelled_subset(args.labelled_slices, run / f"labelled_{args.labelled_slices}")
-    from jaxem.config import apply_overrides, load_config
 
-    model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
-    pretraining = pretrain_encoder(args, pretrain_overrides, model, run / "pretrain", progress)
-    results = {arm: {} for arm in ARMS}
+    arms = ["scratch"] + [a for a in args.arms if a != "scratch"]
+    pretraining = None
+    if "pretrained" in arms:
+        model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
+        pretraining = pretrain_encoder(args, pretrain_overrides, model, run / "pretrain", progress)
+    results = {arm: {} for arm in arms}
     for seed in args.seeds:
-        for arm in ARMS:
-            encoder = str(run / "pretrain") if arm == "pretrained" else ""
-            results[arm][seed] = finetune_and_score(args, finetune_overrides, subset,
+        for arm in arms:
+            results[arm][seed] = finetune_and_score(args, [*arm_overrides(arm, run), *finetune_overrides], subset,
                                                     run / f"{arm}_{args.labelled_slices}" / f"seed{seed}", seed,
-                                                    encoder, progress)
-    summary = {arm: over_seeds(results[arm])["model"] for arm in ARMS}
-    print(f"{'metric':<20}{'scratch':>10}{'pretrained':>12}   ({len(args.seeds)} seeds, {args.labelled_slices} labelled slices)")
+                                                    progress)
+    summary = {arm: over_seeds(results[arm])["model"] for arm in arms}
+    print(f"{'metric':<20}" + "".join(f"{a:>14}" for a in arms) + f"   ({len(args.seeds)} seeds, {args.labelled_slices} labelled slices)")
     for k in SCORE_KEYS:
-        print(f"{k:<20}{summary['scratch'][k]['mean']:>10.4f}{summary['pretrained'][k]['mean']:>12.4f}")
+        print(f"{k:<20}" + "".join(f"{summary[a][k]['mean']:>14.4f}" for a in arms))
     report = {
         "benchmark": "ssl_transfer_isbi2012_heldout_slices_16_19",
-        "labelled_slices": args.labelled_slices, "seeds": args.seeds,
+        "labelled_slices": args.labelled_slices, "seeds": args.seeds, "arms": arms,
         "pretrain_config": args.pretrain_config, "finetune_config": args.finetune_config,
         "pretrain_overrides": pretrain_overrides, "finetune_overrides": finetune_overrides,
         "pretraining": pretraining,
         "mean": summary,
-        "pretrained_minus_scratch": {k: float(np.mean(summary["pretrained"][k]["values"]) -
-                                              np.mean(summary["scratch"][k]["values"])) for k in SCORE_KEYS},
-        "per_seed": {arm: {str(s): r for s, r in results[arm].items()} for arm in ARMS},
+        **{f"{arm}_minus_scratch": {k: summary[arm][k]["mean"] - summary["scratch"][k]["mean"] for k in SCORE_KEYS}
+           for arm in arms[1:]},
+        "per_seed": {arm: {str(s): r for s, r in results[arm].items()} for arm in arms},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "devices": [str(d) for d in jax.devices()]},
     }

@@ -124,14 +124,18 @@ def test_ssl_transfer_benchmark_compares_pretrained_and_scratch(shared_data, tmp
             "--finetune.data.crop_shape=(64,64)", "--finetune.data.batch_size=4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
     out = subprocess.run([sys.executable, "benchmarks/ssl_transfer.py", "--run", str(tmp_path / "r"), "--no-progress",
-                          "--labelled-slices", "3", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          "--labelled-slices", "3", "--arms", "pretrained", "mean_teacher", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          check=True, env=env)
     report = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
     pretrain_cfg = json.loads((tmp_path / "r" / "pretrain" / "config.json").read_text())
     assert len(pretrain_cfg["data"]["train_images"]) == 2  # slices 0-15 and the 30 unlabelled test slices
     assert all("/val/" not in p for p in pretrain_cfg["data"]["train_images"])
-    runs = {arm: json.loads((tmp_path / "r" / f"{arm}_3" / "seed0" / "config.json").read_text()) for arm in ("scratch", "pretrained")}
+    runs = {arm: json.loads((tmp_path / "r" / f"{arm}_3" / "seed0" / "config.json").read_text())
+            for arm in ("scratch", "pretrained", "mean_teacher")}
     assert runs["scratch"]["train"]["init_encoder"] == "" and runs["pretrained"]["train"]["init_encoder"].endswith("pretrain")
+    assert runs["scratch"]["semi"]["weight"] == 0 and runs["mean_teacher"]["semi"]["weight"] == 1.0
+    assert runs["mean_teacher"]["semi"]["unlabelled_images"] == pretrain_cfg["data"]["train_images"]
+    assert report["arms"] == ["scratch", "pretrained", "mean_teacher"] and "mean_teacher_minus_scratch" in report
     assert runs["pretrained"]["model"] == pretrain_cfg["model"]
     from jaxem.data.volume import open_volume
     assert open_volume(runs["pretrained"]["data"]["train_images"][0]).shape == (3, 512, 512)
