@@ -126,3 +126,30 @@ def test_pretrain_with_2_processes_equals_1_process(tmp_path):
     np.testing.assert_allclose(multi, one, rtol=1e-3)
     for a, b in zip(*(jax.tree.leaves(load_encoder(tmp_path / run)) for run in ("one", "multi"))):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mean_teacher_with_2_processes_equals_1_process(tmp_path):
+    """Semi-supervised training over 2 processes x 2 devices: each process reads its rows of the
+    labelled and of the unlabelled batches, and the loss curve (consistency included) equals a
+    4-device single process's."""
+    cfg = load_config("demo:tiny")
+    paths = write_synthetic_data(cfg, tmp_path / "data")
+    args = ["-m", "jaxem.cli", "train", "--config", "demo:tiny", "--no-progress",
+            f"--config.data.train_images=('{paths['train'][0]}',)", f"--config.data.train_labels=('{paths['train'][1]}',)",
+            "--config.data.val_images=()", "--config.data.val_labels=()", "--config.train.eval_every=0",
+            "--config.train.steps=6", "--config.train.log_every=1", "--config.train.ema_decay=0.9",
+            "--config.semi.weight=1.0", "--config.semi.rampup_steps=2", "--config.semi.batch_size=4",
+            f"--config.semi.unlabelled_images=('{paths['test'][0]}',)"]
+    base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
+                   env={**base_env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
+    codes, outputs = run_two_processes([*args, "--workdir", str(tmp_path / "multi")],
+                                       {**base_env, "XLA_FLAGS": device_flags(2)})
+    assert codes == [0, 0], outputs
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "multi")}
+    assert len(rows["one"]) == len(rows["multi"]) == 6
+    for key in ("loss", "consistency"):
+        np.testing.assert_allclose([r[key] for r in rows["multi"]], [r[key] for r in rows["one"]], rtol=1e-3)
+    assert rows["one"][-1]["consistency"] > 0
