@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -66,7 +67,7 @@ def main() -> None:
         image = jax.device_put(jax.random.normal(jax.random.key(0), shape), sharding)
         state, step = build_pretraining(config, mesh)
         seconds, _ = time_steps(step, state, {"image": image}, args.steps)
-        voxels = config.data.batch_size * int(jax.numpy.prod(jax.numpy.array(config.data.crop_shape)))
+        voxels = config.data.batch_size * math.prod(config.data.crop_shape)
         results.append({"method": method, "ndim": config.model.ndim, "batch": config.data.batch_size,
                         "crop": list(config.data.crop_shape), "widths": list(config.model.widths),
                         "step_s": seconds, "crops_per_s": config.data.batch_size / seconds,

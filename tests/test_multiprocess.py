@@ -37,6 +37,17 @@ def run_two_processes(command: list[str], env: dict) -> tuple[list[int], list[st
     return [p.returncode for p in procs], outputs
 
 
+def run_one_and_two_processes(command: list[str], tmp_path: Path) -> None:
+    """Runs `python *command --workdir W` as 1 process x 4 devices (W = tmp_path/one) and as
+    2 processes x 2 devices (W = tmp_path/multi); fails the test if either fails."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, *command, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
+                   env={**env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
+    codes, outputs = run_two_processes([*command, "--workdir", str(tmp_path / "multi")],
+                                       {**env, "XLA_FLAGS": device_flags(2)})
+    assert codes == [0, 0], outputs
+
+
 def _train_losses(workdir: Path) -> list[float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == "train"]
@@ -115,12 +126,7 @@ def test_pretrain_with_2_processes_equals_1_process(tmp_path):
     from jaxem.ssl.pretrain import load_encoder
 
     args = ["-m", "jaxem.cli", "pretrain", "--config", "pretrain:tiny", "--no-progress", "--config.train.log_every=1"]
-    base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
-                   env={**base_env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
-    codes, outputs = run_two_processes([*args, "--workdir", str(tmp_path / "multi")],
-                                       {**base_env, "XLA_FLAGS": device_flags(2)})
-    assert codes == [0, 0], outputs
+    run_one_and_two_processes(args, tmp_path)
     one, multi = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "multi")
     assert len(one) == len(multi) == 6
     np.testing.assert_allclose(multi, one, rtol=1e-3)
@@ -141,12 +147,7 @@ def test_mean_teacher_with_2_processes_equals_1_process(tmp_path):
             "--config.train.steps=6", "--config.train.log_every=1", "--config.train.ema_decay=0.9",
             "--config.semi.weight=1.0", "--config.semi.rampup_steps=2", "--config.semi.batch_size=4",
             f"--config.semi.unlabelled_images=('{paths['test'][0]}',)"]
-    base_env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, *args, "--workdir", str(tmp_path / "one")], check=True, cwd=ROOT,
-                   env={**base_env, "XLA_FLAGS": device_flags(4)}, capture_output=True, timeout=600)
-    codes, outputs = run_two_processes([*args, "--workdir", str(tmp_path / "multi")],
-                                       {**base_env, "XLA_FLAGS": device_flags(2)})
-    assert codes == [0, 0], outputs
+    run_one_and_two_processes(args, tmp_path)
     rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "multi")}
     assert len(rows["one"]) == len(rows["multi"]) == 6
