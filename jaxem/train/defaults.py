@@ -21,7 +21,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         log_every=20,
         eval_every=200,
         eval_batches=4,
-        eval_instances=True,  # boundary targets: also VRand/VInfo/VOI of watershed cells per val crop
+        eval_instances=True,  # also VRand/VInfo/VOI per val crop: watershed cells (boundary), mws (affinities)
         checkpoint_every=200,
         keep_checkpoints=3,
         best_metric="val_loss",  # a key of the validation metrics, prefixed with val_; "" = keep/use the latest

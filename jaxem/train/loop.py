@@ -98,10 +98,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, score_instances: bool) -> dict:
+def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, segment_crop=None) -> dict:
     """Validation metrics over the same validation batches every time (the first `num_batches`, or
     one pass over the validation crops when that is fewer): loss and voxel Dice of the target, and
-    with `score_instances` (boundary targets) VRand/VInfo/VOI of watershed cells in each crop."""
+    with `segment_crop` (see `crop_segmenter`) VRand/VInfo/VOI of the instances in each crop."""
     num_batches = min(num_batches, val_loader.num_batches)
     val_loader.set_state(val_start)
     totals, crop_scores = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}, []
@@ -110,8 +110,8 @@ def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, sc
         metrics, probs = eval_step(state, batch)
         for k, v in jax.device_get(metrics).items():
             totals[k] += float(v)
-        if score_instances:
-            crop_scores += _instance_scores(probs, batch)
+        if segment_crop is not None:
+            crop_scores += _instance_scores(probs, batch, segment_crop)
     tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
     result = {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
     for key in ("vrand", "vinfo", "voi_split", "voi_merge"):
@@ -120,20 +120,37 @@ def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, sc
     return result
 
 
-def _instance_scores(probs, batch) -> list[dict]:
-    """Clustering scores of watershed cells from the membrane probabilities of each labelled crop."""
+def crop_segmenter(target_cfg):
+    """`fn(probs (*S, K)) -> instance labels (*S)` for validation crops, or None where the target has
+    no instances: boundary maps -> seeded watershed (per z-slice in 3D); affinities -> mutex watershed."""
+    from jaxem.data.targets import affinity_offsets
+    from jaxem.segment.instances import instances_from_affinities, instances_from_boundaries
+
+    if target_cfg.kind == "boundary":
+        return lambda p: instances_from_boundaries(p[..., 0], method="watershed", per_slice=p.ndim == 4)
+    if target_cfg.kind == "affinities":
+        def mws(p):
+            offsets = affinity_offsets(target_cfg, p.ndim - 1)
+            return instances_from_affinities(np.moveaxis(p, -1, 0), offsets, "mws", min_size=MIN_FRAGMENT)
+        return mws
+    return None
+
+
+MIN_FRAGMENT = 10  # voxels: smaller mutex-watershed fragments of a validation crop are flooded
+
+
+def _instance_scores(probs, batch, segment_crop) -> list[dict]:
+    """Clustering scores of the instances `segment_crop` makes from each labelled crop's probabilities."""
     from jax.experimental import multihost_utils
 
     from jaxem.metrics.clustering import clustering_scores
-    from jaxem.segment.instances import instances_from_boundaries
 
     probs, labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                           for x in (probs[..., 0], batch["labels"], batch["mask"]))
+                           for x in (probs, batch["labels"], batch["mask"]))
     scores = []
     for p, gt, m in zip(probs, labels, mask):
         if m.max() > 0 and gt.max() > 0:  # skip padding rows and crops without cells
-            cells = instances_from_boundaries(p, method="watershed", per_slice=p.ndim == 3)
-            scores.append(clustering_scores(cells, gt))
+            scores.append(clustering_scores(segment_crop(p), gt))
     return scores
 
 
@@ -216,8 +233,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     if config.data.val_images and tc.eval_every > 0:
         val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val")
         val_start = val_loader.get_state()
-        score_instances = config.target.kind == "boundary" and tc.eval_instances
-        validate = lambda state: evaluate(state, eval_step, val_loader, val_start, tc.eval_batches, score_instances)  # noqa: E731
+        segment_crop = crop_segmenter(config.target) if tc.eval_instances else None
+        validate = lambda state: evaluate(state, eval_step, val_loader, val_start, tc.eval_batches, segment_crop)  # noqa: E731
     try:
         summary, _ = run_loop(config, workdir, state=state, train_step=train_step, loader=loader, meta=run_meta(config),
                               devices=int(mesh.devices.size), validate=validate, progress=progress)
