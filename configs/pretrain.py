@@ -2,12 +2,13 @@
 
     jaxem pretrain --workdir runs/pretrain                          # MoCo v2 (default)
     jaxem pretrain --config pretrain:simclr --workdir runs/simclr   # SimCLR
+    jaxem pretrain --config pretrain:densecl --workdir runs/densecl # DenseCL (MoCo v2 + dense loss)
     jaxem demo --workdir runs/finetuned --config.train.init_encoder=runs/pretrain
 
 The model section is the demo's U-Net, so the exported encoder fine-tunes in `jaxem demo` (or any
 config with the same encoder). With data.train_images empty, `jaxem pretrain` writes a synthetic
 volume of `synthetic.shape` into WORKDIR/data; set data.train_images to pretrain on real EM
-(labels are never read). Arguments (comma-separated): moco | simclr; 3d (an anisotropic 3D U-Net
+(labels are never read). Arguments (comma-separated): moco | simclr | densecl; 3d (an anisotropic 3D U-Net
 encoder on 8 x 128x128 crops: in-plane levels first, as for serial-section EM); tiny (seconds, for
 tests). Another model (a U-Net with a ResNet encoder, UNETR) is a copy of this file with that
 model section: the encoder is pretrained for exactly the model it will fine-tune.
@@ -19,16 +20,18 @@ from jaxem.train.defaults import base_config
 
 def get_config(arg: str = ""):
     options = {a for a in arg.split(",") if a}
-    unknown = options - {"moco", "simclr", "3d", "tiny"}
-    if unknown or {"moco", "simclr"} <= options:
-        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use moco or simclr, 3d, tiny.")
+    methods = {"moco", "simclr", "densecl"}
+    unknown = options - methods - {"3d", "tiny"}
+    if unknown or len(options & methods) > 1:
+        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use one of moco, simclr, densecl; 3d, tiny.")
     ndim = 3 if "3d" in options else 2
     config = base_config(ndim=ndim, model="unet")
     config.seed = 0
     config.synthetic = dict(shape=(32, 256, 256), voxel_size=(40.0, 4.0, 4.0), seed=100)
 
     config.ssl = default_ssl_config()
-    config.ssl.method = "simclr" if "simclr" in options else "moco"
+    config.ssl.method = next(iter(options & methods), "moco")
+    config.ssl.dense_weight = 0.5  # DenseCL's lambda (the paper's default); unused by moco and simclr
     config.ssl.temperature = 0.2
     config.ssl.queue_size = 2048
 

@@ -49,6 +49,23 @@ class MLPHead(nn.Module):
         return nn.Dense(self.out_features)(x)
 
 
+class DenseProjectionHead(nn.Module):
+    """DenseCL's dense projection: 1x1 conv -> ReLU -> 1x1 conv at every location of a feature map.
+
+    (B, *S, C_in) any dtype, S of rank 1-3 -> (B, *S, out_features) float32; the same weights at
+    every location (the dense counterpart of a 2-layer MLPHead without batch norm).
+    """
+
+    hidden: int = 2048
+    out_features: int = 128
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ones = (1,) * (x.ndim - 2)
+        x = nn.relu(layers.Conv(self.hidden, ones, dtype=jnp.float32)(x.astype(jnp.float32)))
+        return layers.Conv(self.out_features, ones, dtype=jnp.float32)(x)
+
+
 class PooledEncoder(nn.Module):
     """An encoder model ('resnet', 'vit'): encoder + global mean over space (+ optional linear head).
 

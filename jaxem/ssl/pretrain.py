@@ -21,7 +21,8 @@ import ml_collections
 from jaxem import models
 from jaxem.data import augment, pipeline
 from jaxem.errors import UserError
-from jaxem.ssl.contrastive import build_contrastive_model, check_ssl_config, create_contrastive_state, make_contrastive_step
+from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
+                                   create_contrastive_state, make_contrastive_step)
 from jaxem.train import parallel
 from jaxem.train.checkpoint import restore_on_this_host, save_tree
 from jaxem.train.loop import check_workdir, run_loop, run_meta
@@ -44,19 +45,26 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(batch_size, mesh)
     check_ssl_config(config.ssl, batch_size)
-    if config.ssl.method == "moco" and config.model.get("norm") == "batch" and jax.process_index() == 0:
-        print("warning: MoCo with a batch-norm encoder half-collapsed on ISBI 2012 (docs/ssl.md); group norm "
-              "(the U-Net default) or ssl.method=simclr trained well there.")
+    if config.ssl.method in MOMENTUM_METHODS and config.model.get("norm") == "batch" and jax.process_index() == 0:
+        name = "MoCo" if config.ssl.method == "moco" else "DenseCL (MoCo's key encoder and queue)"
+        print(f"warning: {name} with a batch-norm encoder: MoCo half-collapsed on ISBI 2012 (docs/ssl.md); group "
+              "norm (the U-Net default) or ssl.method=simclr trained well there.")
     models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
     state, train_step = build_pretraining(config, mesh)
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train", labelled=False)
     summary, state = run_loop(config, workdir, state=state, train_step=train_step, loader=loader,
                               meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress,
-                              train_panels=("accuracy", "positive_cosine", "embedding_std"))
+                              train_panels=train_panels(config.ssl))
     if "preempted_at" not in summary:
         summary["encoder_dir"] = str(export_encoder(state, config, workdir / ENCODER_DIR))
     return summary
+
+
+def train_panels(ssl_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The train metrics that get a panel of their own in training_curves.png beside the loss."""
+    dense = ("dense_accuracy",) if ssl_cfg.method == "densecl" else ()
+    return ("accuracy", "positive_cosine", "embedding_std") + dense
 
 
 def build_pretraining(config: ml_collections.ConfigDict, mesh):

@@ -93,7 +93,56 @@ def moco_infonce(queries: jax.Array, keys: jax.Array, queue: jax.Array,
     """
     q = unit_vectors(queries.astype(jnp.float32))
     k = jax.lax.stop_gradient(unit_vectors(keys.astype(jnp.float32)))
+    return _queue_infonce(q, k, queue, temperature)
+
+
+def _queue_infonce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """InfoNCE of unit queries q (N, D) against their unit keys k (N, D) and the queue (K, D)."""
     positive = jnp.sum(q * k, axis=-1, keepdims=True) / temperature
     logits = jnp.concatenate([positive, _similarities(q, jax.lax.stop_gradient(queue), temperature)], axis=-1)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(q.shape[0], jnp.int32))
     return jnp.mean(loss), jnp.mean(jnp.argmax(logits, axis=-1) == 0)
+
+
+def unit_vectors_safe(x: jax.Array) -> jax.Array:
+    """Rows of `x` (N, D) scaled to length 1; zero rows stay zero with a zero gradient (`unit_vectors`
+    gives them a NaN one): a dense head's output is exactly 0 wherever its input and biases are
+    (locations whose ReLU'd features are all 0, at initialisation)."""
+    squares = jnp.sum(x * x, axis=-1, keepdims=True)
+    nonzero = squares > 0
+    return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+
+
+def flatten_locations(x: jax.Array) -> jax.Array:
+    """A feature map (B, *S, C) as (B, prod(S), C): one row per location, in row-major order."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def match_locations(query_features: jax.Array, key_features: jax.Array) -> jax.Array:
+    """DenseCL's correspondence: for every location i of each query map, the key location j of the
+    same example whose feature vector is the most similar, argmax_j cos(query[b, i], key[b, j]).
+
+    query_features (B, *Sq, C), key_features (B, *Sk, C), any dtype (compared in float32) ->
+    (B, prod(Sq)) int32 indices into the row-major flattened key locations. No gradient.
+    """
+    q = unit_vectors(flatten_locations(query_features).astype(jnp.float32))
+    k = unit_vectors(flatten_locations(key_features).astype(jnp.float32))
+    sims = jnp.einsum("bic,bjc->bij", q, k, precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.stop_gradient(jnp.argmax(sims, axis=-1).astype(jnp.int32))
+
+
+def dense_infonce(queries: jax.Array, keys: jax.Array, match: jax.Array, queue: jax.Array,
+                  temperature: float = 0.2) -> tuple[jax.Array, jax.Array]:
+    """DenseCL's dense InfoNCE: the query vector at location i of example b must pick the key vector
+    at location match[b, i] of the same example against the K queued keys (MoCo's InfoNCE over all
+    B * prod(Sq) locations).
+
+    queries (B, *Sq, D), keys (B, *Sk, D) (a constant: no gradient), match (B, prod(Sq)) int from
+    `match_locations`, queue (K, D) unit rows (DenseCL: globally pooled dense keys of earlier steps).
+    Returns (mean loss over locations, top-1 accuracy of picking the matched key).
+    """
+    q, k = flatten_locations(queries), flatten_locations(keys)
+    matched = jnp.take_along_axis(k, match[..., None].astype(jnp.int32), axis=1)  # (B, Sq, D)
+    q = unit_vectors_safe(q.reshape(-1, q.shape[-1]).astype(jnp.float32))
+    matched = jax.lax.stop_gradient(unit_vectors_safe(matched.reshape(-1, k.shape[-1]).astype(jnp.float32)))
+    return _queue_infonce(q, matched, queue, temperature)
