@@ -1,14 +1,16 @@
-"""Self-supervised pretraining step throughput (MoCo v2 / SimCLR), beside the supervised step of the
-same U-Net: what contrastive pretraining costs per crop on this machine.
+"""Self-supervised pretraining step throughput (MoCo v2 / SimCLR / DenseCL), beside the supervised
+step of the same U-Net: what contrastive pretraining costs per crop on this machine.
 
     python benchmarks/ssl_step.py                          # configs/pretrain.py: 2D, MoCo and SimCLR
     python benchmarks/ssl_step.py --config pretrain:3d --steps 5
     python benchmarks/ssl_step.py --small                  # a smoke run (tiny sizes)
+    python benchmarks/ssl_step.py --methods moco densecl   # any of moco, simclr, densecl
 
 One step is what `jaxem pretrain` runs: two views per crop (random resized crop + augmentation) on
 device, encoder + projection forward/backward (SimCLR on both views, MoCo on one plus a key-encoder
-forward on the other), the optimizer update, MoCo's momentum update and enqueue; jitted over all
-devices on random crops already on device. Prints one JSON object.
+forward on the other; DenseCL adds its dense head, matching and dense loss), the optimizer update,
+MoCo's momentum update and enqueue; jitted over all devices on random crops already on device.
+Prints one JSON object.
 """
 
 from __future__ import annotations

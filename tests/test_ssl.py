@@ -266,3 +266,124 @@ def test_every_encoder_kind_pretrains(name, fields, tmp_path):
     x = jnp.zeros((1,) + tuple(config.data.crop_shape) + (1,))
     expected = jax.eval_shape(lambda: models.build(config.model).init(jax.random.key(0), x))["params"]["encoder"]
     assert jax.tree.map(jnp.shape, exported["params"]) == jax.tree.map(lambda s: s.shape, expected)
+
+
+# --- DenseCL ------------------------------------------------------------------------------------
+
+def test_dense_infonce_equals_the_definition_and_only_queries_get_gradients():
+    """Hand-made dense maps: query location i of example b against the key at match[b, i] and the
+    queue, over all B * prod(Sq) locations (maps of different spatial shapes)."""
+    from jaxem.train.losses import dense_infonce
+
+    rng = np.random.default_rng(2)
+    q, k = rng.normal(size=(2, 2, 3, 5)), rng.normal(size=(2, 3, 2, 5))
+    queue, match, t = _unit(rng.normal(size=(7, 5))), rng.integers(0, 6, size=(2, 6)), 0.3
+    qf, kf = q.reshape(2, 6, 5), k.reshape(2, 6, 5)
+    expected, hits = [], []
+    for b in range(2):
+        for i in range(6):
+            qi, ki = _unit(qf[b, i]), _unit(kf[b, match[b, i]])
+            logits = np.concatenate([[qi @ ki], queue @ qi]) / t
+            expected.append(-logits[0] + np.log(np.sum(np.exp(logits))))
+            hits.append(np.argmax(logits) == 0)
+    f = lambda q, k, queue: dense_infonce(q, k, jnp.asarray(match), queue, t)  # noqa: E731
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (q, k, queue))
+    loss, accuracy = f(*args)
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+    assert float(accuracy) == pytest.approx(np.mean(hits))
+    grads = jax.grad(lambda *a: f(*a)[0], argnums=(0, 1, 2))(*args)
+    assert float(jnp.abs(grads[0]).max()) > 0
+    assert float(jnp.abs(grads[1]).max()) == 0 and float(jnp.abs(grads[2]).max()) == 0
+    zero_query = args[0].at[0, 0, 0].set(0.0)  # an all-zero vector (ReLU'd features at init): no NaN
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda q: f(q, *args[1:])[0])(zero_query))))
+
+
+def test_matching_picks_the_key_location_of_highest_cosine():
+    """Keys are the query vectors at permuted locations, rescaled (cosine, not dot product, decides)
+    and slightly perturbed: matching recovers the permutation; random maps match numpy's argmax."""
+    from jaxem.train.losses import match_locations
+
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(2, 3, 4, 16))
+    perm = np.stack([rng.permutation(12) for _ in range(2)])  # key location j holds query perm[b, j]
+    scales = rng.uniform(0.01, 100.0, size=(2, 12, 1))
+    k = np.take_along_axis(q.reshape(2, 12, 16), perm[..., None], axis=1) * scales
+    k = k + 1e-3 * rng.normal(size=k.shape)
+    match = np.asarray(match_locations(jnp.asarray(q, jnp.float32), jnp.asarray(k.reshape(2, 4, 3, 16), jnp.float32)))
+    np.testing.assert_array_equal(np.take_along_axis(perm, match, axis=1), np.tile(np.arange(12), (2, 1)))
+    a, b = rng.normal(size=(3, 5, 8)), rng.normal(size=(3, 2, 3, 8))
+    sims = np.einsum("bic,bjc->bij", _unit(a), _unit(b.reshape(3, 6, 8)))
+    np.testing.assert_array_equal(np.asarray(match_locations(jnp.asarray(a), jnp.asarray(b))), sims.argmax(-1))
+
+
+def test_densecl_step_trains_the_dense_head_and_encoder_alike_on_1_and_4_devices(tmp_path):
+    """One step with dense_weight = 1 (only the dense loss drives the update): the dense head and the
+    encoder move, the global projector does not, both queues take the global batch of keys; and
+    the same global batch on 1 and on 4 devices gives the same losses, update and queues (matching
+    is per example; the queues take every device's keys)."""
+    config = _tiny_run_config(tmp_path, "densecl", **{
+        "ssl.projection_batch_norm": False, "ssl.dense_weight": 1.0, "optimizer.warmup_steps": 0,
+        "optimizer.name": "sgd"})
+    batch = {"image": jax.random.normal(jax.random.key(3), (8, 32, 32, 1))}
+    results = []
+    for n in (1, 4):
+        mesh = parallel.make_mesh(n)
+        state, step = build_pretraining(config, mesh)
+        new, metrics = step(jax.tree.map(jnp.copy, state), jax.device_put(batch, parallel.data_sharding(mesh)))
+        results.append(jax.device_get((metrics, new.params, new.queue, new.dense_queue, new.queue_ptr)))
+    (m1, *s1), (m4, *s4) = results
+    for key in ("loss", "loss_dense", "dense_accuracy"):
+        np.testing.assert_allclose(m1[key], m4[key], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s4)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    np.testing.assert_allclose(m1["loss"], m1["loss_dense"], rtol=1e-6)
+    old = jax.device_get(state)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), old.params, s1[0])
+    assert all(jax.tree.leaves(changed["dense_projector"])) and any(jax.tree.leaves(changed["encoder"]))
+    assert not any(jax.tree.leaves(changed["projector"]))
+    for before, after in ((old.queue, s1[1]), (old.dense_queue, s1[2])):
+        assert not np.allclose(after[:8], before[:8])
+        np.testing.assert_array_equal(after[8:], before[8:])
+        np.testing.assert_allclose(np.linalg.norm(after[:8], axis=-1), 1.0, rtol=1e-5)
+    assert int(s1[3]) == 8
+
+
+def test_densecl_resumes_exactly_and_its_encoder_fits_the_unet(tmp_path):
+    """An interrupted DenseCL run ends with the same encoder and queues as an uninterrupted one; the
+    exported encoder goes into the demo U-Net (what --config.train.init_encoder does)."""
+    from jaxem.train.checkpoint import restore_on_this_host
+
+    config = _tiny_run_config(tmp_path, "densecl", **{"train.steps": 2, "train.checkpoint_every": 1,
+                                                       "train.num_devices": 1})
+    run = tmp_path / "run"
+
+    def last_state():
+        tree = restore_on_this_host(run / "checkpoints" / "2" / "state")
+        return jax.device_get((tree["queue"], tree["dense_queue"], tree["queue_ptr"])), load_encoder(run)
+
+    pretrain(config, run, progress=False)
+    whole = last_state()
+    shutil.rmtree(run / "checkpoints" / "2")
+    shutil.rmtree(run / "encoder")
+    assert pretrain(config, run, progress=False)["start_step"] == 1
+    for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(last_state())):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert int(whole[0][2]) == 2 * config.data.batch_size
+    seg_model = models.build(load_config("demo:tiny").model)
+    seg = seg_model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    moved = models.transfer_encoder_params(seg, whole[1])
+    for x, y in zip(jax.tree.leaves(moved["params"]["encoder"]), jax.tree.leaves(whole[1]["params"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_densecl_settings_are_named():
+    cfg = apply_overrides_dict(default_ssl_config(), method="densecl")
+    with pytest.raises(UserError, match=r"ssl.dense_weight must be in \[0, 1\]"):
+        check_ssl_config(apply_overrides_dict(cfg, dense_weight=1.5), 32)
+    with pytest.raises(UserError, match="ssl.queue_size=100 must be a positive multiple"):
+        check_ssl_config(apply_overrides_dict(cfg, queue_size=100), 32)
+    with pytest.raises(UserError, match="ssl.momentum"):
+        check_ssl_config(apply_overrides_dict(cfg, momentum=1.0), 32)
+    with pytest.raises(UserError, match="conflicting"):
+        load_config("pretrain:moco,densecl")
