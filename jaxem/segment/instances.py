@@ -174,14 +174,15 @@ def mutex_watershed(affinities: np.ndarray, offsets, min_size: int = 0, strides=
 
 
 def boundary_from_affinities(affinities: np.ndarray, offsets) -> np.ndarray:
-    """Boundary map (*spatial) float32 in [0, 1] from affinities (K, *spatial): one minus the mean
-    of the nearest-neighbour channels (offsets with one step along one axis), high on membranes."""
+    """Boundary map (*spatial) float32 in [0, 1] from affinities (K, *spatial): one minus the lowest
+    nearest-neighbour affinity (offsets of one step along one axis), high on membranes. The minimum,
+    not the mean: a boundary between two sections is seen by the z channel alone."""
     affinities = np.asarray(affinities)
     nearest = [k for k, o in enumerate(offsets) if sum(abs(int(v)) for v in o) == 1]
     if not nearest:
         raise UserError(f"affinity offsets {[list(o) for o in offsets]} have no nearest-neighbour offset "
                         "(one step along one axis), which a boundary map is made from.")
-    return (1.0 - affinities[nearest].astype(np.float32).mean(axis=0)).astype(np.float32)
+    return (1.0 - affinities[nearest].astype(np.float32).min(axis=0)).astype(np.float32)
 
 
 def fill_small(labels: np.ndarray, elevation: np.ndarray, min_size: int) -> np.ndarray:
@@ -217,9 +218,9 @@ def instances_from_affinities(
     """
     if method not in AFFINITY_METHODS:
         raise UserError(f"affinity segmentation method {method!r} is not one of {', '.join(AFFINITY_METHODS)}.")
-    boundary = boundary_from_affinities(affinities, offsets)
     if method == "mws":
         labels = mutex_watershed(affinities, offsets, strides=strides)
     else:
-        labels = instances_from_boundaries(boundary, "watershed", threshold, h=h, anisotropy=anisotropy)
-    return fill_small(labels, boundary, min_size) if min_size > 0 else labels
+        labels = instances_from_boundaries(boundary_from_affinities(affinities, offsets), "watershed", threshold,
+                                           h=h, anisotropy=anisotropy)
+    return fill_small(labels, boundary_from_affinities(affinities, offsets), min_size) if min_size > 0 else labels
