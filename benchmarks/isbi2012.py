@@ -32,6 +32,8 @@ def train_and_score(config, run: Path, progress: bool) -> dict:
 
     start = time.time()
     summary = train(config, run, progress=progress)
+    if "preempted_at" in summary:
+        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
     train_seconds = time.time() - start
     images, labels = datasets.split_paths("isbi2012", "val")
     scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", progress=progress)

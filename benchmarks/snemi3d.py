@@ -31,6 +31,8 @@ def train_and_score(config, run: Path, progress: bool, min_size: int, h: float) 
 
     start = time.time()
     summary = train(config, run, progress=progress)
+    if "preempted_at" in summary:
+        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
     train_seconds = time.time() - start
     images, labels = datasets.split_paths(config.data.dataset, "val")
     scores = score_affinity_run(run, images[0], labels[0], out_dir=run / "heldout", min_size=min_size, h=h,
