@@ -63,13 +63,14 @@ def get_config(arg: str = ""):
     config.predict.halo = (4, 32, 32)
     config.predict.batch_size = 2
 
-    if "cpu" in options:  # 8 x 128^2 crops, a 4-level net with 8-64 channels
+    if "cpu" in options:  # 2 x 8 x 128^2 crops, a 4-level net with 8-64 channels
         config.data.crop_shape = (8, 128, 128)
+        config.data.batch_size = 2
         config.model.widths = (8, 16, 32, 64)
         config.model.kernel_sizes = ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3))
         config.model.pool_factors = ((1, 2, 2), (1, 2, 2), (2, 2, 2))
         config.model.dtype = "float32"  # the CPU has no fast bfloat16
-        config.train.steps = 1000
+        config.train.steps = 800
         config.optimizer.learning_rate = 3e-3
         config.optimizer.warmup_steps = 50
         config.train.eval_every = 250
