@@ -56,6 +56,34 @@ def test_synthetic_mito_test_split_has_enough_mitochondria(tmp_path):
     assert 0.01 < mask.mean() < 0.15  # Lucchi: a few per cent of the voxels are mitochondria
 
 
+def test_benchmark_prepares_lucchi_from_a_local_copy(tmp_path, monkeypatch):
+    """--local-copy DIR: the four EPFL TIFFs are fetched over file://, the 255-labels become 0/1 and
+    the training volume splits into slices 0-132 (train) and 133-164 (val)."""
+    import tifffile
+
+    from benchmarks import lucchi
+
+    monkeypatch.setenv("JAXEM_DATA", str(tmp_path / "data"))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (165, 8, 8), dtype=np.uint8)
+    train_gt = np.where(rng.random((165, 8, 8)) < 0.1, 255, 0).astype(np.uint8)
+    for name, array in (("training.tif", train), ("training_groundtruth.tif", train_gt),
+                        ("testing.tif", train[:5]), ("testing_groundtruth.tif", train_gt[:5])):
+        tifffile.imwrite(copy / name, array, photometric="minisblack")
+    with pytest.raises(UserError, match="--local-copy .* is not a folder"):
+        lucchi.prepare_dataset("lucchi", str(tmp_path / "nowhere"), progress=False)
+    lucchi.prepare_dataset("lucchi", str(copy), progress=False)
+    (train_image, train_labels), = datasets.load_dataset("lucchi", "train")
+    (val_image, val_labels), = datasets.load_dataset("lucchi", "val")
+    np.testing.assert_array_equal(train_image.read(), train[:133])
+    np.testing.assert_array_equal(val_image.read(), train[133:])
+    np.testing.assert_array_equal(val_labels.read(), train_gt[133:] // 255)
+    assert train_labels.read().dtype == np.uint8 and val_image.voxel_size == (5.0, 5.0, 5.0)
+    assert load_config("lucchi_mito").data.crop_shape[0] <= val_image.shape[0]
+
+
 # ---------------------------------------------------------------- config
 
 
