@@ -61,6 +61,8 @@ def train_and_score(config, run: Path, threshold: float, progress: bool) -> dict
 
     start = time.time()
     summary = train(config, run, progress=progress)
+    if "preempted_at" in summary:
+        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
     train_seconds = time.time() - start
     images, labels = datasets.split_paths(config.data.dataset, "test")
     start = time.time()

@@ -17,14 +17,14 @@ generated stand-in dataset synthetic_mito instead of lucchi); tiny (seconds, for
 `lucchi_mito:cpu,synthetic`.
 """
 
-from jaxem.errors import UserError
+from jaxem.config import config_args
 from jaxem.train.defaults import base_config
 
 ARGS = ("cpu", "synthetic", "tiny")
 
 
 def get_config(arg: str = ""):
-    options = parse_args(arg)
+    options = config_args(arg, ARGS, "lucchi_mito")
     config = base_config(ndim=3, model="unet")
     config.seed = 0
     config.data.dataset = "synthetic_mito" if "synthetic" in options else "lucchi"
@@ -65,16 +65,6 @@ def get_config(arg: str = ""):
     if "tiny" in options:
         tiny_size(config)
     return config
-
-
-def parse_args(arg: str) -> set[str]:
-    """The comma-separated arguments as a set; UserError naming any unknown one."""
-    options = {a.strip() for a in arg.split(",") if a.strip()}
-    unknown = options - set(ARGS)
-    if unknown:
-        raise UserError(f"configs/lucchi_mito.py does not know argument(s) {', '.join(sorted(unknown))}; "
-                        f"use any of {', '.join(ARGS)}, comma-separated.")
-    return options
 
 
 def cpu_size(config) -> None:

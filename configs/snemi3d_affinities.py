@@ -17,6 +17,7 @@ synthetic (the embedded synthetic neuropil, 40x4x4 nm, instead of SNEMI3D: no do
 tiny (seconds, for tests). E.g. `snemi3d_affinities:cpu,synthetic`.
 """
 
+from jaxem.config import config_args
 from jaxem.train.defaults import base_config
 
 # Wolf et al. 2018 (mutex watershed on ISBI/CREMI): nearest neighbours + three longer ranges.
@@ -28,9 +29,7 @@ ARGS = ("cpu", "synthetic", "tiny")
 
 
 def get_config(arg: str = ""):
-    options = {a for a in arg.split(",") if a}
-    if options - set(ARGS):
-        raise ValueError(f"unknown arguments {sorted(options - set(ARGS))}; use any of {', '.join(ARGS)}.")
+    options = config_args(arg, ARGS, "snemi3d_affinities")
     config = base_config(ndim=3, model="unet")
     config.seed = 0
     config.data.dataset = "synthetic" if "synthetic" in options else "snemi3d"

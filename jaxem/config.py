@@ -60,6 +60,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+def config_args(arg: str, allowed: Sequence[str], name: str, one_of: Sequence[str] = ()) -> set[str]:
+    """The comma-separated arguments of `configs/NAME.py:ARG` as a set; UserError naming any
+    argument not in `allowed`, or more than one of the mutually exclusive `one_of`."""
+    options = {a.strip() for a in arg.split(",") if a.strip()}
+    unknown = options - set(allowed)
+    if unknown:
+        raise UserError(f"configs/{name}.py does not know argument(s) {', '.join(sorted(unknown))}; "
+                        f"use any of {', '.join(allowed)}, comma-separated.")
+    if len(options & set(one_of)) > 1:
+        raise UserError(f"configs/{name}.py takes only one of {', '.join(one_of)}, got {', '.join(sorted(options & set(one_of)))}.")
+    return options
+
+
 def parse_value(text: str, current: Any, key: str) -> Any:
     """Converts override text to the type of the field's current value."""
     if isinstance(current, bool):

@@ -93,7 +93,7 @@ def test_config_arguments_and_shapes():
         models.check_input_shape(config.model, config.data.crop_shape)
         assert config.model.out_channels == num_target_channels(config.target, 3)
         assert config.data.dataset == ("synthetic" if "synthetic" in arg else "snemi3d")
-    with pytest.raises(UserError, match="unknown arguments"):
+    with pytest.raises(UserError, match="does not know argument"):
         load_config("snemi3d_affinities:gpu")
 
 
