@@ -33,6 +33,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         help="dataset to train on and score (default: the config's data.dataset)")
     parser.add_argument("--local-copy", default=None, help="folder with the four Lucchi TIFFs (instead of the download)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the model")
+    parser.add_argument("--min-size", type=int, default=0,
+                        help="voxels: smaller predicted objects are removed before scoring (0 = the published protocol)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_known_args(argv)
 
@@ -53,7 +55,7 @@ def prepare_dataset(name: str, local_copy: str | None, progress: bool) -> None:
     datasets.download(name, url_base=url_base, progress=progress)
 
 
-def train_and_score(config, run: Path, threshold: float, progress: bool) -> dict:
+def train_and_score(config, run: Path, threshold: float, progress: bool, min_size: int = 0) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the test split."""
     from jaxem.data import datasets
     from jaxem.metrics.semantic_heldout import score_run
@@ -66,7 +68,8 @@ def train_and_score(config, run: Path, threshold: float, progress: bool) -> dict
     train_seconds = time.time() - start
     images, labels = datasets.split_paths(config.data.dataset, "test")
     start = time.time()
-    scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", threshold=threshold, progress=progress)
+    scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", threshold=threshold, min_size=min_size,
+                       progress=progress)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds,
             "predict_and_score_seconds": time.time() - start, "test_image": images[0]}
 
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
     prepare_dataset(config.data.dataset, args.local_copy, not args.no_progress)
     report = {"benchmark": f"{config.data.dataset}_test_mitochondria", "config": args.config,
               "dataset": config.data.dataset, "overrides": overrides}
-    report.update(train_and_score(config, Path(args.run), args.threshold, not args.no_progress))
+    report.update(train_and_score(config, Path(args.run), args.threshold, not args.no_progress, args.min_size))
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "devices": [str(d) for d in jax.devices()]}
     print(format_table(report["scores"]))

@@ -161,6 +161,17 @@ def test_components_connectivity():
         sh.components(mask, 8)
 
 
+def test_remove_small_drops_only_objects_below_the_size():
+    mask = np.zeros((4, 10, 10), bool)
+    mask[0, 0, 0] = True                 # 1 voxel
+    mask[1:3, 4:7, 4:7] = True           # 18 voxels
+    mask[3, 0, 5:9] = True               # 4 voxels
+    kept = sh.remove_small(mask, 5)
+    assert kept.sum() == 18 and kept[1:3, 4:7, 4:7].all()
+    assert sh.remove_small(mask, 4).sum() == 22
+    assert (sh.remove_small(mask, 0) == mask).all()
+
+
 def test_otsu_dark_marks_the_dark_mode():
     raw = np.full((2, 8, 8), 200, np.uint8)
     raw[:, :3] = 50
