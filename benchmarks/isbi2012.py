@@ -19,7 +19,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 
 LOCAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
@@ -41,15 +40,10 @@ def train_and_score(config, run: Path, progress: bool) -> dict:
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
-    """{"model"|"threshold_baseline": {metric: {"mean", "std", "values"}}} over the seeds' scores."""
-    out = {}
-    for who in ("model", "threshold_baseline"):
-        out[who] = {}
-        for metric in next(iter(per_seed.values()))["scores"][who]:
-            values = [float(r["scores"][who][metric]) for r in per_seed.values()]
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            out[who][metric] = {"mean": float(np.mean(values)), "std": std, "values": values}
-    return out
+    """{"model"|"threshold_baseline": {metric: {"mean", "std", "values"}}} over the seeds' runs."""
+    from jaxem.metrics.heldout import over_seeds as scores_over_seeds
+
+    return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=("model", "threshold_baseline"))
 
 
 def main() -> None:

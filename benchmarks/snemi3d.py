@@ -20,7 +20,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def train_and_score(config, run: Path, progress: bool, min_size: int, h: float) -> dict:
@@ -40,20 +39,6 @@ def train_and_score(config, run: Path, progress: bool, min_size: int, h: float) 
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
 
 
-def over_seeds(per_seed: dict[int, dict]) -> dict:
-    """{row: {metric: {"mean", "std", "values"}}} over the seeds' scores."""
-    from jaxem.metrics.heldout_affinities import ROWS, SCORE_KEYS
-
-    out = {}
-    for row in ROWS:
-        out[row] = {}
-        for metric in SCORE_KEYS:
-            values = [float(r["scores"][row][metric]) for r in per_seed.values()]
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            out[row][metric] = {"mean": float(np.mean(values)), "std": std, "values": values}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (trained here when it holds no finished run)")
@@ -67,7 +52,8 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.heldout_affinities import format_table
+    from jaxem.metrics.heldout import over_seeds
+    from jaxem.metrics.heldout_affinities import ROWS, format_table
 
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": f"{config.data.dataset}_val_3d", "config": args.config, "overrides": overrides}
@@ -81,7 +67,8 @@ def main() -> None:
             config.seed = seed
             per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress,
                                              args.min_size, args.h)
-        report.update(seeds=args.seeds, over_seeds=over_seeds(per_seed),
+        summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=ROWS)
+        report.update(seeds=args.seeds, over_seeds=summary,
                       per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "devices": [str(d) for d in jax.devices()]}

@@ -145,3 +145,16 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
     assert results["settings"]["offsets"] == [list(o) for o in load_config("snemi3d_affinities:tiny").target.offsets]
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert val and all(0 <= v["vrand"] <= 1 for v in val)
+
+
+def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():
+    from jaxem.metrics.heldout import over_seeds
+
+    per_seed = {0: {"mws": {"voi_split": 0.2, "note": "x"}, "watershed": {"voi_split": 1.0}, "settings": 3},
+                1: {"mws": {"voi_split": 0.4, "note": "y"}, "watershed": {"voi_split": 3.0}, "settings": 3}}
+    out = over_seeds(per_seed)
+    assert set(out) == {"mws", "watershed"} and set(out["mws"]) == {"voi_split"}
+    assert out["mws"]["voi_split"]["mean"] == pytest.approx(0.3)
+    assert out["mws"]["voi_split"]["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert out["watershed"]["voi_split"]["values"] == [1.0, 3.0]
+    assert set(over_seeds(per_seed, rows=["watershed"])) == {"watershed"}

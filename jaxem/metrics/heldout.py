@@ -78,6 +78,23 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     return results
 
 
+def over_seeds(per_seed: dict, rows=None) -> dict:
+    """Mean, sample std and values of every score over seeds: per_seed = {seed: {row: {metric:
+    value}}} (rows e.g. "model", "threshold_baseline") -> {row: {metric: {"mean", "std", "values"}}}.
+    `rows` limits the rows (default all of the first seed's); non-numeric entries are skipped."""
+    first = next(iter(per_seed.values()))
+    out = {}
+    for row in rows or [r for r, v in first.items() if isinstance(v, dict)]:
+        out[row] = {}
+        for metric, value in first[row].items():
+            if not isinstance(value, (int, float)):
+                continue
+            values = [float(scores[row][metric]) for scores in per_seed.values()]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            out[row][metric] = {"mean": float(np.mean(values)), "std": std, "values": values}
+    return out
+
+
 def format_table(results: dict) -> str:
     """The model's scores beside the threshold baseline's, one metric per line."""
     lines = [f"{'metric':<20}{'model':>10}{'threshold':>12}   better"]
