@@ -53,7 +53,7 @@ def main() -> None:
 
     from jaxem.config import apply_overrides, load_config
     from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import ROWS, format_table
+    from jaxem.metrics.heldout_affinities import ROWS, SCORE_KEYS, format_table
 
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": f"{config.data.dataset}_val_3d", "config": args.config, "overrides": overrides}
@@ -68,6 +68,9 @@ def main() -> None:
             per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress,
                                              args.min_size, args.h)
         summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=ROWS)
+        print(f"mean ± std over seeds {', '.join(map(str, args.seeds))}")
+        for k in SCORE_KEYS:
+            print(f"{k:<20}" + "".join(f"{summary[r][k]['mean']:>9.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
         report.update(seeds=args.seeds, over_seeds=summary,
                       per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
