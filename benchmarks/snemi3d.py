@@ -69,7 +69,7 @@ def main() -> None:
                                              args.min_size, args.h)
         summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=ROWS)
         print(f"mean ± std over seeds {', '.join(map(str, args.seeds))}")
-        print(f"{'metric':<20}" + "".join(f"{r:>18}" for r in ROWS))
+        print(f"{'metric':<20}" + "".join(f"{r:>19}" for r in ROWS))
         for k in SCORE_KEYS:
             print(f"{k:<20}" + "".join(f"{summary[r][k]['mean']:>9.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
         report.update(seeds=args.seeds, over_seeds=summary,
