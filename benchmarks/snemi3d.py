@@ -71,7 +71,7 @@ def main() -> None:
         print(f"mean ± std over seeds {', '.join(map(str, args.seeds))}")
         print(f"{'metric':<20}" + "".join(f"{r:>19}" for r in ROWS))
         for k in SCORE_KEYS:
-            print(f"{k:<20}" + "".join(f"{summary[r][k]['mean']:>9.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
+            print(f"{k:<20}" + "".join(f"{summary[r][k]['mean']:>10.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
         report.update(seeds=args.seeds, over_seeds=summary,
                       per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
