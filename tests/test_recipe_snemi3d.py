@@ -158,3 +158,19 @@ def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():
     assert out["mws"]["voi_split"]["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
     assert out["watershed"]["voi_split"]["values"] == [1.0, 3.0]
     assert set(over_seeds(per_seed, rows=["watershed"])) == {"watershed"}
+
+
+def test_segment_cli_default_seed_depth_is_two_pixels_not_one_nm(tmp_path):
+    """At 40x4x4 nm, h = 1 nm puts a seed on every ripple of a noisy distance map; the default
+    (2 in-plane pixels = 8 nm) splits far less and is what `--h 8` gives."""
+    gt = cells_3d()
+    noisy = np.clip(true_affinities(gt, OFFSETS) + np.random.default_rng(0).normal(0, 0.25, (6,) + gt.shape), 0, 1)
+    create_volume(tmp_path / "aff", noisy.shape, np.float32, (40.0, 4.0, 4.0), axes=("c", "z", "y", "x")).write(
+        noisy.astype(np.float32))
+    base = ["segment", "--input", str(tmp_path / "aff"), "--offsets", json.dumps([list(o) for o in OFFSETS]),
+            "--method", "watershed", "--kind", "affinities"]
+    counts = {}
+    for name, extra in (("default", []), ("h8", ["--h", "8"]), ("h1", ["--h", "1"])):
+        assert main(base + ["--output", str(tmp_path / name)] + extra) == 0
+        counts[name] = int(open_volume(tmp_path / name).read().max())
+    assert counts["default"] == counts["h8"] < counts["h1"], counts
