@@ -218,9 +218,10 @@ def instances_from_affinities(
     """
     if method not in AFFINITY_METHODS:
         raise UserError(f"affinity segmentation method {method!r} is not one of {', '.join(AFFINITY_METHODS)}.")
+    # mws alone needs no boundary map (nor nearest-neighbour offsets)
+    boundary = boundary_from_affinities(affinities, offsets) if method == "watershed" or min_size > 0 else None
     if method == "mws":
         labels = mutex_watershed(affinities, offsets, strides=strides)
     else:
-        labels = instances_from_boundaries(boundary_from_affinities(affinities, offsets), "watershed", threshold,
-                                           h=h, anisotropy=anisotropy)
-    return fill_small(labels, boundary_from_affinities(affinities, offsets), min_size) if min_size > 0 else labels
+        labels = instances_from_boundaries(boundary, "watershed", threshold, h=h, anisotropy=anisotropy)
+    return fill_small(labels, boundary, min_size) if min_size > 0 else labels

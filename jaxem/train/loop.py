@@ -120,6 +120,9 @@ def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, se
     return result
 
 
+MIN_FRAGMENT = 10  # voxels: smaller mutex-watershed fragments of a validation crop are flooded
+
+
 def crop_segmenter(target_cfg):
     """`fn(probs (*S, K)) -> instance labels (*S)` for validation crops, or None where the target has
     no instances: boundary maps -> seeded watershed (per z-slice in 3D); affinities -> mutex watershed."""
@@ -134,9 +137,6 @@ def crop_segmenter(target_cfg):
             return instances_from_affinities(np.moveaxis(p, -1, 0), offsets, "mws", min_size=MIN_FRAGMENT)
         return mws
     return None
-
-
-MIN_FRAGMENT = 10  # voxels: smaller mutex-watershed fragments of a validation crop are flooded
 
 
 def _instance_scores(probs, batch, segment_crop) -> list[dict]:
