@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 
@@ -26,14 +25,9 @@ LOCAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012
 def train_and_score(config, run: Path, progress: bool) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19."""
     from jaxem.data import datasets
-    from jaxem.metrics.heldout import score_run
-    from jaxem.train.loop import train
+    from jaxem.metrics.heldout import score_run, train_to_completion
 
-    start = time.time()
-    summary = train(config, run, progress=progress)
-    if "preempted_at" in summary:
-        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
-    train_seconds = time.time() - start
+    summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths("isbi2012", "val")
     scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", progress=progress)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}

@@ -58,14 +58,10 @@ def prepare_dataset(name: str, local_copy: str | None, progress: bool) -> None:
 def train_and_score(config, run: Path, threshold: float, progress: bool, min_size: int = 0) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the test split."""
     from jaxem.data import datasets
+    from jaxem.metrics.heldout import train_to_completion
     from jaxem.metrics.semantic_heldout import score_run
-    from jaxem.train.loop import train
 
-    start = time.time()
-    summary = train(config, run, progress=progress)
-    if "preempted_at" in summary:
-        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
-    train_seconds = time.time() - start
+    summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths(config.data.dataset, "test")
     start = time.time()
     scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", threshold=threshold, min_size=min_size,

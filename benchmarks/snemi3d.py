@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 
@@ -25,14 +24,10 @@ from pathlib import Path
 def train_and_score(config, run: Path, progress: bool, min_size: int, h: float) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the val split."""
     from jaxem.data import datasets
+    from jaxem.metrics.heldout import train_to_completion
     from jaxem.metrics.heldout_affinities import score_affinity_run
-    from jaxem.train.loop import train
 
-    start = time.time()
-    summary = train(config, run, progress=progress)
-    if "preempted_at" in summary:
-        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
-    train_seconds = time.time() - start
+    summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths(config.data.dataset, "val")
     scores = score_affinity_run(run, images[0], labels[0], out_dir=run / "heldout", min_size=min_size, h=h,
                                 progress=progress)

@@ -12,6 +12,7 @@ from jaxem.data import datasets, synthetic
 from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
 from jaxem.metrics import semantic_heldout as sh
+from jaxem.metrics.heldout import prediction_channel
 
 SMALL = {"train": (24, 96, 96), "val": (16, 64, 64), "test": (24, 96, 96)}
 
@@ -211,7 +212,7 @@ def test_benchmark_end_to_end_tiny(small_mito, tmp_path, monkeypatch):
     heldout = run / "heldout"
     assert (heldout / "overlay.png").stat().st_size > 0
     assert json.loads((heldout / "results.json").read_text()) == report["scores"]
-    prob = sh.probability_channel(heldout / "predictions.zarr")
+    prob = prediction_channel(heldout / "predictions.zarr")
     gt = open_volume(datasets.split_paths("synthetic_mito", "test")[1][0]).read() > 0
     assert prob.shape == gt.shape == SMALL["test"]
     pred = prob > 0.5

@@ -40,15 +40,45 @@ def threshold_baseline(raw: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + (inverted - threshold_otsu(inverted)), 0.0, 1.0)
 
 
-def boundary_channel(path: str | Path) -> np.ndarray:
-    """Channel 0 of a prediction volume, as (z, y, x) float32."""
+def prediction_channel(path: str | Path) -> np.ndarray:
+    """Channel 0 of a prediction volume written by jaxem.infer (boundary, foreground...), as
+    (z, y, x) float32."""
     from jaxem.data.volume import open_volume
 
     volume = open_volume(str(path))
     array = volume.read()
     if volume.axes[0] == "c":
-        return array[0]
-    return array[..., 0] if volume.axes[-1] == "c" else array
+        array = array[0]
+    elif volume.axes[-1] == "c":
+        array = array[..., 0]
+    return array.astype(np.float32, copy=False)
+
+
+def predict_heldout(run_dir: str | Path, image_path: str, out_dir: str | Path | None = None,
+                    progress: bool = True) -> tuple[Path, Path]:
+    """Predicts `image_path` blockwise with the run's checkpoint into `out_dir`/predictions.zarr
+    (replacing an earlier one); returns (out_dir, that path). `out_dir` defaults to the run dir."""
+    from jaxem.infer.blockwise import predict_run
+
+    out_dir = Path(out_dir or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = out_dir / "predictions.zarr"
+    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress)
+    return out_dir, predictions
+
+
+def train_to_completion(config, run_dir: str | Path, progress: bool = True) -> tuple[dict, float]:
+    """Trains `config` in `run_dir` (resuming; a finished run returns at once) -> (summary, seconds).
+    Exits when SIGTERM stopped the training: a half-trained model is not scored."""
+    import time
+
+    from jaxem.train.loop import train
+
+    start = time.time()
+    summary = train(config, run_dir, progress=progress)
+    if "preempted_at" in summary:
+        raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
+    return summary, time.time() - start
 
 
 def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: str | Path | None = None,
@@ -59,15 +89,11 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     returns {"model": scores, "threshold_baseline": scores}.
     """
     from jaxem.data.volume import open_volume
-    from jaxem.infer.blockwise import predict_run
     from jaxem.segment.instances import instances_from_boundaries
 
-    out_dir = Path(out_dir or run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    predictions = out_dir / "predictions.zarr"
-    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress)
+    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
     raw, gt = open_volume(image_path).read(), open_volume(labels_path).read()
-    boundary = boundary_channel(predictions)
+    boundary = prediction_channel(predictions)
     ours = instances_from_boundaries(boundary, method="watershed", per_slice=True)
     baseline_boundary = threshold_baseline(raw)
     baseline = instances_from_boundaries(baseline_boundary, method="watershed", per_slice=True)

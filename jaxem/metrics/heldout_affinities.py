@@ -79,13 +79,9 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     "settings": {...}}.
     """
     from jaxem.data.volume import open_volume
-    from jaxem.infer.blockwise import predict_run
-    from jaxem.metrics.heldout import write_overlay
+    from jaxem.metrics.heldout import predict_heldout, write_overlay
 
-    out_dir = Path(out_dir or run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    predictions = out_dir / "predictions.zarr"
-    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress)
+    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
     affinities, offsets = read_affinities(predictions)
     image = open_volume(image_path)
     raw, gt = image.read(), open_volume(labels_path).read()

@@ -79,19 +79,6 @@ def otsu_dark(raw: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + (inverted - threshold_otsu(inverted)), 0.0, 1.0).astype(np.float32)
 
 
-def probability_channel(path: str | Path) -> np.ndarray:
-    """Channel 0 of a prediction volume written by jaxem.infer, as (z, y, x) float32."""
-    from jaxem.data.volume import open_volume
-
-    volume = open_volume(str(path))
-    array = volume.read()
-    if volume.axes[0] == "c":
-        array = array[0]
-    elif volume.axes[-1] == "c":
-        array = array[..., 0]
-    return array.astype(np.float32)
-
-
 def remove_small(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
     """The boolean `mask` without its connected components smaller than `min_size` voxels."""
     import cc3d
@@ -112,16 +99,13 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     Returns {"model": scores, "threshold_baseline": scores, "threshold", "min_size", "foreground_fraction"}.
     """
     from jaxem.data.volume import open_volume
-    from jaxem.infer.blockwise import predict_run
+    from jaxem.metrics.heldout import predict_heldout, prediction_channel
 
     if not 0.0 < threshold < 1.0:
         raise UserError(f"threshold must lie strictly between 0 and 1, got {threshold}.")
-    out_dir = Path(out_dir or run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    predictions = out_dir / "predictions.zarr"
-    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress)
+    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
     raw, gt = open_volume(image_path).read(), open_volume(labels_path).read() > 0
-    probability = probability_channel(predictions)
+    probability = prediction_channel(predictions)
     ours, baseline = remove_small(probability > threshold, min_size), remove_small(otsu_dark(raw) > 0.5, min_size)
     results = {"model": score_masks(ours, gt), "threshold_baseline": score_masks(baseline, gt),
                "threshold": threshold, "min_size": min_size, "foreground_fraction": float(gt.mean())}
