@@ -10,7 +10,7 @@ import ml_collections
 
 from jaxem import models
 from jaxem.data import augment, pipeline, targets
-from jaxem.semi.mean_teacher import default_semi_config
+from jaxem.semi.unlabelled import default_semi_config
 from jaxem.train.state import default_optimizer_config
 
 
@@ -79,5 +79,5 @@ def base_config(ndim: int = 2, model: str = "unet") -> ml_collections.ConfigDict
     config.optimizer = default_optimizer_config()
     config.train = default_train_config()
     config.predict = default_predict_config()
-    config.semi = default_semi_config()  # mean teacher on unlabelled volumes; off while semi.weight = 0
+    config.semi = default_semi_config()  # mean teacher / adversarial adaptation on unlabelled volumes; off at weight 0
     return config

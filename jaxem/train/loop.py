@@ -25,7 +25,7 @@ from jaxem import models
 from jaxem.config import fingerprint, save_config
 from jaxem.data import augment, pipeline, targets
 from jaxem.errors import UserError
-from jaxem.semi import mean_teacher
+from jaxem.semi import unlabelled
 from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
 from jaxem.train.defaults import with_dataset_volumes
@@ -58,6 +58,15 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tu
             raise UserError(
                 f"{workdir} holds a run with a different `{section}` config; use a new --workdir "
                 f"(or delete {workdir}) instead of mixing experiments.")
+    if _discriminator_widths(saved) != _discriminator_widths(config):
+        raise UserError(f"{workdir} holds a run whose domain discriminator (semi.adversarial_weight > 0, "
+                        f"semi.discriminator_widths) differs from this config's; use a new --workdir.")
+
+
+def _discriminator_widths(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """The discriminator a run's checkpoints hold (None without adversarial adaptation)."""
+    semi = config.get("semi")
+    return tuple(semi.discriminator_widths) if unlabelled.adversarial_on(semi) else None
 
 
 def has_checkpoints(workdir: Path) -> bool:
@@ -170,6 +179,12 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
         jax.random.PRNGKey(config.seed))
     if tc.get("init_encoder") and load_encoder:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh)
+    if unlabelled.adversarial_on(config.get("semi")):
+        from jaxem.semi.adversarial import with_adversary
+
+        probs_shape = (1,) + tuple(config.data.crop_shape) + (config.model.out_channels,)
+        state = jax.jit(lambda s, rng: with_adversary(s, config.semi, rng, probs_shape), out_shardings=replicated)(
+            state, jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
     train_step = jax.jit(
@@ -207,9 +222,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
     check_workdir(config, workdir)
-    semi = mean_teacher.enabled(config.get("semi"))
+    semi = unlabelled.enabled(config.get("semi"))
     if semi:
-        mean_teacher.check_semi_config(config)
+        unlabelled.check_semi_config(config)
 
     tc, ndim = config.train, config.model.ndim
     mesh = parallel.make_mesh(tc.num_devices)
@@ -228,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     # Open the data before writing anything, so bad data paths leave the workdir untouched.
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
     if semi:
-        loader = mean_teacher.PairedLoader(loader, mean_teacher.make_unlabelled_loader(config, mesh))
+        loader = unlabelled.PairedLoader(loader, unlabelled.make_unlabelled_loader(config, mesh))
     validate, val_loader = None, None
     if config.data.val_images and tc.eval_every > 0:
         val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val")

@@ -55,12 +55,16 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
     With `accumulate_steps` k > 1 the batch is split into k micro-batches whose gradients are
     averaged (one optimizer update per step, k times less activation memory). With a `semi_cfg`
-    whose weight is > 0 (jaxem.semi.mean_teacher) the batch also holds "unlabelled" crops
-    (B_u, *spatial, 1) and the loss a mean-teacher consistency term against `ema_params`.
+    that turns on learning from unlabelled crops (jaxem.semi.unlabelled) the batch also holds
+    "unlabelled" crops (B_u, *spatial, 1), and the loss a mean-teacher consistency term against
+    `ema_params` (semi.weight > 0), an output-space adversarial term against the discriminator in
+    `state.adversary` (semi.adversarial_weight > 0, jaxem.semi.adversarial), or both.
     """
-    from jaxem.semi import mean_teacher
+    from jaxem.semi import adversarial, mean_teacher, unlabelled
 
-    semi = mean_teacher.enabled(semi_cfg)
+    semi = unlabelled.enabled(semi_cfg)
+    teacher_on, adversary_on = unlabelled.mean_teacher_on(semi_cfg), unlabelled.adversarial_on(semi_cfg)
+    disc = adversarial.discriminator(semi_cfg) if adversary_on else None
 
     def forward(params, batch_stats, image, rng):
         """Train-mode outputs and the updated batch statistics."""
@@ -72,19 +76,25 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         return outputs, updates["batch_stats"]
 
     def loss_fn(params, batch_stats, image, target, target_mask, rng, semi_inputs=None):
+        """(loss, (loss parts, batch_stats, (source, target) probabilities when semi else ()))."""
         outputs, batch_stats = forward(params, batch_stats, image, rng)
         logits, aux = _main_and_aux(outputs)
         loss, parts = segmentation_loss(loss_cfg, logits, target, target_mask)
         if aux:
             parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, target, target_mask)
             loss = loss + parts["loss_deep_supervision"]
-        if semi_inputs is not None:
-            student_in, teacher_probs, weight = semi_inputs
-            student, batch_stats = forward(params, batch_stats, student_in, rng)
-            parts["consistency"] = mean_teacher.consistency(probabilities(target_kind, _main_and_aux(student)[0]),
-                                                            teacher_probs)
-            loss = loss + weight * parts["consistency"]
-        return loss, (parts, batch_stats)
+        if semi_inputs is None:
+            return loss, (parts, batch_stats, ())
+        student_in, teacher_probs, weight, adversary_params = semi_inputs
+        student, batch_stats = forward(params, batch_stats, student_in, rng)
+        student_probs = probabilities(target_kind, _main_and_aux(student)[0])
+        if teacher_on:
+            parts["consistency"] = mean_teacher.consistency(student_probs, teacher_probs)
+            loss = loss + semi_cfg.weight * weight * parts["consistency"]
+        if adversary_on:
+            parts["adversarial"] = adversarial.segmenter_loss(disc, adversary_params, student_probs)
+            loss = loss + semi_cfg.adversarial_weight * weight * parts["adversarial"]
+        return loss, (parts, batch_stats, (probabilities(target_kind, logits), student_probs))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -98,26 +108,29 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
 
         def body(carry, xs):
             grads_sum, loss_sum, parts_sum, stats = carry
-            (loss, (parts, stats)), grads = grad_fn(params, stats, *xs, rng)
+            (loss, (parts, stats, _)), grads = grad_fn(params, stats, *xs, rng)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
             return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), stats), None
 
         xs = tuple(micro_batches(x) for x in (image, target, target_mask))
-        (_, (parts_shape, _)), grads_shape = jax.eval_shape(grad_fn, params, batch_stats, *(x[0] for x in xs), rng)
+        (_, (parts_shape, _, _)), grads_shape = jax.eval_shape(grad_fn, params, batch_stats, *(x[0] for x in xs), rng)
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
         init = (zeros(grads_shape), jnp.zeros((), jnp.float32), zeros(parts_shape), batch_stats)
         (grads, loss, parts, batch_stats), _ = jax.lax.scan(body, init, xs)
         scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
-        return (loss / accumulate_steps, (scale(parts), batch_stats)), scale(grads)
+        return (loss / accumulate_steps, (scale(parts), batch_stats, ())), scale(grads)
 
-    def teacher_inputs(state: TrainState, unlabelled: jax.Array, rng: jax.Array):
-        """(student input, teacher probabilities, weight) for the consistency term."""
+    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array):
+        """(student input, teacher probabilities or None, ramp weight, discriminator params or None)."""
         augment_rng, noise_rng = jax.random.split(rng)
-        crops = augment_fn(augment_rng, {"image": unlabelled})["image"]
-        student_in, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
-        teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
-        weight = semi_cfg.weight * mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
-        return student_in, probabilities(target_kind, teacher_logits), weight
+        crops = augment_fn(augment_rng, {"image": crops})["image"]
+        teacher_probs = None
+        if teacher_on:
+            crops, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
+            teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
+            teacher_probs = probabilities(target_kind, teacher_logits)
+        weight = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
+        return crops, teacher_probs, weight, state.adversary["params"] if adversary_on else None
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -125,13 +138,20 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         augmented = augment_fn(aug_rng, batch)
         target, target_mask = target_fn(augmented["labels"], augmented["mask"])
         args = (state.params, state.batch_stats, augmented["image"], target, target_mask, dropout_rng)
+        replace = {}
         if semi:
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.
-            semi_inputs = teacher_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
-            (loss, (parts, batch_stats)), grads = grad_fn(*args, semi_inputs)
-            parts["consistency_weight"] = semi_inputs[2]
+            semi_inputs = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
+            (loss, (parts, batch_stats, domain_probs)), grads = grad_fn(*args, semi_inputs)
+            if teacher_on:
+                parts["consistency_weight"] = semi_cfg.weight * semi_inputs[2]
+            if adversary_on:
+                parts["adversarial_weight"] = semi_cfg.adversarial_weight * semi_inputs[2]
+                replace["adversary"], disc_metrics = adversarial.update_discriminator(
+                    state.adversary, semi_cfg, *domain_probs)
+                parts.update(disc_metrics)
         else:
-            (loss, (parts, batch_stats)), grads = accumulated_grads(*args)
+            (loss, (parts, batch_stats, _)), grads = accumulated_grads(*args)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
@@ -139,7 +159,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         else:
             ema = params
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state, ema_params=ema)
+                                  opt_state=opt_state, ema_params=ema, **replace)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
         return new_state, metrics
 

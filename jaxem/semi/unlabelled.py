@@ -1,0 +1,98 @@
+"""The `semi` config section and the loader of unlabelled crops that both ways of learning from
+unlabelled EM share: the mean teacher (jaxem.semi.mean_teacher) and output-space adversarial
+domain adaptation (jaxem.semi.adversarial). Either, or both, turn on with a weight > 0.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxem.errors import UserError
+
+
+def default_semi_config() -> ml_collections.ConfigDict:
+    """Every `config.semi` field: off (both weights 0) unless unlabelled volumes and a weight are set."""
+    return ml_collections.ConfigDict(dict(
+        unlabelled_images=(),  # volumes without labels (any format jaxem reads): more data, or the target domain
+        weight=0.0,            # mean-teacher consistency weight at the end of the ramp; 0 = off
+        adversarial_weight=0.0,  # output-space adversarial weight at the end of the ramp; 0 = off (e.g. 0.01)
+        batch_size=8,          # unlabelled crops per step (global, like data.batch_size)
+        rampup_steps=200,      # both weights ramp up as exp(-5 (1 - t)^2) over these steps
+        noise_std=0.1,         # mean teacher: input noise of student and teacher, in normalized-image units
+        discriminator_widths=(32, 64, 128),  # adversarial: features per strided conv of the discriminator
+        discriminator_lr=1e-4,  # adversarial: Adam learning rate of the discriminator
+    ))
+
+
+def mean_teacher_on(cfg: ml_collections.ConfigDict | None) -> bool:
+    """Whether a `semi` config section turns the mean teacher on."""
+    return cfg is not None and float(cfg.get("weight", 0.0)) > 0
+
+
+def adversarial_on(cfg: ml_collections.ConfigDict | None) -> bool:
+    """Whether a `semi` config section turns adversarial domain adaptation on."""
+    return cfg is not None and float(cfg.get("adversarial_weight", 0.0)) > 0
+
+
+def enabled(cfg: ml_collections.ConfigDict | None) -> bool:
+    """Whether training reads unlabelled crops (mean teacher, adversarial adaptation or both)."""
+    return mean_teacher_on(cfg) or adversarial_on(cfg)
+
+
+def check_semi_config(config: ml_collections.ConfigDict) -> None:
+    """UserError naming the field that stops semi-supervised training from running."""
+    semi = config.semi
+    if semi.weight < 0 or semi.adversarial_weight < 0:
+        raise UserError("semi.weight and semi.adversarial_weight must be >= 0.")
+    if not semi.unlabelled_images:
+        raise UserError("semi.weight or semi.adversarial_weight > 0 needs semi.unlabelled_images (volumes without labels).")
+    if mean_teacher_on(semi) and config.train.ema_decay <= 0:
+        raise UserError("the mean teacher is the EMA of the trained weights: set train.ema_decay > 0 (e.g. 0.99).")
+    if config.train.accumulate_steps != 1:
+        raise UserError("semi-supervised training runs with train.accumulate_steps=1.")
+    if semi.rampup_steps < 0 or semi.noise_std < 0:
+        raise UserError("semi.rampup_steps and semi.noise_std must be >= 0.")
+    if adversarial_on(semi) and (not semi.discriminator_widths or min(semi.discriminator_widths) < 1
+                                 or semi.discriminator_lr <= 0):
+        raise UserError(f"semi.discriminator_widths={tuple(semi.discriminator_widths)} must be positive feature "
+                        f"counts and semi.discriminator_lr={semi.discriminator_lr} > 0.")
+
+
+class PairedLoader:
+    """Labelled batches with `semi.batch_size` unlabelled crops added under "unlabelled"
+    ((B_u, *crop, 1) float32); resumes both at their exact positions."""
+
+    def __init__(self, labelled, unlabelled):
+        self.labelled, self.unlabelled = labelled, unlabelled
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return dict(next(self.labelled), unlabelled=next(self.unlabelled)["image"])
+
+    def get_state(self) -> dict:
+        return {"labelled": self.labelled.get_state(), "unlabelled": self.unlabelled.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if "labelled" not in state:
+            raise UserError(f"the checkpoint's data position {sorted(state)} does not fit this run's loader (was "
+                            f"semi-supervised training turned on or off?); use a new --workdir.")
+        self.labelled.set_state(state["labelled"])
+        self.unlabelled.set_state(state["unlabelled"])
+
+    def close(self) -> None:
+        self.labelled.close()
+        self.unlabelled.close()
+
+
+def make_unlabelled_loader(config: ml_collections.ConfigDict, mesh):
+    """The loader of `semi.unlabelled_images` crops (crop shape and normalisation of `config.data`)."""
+    from jaxem.data import pipeline
+
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.train_images, data.train_masks = tuple(config.semi.unlabelled_images), ()
+    data.batch_size = int(config.semi.batch_size)
+    # Another seed than the labelled loader's, so unlabelled crops are not drawn in lockstep with them.
+    return pipeline.make_loader(data, mesh=mesh, ndim=config.model.ndim, seed=config.seed + 7919, split="train",
+                                labelled=False)
