@@ -48,7 +48,7 @@ class Ref:
     file: str
     dataset: str | None = None
     z: tuple[int, int] | None = None
-    convert: str = "none"  # none | interior_to_instances_2d | mask
+    convert: str = "none"  # none | interior_to_instances_2d | mask | cremi_neuron_ids
 
 
 @dataclass(frozen=True)
@@ -154,14 +154,14 @@ REGISTRY: dict[str, Dataset] = {
         name="cremi",
         description="CREMI adult Drosophila brain ssTEM, samples A, B, C (125x1250x1250 each, HDF5)",
         voxel_size=(40.0, 4.0, 4.0),
-        labels="neuron_ids as distributed (uint64)",
+        labels="neuron_ids (uint64) as distributed, CREMI's no-label ids (> uint64(-10)) -> 0",
         homepage="https://cremi.org/data/",
         citation="CREMI challenge, Funke et al. 2016",
         files=tuple(File(f"sample_{s}_20160501.hdf", f"{_CREMI}sample_{s}_20160501.hdf") for s in "ABC"),
         splits={
             split: {
                 s: (Ref(f"sample_{s}_20160501.hdf", "volumes/raw", z),
-                    Ref(f"sample_{s}_20160501.hdf", "volumes/labels/neuron_ids", z))
+                    Ref(f"sample_{s}_20160501.hdf", "volumes/labels/neuron_ids", z, convert="cremi_neuron_ids"))
                 for s in "ABC"
             }
             for split, z in (("train", (0, 100)), ("val", (100, 125)))
@@ -328,6 +328,8 @@ def _write_ref(downloads: Path, ref: Ref, dest: Path, voxel_size, labels: bool) 
     if not path.is_file():
         raise UserError(f"{path} is missing; run `jaxem data download` for this dataset.")
     source = open_source(path, ref.dataset)
+    if ref.convert == "cremi_neuron_ids":
+        _check_unpadded(path, ref.dataset)
     z0, z1 = ref.z or (0, source.shape[0])
     if len(source.shape) != 3 or z1 > source.shape[0]:
         raise UserError(f"{path} has shape {source.shape}; expected a (z, y, x) stack with at least {z1} slices.")
@@ -342,8 +344,24 @@ def _write_ref(downloads: Path, ref: Ref, dest: Path, voxel_size, labels: bool) 
         out.write(slab.astype(dtype), (start - z0, 0, 0))
 
 
+def _check_unpadded(path: Path, dataset: str) -> None:
+    """UserError when the HDF5 `dataset` has a non-zero `offset` attribute: CREMI's padded files
+    place their labels at that offset (nm) inside a larger raw volume, so raw and labels do not align."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = np.ravel(f[dataset].attrs.get("offset", 0.0))
+    if np.any(offset != 0):
+        raise UserError(f"{path} is a padded CREMI file ({dataset} has offset {offset.tolist()} nm in the raw "
+                        "volume); use the unpadded sample_<X>_20160501.hdf, whose raw and labels align.")
+
+
 def _convert(slab: np.ndarray, how: str, next_id: int) -> tuple[np.ndarray, int]:
     """Applies a label conversion to a (k, y, x) slab; ids stay unique across slabs via `next_id`."""
+    if how == "cremi_neuron_ids":
+        from jaxem.metrics.cremi import clear_special_ids
+
+        return clear_special_ids(np.array(slab)), next_id
     if how == "mask":
         return (slab > 0).astype(np.uint8), next_id
     if how == "interior_to_instances_2d":
