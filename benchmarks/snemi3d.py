@@ -21,23 +21,45 @@ from pathlib import Path
 
 
 
-def train_and_score(config, run: Path, progress: bool, min_size: int, h: float) -> dict:
-    """Trains `config` into `run` (resuming or skipping a finished run) and scores the val split."""
+def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float, protocol: str) -> dict:
+    """Scores every part of `dataset`'s val split with the run's model (`score_affinity_run`).
+
+    One part (SNEMI3D, the synthetic neuropil): its results, written to <run>/heldout. Several
+    (CREMI's samples A, B, C): the mean of every score over the parts, and "parts": {name:
+    results}, each written to <run>/heldout/<name>.
+    """
     from jaxem.data import datasets
+    from jaxem.metrics.heldout import over_seeds
+    from jaxem.metrics.heldout_affinities import ROWS, score_affinity_run
+
+    images, labels = datasets.split_paths(dataset, "val")
+    parts = {}
+    for image, label in zip(images, labels):
+        name = Path(image).parent.name
+        out_dir = run / "heldout" if len(images) == 1 else run / "heldout" / name
+        parts[name] = score_affinity_run(run, image, label, out_dir=out_dir, min_size=min_size, h=h,
+                                         progress=progress, protocol=protocol)
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    mean = {row: {k: v["mean"] for k, v in metrics.items()} for row, metrics in over_seeds(parts, ROWS).items()}
+    return {**mean, "parts": parts}
+
+
+def train_and_score(config, run: Path, progress: bool, min_size: int, h: float, protocol: str = "snemi3d") -> dict:
+    """Trains `config` into `run` (resuming or skipping a finished run) and scores the val split."""
     from jaxem.metrics.heldout import train_to_completion
-    from jaxem.metrics.heldout_affinities import score_affinity_run
 
     summary, train_seconds = train_to_completion(config, run, progress)
-    images, labels = datasets.split_paths(config.data.dataset, "val")
-    scores = score_affinity_run(run, images[0], labels[0], out_dir=run / "heldout", min_size=min_size, h=h,
-                                progress=progress)
+    scores = score_split(run, config.data.dataset, progress, min_size, h, protocol)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str = "snemi3d",
+         description: str = __doc__) -> None:
+    """The benchmark's command line; benchmarks/cremi.py runs it with CREMI's config and protocol."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (trained here when it holds no finished run)")
-    parser.add_argument("--config", default="snemi3d_affinities:cpu,synthetic")
+    parser.add_argument("--config", default=default_config)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--min-size", type=int, default=100, help="voxels: smaller fragments are flooded")
     parser.add_argument("--h", type=float, default=16.0, help="nm: h-maxima depth of the watershed seeds")
@@ -48,25 +70,27 @@ def main() -> None:
 
     from jaxem.config import apply_overrides, load_config
     from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import ROWS, SCORE_KEYS, format_table
+    from jaxem.metrics.heldout_affinities import ROWS, format_table, protocol_keys
 
+    keys = protocol_keys(protocol)
     config = apply_overrides(load_config(args.config), overrides)
-    report = {"benchmark": f"{config.data.dataset}_val_3d", "config": args.config, "overrides": overrides}
+    report = {"benchmark": f"{config.data.dataset}_val_3d", "config": args.config, "overrides": overrides,
+              "protocol": protocol}
     if args.seeds is None:
-        result = train_and_score(config, Path(args.run), not args.no_progress, args.min_size, args.h)
-        print(format_table(result["scores"]))
+        result = train_and_score(config, Path(args.run), not args.no_progress, args.min_size, args.h, protocol)
+        print(format_table(result["scores"], keys))
         report.update(result)
     else:
         per_seed = {}
         for seed in args.seeds:
             config.seed = seed
             per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress,
-                                             args.min_size, args.h)
+                                             args.min_size, args.h, protocol)
         summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=ROWS)
         print(f"mean ± std over seeds {', '.join(map(str, args.seeds))}")
-        print(f"{'metric':<20}" + "".join(f"{r:>19}" for r in ROWS))
-        for k in SCORE_KEYS:
-            print(f"{k:<20}" + "".join(f"{summary[r][k]['mean']:>10.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
+        print(f"{'metric':<26}" + "".join(f"{r:>19}" for r in ROWS))
+        for k in keys:
+            print(f"{k:<26}" + "".join(f"{summary[r][k]['mean']:>10.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
         report.update(seeds=args.seeds, over_seeds=summary,
                       per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),

@@ -3,9 +3,13 @@
 predict blockwise -> affinities (K, z, y, x) -> 3D instances by mutex watershed ('mws') and by the
 classic affinity watershed ('watershed': seeded watershed of the nearest-neighbour boundary map)
 -> scores over the whole volume: adapted Rand error (SNEMI3D's ranking metric), VOI split and
-merge in bits (CREMI's), VRand/VInfo, and Dice of the predicted cell interior; beside a baseline
+merge in bits, VRand/VInfo, and Dice of the predicted cell interior; beside a baseline
 that thresholds the raw image (Otsu) and runs the same 3D watershed. Ground-truth id 0 (membrane
 or unlabelled) is ignored by the foreground-restricted scores, as in both challenges.
+
+protocol="cremi" adds CREMI's own scores (`jaxem.metrics.cremi`): VOI split/merge and
+cremi_python's adapted Rand error with the ground truth's 25 nm border mask ignored, and the
+CREMI score, as `cremi_*` keys of every row.
 """
 
 from __future__ import annotations
@@ -20,17 +24,39 @@ SCORE_KEYS = ("adapted_rand_error", "voi_split", "voi_merge", "vrand", "vinfo", 
 BETTER = {"adapted_rand_error": "lower", "voi_split": "lower", "voi_merge": "lower", "vrand": "higher",
           "vinfo": "higher", "dice": "higher"}
 ROWS = ("mws", "watershed", "threshold_baseline")
+CREMI_KEYS = ("cremi_voi_split", "cremi_voi_merge", "cremi_adapted_rand_error", "cremi_score")
+BETTER.update({k: "lower" for k in CREMI_KEYS})
+PROTOCOLS = {"snemi3d": SCORE_KEYS, "cremi": SCORE_KEYS + CREMI_KEYS}  # protocol -> its score keys
 
 
-def score_volume(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray) -> dict:
+def protocol_keys(protocol: str) -> tuple[str, ...]:
+    """The score keys of `protocol` ('snemi3d' or 'cremi'); UserError for any other."""
+    from jaxem.errors import UserError
+
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
+    return PROTOCOLS[protocol]
+
+
+def score_volume(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray, voxel_size=None,
+                 protocol: str = "snemi3d") -> dict:
     """Scores of 3D `instances` against `gt` (z, y, x) over the whole volume (not per slice), and
-    Dice of the predicted interior (boundary < 0.5) against the ground-truth interior (gt > 0)."""
+    Dice of the predicted interior (boundary < 0.5) against the ground-truth interior (gt > 0).
+    protocol="cremi" adds `CREMI_KEYS` (border mask from `voxel_size`, nm (z, y, x))."""
     from jaxem.metrics.clustering import clustering_scores
     from jaxem.metrics.pixel import binary_scores
 
+    keys = protocol_keys(protocol)
     scores = clustering_scores(instances, gt)
-    dice = binary_scores(boundary < 0.5, gt > 0)["dice"]
-    return {**{k: float(scores[k]) for k in SCORE_KEYS if k != "dice"}, "dice": float(dice)}
+    out = {**{k: float(scores[k]) for k in SCORE_KEYS if k != "dice"},
+           "dice": float(binary_scores(boundary < 0.5, gt > 0)["dice"])}
+    if "cremi_score" in keys:
+        from jaxem.metrics.cremi import cremi_scores
+
+        cremi = cremi_scores(instances, gt, voxel_size)
+        out.update({f"cremi_{k}": float(cremi[k]) for k in ("voi_split", "voi_merge", "adapted_rand_error")},
+                   cremi_score=float(cremi["cremi_score"]), cremi_masked_fraction=float(cremi["masked_fraction"]))
+    return out
 
 
 def read_affinities(path: str | Path) -> tuple[np.ndarray, list[list[int]]]:
@@ -71,8 +97,10 @@ def segment_all(affinities, offsets, raw, voxel_size, min_size: int, h: float) -
 
 
 def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: str | Path | None = None,
-                       min_size: int = 100, h: float = 16.0, progress: bool = True) -> dict:
-    """Predicts `image_path` with the run's best checkpoint, segments it in 3D and scores it.
+                       min_size: int = 100, h: float = 16.0, progress: bool = True,
+                       protocol: str = "snemi3d") -> dict:
+    """Predicts `image_path` with the run's best checkpoint, segments it in 3D and scores it by
+    `protocol` ('snemi3d', or 'cremi': adds `CREMI_KEYS`, see `score_volume`).
 
     Writes predictions.zarr, results.json and overlay.png to `out_dir` (default the run dir);
     returns {"mws" | "watershed" | "threshold_baseline": scores, "segment_seconds": {...},
@@ -81,15 +109,21 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     from jaxem.data.volume import open_volume
     from jaxem.metrics.heldout import predict_heldout, write_overlay
 
+    protocol_keys(protocol)  # a bad protocol fails before the prediction
     out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
     affinities, offsets = read_affinities(predictions)
     image = open_volume(image_path)
     raw, gt = image.read(), open_volume(labels_path).read()
     segmentations, seconds = segment_all(affinities, offsets, raw, image.voxel_size, min_size, h)
-    results = {row: score_volume(seg, boundary, gt) for row, (seg, boundary) in segmentations.items()}
+    results = {row: score_volume(seg, boundary, gt, image.voxel_size, protocol)
+               for row, (seg, boundary) in segmentations.items()}
     results["segment_seconds"] = seconds
     results["settings"] = {"min_size_voxels": min_size, "h_nm": h, "offsets": offsets,
-                           "voxel_size_nm": list(image.voxel_size)}
+                           "voxel_size_nm": list(image.voxel_size), "protocol": protocol}
+    if protocol == "cremi":
+        from jaxem.metrics.cremi import BORDER_THRESHOLD_NM
+
+        results["settings"]["cremi_border_threshold_nm"] = BORDER_THRESHOLD_NM
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     mws, boundary = segmentations["mws"]
     baseline, baseline_boundary = segmentations["threshold_baseline"]
@@ -97,10 +131,10 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     return results
 
 
-def format_table(results: dict) -> str:
-    """One metric per line: mutex watershed, affinity watershed and the threshold baseline."""
-    lines = [f"{'metric':<20}{'mws':>10}{'watershed':>11}{'threshold':>11}   better"]
-    for k in SCORE_KEYS:
-        lines.append(f"{k:<20}" + "".join(f"{results[r][k]:>{w}.4f}" for r, w in zip(ROWS, (10, 11, 11)))
+def format_table(results: dict, keys=SCORE_KEYS) -> str:
+    """One metric of `keys` per line: mutex watershed, affinity watershed and the threshold baseline."""
+    lines = [f"{'metric':<26}{'mws':>10}{'watershed':>11}{'threshold':>11}   better"]
+    for k in keys:
+        lines.append(f"{k:<26}" + "".join(f"{results[r][k]:>{w}.4f}" for r, w in zip(ROWS, (10, 11, 11)))
                      + f"   {BETTER[k]}")
     return "\n".join(lines)
