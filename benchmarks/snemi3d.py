@@ -8,8 +8,10 @@ Scores the config's dataset's `val` split (SNEMI3D: slices 80-99 of the labelled
 synthetic neuropil: its own held-out volume) the SNEMI3D / CREMI way over the whole 3D volume:
 adapted Rand error, VOI split/merge, VRand/VInfo, interior Dice, for mutex watershed and the
 affinity watershed on the model's affinities and for the raw-threshold baseline
-(jaxem/metrics/heldout_affinities.py). Prints JSON with training time and the machine. With
+(jaxem/metrics/heldout_affinities.py); a split of several parts (CREMI's samples) is scored part
+by part and averaged (`score_split`). Prints JSON with training time and the machine. With
 --seeds, one run per seed in <run>/seed<N> and the mean and std of every score.
+benchmarks/cremi.py runs `main` with CREMI's config and protocol.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import json
 import platform
 from pathlib import Path
-
 
 
 def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float, protocol: str) -> dict:

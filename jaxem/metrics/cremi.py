@@ -42,7 +42,11 @@ import numpy as np
 
 from jaxem.errors import UserError
 
-BORDER_THRESHOLD_NM = 25.0  # what CREMI-trained pipelines score with (see docs/recipes.md)
+# cremi_python has no default threshold (its example_evaluation.py passes 200 nm, the variable it
+# also uses for clefts); 25 nm is what evaluation scripts built on cremi_python and waterz call
+# "in nm, equivalent to CREMI metric" (found by code search, repository not identified). cremi.org's
+# metrics page says only "within a threshold distance". Corroborated, not confirmed: docs/recipes.md.
+BORDER_THRESHOLD_NM = 25.0
 SPECIAL_ID_MIN = np.uint64(2**64 - 10)  # ids above this (uint64(-9) .. uint64(-1)) mean "no label"
 KEYS = ("voi_split", "voi_merge", "adapted_rand_error", "cremi_score")
 
