@@ -141,3 +141,28 @@ def test_adversarial_run_resumes_exactly_and_refuses_a_changed_discriminator(tmp
     with pytest.raises(UserError, match="semi.discriminator_widths"):
         train(apply_overrides(config, ["--config.semi.discriminator_widths=()"]), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_domain_shift_benchmark_builds_a_noisier_blurrier_target_and_the_arms_it_names(tmp_path):
+    from scipy import ndimage
+
+    from benchmarks import domain_shift
+    from jaxem.data.volume import open_volume
+
+    config = load_config("demo:tiny")
+    source = write_synthetic_data(config, tmp_path / "source")
+    target = domain_shift.write_target_domain(config, tmp_path / "target")
+    src, tgt = (open_volume(p[0]).read().astype(np.float32) for p in (source["test"], target["test"]))
+    # Noise: the high-frequency residual (image minus its 3x3 median) is larger in the target.
+    residual = lambda x: np.abs(x - ndimage.median_filter(x, (1, 3, 3))).mean() / x.std()  # noqa: E731
+    assert residual(tgt) > 1.3 * residual(src)
+    assert open_volume(target["test"][1]).read().max() > 0  # target labels exist (oracle, scoring)
+
+    arms = {arm: domain_shift.arm_config(arm, config, source, target, 0.05) for arm in domain_shift.ARMS}
+    assert arms["source_only"].data.train_images == (source["train"][0],) and arms["source_only"].semi.weight == 0
+    assert arms["oracle"].data.train_labels == (target["train"][1],)
+    assert arms["adversarial"].semi.adversarial_weight == 0.05 and arms["adversarial"].semi.weight == 0
+    assert arms["adversarial"].semi.unlabelled_images == (target["train"][0],)
+    assert arms["mean_teacher"].semi.weight == 1.0 and arms["mean_teacher"].train.ema_decay == 0.99
+    assert arms["both"].semi.weight == 1.0 and arms["both"].semi.adversarial_weight == 0.05
+    assert arms["adabn"].model.norm == "batch" and arms["adabn"].semi.adversarial_weight == 0

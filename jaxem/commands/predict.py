@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or uint8 (probability x 255)")
     parser.add_argument("--reduce", default="mean", help="ensemble reduction: mean, median or majority")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
+    parser.add_argument("--adapt-batch-norm", type=int, default=0, metavar="N",
+                        help="re-estimate batch-norm statistics on N random crops of the input first (AdaBN: EM "
+                             "from another microscope or staining than the training data); 0 = off")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -39,7 +42,8 @@ def run(args, overrides) -> int:
         raise UserError("jaxem predict needs a trained model: pass --run WORKDIR or --checkpoint CKPT.")
     apply = (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None
     stats = run_prediction(checkpoints, args.input, args.output, roi=args.roi, tta=args.tta, dtype=args.dtype,
-                           overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress)
+                           overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress,
+                           adapt_batch_norm=args.adapt_batch_norm)
     import jax
 
     if jax.process_index() == 0:

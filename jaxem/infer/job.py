@@ -87,8 +87,13 @@ def run_prediction(
     reduce: str = "mean",
     overrides: Callable | None = None,
     progress: bool = True,
+    adapt_batch_norm: int = 0,
 ) -> dict:
-    """Restores `checkpoints`, predicts the ROI of `input_path` into `output_path`; returns stats."""
+    """Restores `checkpoints`, predicts the ROI of `input_path` into `output_path`; returns stats.
+
+    `adapt_batch_norm` N > 0: first re-estimates every batch-norm layer's statistics on N random
+    training-sized crops of the ROI (jaxem.infer.adapt, AdaBN), for EM unlike the training data.
+    """
     from jaxem.train.checkpoint import restore_for_inference
 
     if dtype not in DTYPES:
@@ -98,6 +103,9 @@ def run_prediction(
     region = parse_roi(roi, shape)
     restored = [restore_for_inference(c) for c in checkpoints]
     config = overrides(restored[0][0]) if overrides else restored[0][0]
+    normalize = make_normalizer(source, config.data)
+    if adapt_batch_norm:
+        restored = with_adapted_batch_norm(restored, source, normalize, region, adapt_batch_norm)
     block, halo = block_and_halo(config.predict, len(shape))
     chunk = tuple(config.predict.get("chunk_shape", ()))
     chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
@@ -108,19 +116,34 @@ def run_prediction(
     channels = int(config.model.out_channels)
     job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],
            "tta": tta, "dtype": dtype, "reduce": reduce, "block": list(block), "halo": list(halo), "blend": tiling.blend}
+    if adapt_batch_norm:
+        job["adapt_batch_norm"] = adapt_batch_norm
     axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
     create = functools.partial(create_output, output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
                                (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job)
     target, resumed = create_shared_output(create, output_path, job, overwrite)
     if jax.process_index() == 0:
         write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
-    normalize = make_normalizer(source, config.data)
     stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
                            cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30),
                            progress=progress and jax.process_index() == 0)
     if jax.process_count() > 1:  # every chunk is written when any process returns
         multihost_utils.sync_global_devices("jaxem predict: all chunks written")
     return dict(stats, resumed=resumed)
+
+
+def with_adapted_batch_norm(restored: list, source: Volume, normalize: Callable, region, count: int) -> list:
+    """Each restored (config, model, variables) with batch-norm statistics of `count` crops of
+    `source` (the same crops for every model of an ensemble that shares a crop shape)."""
+    from jaxem.infer.adapt import adapted_batch_stats, random_crops
+
+    if count < 0:
+        raise UserError(f"--adapt-batch-norm must be a number of crops >= 0, got {count}.")
+    adapted = []
+    for config, model, variables in restored:
+        crops = random_crops(source, normalize, tuple(config.data.crop_shape), count, seed=int(config.seed), region=region)
+        adapted.append((config, model, adapted_batch_stats(model, variables, crops, int(config.data.batch_size))))
+    return adapted
 
 
 def create_shared_output(create: Callable, path: str, job: dict, overwrite: bool):

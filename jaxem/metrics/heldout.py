@@ -55,15 +55,17 @@ def prediction_channel(path: str | Path) -> np.ndarray:
 
 
 def predict_heldout(run_dir: str | Path, image_path: str, out_dir: str | Path | None = None,
-                    progress: bool = True) -> tuple[Path, Path]:
+                    progress: bool = True, adapt_batch_norm: int = 0) -> tuple[Path, Path]:
     """Predicts `image_path` blockwise with the run's checkpoint into `out_dir`/predictions.zarr
-    (replacing an earlier one); returns (out_dir, that path). `out_dir` defaults to the run dir."""
+    (replacing an earlier one); returns (out_dir, that path). `out_dir` defaults to the run dir;
+    `adapt_batch_norm` > 0 first adapts batch-norm statistics to that many crops (jaxem.infer.adapt)."""
     from jaxem.infer.blockwise import predict_run
 
     out_dir = Path(out_dir or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = out_dir / "predictions.zarr"
-    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress)
+    predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress,
+                adapt_batch_norm=adapt_batch_norm)
     return out_dir, predictions
 
 
@@ -82,16 +84,16 @@ def train_to_completion(config, run_dir: str | Path, progress: bool = True) -> t
 
 
 def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: str | Path | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, adapt_batch_norm: int = 0) -> dict:
     """Predicts `image_path` with the run's best checkpoint and scores it against `labels_path`.
 
     Writes predictions.zarr, results.json and overlay.png to `out_dir` (default the run dir) and
-    returns {"model": scores, "threshold_baseline": scores}.
+    returns {"model": scores, "threshold_baseline": scores}. `adapt_batch_norm`: as `predict_heldout`.
     """
     from jaxem.data.volume import open_volume
     from jaxem.segment.instances import instances_from_boundaries
 
-    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
+    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress, adapt_batch_norm)
     raw, gt = open_volume(image_path).read(), open_volume(labels_path).read()
     boundary = prediction_channel(predictions)
     ours = instances_from_boundaries(boundary, method="watershed", per_slice=True)

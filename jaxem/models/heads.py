@@ -44,7 +44,7 @@ class MLPHead(nn.Module):
         for _ in range(self.layers - 1):
             x = nn.Dense(self.hidden, use_bias=not self.batch_norm)(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=layers.BATCH_NORM_MOMENTUM)(x)
             x = nn.relu(x)
         return nn.Dense(self.out_features)(x)
 

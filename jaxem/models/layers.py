@@ -195,6 +195,9 @@ def _paint_blocks(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.transpose(order).reshape(x.shape[0], *(s * f for s, f in zip(x.shape[1:-1], factors)), -1)
 
 
+BATCH_NORM_MOMENTUM = 0.9  # running average = 0.9 * running + 0.1 * batch
+
+
 class Norm(nn.Module):
     """Normalisation over channels-last features; batch statistics live in 'batch_stats'.
 
@@ -210,7 +213,7 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.kind == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+            return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, dtype=self.dtype)(x)
         if self.kind == "group":
             return nn.GroupNorm(num_groups=group_count(x.shape[-1], self.groups), dtype=self.dtype)(x)
         if self.kind == "instance":

@@ -1,0 +1,142 @@
+"""Domain shift: a model trained on one microscope's EM, used on another's. Does unlabelled target
+EM help? Synthetic source and target domains, so the target's ground truth is exact.
+
+    python benchmarks/domain_shift.py --run runs/domain_shift [--seeds 0 1 2]
+        [--arms source_only adversarial mean_teacher both adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
+
+Source domain: the demo's synthetic ssTEM (configs/demo.py, 40x4x4 nm). Target domain
+(`TARGET_DOMAIN`): the same kind of tissue imaged differently: 2.5x the noise, 2x the blur,
+thinner membranes (9 nm instead of 14), larger neurites and a darker contrast (gamma 1.8).
+Arms, each the demo config trained per seed in <run>/seed<N>/<arm>:
+
+- source_only: source labels only (what a user without target labels has today);
+- adversarial: + output-space adversarial adaptation on unlabelled target crops (jaxem.semi.adversarial);
+- mean_teacher: + a mean teacher on unlabelled target crops (self-ensembling, French et al. 2018);
+- both: adversarial + mean teacher;
+- adabn: source labels only, with batch norm instead of group norm, predicted with its batch-norm
+  statistics re-estimated on `--adabn-crops` crops of the target volume (jaxem.infer.adapt; no
+  training on target EM at all); also scored without adaptation ("target_unadapted");
+- oracle: trained on target labels instead (the bound adaptation aims at).
+
+Every arm is scored on a held-out target volume (VRand/VInfo etc. of watershed cells, per slice,
+jaxem.metrics.heldout.score_run); source_only also on a held-out source volume (the in-domain
+score the shift costs). Finished runs are reused. Prints JSON with per-seed scores, mean ± std
+over seeds and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARMS = ("source_only", "adversarial", "mean_teacher", "both", "adabn", "oracle")
+# The target domain: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
+TARGET_DOMAIN = dict(noise=2.5, blur=2.0, membrane_thickness=9.0, cell_diameter=(250.0, 800.0))
+TARGET_GAMMA = 1.8
+
+
+def write_target_domain(config, data_dir: Path) -> dict[str, tuple[str, str]]:
+    """Writes the target domain's train/val/test volumes (raw, instances) as zarr, once, with the
+    shapes and voxel size of the demo config; returns split -> (raw path, labels path)."""
+    from jaxem.data.synthetic import generate
+    from jaxem.data.volume import create_volume
+
+    paths = {}
+    for offset, split in enumerate(("train", "val", "test")):
+        raw_path, labels_path = data_dir / f"{split}_raw.zarr", data_dir / f"{split}_instances.zarr"
+        paths[split] = (str(raw_path), str(labels_path))
+        if (labels_path / ".zattrs").exists():
+            continue
+        em = generate(shape=tuple(config.demo[f"{split}_shape"]), voxel_size=tuple(config.demo.voxel_size),
+                      seed=500 + offset, **TARGET_DOMAIN)
+        raw = (255.0 * (em.raw / 255.0) ** TARGET_GAMMA).astype(np.uint8)
+        for path, array in ((raw_path, raw), (labels_path, em.instances)):
+            create_volume(path, array.shape, array.dtype, voxel_size=config.demo.voxel_size, overwrite=True).write(array)
+    return paths
+
+
+def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight: float):
+    """The demo config of one arm: its training data and its `semi` settings."""
+    from jaxem.commands.demo import with_data_paths
+    from jaxem.config import apply_overrides
+
+    config = with_data_paths(config, target if arm == "oracle" else source)
+    unlabelled = f"--config.semi.unlabelled_images=('{target['train'][0]}',)"
+    adversarial = [f"--config.semi.adversarial_weight={adversarial_weight}", unlabelled]
+    teacher = ["--config.semi.weight=1.0", "--config.train.ema_decay=0.99", unlabelled]
+    extra = {"adversarial": adversarial, "mean_teacher": teacher, "both": adversarial + teacher,
+             "adabn": ["--config.model.norm=batch"]}.get(arm, [])
+    return apply_overrides(config, extra)
+
+
+def run_arm(arm: str, config, run: Path, source: dict, target: dict, progress: bool, adabn_crops: int) -> dict:
+    """Trains one arm into `run` (reusing a finished run) and scores it on the held-out volumes."""
+    from jaxem.metrics.heldout import score_run, train_to_completion
+
+    summary, seconds = train_to_completion(config, run, progress)
+    adapt = adabn_crops if arm == "adabn" else 0
+    result = {"target": score_run(run, *target["test"], out_dir=run / "target_test", progress=progress,
+                                  adapt_batch_norm=adapt),
+              "training": summary, "wall_seconds_this_invocation": seconds}
+    if arm == "adabn":
+        result["target_unadapted"] = score_run(run, *target["test"], out_dir=run / "target_test_unadapted",
+                                               progress=progress)
+    if arm == "source_only":
+        result["source"] = score_run(run, *source["test"], out_dir=run / "source_test", progress=progress)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="directory for the data and one run per seed and arm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--adversarial-weight", type=float, default=0.01)
+    parser.add_argument("--adabn-crops", type=int, default=64, help="target crops for the adabn arm's statistics")
+    parser.add_argument("--config", default="demo", help="the source-domain config (FILE[:ARG])")
+    parser.add_argument("--no-progress", action="store_true")
+    args, overrides = parser.parse_known_args()
+
+    import jax
+
+    from jaxem.commands.demo import write_synthetic_data
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.metrics.heldout import over_seeds
+
+    run = Path(args.run)
+    base = apply_overrides(load_config(args.config), overrides)
+    source = write_synthetic_data(base, run / "data" / "source")
+    target = write_target_domain(base, run / "data" / "target")
+    per_seed = {}
+    for seed in args.seeds:
+        config = apply_overrides(base, [f"--config.seed={seed}"])
+        per_seed[seed] = {arm: run_arm(arm, arm_config(arm, config, source, target, args.adversarial_weight),
+                                       run / f"seed{seed}" / arm, source, target, not args.no_progress,
+                                       args.adabn_crops)
+                          for arm in args.arms}
+    scores = {seed: {arm: r["target"]["model"] for arm, r in arms.items()} for seed, arms in per_seed.items()}
+    summary = over_seeds(scores, rows=args.arms)
+    print(f"held-out target volume, mean ± std over seeds {', '.join(map(str, args.seeds))}")
+    print(f"{'arm':<14}" + "".join(f"{k:>20}" for k in ("vrand", "vinfo", "adapted_rand_error")))
+    for arm in args.arms:
+        print(f"{arm:<14}" + "".join(f"{summary[arm][k]['mean']:>12.4f} ± {summary[arm][k]['std']:.4f}"
+                                     for k in ("vrand", "vinfo", "adapted_rand_error")))
+    report = {"benchmark": "domain_shift_synthetic", "config": args.config, "overrides": overrides,
+              "target_domain": {**TARGET_DOMAIN, "gamma": TARGET_GAMMA}, "adversarial_weight": args.adversarial_weight,
+              "adabn_crops": args.adabn_crops,
+              "seeds": args.seeds, "arms": args.arms, "target_over_seeds": summary,
+              "per_seed": {str(s): r for s, r in per_seed.items()},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "devices": [str(d) for d in jax.devices()]}}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
