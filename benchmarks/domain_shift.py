@@ -4,10 +4,16 @@ EM help? Synthetic source and target domains, so the target's ground truth is ex
     python benchmarks/domain_shift.py --run runs/domain_shift [--seeds 0 1 2]
         [--arms source_only adversarial mean_teacher both adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
 
-Source domain: the demo's synthetic ssTEM (configs/demo.py, 40x4x4 nm). Target domain
-(`TARGET_DOMAIN`): the same kind of tissue imaged differently: 2.5x the noise, 2x the blur,
-thinner membranes (9 nm instead of 14), larger neurites and a darker contrast (gamma 1.8).
-Arms, each the demo config trained per seed in <run>/seed<N>/<arm>:
+Source domain: the demo's synthetic ssTEM (configs/demo.py, 40x4x4 nm). Target domains
+(`TARGET_DOMAINS`, `--target`):
+
+- acquisition: the same tissue imaged differently: 2.5x the noise, 2x the blur, darker contrast
+  (gamma 1.8) -- another microscope or detector;
+- tissue_and_acquisition: that, and thinner membranes (9 nm instead of 14) and larger neurites --
+  also another animal, region or staining, so correct predictions look different too.
+
+Arms, each the demo config trained per seed in <run>/<target>/seed<N>/<arm>[_w<weight>] (arms that never see
+target EM in training, source_only and adabn, in <run>/seed<N>/<arm>, shared by the targets):
 
 - source_only: source labels only (what a user without target labels has today);
 - adversarial: + output-space adversarial adaptation on unlabelled target crops (jaxem.semi.adversarial);
@@ -38,16 +44,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARMS = ("source_only", "adversarial", "mean_teacher", "both", "adabn", "oracle")
 # The target domain: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
-TARGET_DOMAIN = dict(noise=2.5, blur=2.0, membrane_thickness=9.0, cell_diameter=(250.0, 800.0))
-TARGET_GAMMA = 1.8
+SOURCE_ONLY_ARMS = ("source_only", "adabn")  # their training does not depend on the target
+# Target domains: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
+TARGET_DOMAINS = {
+    "acquisition": dict(noise=2.5, blur=2.0, gamma=1.8),
+    "tissue_and_acquisition": dict(noise=2.5, blur=2.0, gamma=1.8, membrane_thickness=9.0,
+                                   cell_diameter=(250.0, 800.0)),
+}
 
 
-def write_target_domain(config, data_dir: Path) -> dict[str, tuple[str, str]]:
-    """Writes the target domain's train/val/test volumes (raw, instances) as zarr, once, with the
-    shapes and voxel size of the demo config; returns split -> (raw path, labels path)."""
+def write_target_domain(config, data_dir: Path, domain: str) -> dict[str, tuple[str, str]]:
+    """Writes target domain `domain`'s train/val/test volumes (raw, instances) as zarr, once, with
+    the shapes and voxel size of the demo config; returns split -> (raw path, labels path)."""
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume
 
+    settings = dict(TARGET_DOMAINS[domain])
+    gamma = settings.pop("gamma")
     paths = {}
     for offset, split in enumerate(("train", "val", "test")):
         raw_path, labels_path = data_dir / f"{split}_raw.zarr", data_dir / f"{split}_instances.zarr"
@@ -55,8 +68,8 @@ def write_target_domain(config, data_dir: Path) -> dict[str, tuple[str, str]]:
         if (labels_path / ".zattrs").exists():
             continue
         em = generate(shape=tuple(config.demo[f"{split}_shape"]), voxel_size=tuple(config.demo.voxel_size),
-                      seed=500 + offset, **TARGET_DOMAIN)
-        raw = (255.0 * (em.raw / 255.0) ** TARGET_GAMMA).astype(np.uint8)
+                      seed=500 + offset, **settings)
+        raw = (255.0 * (em.raw / 255.0) ** gamma).astype(np.uint8)
         for path, array in ((raw_path, raw), (labels_path, em.instances)):
             create_volume(path, array.shape, array.dtype, voxel_size=config.demo.voxel_size, overwrite=True).write(array)
     return paths
@@ -76,17 +89,19 @@ def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight:
     return apply_overrides(config, extra)
 
 
-def run_arm(arm: str, config, run: Path, source: dict, target: dict, progress: bool, adabn_crops: int) -> dict:
-    """Trains one arm into `run` (reusing a finished run) and scores it on the held-out volumes."""
+def run_arm(arm: str, config, run: Path, source: dict, target: dict, domain: str, progress: bool,
+            adabn_crops: int) -> dict:
+    """Trains one arm into `run` (reusing a finished run) and scores it on the held-out volumes
+    (into <run>/<domain>_test, <run>/source_test)."""
     from jaxem.metrics.heldout import score_run, train_to_completion
 
     summary, seconds = train_to_completion(config, run, progress)
     adapt = adabn_crops if arm == "adabn" else 0
-    result = {"target": score_run(run, *target["test"], out_dir=run / "target_test", progress=progress,
+    result = {"target": score_run(run, *target["test"], out_dir=run / f"{domain}_test", progress=progress,
                                   adapt_batch_norm=adapt),
               "training": summary, "wall_seconds_this_invocation": seconds}
     if arm == "adabn":
-        result["target_unadapted"] = score_run(run, *target["test"], out_dir=run / "target_test_unadapted",
+        result["target_unadapted"] = score_run(run, *target["test"], out_dir=run / f"{domain}_test_unadapted",
                                                progress=progress)
     if arm == "source_only":
         result["source"] = score_run(run, *source["test"], out_dir=run / "source_test", progress=progress)
@@ -96,6 +111,7 @@ def run_arm(arm: str, config, run: Path, source: dict, target: dict, progress: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="directory for the data and one run per seed and arm")
+    parser.add_argument("--target", choices=TARGET_DOMAINS, default="acquisition", help="the target domain")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--adversarial-weight", type=float, default=0.01)
@@ -113,23 +129,25 @@ def main() -> None:
     run = Path(args.run)
     base = apply_overrides(load_config(args.config), overrides)
     source = write_synthetic_data(base, run / "data" / "source")
-    target = write_target_domain(base, run / "data" / "target")
+    target = write_target_domain(base, run / "data" / args.target, args.target)
     per_seed = {}
     for seed in args.seeds:
         config = apply_overrides(base, [f"--config.seed={seed}"])
-        per_seed[seed] = {arm: run_arm(arm, arm_config(arm, config, source, target, args.adversarial_weight),
-                                       run / f"seed{seed}" / arm, source, target, not args.no_progress,
-                                       args.adabn_crops)
-                          for arm in args.arms}
+        per_seed[seed] = {}
+        for arm in args.arms:
+            name = f"{arm}_w{args.adversarial_weight:g}" if arm in ("adversarial", "both") else arm
+            arm_dir = run / f"seed{seed}" / arm if arm in SOURCE_ONLY_ARMS else run / args.target / f"seed{seed}" / name
+            per_seed[seed][arm] = run_arm(arm, arm_config(arm, config, source, target, args.adversarial_weight), arm_dir,
+                                          source, target, args.target, not args.no_progress, args.adabn_crops)
     scores = {seed: {arm: r["target"]["model"] for arm, r in arms.items()} for seed, arms in per_seed.items()}
     summary = over_seeds(scores, rows=args.arms)
-    print(f"held-out target volume, mean ± std over seeds {', '.join(map(str, args.seeds))}")
+    print(f"held-out {args.target} target volume, mean ± std over seeds {', '.join(map(str, args.seeds))}")
     print(f"{'arm':<14}" + "".join(f"{k:>20}" for k in ("vrand", "vinfo", "adapted_rand_error")))
     for arm in args.arms:
         print(f"{arm:<14}" + "".join(f"{summary[arm][k]['mean']:>12.4f} ± {summary[arm][k]['std']:.4f}"
                                      for k in ("vrand", "vinfo", "adapted_rand_error")))
     report = {"benchmark": "domain_shift_synthetic", "config": args.config, "overrides": overrides,
-              "target_domain": {**TARGET_DOMAIN, "gamma": TARGET_GAMMA}, "adversarial_weight": args.adversarial_weight,
+              "target": args.target, "target_domain": TARGET_DOMAINS[args.target], "adversarial_weight": args.adversarial_weight,
               "adabn_crops": args.adabn_crops,
               "seeds": args.seeds, "arms": args.arms, "target_over_seeds": summary,
               "per_seed": {str(s): r for s, r in per_seed.items()},

@@ -151,7 +151,7 @@ def test_domain_shift_benchmark_builds_a_noisier_blurrier_target_and_the_arms_it
 
     config = load_config("demo:tiny")
     source = write_synthetic_data(config, tmp_path / "source")
-    target = domain_shift.write_target_domain(config, tmp_path / "target")
+    target = domain_shift.write_target_domain(config, tmp_path / "target", "tissue_and_acquisition")
     src, tgt = (open_volume(p[0]).read().astype(np.float32) for p in (source["test"], target["test"]))
     # Noise: the high-frequency residual (image minus its 3x3 median) is larger in the target.
     residual = lambda x: np.abs(x - ndimage.median_filter(x, (1, 3, 3))).mean() / x.std()  # noqa: E731
