@@ -4,8 +4,8 @@ CREMI (adult Drosophila brain, ssTEM, samples A, B, C of 125 x 1250 x 1250 voxel
 nm): the sections are 10x thicker than the pixels (SNEMI3D: 5x), so the U-Net convolves and pools
 in-plane only for three levels instead of two ((1,3,3) kernels, (1,2,2) pooling: 40x4x4 ->
 40x8x8 -> 40x16x16 -> 40x32x32 nm, then 3D), the rule nnU-Net uses (pool an axis while its
-voxel is under half the coarsest one). Everything else (12 long-range affinities of Wolf et al.
-2018, who used them on CREMI; residual blocks, group norm, losses, augmentation with section
+voxel is under half the coarsest one). Everything else (SNEMI3D's 12 long-range affinities after
+Wolf et al. 2018, not tuned for CREMI; residual blocks, group norm, losses, augmentation with section
 defects, schedule) is configs/snemi3d_affinities.py.
 
     jaxem data download cremi
