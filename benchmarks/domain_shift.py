@@ -56,23 +56,12 @@ TARGET_DOMAINS = {
 def write_target_domain(config, data_dir: Path, domain: str) -> dict[str, tuple[str, str]]:
     """Writes target domain `domain`'s train/val/test volumes (raw, instances) as zarr, once, with
     the shapes and voxel size of the demo config; returns split -> (raw path, labels path)."""
-    from jaxem.data.synthetic import generate
-    from jaxem.data.volume import create_volume
+    from jaxem.commands.demo import write_synthetic_data
 
     settings = dict(TARGET_DOMAINS[domain])
     gamma = settings.pop("gamma")
-    paths = {}
-    for offset, split in enumerate(("train", "val", "test")):
-        raw_path, labels_path = data_dir / f"{split}_raw.zarr", data_dir / f"{split}_instances.zarr"
-        paths[split] = (str(raw_path), str(labels_path))
-        if (labels_path / ".zattrs").exists():
-            continue
-        em = generate(shape=tuple(config.demo[f"{split}_shape"]), voxel_size=tuple(config.demo.voxel_size),
-                      seed=500 + offset, **settings)
-        raw = (255.0 * (em.raw / 255.0) ** gamma).astype(np.uint8)
-        for path, array in ((raw_path, raw), (labels_path, em.instances)):
-            create_volume(path, array.shape, array.dtype, voxel_size=config.demo.voxel_size, overwrite=True).write(array)
-    return paths
+    darker = lambda raw: (255.0 * (raw / 255.0) ** gamma).astype(np.uint8)  # noqa: E731
+    return write_synthetic_data(config, data_dir, first_seed=500, raw_transform=darker, **settings)
 
 
 def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight: float):

@@ -1,14 +1,13 @@
 """Output-space adversarial domain adaptation: the discriminator, its losses, the train step, resume."""
 
-import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxem.commands.demo import with_data_paths, write_synthetic_data
+from conftest import assert_resume_is_exact, random_semi_batch, tiny_semi_config
+from jaxem.commands.demo import write_synthetic_data
 from jaxem.config import apply_overrides, load_config
 from jaxem.errors import UserError
 from jaxem.semi import adversarial
@@ -70,21 +69,10 @@ def test_discriminator_learns_to_tell_the_domains_apart_and_the_segmenter_loss_f
 
 
 def _adv_config(tmp_path, **fields):
-    config = load_config("demo:tiny")
-    paths = write_synthetic_data(config, tmp_path / "data")
-    overrides = {"semi.adversarial_weight": 0.5, "semi.rampup_steps": 4, "semi.batch_size": 4,
-                 "semi.discriminator_widths": "(4, 8)", "semi.unlabelled_images": f"('{paths['test'][0]}',)", **fields}
-    config = apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
-    return with_data_paths(config, paths)
+    return tiny_semi_config(tmp_path, **{**{"semi.adversarial_weight": 0.5, "semi.discriminator_widths": "(4, 8)"}, **fields})
 
 
-def _batch(config, mesh, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (config.data.batch_size, *config.data.crop_shape)
-    put = lambda x: jax.device_put(x, parallel.data_sharding(mesh))  # noqa: E731
-    return {"image": put(rng.normal(size=shape + (1,)).astype(np.float32)),
-            "labels": put((rng.random(shape) < 0.5).astype(np.int32)), "mask": put(np.ones(shape, np.float32)),
-            "unlabelled": put(rng.normal(size=(config.semi.batch_size, *config.data.crop_shape, 1)).astype(np.float32))}
+_batch = random_semi_batch
 
 
 def test_step_adds_the_adversarial_term_and_updates_the_discriminator(tmp_path):
@@ -122,17 +110,8 @@ def test_adversarial_step_is_the_same_on_4_devices_as_on_1(tmp_path):
 
 
 def test_adversarial_run_resumes_exactly_and_refuses_a_changed_discriminator(tmp_path):
-    config = _adv_config(tmp_path)  # 6 steps, checkpoints at 3 and 6
-    first = train(config, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert first["final_step"] == 6 and all("discriminator_accuracy" in r for r in rows if r["split"] == "train")
-    from jaxem.train.checkpoint import restore_on_this_host
-    whole = restore_on_this_host(tmp_path / "run" / "checkpoints" / "6" / "state")
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
-    assert train(config, tmp_path / "run", progress=False)["start_step"] == 3
-    resumed = restore_on_this_host(tmp_path / "run" / "checkpoints" / "6" / "state")
-    for a, b in zip(jax.tree.leaves(whole["adversary"]), jax.tree.leaves(resumed["adversary"])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    config = _adv_config(tmp_path)
+    assert_resume_is_exact(config, tmp_path / "run", "adversary", "discriminator_accuracy")
 
     for change in (["--config.semi.adversarial_weight=0", "--config.semi.weight=1", "--config.train.ema_decay=0.9"],
                    ["--config.semi.discriminator_widths=(4, 4)"]):

@@ -1,6 +1,5 @@
 """Mean-teacher semi-supervised training: ramp, consistency against the EMA teacher, data, resume."""
 
-import json
 import shutil
 
 import jax
@@ -8,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_resume_is_exact, random_semi_batch, tiny_semi_config
 from jaxem.cli import main
-from jaxem.commands.demo import with_data_paths, write_synthetic_data
-from jaxem.config import apply_overrides, load_config
+from jaxem.config import apply_overrides
 from jaxem.errors import UserError
 from jaxem.semi import mean_teacher
 from jaxem.train import parallel
@@ -25,21 +24,10 @@ def test_rampup_goes_from_exp_minus_5_to_1():
 
 
 def _semi_config(tmp_path, **fields):
-    config = load_config("demo:tiny")
-    paths = write_synthetic_data(config, tmp_path / "data")
-    overrides = {"train.ema_decay": 0.9, "semi.weight": 2.0, "semi.rampup_steps": 4, "semi.batch_size": 4,
-                 "semi.unlabelled_images": f"('{paths['test'][0]}',)", **fields}
-    config = apply_overrides(config, [f"--config.{k}={v}" for k, v in overrides.items()])
-    return with_data_paths(config, paths)
+    return tiny_semi_config(tmp_path, **{**{"train.ema_decay": 0.9, "semi.weight": 2.0}, **fields})
 
 
-def _batch(config, mesh, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (config.data.batch_size, *config.data.crop_shape)
-    put = lambda x: jax.device_put(x, parallel.data_sharding(mesh))  # noqa: E731
-    return {"image": put(rng.normal(size=shape + (1,)).astype(np.float32)),
-            "labels": put((rng.random(shape) < 0.5).astype(np.int32)), "mask": put(np.ones(shape, np.float32)),
-            "unlabelled": put(rng.normal(size=(config.semi.batch_size, *config.data.crop_shape, 1)).astype(np.float32))}
+_batch = random_semi_batch
 
 
 def test_teacher_sees_the_students_crop_and_the_term_adds_to_the_loss(tmp_path):
@@ -63,17 +51,8 @@ def test_teacher_sees_the_students_crop_and_the_term_adds_to_the_loss(tmp_path):
 
 
 def test_semi_supervised_run_resumes_exactly_and_scores(tmp_path):
-    config = _semi_config(tmp_path)  # 6 steps, checkpoints at 3 and 6
-    first = train(config, tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert first["final_step"] == 6 and all("consistency" in r for r in rows if r["split"] == "train")
-    from jaxem.train.checkpoint import restore_on_this_host
-    whole = restore_on_this_host(tmp_path / "run" / "checkpoints" / "6" / "state")
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
-    assert train(config, tmp_path / "run", progress=False)["start_step"] == 3  # both loaders resume
-    resumed = restore_on_this_host(tmp_path / "run" / "checkpoints" / "6" / "state")
-    for a, b in zip(jax.tree.leaves(whole["ema_params"]), jax.tree.leaves(resumed["ema_params"])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    config = _semi_config(tmp_path)  # both loaders resume at their exact positions
+    assert_resume_is_exact(config, tmp_path / "run", "ema_params", "consistency")
 
     # Turning the mean teacher off (or on) in a workdir: refused by the loader's resume, either way.
     shutil.copytree(tmp_path / "run", tmp_path / "sup")

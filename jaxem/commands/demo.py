@@ -19,11 +19,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def write_synthetic_data(config, data_dir: Path) -> dict[str, tuple[str, str]]:
-    """Generates the train/val/test synthetic volumes as zarr (once); returns split -> (raw, labels)."""
+def write_synthetic_data(config, data_dir: Path, first_seed: int | None = None, raw_transform=None,
+                         **generate_args) -> dict[str, tuple[str, str]]:
+    """Generates the train/val/test synthetic volumes (shapes and voxel size of `config.demo`) as
+    zarr, once; returns split -> (raw, labels) paths. Split k uses seed `first_seed` + k (default
+    config.seed * 1000); `generate_args` go to jaxem.data.synthetic.generate (another "microscope":
+    noise, blur, membrane_thickness...) and `raw_transform(uint8 raw) -> uint8 raw` runs last."""
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume
 
+    first_seed = config.seed * 1000 if first_seed is None else first_seed
     paths = {}
     for seed_offset, split in enumerate(("train", "val", "test")):
         raw_path, labels_path = data_dir / f"{split}_raw.zarr", data_dir / f"{split}_instances.zarr"
@@ -31,8 +36,9 @@ def write_synthetic_data(config, data_dir: Path) -> dict[str, tuple[str, str]]:
         if (labels_path / ".zattrs").exists():
             continue
         em = generate(shape=tuple(config.demo[f"{split}_shape"]), voxel_size=tuple(config.demo.voxel_size),
-                      seed=config.seed * 1000 + seed_offset)
-        for path, array in ((raw_path, em.raw), (labels_path, em.instances)):
+                      seed=first_seed + seed_offset, **generate_args)
+        raw = raw_transform(em.raw) if raw_transform else em.raw
+        for path, array in ((raw_path, raw), (labels_path, em.instances)):
             create_volume(path, array.shape, array.dtype, voxel_size=config.demo.voxel_size, overwrite=True).write(array)
     return paths
 
