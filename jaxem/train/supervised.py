@@ -85,15 +85,15 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             loss = loss + parts["loss_deep_supervision"]
         if semi_inputs is None:
             return loss, (parts, batch_stats, ())
-        student_in, teacher_probs, weight, adversary_params = semi_inputs
+        student_in, teacher_probs, ramp, adversary_params = semi_inputs
         student, batch_stats = forward(params, batch_stats, student_in, rng)
         student_probs = probabilities(target_kind, _main_and_aux(student)[0])
         if teacher_on:
             parts["consistency"] = mean_teacher.consistency(student_probs, teacher_probs)
-            loss = loss + semi_cfg.weight * weight * parts["consistency"]
+            loss = loss + semi_cfg.weight * ramp * parts["consistency"]
         if adversary_on:
             parts["adversarial"] = adversarial.segmenter_loss(disc, adversary_params, student_probs)
-            loss = loss + semi_cfg.adversarial_weight * weight * parts["adversarial"]
+            loss = loss + semi_cfg.adversarial_weight * ramp * parts["adversarial"]
         return loss, (parts, batch_stats, (probabilities(target_kind, logits), student_probs))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -121,7 +121,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         return (loss / accumulate_steps, (scale(parts), batch_stats, ())), scale(grads)
 
     def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array):
-        """(student input, teacher probabilities or None, ramp weight, discriminator params or None)."""
+        """(student input, teacher probabilities or None, ramp(step) in [0, 1], discriminator params or None)."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
         teacher_probs = None
@@ -129,8 +129,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             crops, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
             teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
             teacher_probs = probabilities(target_kind, teacher_logits)
-        weight = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
-        return crops, teacher_probs, weight, state.adversary["params"] if adversary_on else None
+        ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
+        return crops, teacher_probs, ramp, state.adversary["params"] if adversary_on else None
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
