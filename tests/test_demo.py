@@ -22,7 +22,9 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     assert {r["split"] for r in rows} == {"train", "val"}
 
     # Same command again: resumes at the last step (no new training steps), same scores.
+    capsys.readouterr()
     assert cli.main(["demo", "--workdir", str(workdir), "--config", "demo:tiny", "--no-progress"]) == 0
+    assert "already holds a run trained to step 6 (train.steps=6): nothing to train" in capsys.readouterr().out
     again = json.loads((workdir / "results.json").read_text())
     assert again["training"]["start_step"] == 6
     assert again["model"]["vrand"] == results["model"]["vrand"]

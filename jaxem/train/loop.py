@@ -288,6 +288,9 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
         writer.truncate_after(int(state.step))
     start = int(state.step)
     summary = {"start_step": start, "parameters": parameter_count(state.params), "devices": devices}
+    if start >= tc.steps and is_main:
+        print(f"{workdir} already holds a run trained to step {start} (train.steps={tc.steps}): nothing to train; "
+              f"raise --config.train.steps to continue it, or use a new --workdir for another experiment.")
 
     def save(step: int, metrics: dict | None = None, force: bool = False):
         ckpt.save(step, state, loader.get_state(), meta, metrics=metrics, force=force)
