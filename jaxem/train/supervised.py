@@ -85,15 +85,15 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             loss = loss + parts["loss_deep_supervision"]
         if semi_inputs is None:
             return loss, (parts, batch_stats, ())
-        student_in, teacher_probs, ramp, adversary_params = semi_inputs
+        student_in, teacher_probs, weights, adversary_params = semi_inputs
         student, batch_stats = forward(params, batch_stats, student_in, rng)
         student_probs = probabilities(target_kind, _main_and_aux(student)[0])
         if teacher_on:
             parts["consistency"] = mean_teacher.consistency(student_probs, teacher_probs)
-            loss = loss + semi_cfg.weight * ramp * parts["consistency"]
+            loss = loss + weights["consistency_weight"] * parts["consistency"]
         if adversary_on:
             parts["adversarial"] = adversarial.segmenter_loss(disc, adversary_params, student_probs)
-            loss = loss + semi_cfg.adversarial_weight * ramp * parts["adversarial"]
+            loss = loss + weights["adversarial_weight"] * parts["adversarial"]
         return loss, (parts, batch_stats, (probabilities(target_kind, logits), student_probs))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -121,7 +121,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         return (loss / accumulate_steps, (scale(parts), batch_stats, ())), scale(grads)
 
     def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array):
-        """(student input, teacher probabilities or None, ramp(step) in [0, 1], discriminator params or None)."""
+        """(student input, teacher probabilities or None, {"consistency_weight" | "adversarial_weight":
+        configured weight x ramp(step)} of the methods that are on, discriminator params or None)."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
         teacher_probs = None
@@ -130,7 +131,9 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
             teacher_probs = probabilities(target_kind, teacher_logits)
         ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
-        return crops, teacher_probs, ramp, state.adversary["params"] if adversary_on else None
+        weights = {**({"consistency_weight": semi_cfg.weight * ramp} if teacher_on else {}),
+                   **({"adversarial_weight": semi_cfg.adversarial_weight * ramp} if adversary_on else {})}
+        return crops, teacher_probs, weights, state.adversary["params"] if adversary_on else None
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
@@ -143,10 +146,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.
             semi_inputs = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
             (loss, (parts, batch_stats, domain_probs)), grads = grad_fn(*args, semi_inputs)
-            if teacher_on:
-                parts["consistency_weight"] = semi_cfg.weight * semi_inputs[2]
+            parts.update(semi_inputs[2])  # the weights, logged
             if adversary_on:
-                parts["adversarial_weight"] = semi_cfg.adversarial_weight * semi_inputs[2]
                 replace["adversary"], disc_metrics = adversarial.update_discriminator(
                     state.adversary, semi_cfg, *domain_probs)
                 parts.update(disc_metrics)
