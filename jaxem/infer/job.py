@@ -134,7 +134,7 @@ def run_prediction(
 
 def with_adapted_batch_norm(restored: list, source: Volume, normalize: Callable, region, count: int) -> list:
     """Each restored (config, model, variables) with batch-norm statistics of `count` crops of
-    `source` (the same crops for every model of an ensemble that shares a crop shape)."""
+    `source`, drawn with the model's config seed (the same crops for models sharing crop shape and seed)."""
     from jaxem.infer.adapt import adapted_batch_stats, random_crops
 
     if count < 0:

@@ -46,11 +46,11 @@ def score_volume(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray, vo
     from jaxem.metrics.clustering import clustering_scores
     from jaxem.metrics.pixel import binary_scores
 
-    keys = protocol_keys(protocol)
+    protocol_keys(protocol)  # UserError for an unknown protocol
     scores = clustering_scores(instances, gt)
     out = {**{k: float(scores[k]) for k in SCORE_KEYS if k != "dice"},
            "dice": float(binary_scores(boundary < 0.5, gt > 0)["dice"])}
-    if "cremi_score" in keys:
+    if protocol == "cremi":
         from jaxem.metrics.cremi import cremi_scores
 
         cremi = cremi_scores(instances, gt, voxel_size)
