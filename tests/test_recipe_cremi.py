@@ -1,11 +1,8 @@
 """The CREMI recipe: the border mask and scores of CREMI's protocol (by hand and against a slow
 re-implementation of cremi_python's logic), CREMI's HDF5 preparation, the config, the held-out
-scorer's protocol="cremi", and the benchmark end to end at tiny size."""
+scorer's protocol="cremi" (the benchmark end to end: tests/test_recipe_snemi3d.py)."""
 
-import json
 import math
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -290,19 +287,5 @@ def test_benchmark_averages_the_parts_of_the_val_split(tmp_path, monkeypatch):
     assert scores["parts"]["C"]["watershed"]["cremi_score"] == 0.6
 
 
-@pytest.mark.slow
-def test_cremi_benchmark_trains_and_scores_by_cremi_protocol(tmp_path, monkeypatch):
-    """Tiny run on the synthetic neuropil: trains, predicts, segments, and reports CREMI's scores."""
-    monkeypatch.setenv("JAXEM_DATA", str(tmp_path / "data"))
-    run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "benchmarks/cremi.py", "--run", str(run), "--config",
-                          "cremi_affinities:tiny,synthetic", "--no-progress", "--min-size", "20"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout[out.stdout.index("{"):])
-    assert report["protocol"] == "cremi" and report["training"]["final_step"] == 4
-    for row in ("mws", "watershed", "threshold_baseline"):
-        scores = report["scores"][row]
-        assert scores["cremi_score"] >= 0 and 0 < scores["cremi_masked_fraction"] < 1
-    results = json.loads((run / "heldout" / "results.json").read_text())
-    assert results["settings"]["protocol"] == "cremi" and results["settings"]["cremi_border_threshold_nm"] == 25
+# benchmarks/cremi.py end to end: tests/test_recipe_snemi3d.py::test_snemi3d_benchmark_trains_and_scores_in_3d
+# (its tiny config is SNEMI3D's, so it scores the same trained run by CREMI's protocol).

@@ -128,7 +128,8 @@ def test_crop_segmenter_scores_mws_on_affinity_crops():
 @pytest.mark.slow
 def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
     """Tiny run on the synthetic neuropil: trains, predicts affinities, segments three ways, writes
-    results and an overlay; training logged the mws validation scores."""
+    results and an overlay; training logged the mws validation scores. Then the CREMI benchmark
+    scores that run by CREMI's protocol."""
     monkeypatch.setenv("JAXEM_DATA", str(tmp_path / "data"))
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "benchmarks/snemi3d.py", "--run", str(run), "--config",
@@ -145,6 +146,21 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
     assert results["settings"]["offsets"] == [list(o) for o in load_config("snemi3d_affinities:tiny").target.offsets]
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert val and all(0 <= v["vrand"] <= 1 for v in val)
+
+    # benchmarks/cremi.py: its tiny config is this one, so the finished run is scored by CREMI's
+    # protocol without training again.
+    out = subprocess.run([sys.executable, "benchmarks/cremi.py", "--run", str(run), "--config",
+                          "cremi_affinities:tiny,synthetic", "--no-progress", "--min-size", "20"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["protocol"] == "cremi" and report["training"]["final_step"] == 4
+    assert report["training"]["start_step"] == 4
+    for row in ("mws", "watershed", "threshold_baseline"):
+        scores = report["scores"][row]
+        assert scores["cremi_score"] >= 0 and 0 < scores["cremi_masked_fraction"] < 1
+    results = json.loads((run / "heldout" / "results.json").read_text())
+    assert results["settings"]["protocol"] == "cremi" and results["settings"]["cremi_border_threshold_nm"] == 25
 
 
 def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():
