@@ -2,10 +2,15 @@
 
     python benchmarks/isbi2012.py --run runs/isbi2012_cpu --config isbi2012_unet:cpu [--config.x=y ...]
     python benchmarks/isbi2012.py --run runs/isbi2012_cpu --config isbi2012_unet:cpu --seeds 0 1 2
+    python benchmarks/isbi2012.py --run runs/isbi2012_cpu --config isbi2012_unet:cpu --tta
 
 Prepares the dataset from ../shared/data/isbi2012 (a local copy of the challenge data) when it is
 not yet in $JAXEM_DATA. Prints JSON: held-out VRand, VInfo, adapted Rand error, VOI split/merge,
 interior Dice/IoU for the model and for the raw-threshold baseline, training time, the machine.
+Each is scored twice: with the fixed watershed settings ("model", "threshold_baseline") and with
+the settings tuned on the training slices 0-15 ("model_tuned", "threshold_baseline_tuned";
+jaxem.segment.tune; --no-tune skips them). --tta predicts with test-time augmentation (8 flips
+and rotations), both the tuning slices and the held-out ones.
 With --seeds, one run per seed in <run>/seed<N> (config.seed = N) and the mean and standard
 deviation of every score over the seeds: single runs differ by ~0.01 VRand from rounding alone
 (docs/training.md), so compare recipes by these.
@@ -22,22 +27,28 @@ from pathlib import Path
 LOCAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
 
-def train_and_score(config, run: Path, progress: bool) -> dict:
-    """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19."""
+def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: bool = True) -> dict:
+    """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19,
+    with settings tuned on slices 0-15 as well unless `tune` is False."""
     from jaxem.data import datasets
     from jaxem.metrics.heldout import score_run, train_to_completion
 
     summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths("isbi2012", "val")
-    scores = score_run(run, images[0], labels[0], out_dir=run / "heldout", progress=progress)
+    tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train")) if tune else None
+    out_dir = run / ("heldout_tta" if tta else "heldout")
+    scores = score_run(run, images[0], labels[0], out_dir=out_dir, progress=progress, tta=tta, tune_on=tune_on)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
-    """{"model"|"threshold_baseline": {metric: {"mean", "std", "values"}}} over the seeds' runs."""
+    """{row: {metric: {"mean", "std", "values"}}} over the seeds' runs, for the rows of
+    jaxem.metrics.heldout.ROWS that were scored."""
+    from jaxem.metrics.heldout import ROWS
     from jaxem.metrics.heldout import over_seeds as scores_over_seeds
 
-    return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=("model", "threshold_baseline"))
+    first = next(iter(per_seed.values()))["scores"]
+    return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=[r for r in ROWS if r in first])
 
 
 def main() -> None:
@@ -46,6 +57,8 @@ def main() -> None:
     parser.add_argument("--config", default="isbi2012_unet:cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one run per seed in <run>/seed<N>, and the scores' mean and std over them")
+    parser.add_argument("--tta", action="store_true", help="predict with test-time augmentation (8 flips and rotations)")
+    parser.add_argument("--no-tune", action="store_true", help="score with the fixed segmentation settings only")
     parser.add_argument("--no-progress", action="store_true")
     args, overrides = parser.parse_known_args()
 
@@ -60,19 +73,21 @@ def main() -> None:
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": "isbi2012_heldout_slices_16_19", "config": args.config, "overrides": overrides}
     if args.seeds is None:
-        result = train_and_score(config, Path(args.run), not args.no_progress)
+        result = train_and_score(config, Path(args.run), not args.no_progress, args.tta, not args.no_tune)
         print(format_table(result["scores"]))
         report.update(result)
     else:
         per_seed = {}
         for seed in args.seeds:
             config.seed = seed
-            per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress)
+            per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress, args.tta,
+                                             not args.no_tune)
         summary = over_seeds(per_seed)
-        print(f"{'metric':<20}{'model mean':>12}{'std':>8}   seeds {', '.join(map(str, args.seeds))}")
-        for k in SCORE_KEYS:
-            m = summary["model"][k]
-            print(f"{k:<20}{m['mean']:>12.4f}{m['std']:>8.4f}   " + " ".join(f"{v:.4f}" for v in m["values"]))
+        print(f"{'row':<26}{'metric':<20}{'mean':>8}{'std':>8}   seeds {', '.join(map(str, args.seeds))}")
+        for row in summary:
+            for k in SCORE_KEYS:
+                m = summary[row][k]
+                print(f"{row:<26}{k:<20}{m['mean']:>8.4f}{m['std']:>8.4f}   " + " ".join(f"{v:.4f}" for v in m["values"]))
         report.update(seeds=args.seeds, over_seeds=summary, per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "devices": [str(d) for d in jax.devices()]}

@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": ("jaxem.commands.evaluate", "score a prediction against ground truth: report.json, report.md, morphology"),
     "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),
     "segment": ("jaxem.commands.segment", "predictions -> instances (cc, watershed, mutex watershed), blockwise and stitched"),
+    "tune": ("jaxem.commands.tune", "choose segmentation settings (method, threshold, seeds) on a labelled prediction"),
 }
 
 

@@ -89,6 +89,31 @@ def test_predict_checkpoint_tta_uint8_roi(run_dir, tmp_path, capsys):
     assert not np.allclose(p, open_volume(tmp_path / "run").read(), atol=1e-3)
 
 
+def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
+    """score_run(tune_on=...) predicts the tuning volume the same way (here with TTA), picks each
+    row's best setting there and scores the held-out volume with it: the tuned rows are exactly the
+    scores of that setting, and the tuning table's best is its argmax."""
+    from jaxem.metrics.heldout import prediction_channel, score_run, score_slices, threshold_baseline
+    from jaxem.segment.tune import segment
+
+    data = run_dir / "data"
+    test = (str(data / "test_raw.zarr"), str(data / "test_instances.zarr"))
+    results = score_run(run_dir, *test, out_dir=tmp_path, progress=False, tta=True,
+                        tune_on=(str(data / "val_raw.zarr"), str(data / "val_instances.zarr")))
+    assert set(results) == {"model", "model_tuned", "threshold_baseline", "threshold_baseline_tuned", "tuned_settings"}
+    sweeps = json.loads((tmp_path / "tuning.json").read_text())
+    for row in ("model", "threshold_baseline"):
+        table = sweeps[row]["table"]
+        assert results["tuned_settings"][row] == table[int(np.argmax([r["scores"]["vrand"] for r in table]))]["setting"]
+    assert read_attributes(tmp_path / "predictions.zarr")["jaxem_job"]["tta"]
+    assert read_attributes(tmp_path / "tune_predictions.zarr")["jaxem_job"]["tta"]
+    raw, gt = open_volume(test[0]).read(), open_volume(test[1]).read()
+    for row, boundary in (("model", prediction_channel(tmp_path / "predictions.zarr")), ("threshold_baseline", threshold_baseline(raw))):
+        labels = segment(boundary, results["tuned_settings"][row], per_slice=True, voxel_size=(40.0, 4.0, 4.0))
+        assert score_slices(labels, boundary, gt) == pytest.approx(results[f"{row}_tuned"])
+    assert (tmp_path / "tuning.png").stat().st_size > 0
+
+
 def test_checkpoint_not_matching_config_exits_2(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad_run"
     shutil.copytree(run_dir, bad, ignore=shutil.ignore_patterns("data", "tensorboard"))

@@ -54,6 +54,18 @@ def test_per_slice_ids_are_unique_over_the_volume():
     assert not set(np.unique(labels[0])) - {0} & set(np.unique(labels[1]))
 
 
+def test_watershed_of_a_slice_without_any_boundary_returns():
+    """A map with no voxel on the boundary side of the threshold (a slice inside one cell; a
+    weak, barely trained model) is one object; a map that is all boundary has none. (The distance
+    transform is infinite there, on which skimage's h_maxima used to hang.)"""
+    inside = np.stack([np.full((64, 64), 0.45, np.float32), grid_boundaries((64, 64), 16)])
+    labels = instances_from_boundaries(inside, method="watershed", per_slice=True, anisotropy=(40.0, 4.0, 4.0))
+    assert len(np.unique(labels[0])) == 1 and labels[0, 0, 0] > 0  # one object over the whole slice
+    assert labels.max() == 1 + 16
+    assert instances_from_boundaries(np.ones((16, 16), np.float32), method="watershed").max() == 0
+    assert instances_from_foreground(np.ones((8, 16, 16), np.float32), method="watershed").max() == 1
+
+
 def test_foreground_keeps_background_and_splits_touching_disks():
     yy, xx = np.mgrid[:40, :70]
     fg = ((yy - 20) ** 2 + (xx - 20) ** 2 < 15**2) | ((yy - 20) ** 2 + (xx - 47) ** 2 < 15**2)

@@ -2,8 +2,12 @@
 
     jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|mws
                   [--kind boundary|foreground|affinities] [--channel 0] [--threshold 0.5] [--min-size 0] [--h NM]
-                  [--per-slice] [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
+                  [--seeds distance|threshold] [--per-slice] [--params tuned.json]
+                  [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
                   [--dask local|ADDRESS] [--workers 2] [--overwrite]
+
+--params takes the settings `jaxem tune` chose (method, threshold, seeds, h, min_size, kind,
+per-slice); flags given on the command line override them.
 """
 
 from __future__ import annotations
@@ -13,23 +17,30 @@ from functools import partial
 
 from jaxem.errors import UserError
 
+# what a setting falls back to when neither the command line nor --params gives it
+DEFAULTS = {"method": "watershed", "kind": "boundary", "threshold": 0.5, "min_size": 0, "seeds": "distance",
+            "h": None, "per_slice": False}
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, help="prediction volume (OME-Zarr group or array): (c, *spatial) or (*spatial)")
     parser.add_argument("--output", required=True, help="output OME-Zarr label group (uint64)")
-    parser.add_argument("--method", default="watershed", help="cc, watershed or mws (mutex watershed on affinities)")
-    parser.add_argument("--kind", default="boundary",
+    parser.add_argument("--method", default=None, help="cc, watershed (default) or mws (mutex watershed on affinities)")
+    parser.add_argument("--kind", default=None,
                         help="boundary (high on membranes), foreground (high inside objects) or affinities "
                              "(watershed on their nearest-neighbour boundary map; implied by --method mws)")
     parser.add_argument("--channel", type=int, default=0, help="channel of a (c, ...) prediction for cc/watershed")
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--min-size", type=int, default=0,
+    parser.add_argument("--threshold", type=float, default=None, help="default 0.5")
+    parser.add_argument("--min-size", type=int, default=None,
                         help="objects below this many voxels become background; on affinities they are first "
                              "flooded from their neighbours within each block")
     parser.add_argument("--h", type=float, default=None,
                         help="watershed seeds: h-maxima depth of the distance transform, in the volume's voxel-size "
                              "units (nm); default 2 of its finest voxel size (2 in-plane pixels)")
-    parser.add_argument("--per-slice", action="store_true", help="segment each z-slice on its own")
+    parser.add_argument("--seeds", default=None, help="watershed seeds: distance (h-maxima of the distance transform, "
+                        "default) or threshold (components of boundary < threshold / 2)")
+    parser.add_argument("--per-slice", action="store_true", default=None, help="segment each z-slice on its own")
+    parser.add_argument("--params", default=None, help="JSON of `jaxem tune`: its best setting, under any flags given here")
     parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
     parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
     parser.add_argument("--offsets", default=None,
@@ -48,6 +59,7 @@ def run(args, overrides) -> int:
 
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")
+    resolve_settings(args)
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
     # 1 nm (a fraction of a pixel) over-seeds EM: benchmarks/affinity_segmentation.py
@@ -68,7 +80,7 @@ def run(args, overrides) -> int:
             raise UserError(f"--kind {args.kind!r} is not boundary, foreground or affinities.")
         impl = instances.instances_from_boundaries if args.kind == "boundary" else instances.instances_from_foreground
         fn = partial(impl, method=args.method, threshold=args.threshold, per_slice=args.per_slice,
-                     anisotropy=source.voxel_size, h=h)
+                     anisotropy=source.voxel_size, h=h, seeds=args.seeds)
         channel = args.channel if source.ndim > len(spatial) else None
         if channel is not None and not 0 <= channel < source.shape[0]:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
@@ -84,6 +96,17 @@ def run(args, overrides) -> int:
         executor.close()
     print(json.dumps(stats))
     return 0
+
+
+def resolve_settings(args) -> None:
+    """Fills every segmentation setting of `args` left unset on the command line from --params (a
+    `jaxem tune` file), else from DEFAULTS."""
+    from jaxem.segment.tune import read_setting
+
+    tuned = read_setting(args.params) if args.params else {}
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tuned.get(key, default))
 
 
 def _parse_offsets(text: str) -> list:

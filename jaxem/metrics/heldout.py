@@ -4,6 +4,10 @@ predict blockwise -> membrane probabilities -> seeded watershed per z-slice -> I
 scores averaged over slices (VRand, VInfo, adapted Rand error, VOI split/merge; Dice/IoU of the
 predicted cell interior), beside a baseline that thresholds the raw image (Otsu) and runs the same
 watershed, plus an overlay PNG of predictions on the EM.
+
+With `tune_on` (a labelled volume the scores are not taken on, e.g. the training slices) the
+segmentation settings of both rows are also chosen there (`jaxem.segment.tune`) and the held-out
+volume is scored with them too: rows "model_tuned" and "threshold_baseline_tuned".
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 SCORE_KEYS = ("vrand", "vinfo", "adapted_rand_error", "voi_split", "voi_merge", "dice", "iou")
+ROWS = ("model", "model_tuned", "threshold_baseline", "threshold_baseline_tuned")
 BETTER = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi_split": "lower",
           "voi_merge": "lower", "dice": "higher", "iou": "higher"}
 
@@ -55,17 +60,19 @@ def prediction_channel(path: str | Path) -> np.ndarray:
 
 
 def predict_heldout(run_dir: str | Path, image_path: str, out_dir: str | Path | None = None,
-                    progress: bool = True, adapt_batch_norm: int = 0) -> tuple[Path, Path]:
-    """Predicts `image_path` blockwise with the run's checkpoint into `out_dir`/predictions.zarr
-    (replacing an earlier one); returns (out_dir, that path). `out_dir` defaults to the run dir;
-    `adapt_batch_norm` > 0 first adapts batch-norm statistics to that many crops (jaxem.infer.adapt)."""
+                    progress: bool = True, adapt_batch_norm: int = 0, tta: bool = False,
+                    name: str = "predictions.zarr") -> tuple[Path, Path]:
+    """Predicts `image_path` blockwise with the run's checkpoint into `out_dir`/`name` (replacing an
+    earlier one); returns (out_dir, that path). `out_dir` defaults to the run dir; `adapt_batch_norm`
+    > 0 first adapts batch-norm statistics to that many crops (jaxem.infer.adapt); `tta` averages
+    the flips and rotations of test-time augmentation (jaxem.infer.ensemble)."""
     from jaxem.infer.blockwise import predict_run
 
     out_dir = Path(out_dir or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions = out_dir / "predictions.zarr"
+    predictions = out_dir / name
     predict_run(run_dir, image_path, str(predictions), overwrite=True, progress=progress,
-                adapt_batch_norm=adapt_batch_norm)
+                adapt_batch_norm=adapt_batch_norm, tta=tta)
     return out_dir, predictions
 
 
@@ -84,26 +91,64 @@ def train_to_completion(config, run_dir: str | Path, progress: bool = True) -> t
 
 
 def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: str | Path | None = None,
-              progress: bool = True, adapt_batch_norm: int = 0) -> dict:
+              progress: bool = True, adapt_batch_norm: int = 0, tta: bool = False,
+              tune_on: tuple[str, str] | None = None) -> dict:
     """Predicts `image_path` with the run's best checkpoint and scores it against `labels_path`.
 
     Writes predictions.zarr, results.json and overlay.png to `out_dir` (default the run dir) and
-    returns {"model": scores, "threshold_baseline": scores}. `adapt_batch_norm`: as `predict_heldout`.
+    returns {"model": scores, "threshold_baseline": scores}. `adapt_batch_norm`, `tta`: as
+    `predict_heldout`. `tune_on` = (image, labels): the segmentation settings are also tuned on
+    that labelled volume (predicted the same way; tuning.json and tuning.png) and applied here,
+    adding rows "model_tuned" and "threshold_baseline_tuned" and the key "tuned_settings".
     """
     from jaxem.data.volume import open_volume
-    from jaxem.segment.instances import instances_from_boundaries
 
-    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress, adapt_batch_norm)
+    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress, adapt_batch_norm, tta)
     raw, gt = open_volume(image_path).read(), open_volume(labels_path).read()
-    boundary = prediction_channel(predictions)
-    ours = instances_from_boundaries(boundary, method="watershed", per_slice=True)
-    baseline_boundary = threshold_baseline(raw)
-    baseline = instances_from_boundaries(baseline_boundary, method="watershed", per_slice=True)
-    results = {"model": score_slices(ours, boundary, gt),
-               "threshold_baseline": score_slices(baseline, baseline_boundary, gt)}
+    maps = {"model": prediction_channel(predictions), "threshold_baseline": threshold_baseline(raw)}
+    labels = {row: _segment_slices(boundary, FIXED_SETTING) for row, boundary in maps.items()}
+    results = {row: score_slices(labels[row], maps[row], gt) for row in maps}
+    if tune_on is not None:
+        settings, voxel_size = tune_settings(run_dir, tune_on, out_dir, progress, adapt_batch_norm, tta)
+        for row, setting in settings.items():
+            tuned = _segment_slices(maps[row], setting, voxel_size)
+            results[f"{row}_tuned"] = score_slices(tuned, maps[row], gt)
+        results["tuned_settings"] = settings
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_overlay(raw, boundary, ours, baseline, gt, out_dir / "overlay.png")
+    write_overlay(raw, maps["model"], labels["model"], labels["threshold_baseline"], gt, out_dir / "overlay.png")
     return results
+
+
+# The settings of the untuned rows: seeded watershed, distance seeds of depth 1 pixel.
+FIXED_SETTING = {"method": "watershed"}
+
+
+def _segment_slices(boundary: np.ndarray, setting: dict, voxel_size=None) -> np.ndarray:
+    from jaxem.segment.tune import segment
+
+    return segment(boundary, setting, "boundary", per_slice=True, voxel_size=voxel_size)
+
+
+def tune_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
+                  adapt_batch_norm: int = 0, tta: bool = False) -> tuple[dict, tuple]:
+    """Best per-slice VRand settings of the model's prediction and of the threshold baseline on the
+    labelled volume `tune_on` = (image, labels) -> ({"model": setting, "threshold_baseline":
+    setting}, the volume's voxel size, which the settings' h is in). Writes
+    `out_dir`/tune_predictions.zarr, tuning.json (both sweeps) and tuning.png (the model's)."""
+    from jaxem.data.volume import open_volume
+    from jaxem.segment.tune import plot_tuning, tune
+
+    image_path, labels_path = tune_on
+    _, predictions = predict_heldout(run_dir, image_path, out_dir, progress, adapt_batch_norm, tta,
+                                     name="tune_predictions.zarr")
+    image = open_volume(image_path)
+    raw, gt = image.read(), open_volume(labels_path).read()
+    maps = {"model": prediction_channel(predictions), "threshold_baseline": threshold_baseline(raw)}
+    sweeps = {row: tune(boundary, gt, "boundary", metric="vrand", per_slice=True, voxel_size=image.voxel_size,
+                        progress=progress) for row, boundary in maps.items()}
+    (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
+    plot_tuning(sweeps["model"], out_dir / "tuning.png")
+    return {row: sweep["best"] for row, sweep in sweeps.items()}, tuple(image.voxel_size)
 
 
 def over_seeds(per_seed: dict, rows=None) -> dict:
@@ -124,10 +169,14 @@ def over_seeds(per_seed: dict, rows=None) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """The model's scores beside the threshold baseline's, one metric per line."""
-    lines = [f"{'metric':<20}{'model':>10}{'threshold':>12}   better"]
+    """The model's scores beside the threshold baseline's (and their tuned rows, when present),
+    one metric per line."""
+    rows = [r for r in ROWS if r in results]
+    titles = {"model": "model", "model_tuned": "tuned", "threshold_baseline": "threshold",
+              "threshold_baseline_tuned": "thr.tuned"}
+    lines = [f"{'metric':<20}" + "".join(f"{titles[r]:>11}" for r in rows) + "   better"]
     for k in SCORE_KEYS:
-        lines.append(f"{k:<20}{results['model'][k]:>10.4f}{results['threshold_baseline'][k]:>12.4f}   {BETTER[k]}")
+        lines.append(f"{k:<20}" + "".join(f"{results[r][k]:>11.4f}" for r in rows) + f"   {BETTER[k]}")
     return "\n".join(lines)
 
 

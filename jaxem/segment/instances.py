@@ -109,6 +109,10 @@ def watershed_seeds(interior, elevation, threshold, seeds="distance", h=1.0, ani
     """
     if seeds == "threshold":
         return connected_components(elevation < threshold / 2)
+    if interior.all() or not interior.any():
+        # No boundary voxel: the distance transform is infinite everywhere (black_border=False), on
+        # which skimage's h_maxima never returns. The whole region is one object (or none).
+        return connected_components(interior)
     aniso = tuple(float(a) for a in anisotropy) if anisotropy is not None else (1.0,) * interior.ndim
     dist = edt.edt(np.ascontiguousarray(interior), anisotropy=aniso, black_border=False)
     peaks = h_maxima(dist.astype(np.float32), h) > 0

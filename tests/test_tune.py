@@ -1,0 +1,138 @@
+"""Segmentation settings tuned on labelled predictions (jaxem.segment.tune, `jaxem tune`,
+`jaxem segment --params`)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import grid_boundaries
+from jaxem.cli import main
+from jaxem.data.volume import create_volume, open_volume
+from jaxem.errors import UserError
+from jaxem.segment import tune as tuning
+
+
+def weak_membrane_case():
+    """(boundary map, ground truth) of 2 x 4 x 4 cells, 3 slices of 33 x 33, where the membrane
+    between the two left columns of cells reads 0.45: thresholds up to 0.4 keep it, higher ones
+    merge those cells."""
+    prob = np.stack([grid_boundaries((33, 33), 8)] * 3)
+    prob[:, :, 8] = np.where(prob[:, :, 8] > 0, 0.45, 0.0)
+    prob[:, :, 8][:, ::8] = 1.0  # the grid's crossings stay strong
+    gt = np.zeros(prob.shape, np.uint64)
+    cell = 1
+    for z in range(3):
+        for y in range(4):
+            for x in range(4):
+                gt[z, 8 * y + 1: 8 * y + 8, 8 * x + 1: 8 * x + 8] = cell
+                cell += 1
+    return prob, gt
+
+
+def test_tune_picks_the_threshold_that_keeps_the_weak_membrane():
+    prob, gt = weak_membrane_case()
+    grid = [{"method": "cc", "threshold": t} for t in (0.3, 0.4, 0.5, 0.6)]
+    result = tuning.tune(prob, gt, grid=grid, metric="vrand", per_slice=True, progress=False)
+    vrand = [row["scores"]["vrand"] for row in result["table"]]
+    assert vrand[0] == pytest.approx(1.0) and vrand[1] == pytest.approx(1.0)
+    assert vrand[2] < 0.95 and vrand[3] == pytest.approx(vrand[2])  # the weak membrane is gone: merged cells
+    assert result["best"] == {"method": "cc", "threshold": 0.3}  # ties go to the earlier setting
+    assert result["best_score"] == pytest.approx(1.0) and result["better"] == "higher"
+    # a lower-is-better metric picks the same setting
+    assert tuning.tune(prob, gt, grid=grid, metric="voi", per_slice=True, progress=False, workers=1)["best"] == grid[0]
+
+
+def test_per_slice_scores_are_the_mean_over_slices():
+    prob, gt = weak_membrane_case()
+    labels = tuning.segment(prob, {"method": "cc", "threshold": 0.6}, per_slice=True)
+    labels[0] = tuning.segment(prob[0], {"method": "cc", "threshold": 0.3})  # one good slice of three
+    per_slice = tuning.score(labels, gt, per_slice=True)
+    from jaxem.metrics.clustering import clustering_scores
+
+    expected = np.mean([clustering_scores(labels[z], gt[z])["vrand"] for z in range(3)])
+    assert per_slice["vrand"] == pytest.approx(expected)
+    assert per_slice["vrand"] != pytest.approx(tuning.score(labels, gt)["vrand"])
+
+
+def test_default_grids_and_h_in_nm():
+    grid = tuning.default_grid("boundary", voxel_size=(50.0, 4.0, 4.0))
+    hs = sorted({s["h"] for s in grid if s.get("seeds") == "distance"})
+    assert hs == [4.0 * k for k in tuning.H_STEPS]  # multiples of the finest voxel size, in nm
+    assert {s["method"] for s in grid} == {"watershed", "cc"}
+    affinity_grid = tuning.default_grid("affinities")
+    assert {s["method"] for s in affinity_grid} == {"mws", "watershed"}
+    assert all("min_size" in s for s in affinity_grid)
+    with pytest.raises(UserError, match="kind 'membrane'"):
+        tuning.default_grid("membrane")
+
+
+def test_tune_affinities_with_mws():
+    gt = np.zeros((24, 24), np.uint64)
+    gt[:, 12:] = 1
+    gt[8:16, 3:8] = 2
+    gt[gt == 0] = 3
+    offsets = [(1, 0), (0, 1), (-3, 0), (0, -3)]
+    aff = np.stack([(np.roll(gt, (-o[0], -o[1]), (0, 1)) == gt) for o in offsets]).astype(np.float32)
+    grid = [{"method": "mws", "min_size": m} for m in (0, 1000)]
+    result = tuning.tune(aff, gt, "affinities", grid=grid, metric="adapted_rand_error", offsets=offsets, progress=False)
+    assert result["best"] == grid[0] and result["best_score"] == pytest.approx(0.0, abs=1e-9)
+    assert result["table"][1]["scores"]["adapted_rand_error"] > 0.1  # min_size 1000 leaves one object
+
+
+def test_bad_settings_and_shapes_are_one_sentence():
+    prob, gt = weak_membrane_case()
+    with pytest.raises(UserError, match="unknown keys"):
+        tuning.tune(prob, gt, grid=[{"method": "cc", "thresh": 0.5}], progress=False)
+    with pytest.raises(UserError, match="differs from the labels' shape"):
+        tuning.tune(prob[:2], gt, progress=False)
+    with pytest.raises(UserError, match="not one of"):
+        tuning.tune(prob, gt, metric="dice", progress=False)
+
+
+def test_tune_cli_then_segment_with_params(tmp_path, capsys):
+    prob, gt = weak_membrane_case()
+    create_volume(tmp_path / "pred", (1, *prob.shape), np.float32, (40.0, 4.0, 4.0), axes=("c", "z", "y", "x")).write(prob[None])
+    create_volume(tmp_path / "gt", gt.shape, np.uint64, (40.0, 4.0, 4.0)).write(gt)
+    out = tmp_path / "tuned.json"
+    args = ["tune", "--input", str(tmp_path / "pred"), "--labels", str(tmp_path / "gt"), "--output", str(out),
+            "--per-slice", "--no-progress"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tuned = json.loads(out.read_text())
+    assert printed["best"] == tuned["best"] and printed["vrand"] == pytest.approx(1.0)
+    assert tuned["per_slice"] and tuned["kind"] == "boundary" and tuned["voxel_size"] == [40.0, 4.0, 4.0]
+    assert len(tuned["table"]) == len(tuning.default_grid("boundary", (40.0, 4.0, 4.0)))
+    assert (tmp_path / "tuned.png").stat().st_size > 0
+
+    before = out.read_text()
+    assert main(args) == 2  # exists, no --overwrite: refused, untouched
+    assert "pass --overwrite" in capsys.readouterr().err and out.read_text() == before
+
+    seg = tmp_path / "seg"
+    assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(seg), "--params", str(out)]) == 0
+    expected = tuning.segment(prob, tuned["best"], per_slice=True, voxel_size=(40.0, 4.0, 4.0))
+    labels = open_volume(seg).read()
+    assert labels.max() == expected.max() == 3 * 16
+    assert tuning.score(labels, gt, per_slice=True)["vrand"] == pytest.approx(1.0)
+    # a flag given on the command line wins over the file: threshold 0.6 merges the weak membrane's cells
+    merged = tmp_path / "merged"
+    assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(merged), "--params", str(out),
+                 "--method", "cc", "--threshold", "0.6"]) == 0
+    assert open_volume(merged).read().max() == 3 * 12
+
+
+def test_segment_params_file_errors_name_the_file(tmp_path, capsys):
+    prob, _ = weak_membrane_case()
+    create_volume(tmp_path / "pred", prob.shape, np.float32, (1.0, 1.0, 1.0)).write(prob)
+    bad = tmp_path / "bad.json"
+    for text, message in (("{", "is not JSON"), ('{"table": []}', "has no 'best' setting"),
+                          ('{"best": {"method": "cc", "sigma": 2}}', "unknown keys")):
+        bad.write_text(text)
+        assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(tmp_path / "s"), "--params", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(bad) in err
+    assert not (tmp_path / "s").exists()
+    assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(tmp_path / "s"),
+                 "--params", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
