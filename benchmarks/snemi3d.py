@@ -22,8 +22,10 @@ import platform
 from pathlib import Path
 
 
-def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float, protocol: str) -> dict:
-    """Scores every part of `dataset`'s val split with the run's model (`score_affinity_run`).
+def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float, protocol: str,
+                tune: bool = False) -> dict:
+    """Scores every part of `dataset`'s val split with the run's model (`score_affinity_run`);
+    with `tune`, also with settings tuned on the first part of the train split.
 
     One part (SNEMI3D, the synthetic neuropil): its results, written to <run>/heldout. Several
     (CREMI's samples A, B, C): the mean of every score over the parts, and "parts": {name:
@@ -31,27 +33,30 @@ def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float
     """
     from jaxem.data import datasets
     from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import ROWS, score_affinity_run
+    from jaxem.metrics.heldout_affinities import rows_of, score_affinity_run
 
     images, labels = datasets.split_paths(dataset, "val")
+    tune_on = tuple(paths[0] for paths in datasets.split_paths(dataset, "train")) if tune else None
     parts = {}
     for image, label in zip(images, labels):
         name = Path(image).parent.name
         out_dir = run / "heldout" if len(images) == 1 else run / "heldout" / name
         parts[name] = score_affinity_run(run, image, label, out_dir=out_dir, min_size=min_size, h=h,
-                                         progress=progress, protocol=protocol)
+                                         progress=progress, protocol=protocol, tune_on=tune_on)
     if len(parts) == 1:
         return next(iter(parts.values()))
-    mean = {row: {k: v["mean"] for k, v in metrics.items()} for row, metrics in over_seeds(parts, ROWS).items()}
+    rows = rows_of(next(iter(parts.values())))
+    mean = {row: {k: v["mean"] for k, v in metrics.items()} for row, metrics in over_seeds(parts, rows).items()}
     return {**mean, "parts": parts}
 
 
-def train_and_score(config, run: Path, progress: bool, min_size: int, h: float, protocol: str = "snemi3d") -> dict:
+def train_and_score(config, run: Path, progress: bool, min_size: int, h: float, protocol: str = "snemi3d",
+                    tune: bool = False) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the val split."""
     from jaxem.metrics.heldout import train_to_completion
 
     summary, train_seconds = train_to_completion(config, run, progress)
-    scores = score_split(run, config.data.dataset, progress, min_size, h, protocol)
+    scores = score_split(run, config.data.dataset, progress, min_size, h, protocol, tune)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
 
 
@@ -64,6 +69,8 @@ def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--min-size", type=int, default=100, help="voxels: smaller fragments are flooded")
     parser.add_argument("--h", type=float, default=16.0, help="nm: h-maxima depth of the watershed seeds")
+    parser.add_argument("--tune", action="store_true",
+                        help="also score with each method's settings tuned on the train split (jaxem.segment.tune)")
     parser.add_argument("--no-progress", action="store_true")
     args, overrides = parser.parse_known_args()
 
@@ -71,14 +78,14 @@ def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str
 
     from jaxem.config import apply_overrides, load_config
     from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import ROWS, format_table, protocol_keys
+    from jaxem.metrics.heldout_affinities import format_table, protocol_keys, rows_of
 
     keys = protocol_keys(protocol)
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": f"{config.data.dataset}_val_3d", "config": args.config, "overrides": overrides,
               "protocol": protocol}
     if args.seeds is None:
-        result = train_and_score(config, Path(args.run), not args.no_progress, args.min_size, args.h, protocol)
+        result = train_and_score(config, Path(args.run), not args.no_progress, args.min_size, args.h, protocol, args.tune)
         print(format_table(result["scores"], keys))
         report.update(result)
     else:
@@ -86,12 +93,13 @@ def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str
         for seed in args.seeds:
             config.seed = seed
             per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress,
-                                             args.min_size, args.h, protocol)
-        summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=ROWS)
+                                             args.min_size, args.h, protocol, args.tune)
+        rows = rows_of(per_seed[args.seeds[0]]["scores"])
+        summary = over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=rows)
         print(f"mean ± std over seeds {', '.join(map(str, args.seeds))}")
-        print(f"{'metric':<26}" + "".join(f"{r:>19}" for r in ROWS))
+        print(f"{'metric':<26}" + "".join(f"{r:>19}" for r in rows))
         for k in keys:
-            print(f"{k:<26}" + "".join(f"{summary[r][k]['mean']:>10.4f} ± {summary[r][k]['std']:.4f}" for r in ROWS))
+            print(f"{k:<26}" + "".join(f"{summary[r][k]['mean']:>10.4f} ± {summary[r][k]['std']:.4f}" for r in rows))
         report.update(seeds=args.seeds, over_seeds=summary,
                       per_seed={str(s): r for s, r in per_seed.items()})
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),

@@ -11,10 +11,13 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vrand" in out and "threshold" in out
     for name in ("config.json", "versions.json", "metrics.jsonl", "training_curves.png", "overlay.png",
-                 "results.json", "predictions.zarr", "checkpoints", "tensorboard"):
+                 "results.json", "predictions.zarr", "checkpoints", "tensorboard", "tuning.json", "tuning.png",
+                 "tune_predictions.zarr"):
         assert (workdir / name).exists(), name
     results = json.loads((workdir / "results.json").read_text())
-    for side in ("model", "threshold_baseline"):
+    assert json.loads((workdir / "tuning.json").read_text())["image"].endswith("val_raw.zarr")  # not the scored volume
+    assert set(results["tuned_settings"]) == {"model", "threshold_baseline"}
+    for side in ("model", "threshold_baseline", "model_tuned", "threshold_baseline_tuned"):
         for key in ("vrand", "vinfo", "voi_split", "voi_merge", "adapted_rand_error", "dice", "iou"):
             assert 0.0 <= results[side][key] <= (20.0 if key.startswith("voi") else 1.0)
     assert results["training"]["final_step"] == 6

@@ -148,9 +148,9 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
     assert val and all(0 <= v["vrand"] <= 1 for v in val)
 
     # benchmarks/cremi.py: its tiny config is this one, so the finished run is scored by CREMI's
-    # protocol without training again.
+    # protocol without training again; --tune adds each method's settings tuned on the train volume.
     out = subprocess.run([sys.executable, "benchmarks/cremi.py", "--run", str(run), "--config",
-                          "cremi_affinities:tiny,synthetic", "--no-progress", "--min-size", "20"],
+                          "cremi_affinities:tiny,synthetic", "--no-progress", "--min-size", "20", "--tune"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout[out.stdout.index("{"):])
@@ -161,6 +161,16 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
         assert scores["cremi_score"] >= 0 and 0 < scores["cremi_masked_fraction"] < 1
     results = json.loads((run / "heldout" / "results.json").read_text())
     assert results["settings"]["protocol"] == "cremi" and results["settings"]["cremi_border_threshold_nm"] == 25
+    sweeps = json.loads((run / "heldout" / "tuning.json").read_text())
+    assert "/train/" in sweeps["image"]  # tuned on the train split, scored on val
+    for method in ("mws", "watershed"):
+        table = sweeps[method]["table"]
+        assert {row["setting"]["method"] for row in table} == {method} and sweeps[method]["metric"] == "voi"
+        best = table[int(np.argmin([row["scores"]["voi"] for row in table]))]["setting"]
+        assert results["tuned_settings"][method] == best
+        tuned = report["scores"][f"{method}_tuned"]
+        assert tuned["cremi_score"] >= 0 and tuned["voi_split"] + tuned["voi_merge"] >= 0
+    assert "mws tuned" in out.stdout
 
 
 def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():

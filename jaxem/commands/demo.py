@@ -63,9 +63,10 @@ def run(args, overrides) -> int:
     paths = write_synthetic_data(config, workdir / "data")
     config = with_data_paths(config, paths)
     summary = train(config, workdir, progress=not args.no_progress)
-    results = score_run(workdir, *paths["test"], out_dir=workdir, progress=not args.no_progress)
+    # segmentation settings are also tuned on the validation volume (never on the scored one)
+    results = score_run(workdir, *paths["test"], out_dir=workdir, progress=not args.no_progress, tune_on=paths["val"])
     results["training"] = summary
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\nheld-out synthetic volume, scores averaged over z-slices:\n" + format_table(results))
-    print(f"\nwrote {workdir}/results.json, overlay.png, training_curves.png, metrics.jsonl, checkpoints/")
+    print(f"\nwrote {workdir}/results.json, overlay.png, tuning.json, tuning.png, training_curves.png, metrics.jsonl, checkpoints/")
     return 0

@@ -7,6 +7,10 @@ merge in bits, VRand/VInfo, and Dice of the predicted cell interior; beside a ba
 that thresholds the raw image (Otsu) and runs the same 3D watershed. Ground-truth id 0 (membrane
 or unlabelled) is ignored by the foreground-restricted scores, as in both challenges.
 
+With `tune_on` (a labelled volume not scored, e.g. the training volume) each method's settings
+(mws min_size; watershed threshold, h) are also chosen there (`jaxem.segment.tune`; adapted Rand
+error for SNEMI3D, VOI for CREMI) and applied here: rows "mws_tuned" and "watershed_tuned".
+
 protocol="cremi" adds CREMI's own scores (`jaxem.metrics.cremi`): VOI split/merge and
 cremi_python's adapted Rand error with the ground truth's 25 nm border mask ignored, and the
 CREMI score, as `cremi_*` keys of every row.
@@ -24,6 +28,8 @@ SCORE_KEYS = ("adapted_rand_error", "voi_split", "voi_merge", "vrand", "vinfo", 
 BETTER = {"adapted_rand_error": "lower", "voi_split": "lower", "voi_merge": "lower", "vrand": "higher",
           "vinfo": "higher", "dice": "higher"}
 ROWS = ("mws", "watershed", "threshold_baseline")
+TUNED_ROWS = ("mws_tuned", "watershed_tuned")
+TUNE_METRIC = {"snemi3d": "adapted_rand_error", "cremi": "voi"}  # protocol -> what tuning minimises
 CREMI_KEYS = ("cremi_voi_split", "cremi_voi_merge", "cremi_adapted_rand_error", "cremi_score")
 BETTER.update({k: "lower" for k in CREMI_KEYS})
 PROTOCOLS = {"snemi3d": SCORE_KEYS, "cremi": SCORE_KEYS + CREMI_KEYS}  # protocol -> its score keys
@@ -98,13 +104,14 @@ def segment_all(affinities, offsets, raw, voxel_size, min_size: int, h: float) -
 
 def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: str | Path | None = None,
                        min_size: int = 100, h: float = 16.0, progress: bool = True,
-                       protocol: str = "snemi3d") -> dict:
+                       protocol: str = "snemi3d", tune_on: tuple[str, str] | None = None) -> dict:
     """Predicts `image_path` with the run's best checkpoint, segments it in 3D and scores it by
     `protocol` ('snemi3d', or 'cremi': adds `CREMI_KEYS`, see `score_volume`).
 
     Writes predictions.zarr, results.json and overlay.png to `out_dir` (default the run dir);
     returns {"mws" | "watershed" | "threshold_baseline": scores, "segment_seconds": {...},
-    "settings": {...}}.
+    "settings": {...}}. `tune_on` = (image, labels) adds TUNED_ROWS and "tuned_settings" (module
+    docstring; the sweeps in tuning.json).
     """
     from jaxem.data.volume import open_volume
     from jaxem.metrics.heldout import predict_heldout, write_overlay
@@ -117,6 +124,14 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     segmentations, seconds = segment_all(affinities, offsets, raw, image.voxel_size, min_size, h)
     results = {row: score_volume(seg, boundary, gt, image.voxel_size, protocol)
                for row, (seg, boundary) in segmentations.items()}
+    if tune_on is not None:
+        from jaxem.segment.tune import segment
+
+        settings = tune_affinity_settings(run_dir, tune_on, out_dir, progress, TUNE_METRIC[protocol])
+        for method, setting in settings.items():
+            labels = segment(affinities, setting, "affinities", voxel_size=image.voxel_size, offsets=offsets)
+            results[f"{method}_tuned"] = score_volume(labels, segmentations[method][1], gt, image.voxel_size, protocol)
+        results["tuned_settings"] = settings
     results["segment_seconds"] = seconds
     results["settings"] = {"min_size_voxels": min_size, "h_nm": h, "offsets": offsets,
                            "voxel_size_nm": list(image.voxel_size), "protocol": protocol}
@@ -131,10 +146,43 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     return results
 
 
+def tune_affinity_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
+                           metric: str = "adapted_rand_error") -> dict:
+    """{"mws": setting, "watershed": setting}: each method's best default-grid setting by `metric`
+    on the labelled volume `tune_on` = (image, labels), predicted into `out_dir`/tune_predictions.zarr;
+    the sweeps go to tuning.json, the plot of both to tuning.png."""
+    from jaxem.data.volume import open_volume
+    from jaxem.metrics.heldout import predict_heldout
+    from jaxem.segment.tune import default_grid, plot_tuning, tune
+
+    image_path, labels_path = tune_on
+    _, predictions = predict_heldout(run_dir, image_path, out_dir, progress, name="tune_predictions.zarr")
+    affinities, offsets = read_affinities(predictions)
+    image = open_volume(image_path)
+    gt = open_volume(labels_path).read()
+    grid = default_grid("affinities", image.voxel_size)
+    sweeps = {method: tune(affinities, gt, "affinities", [s for s in grid if s["method"] == method], metric,
+                           voxel_size=image.voxel_size, offsets=offsets, progress=progress)
+              for method in ("mws", "watershed")}
+    (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
+    both = dict(sweeps["watershed"], table=sweeps["mws"]["table"] + sweeps["watershed"]["table"])
+    best = min(sweeps.values(), key=lambda sweep: sweep["best_score"])  # lower is better for both metrics
+    plot_tuning(dict(both, best=best["best"], best_score=best["best_score"]), out_dir / "tuning.png")
+    return {method: sweep["best"] for method, sweep in sweeps.items()}
+
+
+def rows_of(results: dict) -> tuple[str, ...]:
+    """The rows `results` holds: ROWS, then TUNED_ROWS when it was tuned."""
+    return ROWS + tuple(r for r in TUNED_ROWS if r in results)
+
+
 def format_table(results: dict, keys=SCORE_KEYS) -> str:
-    """One metric of `keys` per line: mutex watershed, affinity watershed and the threshold baseline."""
-    lines = [f"{'metric':<26}{'mws':>10}{'watershed':>11}{'threshold':>11}   better"]
+    """One metric of `keys` per line: mutex watershed, affinity watershed, the threshold baseline,
+    and the tuned rows when present."""
+    rows = rows_of(results)
+    titles = {"mws": "mws", "watershed": "watershed", "threshold_baseline": "threshold",
+              "mws_tuned": "mws tuned", "watershed_tuned": "ws tuned"}
+    lines = [f"{'metric':<26}" + "".join(f"{titles[r]:>11}" for r in rows) + "   better"]
     for k in keys:
-        lines.append(f"{k:<26}" + "".join(f"{results[r][k]:>{w}.4f}" for r, w in zip(ROWS, (10, 11, 11)))
-                     + f"   {BETTER[k]}")
+        lines.append(f"{k:<26}" + "".join(f"{results[r][k]:>11.4f}" for r in rows) + f"   {BETTER[k]}")
     return "\n".join(lines)

@@ -155,32 +155,33 @@ def read_setting(path: str | Path) -> dict:
 
 
 def plot_tuning(result: dict, out_path: str | Path) -> None:
-    """PNG of the metric against the threshold (or min_size), one line per remaining setting,
-    the best marked with a star."""
+    """PNG of the metric against the threshold, one line per remaining setting (and, beside it,
+    against min_size for settings without a threshold, i.e. mws); the best marked with a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list] = {}
+    panels: dict[str, dict[str, list]] = {}  # x key -> series name -> [(x, metric)]
     for row in result["table"]:
         s = row["setting"]
         x_key = "threshold" if "threshold" in s else "min_size"
         name = ", ".join(f"{k}={_short(v)}" for k, v in s.items() if k != x_key)
-        series.setdefault(name, []).append((float(s.get(x_key, 0)), row["scores"][result["metric"]], x_key))
-    fig, ax = plt.subplots(figsize=(11, 5))
-    for name, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+        panels.setdefault(x_key, {}).setdefault(name, []).append((float(s.get(x_key, 0)), row["scores"][result["metric"]]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 + 4 * len(panels), 5), squeeze=False)
     best = result["best"]
-    x_best = best.get("threshold", best.get("min_size", 0))
-    ax.plot([x_best], [result["best_score"]], "k*", ms=14, label="best")
-    ax.set_xlabel("threshold (or min_size for mws)")
-    ax.set_ylabel(f"{result['metric']} ({result['better']} is better)")
-    ax.set_title("segmentation settings on the tuning data")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax, (x_key, series) in zip(axes[0], panels.items()):
+        for name, points in series.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
+        if x_key in best or (x_key == "min_size" and "threshold" not in best):
+            ax.plot([best.get(x_key, 0)], [result["best_score"]], "k*", ms=14, label="best")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(f"{result['metric']} ({result['better']} is better)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("segmentation settings on the tuning data")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
+    fig.savefig(out_path, dpi=90, bbox_inches="tight")  # keeps the legends outside the axes
     plt.close(fig)
 
 
