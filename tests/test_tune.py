@@ -136,3 +136,17 @@ def test_segment_params_file_errors_name_the_file(tmp_path, capsys):
     assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(tmp_path / "s"),
                  "--params", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tune_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    prob, gt = weak_membrane_case()
+    create_volume(tmp_path / "pred", prob.shape, np.float32, (1.0, 1.0, 1.0)).write(prob)
+    create_volume(tmp_path / "gt2", gt[:2].shape, np.uint64, (1.0, 1.0, 1.0)).write(gt[:2])
+    base = ["tune", "--input", str(tmp_path / "pred"), "--no-progress"]
+    cases = ((["--labels", str(tmp_path / "gt2"), "--output", str(tmp_path / "t.json")], "differs from the labels' shape"),
+             (["--labels", str(tmp_path / "gt2"), "--output", str(tmp_path / "t.txt")], "must be a .json file"),
+             (["--labels", str(tmp_path / "nope"), "--output", str(tmp_path / "t.json")], "does not exist"))
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.png").exists()
