@@ -120,6 +120,11 @@ def test_tune_cli_then_segment_with_params(tmp_path, capsys):
     assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(merged), "--params", str(out),
                  "--method", "cc", "--threshold", "0.6"]) == 0
     assert open_volume(merged).read().max() == 3 * 12
+    # --no-per-slice overrides the file's per-slice choice: cc in 3D joins each column of cells over z
+    whole = tmp_path / "whole"
+    assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(whole), "--params", str(out),
+                 "--method", "cc", "--threshold", "0.3", "--no-per-slice"]) == 0
+    assert open_volume(whole).read().max() == 16
 
 
 def test_segment_params_file_errors_name_the_file(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
     jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|mws
                   [--kind boundary|foreground|affinities] [--channel 0] [--threshold 0.5] [--min-size 0] [--h NM]
-                  [--seeds distance|threshold] [--per-slice] [--params tuned.json]
+                  [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json]
                   [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
                   [--dask local|ADDRESS] [--workers 2] [--overwrite]
 
@@ -12,6 +12,7 @@ per-slice); flags given on the command line override them.
 
 from __future__ import annotations
 
+import argparse
 import json
 from functools import partial
 
@@ -39,7 +40,8 @@ def add_arguments(parser) -> None:
                              "units (nm); default 2 of its finest voxel size (2 in-plane pixels)")
     parser.add_argument("--seeds", default=None, help="watershed seeds: distance (h-maxima of the distance transform, "
                         "default) or threshold (components of boundary < threshold / 2)")
-    parser.add_argument("--per-slice", action="store_true", default=None, help="segment each z-slice on its own")
+    parser.add_argument("--per-slice", action=argparse.BooleanOptionalAction, default=None,
+                        help="segment each z-slice on its own (--no-per-slice: in 3D, also over a --params file's choice)")
     parser.add_argument("--params", default=None, help="JSON of `jaxem tune`: its best setting, under any flags given here")
     parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
     parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
