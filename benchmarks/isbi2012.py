@@ -44,11 +44,11 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
     """{row: {metric: {"mean", "std", "values"}}} over the seeds' runs, for the rows of
     jaxem.metrics.heldout.ROWS that were scored."""
-    from jaxem.metrics.heldout import ROWS
     from jaxem.metrics.heldout import over_seeds as scores_over_seeds
+    from jaxem.metrics.heldout import rows_of
 
     first = next(iter(per_seed.values()))["scores"]
-    return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=[r for r in ROWS if r in first])
+    return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=rows_of(first))
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 def run(args, overrides) -> int:
     from jaxem.data.volume import open_volume, read_attributes
-    from jaxem.segment.tune import plot_tuning, tune
+    from jaxem.segment.tune import KINDS, plot_tuning, tune
 
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")
@@ -45,7 +45,7 @@ def run(args, overrides) -> int:
     source = open_volume(args.input)
     target = read_attributes(args.input).get("jaxem_target", {})
     kind = args.kind or target.get("kind", "boundary")
-    if kind not in ("boundary", "foreground", "affinities"):
+    if kind not in KINDS:
         raise UserError(f"{args.input} holds {kind!r} predictions; pass --kind boundary, foreground or affinities.")
     prediction, offsets = source.read(), target.get("offsets")
     channel_first = source.axes[0] == "c"

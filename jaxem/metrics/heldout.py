@@ -168,10 +168,15 @@ def over_seeds(per_seed: dict, rows=None) -> dict:
     return out
 
 
+def rows_of(results: dict) -> list[str]:
+    """The rows of ROWS that `results` holds (the tuned ones only when it was tuned)."""
+    return [r for r in ROWS if r in results]
+
+
 def format_table(results: dict) -> str:
     """The model's scores beside the threshold baseline's (and their tuned rows, when present),
     one metric per line."""
-    rows = [r for r in ROWS if r in results]
+    rows = rows_of(results)
     titles = {"model": "model", "model_tuned": "tuned", "threshold_baseline": "threshold",
               "threshold_baseline_tuned": "thr.tuned"}
     lines = [f"{'metric':<20}" + "".join(f"{titles[r]:>11}" for r in rows) + "   better"]
