@@ -59,9 +59,11 @@ def test_default_grids_and_h_in_nm():
     grid = tuning.default_grid("boundary", voxel_size=(50.0, 4.0, 4.0))
     hs = sorted({s["h"] for s in grid if s.get("seeds") == "distance"})
     assert hs == [4.0 * k for k in tuning.H_STEPS]  # multiples of the finest voxel size, in nm
-    assert {s["method"] for s in grid} == {"watershed", "cc"}
+    assert {s["method"] for s in grid} == {"watershed", "cc", "agglomerate"}
+    merged = [s for s in grid if s["method"] == "agglomerate"]
+    assert sorted({s["merge"] for s in merged}) == list(tuning.MERGES) and {s["h"] for s in merged} == {4.0}
     affinity_grid = tuning.default_grid("affinities")
-    assert {s["method"] for s in affinity_grid} == {"mws", "watershed"}
+    assert {s["method"] for s in affinity_grid} == {"mws", "watershed", "agglomerate"}
     assert all("min_size" in s for s in affinity_grid)
     with pytest.raises(UserError, match="kind 'membrane'"):
         tuning.default_grid("membrane")

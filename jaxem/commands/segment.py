@@ -1,12 +1,13 @@
 """`jaxem segment`: predictions -> instance labels, blockwise with global ids, in-process or on Dask.
 
-    jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|mws
+    jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|agglomerate|mws
                   [--kind boundary|foreground|affinities] [--channel 0] [--threshold 0.5] [--min-size 0] [--h NM]
+                  [--merge 0.5]
                   [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json]
                   [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
                   [--dask local|ADDRESS] [--workers 2] [--overwrite]
 
---params takes the settings `jaxem tune` chose (method, threshold, seeds, h, min_size, kind,
+--params takes the settings `jaxem tune` chose (method, threshold, seeds, h, merge, min_size, kind,
 per-slice); flags given on the command line override them.
 """
 
@@ -20,13 +21,14 @@ from jaxem.errors import UserError
 
 # what a setting falls back to when neither the command line nor --params gives it
 DEFAULTS = {"method": "watershed", "kind": "boundary", "threshold": 0.5, "min_size": 0, "seeds": "distance",
-            "h": None, "per_slice": False}
+            "h": None, "merge": 0.5, "per_slice": False}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, help="prediction volume (OME-Zarr group or array): (c, *spatial) or (*spatial)")
     parser.add_argument("--output", required=True, help="output OME-Zarr label group (uint64)")
-    parser.add_argument("--method", default=None, help="cc, watershed (default) or mws (mutex watershed on affinities)")
+    parser.add_argument("--method", default=None, help="cc, watershed (default), agglomerate (watershed fragments merged "
+                        "across weak boundaries, see --merge) or mws (mutex watershed on affinities)")
     parser.add_argument("--kind", default=None,
                         help="boundary (high on membranes), foreground (high inside objects) or affinities "
                              "(watershed on their nearest-neighbour boundary map; implied by --method mws)")
@@ -38,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--h", type=float, default=None,
                         help="watershed seeds: h-maxima depth of the distance transform, in the volume's voxel-size "
                              "units (nm); default 2 of its finest voxel size (2 in-plane pixels)")
+    parser.add_argument("--merge", type=float, default=None,
+                        help="agglomerate: join neighbouring fragments while the mean boundary probability (1 - affinity) "
+                             "over their shared faces is below this (default 0.5)")
     parser.add_argument("--seeds", default=None, help="watershed seeds: distance (h-maxima of the distance transform, "
                         "default) or threshold (components of boundary < threshold / 2)")
     parser.add_argument("--per-slice", action=argparse.BooleanOptionalAction, default=None,
@@ -62,32 +67,34 @@ def run(args, overrides) -> int:
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")
     resolve_settings(args)
+    if not 0.0 <= args.merge <= 1.0:
+        raise UserError(f"--merge {args.merge} must lie in [0, 1]: it is a boundary probability.")
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
     # 1 nm (a fraction of a pixel) over-seeds EM: benchmarks/affinity_segmentation.py
     h = args.h if args.h is not None else 2.0 * min(source.voxel_size)
     if args.method == "mws" or args.kind == "affinities":
         if args.method not in instances.AFFINITY_METHODS:
-            raise UserError(f"--method {args.method!r} does not take affinities; use mws or watershed.")
+            raise UserError(f"--method {args.method!r} does not take affinities; use {', '.join(instances.AFFINITY_METHODS)}.")
         offsets = _parse_offsets(args.offsets) if args.offsets else read_attributes(args.input).get("jaxem_target", {}).get("offsets")
         if not offsets:
             raise UserError(f"--method {args.method} on affinities needs --offsets, a JSON list with one offset per "
                             f"affinity channel ({args.input} records none: `jaxem predict` records them for affinity models).")
         strides = _parse_per_axis(args.strides, spatial, "--strides") if args.strides else None
         fn = partial(instances.instances_from_affinities, offsets=offsets, method=args.method, min_size=args.min_size,
-                     strides=strides, threshold=args.threshold, h=h, anisotropy=source.voxel_size)
+                     strides=strides, threshold=args.threshold, h=h, anisotropy=source.voxel_size, merge=args.merge)
         channel = "all"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):
             raise UserError(f"--kind {args.kind!r} is not boundary, foreground or affinities.")
         impl = instances.instances_from_boundaries if args.kind == "boundary" else instances.instances_from_foreground
         fn = partial(impl, method=args.method, threshold=args.threshold, per_slice=args.per_slice,
-                     anisotropy=source.voxel_size, h=h, seeds=args.seeds)
+                     anisotropy=source.voxel_size, h=h, seeds=args.seeds, merge=args.merge)
         channel = args.channel if source.ndim > len(spatial) else None
         if channel is not None and not 0 <= channel < source.shape[0]:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
     else:
-        raise UserError(f"--method {args.method!r} is not one of cc, watershed, mws.")
+        raise UserError(f"--method {args.method!r} is not one of {', '.join(instances.METHODS + ('mws',))}.")
     block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers)

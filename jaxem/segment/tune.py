@@ -8,9 +8,10 @@ known, scores each with the chosen metric and returns the best; `jaxem tune` wri
 file that `jaxem segment --params` applies. Tune on labelled data that is not the data you report
 (the training volume, or a validation volume), as nnU-Net chooses its post-processing.
 
-A setting is a dict of `segment`'s keyword arguments: method ('cc', 'watershed', 'mws'), threshold,
-seeds ('distance' or 'threshold'), h (nm when a voxel size is given, else voxels) and min_size
-(voxels).
+A setting is a dict of `segment`'s keyword arguments: method ('cc', 'watershed', 'agglomerate',
+'mws'), threshold, seeds ('distance' or 'threshold'), h (nm when a voxel size is given, else
+voxels), merge (the mean boundary value below which 'agglomerate' joins two fragments) and
+min_size (voxels).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from jaxem.errors import UserError
 KINDS = ("boundary", "foreground", "affinities")
 METRICS = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi": "lower",
            "rand_error": "lower"}
-SETTING_KEYS = ("method", "threshold", "seeds", "h", "min_size")
+SETTING_KEYS = ("method", "threshold", "seeds", "h", "merge", "min_size")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 H_STEPS = (1, 2, 3, 5, 8)  # h-maxima depths in multiples of the finest voxel size
+FRAGMENT_THRESHOLDS = (0.3, 0.5, 0.7)  # of the over-seeded (h = 1 voxel) watershed that agglomeration merges
+MERGES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MIN_SIZES = (0, 25, 100, 400, 1600)  # voxels
 
 
@@ -39,18 +42,22 @@ def default_grid(kind: str, voxel_size: Sequence[float] | None = None) -> list[d
     (nm, z-y-x) is given (multiples of its finest axis), else in voxels.
 
     boundary / foreground: seeded watershed with distance seeds (threshold x h), with threshold
-    seeds (threshold), and connected components (threshold). affinities: mutex watershed (min_size)
-    and the affinity watershed (threshold x h, small fragments flooded at min_size 100).
+    seeds (threshold), connected components (threshold), and agglomeration of the watershed with
+    h = 1 voxel (fragment threshold x merge). affinities: mutex watershed (min_size), the affinity
+    watershed (threshold x h) and its agglomeration (fragment threshold x merge), small fragments
+    of the last two flooded at min_size 100.
     """
     check_kind(kind)
     unit = float(min(voxel_size)) if voxel_size is not None else 1.0
     distance = [{"method": "watershed", "seeds": "distance", "threshold": t, "h": k * unit}
                 for t, k in itertools.product(THRESHOLDS, H_STEPS)]
+    merged = [{"method": "agglomerate", "seeds": "distance", "threshold": t, "h": unit, "merge": m}
+              for t, m in itertools.product(FRAGMENT_THRESHOLDS, MERGES)]
     if kind == "affinities":
         return ([{"method": "mws", "min_size": m} for m in MIN_SIZES]
-                + [dict(s, min_size=100) for s in distance])
+                + [dict(s, min_size=100) for s in distance + merged])
     return (distance + [{"method": "watershed", "seeds": "threshold", "threshold": t} for t in THRESHOLDS]
-            + [{"method": "cc", "threshold": t} for t in THRESHOLDS])
+            + [{"method": "cc", "threshold": t} for t in THRESHOLDS] + merged)
 
 
 def segment(prediction: np.ndarray, setting: dict, kind: str = "boundary", per_slice: bool = False,
@@ -155,8 +162,9 @@ def read_setting(path: str | Path) -> dict:
 
 
 def plot_tuning(result: dict, out_path: str | Path) -> None:
-    """PNG of the metric against the threshold, one line per remaining setting (and, beside it,
-    against min_size for settings without a threshold, i.e. mws); the best marked with a star."""
+    """PNG of the metric against each setting's swept value, one panel per swept key (merge for
+    agglomeration, min_size for mws, else threshold) and one line per remaining setting; the best
+    marked with a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +173,7 @@ def plot_tuning(result: dict, out_path: str | Path) -> None:
     panels: dict[str, dict[str, list]] = {}  # x key -> series name -> [(x, metric)]
     for row in result["table"]:
         s = row["setting"]
-        x_key = "threshold" if "threshold" in s else "min_size"
+        x_key = _swept_key(s)
         name = ", ".join(f"{k}={_short(v)}" for k, v in s.items() if k != x_key)
         panels.setdefault(x_key, {}).setdefault(name, []).append((float(s.get(x_key, 0)), row["scores"][result["metric"]]))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 + 4 * len(panels), 5), squeeze=False)
@@ -174,7 +182,7 @@ def plot_tuning(result: dict, out_path: str | Path) -> None:
         for name, points in series.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=name)
-        if x_key in best or (x_key == "min_size" and "threshold" not in best):
+        if x_key == _swept_key(best):
             ax.plot([best.get(x_key, 0)], [result["best_score"]], "k*", ms=14, label="best")
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"{result['metric']} ({result['better']} is better)")
@@ -183,6 +191,11 @@ def plot_tuning(result: dict, out_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # keeps the legends outside the axes
     plt.close(fig)
+
+
+def _swept_key(setting: dict) -> str:
+    """The key a setting's panel of `plot_tuning` has on its x axis."""
+    return "merge" if "merge" in setting else "threshold" if "threshold" in setting else "min_size"
 
 
 def _short(value) -> str:

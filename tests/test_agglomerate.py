@@ -1,0 +1,110 @@
+"""Agglomeration of over-segmentations by mean boundary evidence (jaxem.segment.agglomerate)."""
+
+import numpy as np
+import pytest
+
+from jaxem.errors import UserError
+from jaxem.metrics.clustering import clustering_scores
+from jaxem.segment import agglomerate as agg
+from jaxem.segment import instances
+
+
+def three_fragments():
+    """Fragments 1 | 2 | 3 in columns of a 2 x 6 slice, 0 in the last column; a boundary map with
+    the values the faces between them read."""
+    fragments = np.array([[1, 1, 2, 2, 3, 0],
+                          [1, 1, 2, 2, 3, 0]], np.uint64)
+    boundary = np.array([[0.0, 0.1, 0.3, 0.2, 0.6, 0.0],
+                         [0.0, 0.2, 0.0, 0.4, 0.1, 0.9]], np.float32)
+    return fragments, boundary
+
+
+def test_region_graph_sums_the_larger_voxel_over_shared_faces():
+    graph = agg.region_graph(*three_fragments())
+    edges = {tuple(uv): (s, c) for uv, s, c in zip(graph.uv.tolist(), graph.sums, graph.counts)}
+    # 1-2 faces: max(0.1, 0.3) and max(0.2, 0.0); 2-3: max(0.2, 0.6) and max(0.4, 0.1); 3-0 is no edge
+    assert set(edges) == {(1, 2), (2, 3)}
+    assert edges[(1, 2)][0] == pytest.approx(0.5) and edges[(1, 2)][1] == 2
+    assert edges[(2, 3)][0] == pytest.approx(1.0) and edges[(2, 3)][1] == 2
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_region_graph_from_affinities_reads_the_face_each_offset_points_across(sign):
+    fragments = np.array([[1, 1, 2]], np.uint64)
+    aff = np.zeros((2, 1, 3), np.float32)  # channel 0: offset (sign, 0), never across a fragment face
+    if sign == 1:
+        aff[1, 0] = [0.9, 0.25, 0.0]  # offset (0, 1): voxel x pairs with x + 1, so x = 1 sees the 1|2 face
+    else:
+        aff[1, 0] = [0.0, 0.9, 0.25]  # offset (0, -1): voxel x pairs with x - 1, so x = 2 sees it
+    graph = agg.region_graph(fragments, affinities=aff, offsets=[(sign, 0), (0, sign)])
+    assert graph.uv.tolist() == [[1, 2]] and graph.sums[0] == pytest.approx(0.75) and graph.counts[0] == 1
+
+
+def test_merging_rescores_the_merged_fragment():
+    """1-2 mean 0.1 (1 face), 2-3 mean 0.4 (2 faces), 1-3 mean 0.8 (2 faces). After 1 and 2 join,
+    the joined fragment's edge to 3 reads (2 * 0.4 + 2 * 0.8) / 4 = 0.6, so merge = 0.5 keeps 3 apart
+    although its face with 2 alone reads 0.4."""
+    graph = agg.RegionGraph(np.array([[1, 2], [2, 3], [1, 3]], np.uint64), np.array([0.1, 0.8, 1.6]),
+                            np.array([1, 2, 2]))
+    table = agg.merge_regions(graph, 0.5, 4)
+    assert table[1] == table[2] and table[3] != table[1] and table[0] == 0
+    table = agg.merge_regions(graph, 0.61, 4)
+    assert table[1] == table[2] == table[3]
+    assert agg.merge_regions(graph, 0.05, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_agglomerate_keeps_background_and_merge_bounds():
+    fragments, boundary = three_fragments()
+    assert np.array_equal(agg.agglomerate(fragments, 0.0, boundary=boundary), fragments)
+    merged = agg.agglomerate(fragments, 0.3, boundary=boundary)  # 1-2 (0.25) join, 2-3 (0.5) do not
+    assert merged.tolist() == [[1, 1, 1, 1, 2, 0]] * 2
+    everything = agg.agglomerate(fragments, 1.0, boundary=boundary)
+    assert set(np.unique(everything)) == {0, 1}
+    with pytest.raises(UserError, match="merge threshold"):
+        agg.agglomerate(fragments, 1.5, boundary=boundary)
+    with pytest.raises(UserError, match="either a boundary map or affinities"):
+        agg.region_graph(fragments)
+
+
+def split_cells_case():
+    """(boundary map, ground truth) of 4 x 4 square cells, 40 x 40 pixels, each with a faint
+    (0.3) crack across it that a watershed seeded on both sides of the crack splits it along."""
+    from conftest import grid_boundaries
+
+    prob = grid_boundaries((41, 41), 10) * 0.95
+    gt = np.zeros(prob.shape, np.uint64)
+    for y in range(4):
+        for x in range(4):
+            gt[10 * y + 1: 10 * y + 10, 10 * x + 1: 10 * x + 10] = 4 * y + x + 1
+            prob[10 * y + 1: 10 * y + 10, 10 * x + 5] = 0.3
+    return prob, gt
+
+
+def test_agglomeration_repairs_the_splits_of_an_over_seeded_watershed():
+    prob, gt = split_cells_case()
+    fragments = instances.instances_from_boundaries(prob, "watershed", threshold=0.2, seeds="threshold")
+    assert fragments.max() == 32  # every cell split in two along its crack
+    merged = instances.instances_from_boundaries(prob, "agglomerate", threshold=0.2, seeds="threshold", merge=0.5)
+    assert merged.max() == 16
+    inside = gt > 0
+    assert clustering_scores(merged, gt)["vrand"] == pytest.approx(1.0)
+    assert len(np.unique(merged[inside])) == 16
+    # a merge threshold above the real membranes (0.95) joins cells too
+    assert instances.instances_from_boundaries(prob, "agglomerate", threshold=0.2, seeds="threshold", merge=0.99).max() == 1
+
+
+def test_agglomerate_per_slice_and_on_affinities():
+    prob, gt = split_cells_case()
+    volume = np.stack([prob, prob])
+    merged = instances.instances_from_boundaries(volume, "agglomerate", threshold=0.2, seeds="threshold",
+                                                 merge=0.5, per_slice=True)
+    assert merged.max() == 32 and not set(np.unique(merged[0])) & set(np.unique(merged[1]))
+    # affinities: one minus the larger boundary value of the two voxels an edge joins
+    offsets = [(0, 1, 0), (0, 0, 1), (1, 0, 0)]
+    aff = np.ones((3,) + volume.shape, np.float32)
+    aff[0, :, -1] = aff[1, :, :, -1] = 0.0  # no neighbour past the last row and column
+    aff[0, :, :-1] = 1 - np.maximum(volume[:, :-1], volume[:, 1:])
+    aff[1, :, :, :-1] = 1 - np.maximum(volume[:, :, :-1], volume[:, :, 1:])
+    labels = instances.instances_from_affinities(aff, offsets, "agglomerate", threshold=0.2, h=0.5, merge=0.5)
+    assert labels.max() == 16 and clustering_scores(labels, np.stack([gt, gt]))["vrand"] == pytest.approx(1.0)
+    assert instances.instances_from_affinities(aff, offsets, "watershed", threshold=0.2, h=0.5).max() == 32
