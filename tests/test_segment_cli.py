@@ -82,3 +82,20 @@ def test_mws_takes_the_offsets_jaxem_predict_recorded(tmp_path, capsys):
     expected, got = mutex_watershed(aff, described["offsets"]), open_volume(tmp_path / "m").read()
     pairs = np.unique(np.stack([got.ravel(), expected.ravel()]), axis=1)
     assert got.max() == expected.max() == pairs.shape[1] > 1  # the same partition
+
+
+def test_segment_agglomerate_blockwise_and_bad_merge(tmp_path, capsys):
+    """Cells split in two by a faint crack: the over-seeded watershed keeps both halves, and
+    `--method agglomerate` joins them, across block borders too; --merge outside [0, 1] is exit 2."""
+    from test_agglomerate import split_cells_case
+
+    prob, _ = split_cells_case()
+    pred = np.stack([prob] * 6)[None]
+    create_volume(tmp_path / "pred", pred.shape, np.float32, (40.0, 4.0, 4.0), axes=("c", "z", "y", "x")).write(pred)
+    base = ["segment", "--input", str(tmp_path / "pred"), "--threshold", "0.2", "--seeds", "threshold", "--block", "6,24,24"]
+    assert main(base + ["--output", str(tmp_path / "ws"), "--method", "watershed"]) == 0
+    assert open_volume(tmp_path / "ws").read().max() == 32
+    assert main(base + ["--output", str(tmp_path / "agg"), "--method", "agglomerate", "--merge", "0.5"]) == 0
+    assert open_volume(tmp_path / "agg").read().max() == 16
+    assert main(base + ["--output", str(tmp_path / "bad"), "--method", "agglomerate", "--merge", "1.5"]) == 2
+    assert "--merge 1.5 must lie in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()

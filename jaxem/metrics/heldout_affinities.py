@@ -8,8 +8,9 @@ that thresholds the raw image (Otsu) and runs the same 3D watershed. Ground-trut
 or unlabelled) is ignored by the foreground-restricted scores, as in both challenges.
 
 With `tune_on` (a labelled volume not scored, e.g. the training volume) each method's settings
-(mws min_size; watershed threshold, h) are also chosen there (`jaxem.segment.tune`; adapted Rand
-error for SNEMI3D, VOI for CREMI) and applied here: rows "mws_tuned" and "watershed_tuned".
+(mws min_size; watershed threshold, h; agglomeration of the over-seeded watershed: fragment
+threshold, merge) are also chosen there (`jaxem.segment.tune`; adapted Rand error for SNEMI3D,
+VOI for CREMI) and applied here: rows "mws_tuned", "watershed_tuned" and "agglomerate_tuned".
 
 protocol="cremi" adds CREMI's own scores (`jaxem.metrics.cremi`): VOI split/merge and
 cremi_python's adapted Rand error with the ground truth's 25 nm border mask ignored, and the
@@ -28,7 +29,8 @@ SCORE_KEYS = ("adapted_rand_error", "voi_split", "voi_merge", "vrand", "vinfo", 
 BETTER = {"adapted_rand_error": "lower", "voi_split": "lower", "voi_merge": "lower", "vrand": "higher",
           "vinfo": "higher", "dice": "higher"}
 ROWS = ("mws", "watershed", "threshold_baseline")
-TUNED_ROWS = ("mws_tuned", "watershed_tuned")
+TUNED_METHODS = ("mws", "watershed", "agglomerate")  # each tuned on its own: one row per method
+TUNED_ROWS = tuple(f"{m}_tuned" for m in TUNED_METHODS)
 TUNE_METRIC = {"snemi3d": "adapted_rand_error", "cremi": "voi"}  # protocol -> what tuning minimises
 CREMI_KEYS = ("cremi_voi_split", "cremi_voi_merge", "cremi_adapted_rand_error", "cremi_score")
 BETTER.update({k: "lower" for k in CREMI_KEYS})
@@ -130,7 +132,8 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
         settings = tune_affinity_settings(run_dir, tune_on, out_dir, progress, TUNE_METRIC[protocol])
         for method, setting in settings.items():
             labels = segment(affinities, setting, "affinities", voxel_size=image.voxel_size, offsets=offsets)
-            results[f"{method}_tuned"] = score_volume(labels, segmentations[method][1], gt, image.voxel_size, protocol)
+            boundary = segmentations["watershed"][1]  # every method's nearest-neighbour boundary map
+            results[f"{method}_tuned"] = score_volume(labels, boundary, gt, image.voxel_size, protocol)
         results["tuned_settings"] = settings
     results["segment_seconds"] = seconds
     results["settings"] = {"min_size_voxels": min_size, "h_nm": h, "offsets": offsets,
@@ -148,7 +151,7 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
 
 def tune_affinity_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
                            metric: str = "adapted_rand_error") -> dict:
-    """{"mws": setting, "watershed": setting}: each method's best default-grid setting by `metric`
+    """{method: setting} for TUNED_METHODS: each method's best default-grid setting by `metric`
     on the labelled volume `tune_on` = (image, labels), predicted into `out_dir`/tune_predictions.zarr;
     the sweeps go to tuning.json, the plot of both to tuning.png."""
     from jaxem.data.volume import open_volume
@@ -163,11 +166,11 @@ def tune_affinity_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, pro
     grid = default_grid("affinities", image.voxel_size)
     sweeps = {method: tune(affinities, gt, "affinities", [s for s in grid if s["method"] == method], metric,
                            voxel_size=image.voxel_size, offsets=offsets, progress=progress)
-              for method in ("mws", "watershed")}
+              for method in TUNED_METHODS}
     (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
-    both = dict(sweeps["watershed"], table=sweeps["mws"]["table"] + sweeps["watershed"]["table"])
     best = min(sweeps.values(), key=lambda sweep: sweep["best_score"])  # lower is better for both metrics
-    plot_tuning(dict(both, best=best["best"], best_score=best["best_score"]), out_dir / "tuning.png")
+    table = [row for sweep in sweeps.values() for row in sweep["table"]]
+    plot_tuning(dict(best, table=table), out_dir / "tuning.png")
     return {method: sweep["best"] for method, sweep in sweeps.items()}
 
 
@@ -181,7 +184,7 @@ def format_table(results: dict, keys=SCORE_KEYS) -> str:
     and the tuned rows when present."""
     rows = rows_of(results)
     titles = {"mws": "mws", "watershed": "watershed", "threshold_baseline": "threshold",
-              "mws_tuned": "mws tuned", "watershed_tuned": "ws tuned"}
+              "mws_tuned": "mws tuned", "watershed_tuned": "ws tuned", "agglomerate_tuned": "agglo tuned"}
     lines = [f"{'metric':<26}" + "".join(f"{titles[r]:>11}" for r in rows) + "   better"]
     for k in keys:
         lines.append(f"{k:<26}" + "".join(f"{results[r][k]:>11.4f}" for r in rows) + f"   {BETTER[k]}")

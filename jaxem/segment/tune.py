@@ -32,8 +32,8 @@ METRICS = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", 
 SETTING_KEYS = ("method", "threshold", "seeds", "h", "merge", "min_size")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 H_STEPS = (1, 2, 3, 5, 8)  # h-maxima depths in multiples of the finest voxel size
-FRAGMENT_THRESHOLDS = (0.3, 0.5, 0.7)  # of the over-seeded (h = 1 voxel) watershed that agglomeration merges
-MERGES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+FRAGMENT_THRESHOLDS = (0.3, 0.5)  # of the over-seeded (h = 1 voxel) watershed that agglomeration merges
+MERGES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SIZES = (0, 25, 100, 400, 1600)  # voxels
 
 
@@ -176,7 +176,7 @@ def plot_tuning(result: dict, out_path: str | Path) -> None:
         x_key = _swept_key(s)
         name = ", ".join(f"{k}={_short(v)}" for k, v in s.items() if k != x_key)
         panels.setdefault(x_key, {}).setdefault(name, []).append((float(s.get(x_key, 0)), row["scores"][result["metric"]]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 + 4 * len(panels), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6.5), squeeze=False)
     best = result["best"]
     for ax, (x_key, series) in zip(axes[0], panels.items()):
         for name, points in series.items():
@@ -186,7 +186,7 @@ def plot_tuning(result: dict, out_path: str | Path) -> None:
             ax.plot([best.get(x_key, 0)], [result["best_score"]], "k*", ms=14, label="best")
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"{result['metric']} ({result['better']} is better)")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: panels stay apart
     fig.suptitle("segmentation settings on the tuning data")
     fig.tight_layout()
     fig.savefig(out_path, dpi=90, bbox_inches="tight")  # keeps the legends outside the axes
