@@ -4,9 +4,10 @@ The network's probabilities are half of an instance segmentation; the other half
 the watershed seeds, the merging and the size filter that turn them into objects. On ISBI 2012 the
 same boundary maps score held-out VRand 0.856 with the fixed defaults and 0.924 with settings
 chosen on the training slices (0.948 with test-time augmentation; docs/training.md). `tune` tries
-every setting of a grid on a prediction whose ground truth is known, scores each with the chosen metric and returns the best; `jaxem tune` writes it to a JSON
-file that `jaxem segment --params` applies. Tune on labelled data that is not the data you report
-(the training volume, or a validation volume), as nnU-Net chooses its post-processing.
+every setting of a grid on a prediction whose ground truth is known, scores each with the chosen
+metric and returns the best; `jaxem tune` writes it to a JSON file that `jaxem segment --params`
+applies. Tune on labelled data that is not the data you report (the training volume, or a
+validation volume), as nnU-Net chooses its post-processing.
 
 A setting is a dict of `segment`'s keyword arguments: method ('cc', 'watershed', 'agglomerate',
 'mws'), threshold, seeds ('distance' or 'threshold'), h (nm when a voxel size is given, else
