@@ -1,7 +1,8 @@
 """Affinities -> neurons without a model: ground-truth affinities of the synthetic neuropil plus
-Gaussian noise, segmented by mutex watershed and by the affinity watershed, scored in 3D.
+Gaussian noise, segmented by mutex watershed, by the affinity watershed and by agglomeration of
+the over-seeded watershed (fragments at the smallest --h, merged at each --merge), scored in 3D.
 
-    python benchmarks/affinity_segmentation.py [--noise 0 0.2 0.35] [--h 1 16 24] [--min-size 50]
+    python benchmarks/affinity_segmentation.py [--noise 0 0.2 0.35] [--h 1 16 24] [--merge 0.3 0.5] [--min-size 50]
 
 Separates the post-processing from the network: how much noise in the affinities each method
 takes before it splits or merges, and how the watershed depends on its seed depth h (nm). Prints
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2, 0.35])
     parser.add_argument("--h", type=float, nargs="+", default=[1.0, 16.0, 24.0], help="watershed seed depths, nm")
+    parser.add_argument("--merge", type=float, nargs="*", default=[0.3, 0.5], help="agglomeration thresholds")
     parser.add_argument("--min-size", type=int, default=50)
     parser.add_argument("--shape", type=int, nargs=3, default=[16, 256, 256])
     args = parser.parse_args()
@@ -49,16 +51,18 @@ def main() -> None:
     rows = []
     for noise in args.noise:
         aff = noisy_affinities(gt, offsets, noise)
-        for method, h in [("mws", None)] + [("watershed", h) for h in args.h]:
+        runs = ([("mws", None, None)] + [("watershed", h, None) for h in args.h]
+                + [("agglomerate", min(args.h), m) for m in args.merge])
+        for method, h, merge in runs:
             start = time.time()
             seg = instances_from_affinities(aff, offsets, method, min_size=args.min_size, h=h or 1.0,
-                                            anisotropy=voxel_size)
+                                            anisotropy=voxel_size, merge=merge or 0.5)
             seconds = time.time() - start
             scores = clustering_scores(seg, gt)
-            rows.append({"noise": noise, "method": method, "h_nm": h, "segments": int(seg.max()),
+            rows.append({"noise": noise, "method": method, "h_nm": h, "merge": merge, "segments": int(seg.max()),
                          "seconds": round(seconds, 2),
                          **{k: round(float(scores[k]), 4) for k in ("adapted_rand_error", "voi_split", "voi_merge")}})
-            print(f"noise {noise:<5} {method:<10} h={h!s:<5} ARE {rows[-1]['adapted_rand_error']:.3f} "
+            print(f"noise {noise:<5} {method:<11} h={h!s:<5} merge={merge!s:<4} ARE {rows[-1]['adapted_rand_error']:.3f} "
                   f"split {rows[-1]['voi_split']:.3f} merge {rows[-1]['voi_merge']:.3f} ({seconds:.1f} s)", flush=True)
     print(json.dumps({"benchmark": "affinity_segmentation_synthetic", "shape": args.shape, "voxel_size_nm": voxel_size,
                       "offsets": [list(o) for o in offsets], "min_size": args.min_size, "rows": rows,

@@ -108,3 +108,14 @@ def test_agglomerate_per_slice_and_on_affinities():
     labels = instances.instances_from_affinities(aff, offsets, "agglomerate", threshold=0.2, h=0.5, merge=0.5)
     assert labels.max() == 16 and clustering_scores(labels, np.stack([gt, gt]))["vrand"] == pytest.approx(1.0)
     assert instances.instances_from_affinities(aff, offsets, "watershed", threshold=0.2, h=0.5).max() == 32
+
+
+def test_tuning_chooses_agglomeration_where_the_watershed_splits():
+    from jaxem.segment import tune
+
+    prob, gt = split_cells_case()
+    split = {"method": "watershed", "seeds": "threshold", "threshold": 0.2}
+    grid = [split, dict(split, method="agglomerate", merge=0.5)]
+    result = tune.tune(prob, gt, grid=grid, metric="vrand", progress=False, workers=1)
+    assert result["best"] == grid[1] and result["best_score"] == pytest.approx(1.0)
+    assert result["table"][0]["scores"]["vrand"] < 0.8
