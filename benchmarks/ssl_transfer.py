@@ -10,7 +10,8 @@
    pretrained encoder and once from scratch, per seed (same seed, same data order for both).
    With `--arms ... mean_teacher`, also trains it semi-supervised (jaxem.semi.mean_teacher: EMA
    teacher 0.99, consistency weight 1) with the pretraining's unlabelled images.
-3. Scores every arm on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py).
+3. Scores every arm on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py),
+   with the fixed watershed setting: the arms differ in their networks only (no per-arm tuning).
 
 Finished runs are reused. Prints JSON: per-seed and mean scores of both arms, the difference, the
 times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
@@ -95,7 +96,7 @@ def finetune_and_score(args, overrides: list[str], subset: tuple[str, str], run:
     from jaxem.data import datasets
 
     config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
-    return train_and_score(config, run, progress)
+    return train_and_score(config, run, progress, tune=False)
 
 
 def main() -> None:
