@@ -25,16 +25,15 @@ BETTER = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "
 
 def score_slices(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray) -> dict:
     """Scores averaged over z-slices (z, y, x): clustering scores of `instances` against `gt`
-    (gt 0 = membrane, ignored where the definitions say so), and Dice/IoU of the predicted interior
-    (boundary probability < 0.5) against the ground-truth interior (gt > 0)."""
-    from jaxem.metrics.clustering import clustering_scores
+    (gt 0 = membrane, ignored where the definitions say so; the same per-slice mean that tuning
+    maximises, `jaxem.segment.tune.score`), and Dice/IoU of the predicted interior (boundary
+    probability < 0.5) against the ground-truth interior (gt > 0)."""
     from jaxem.metrics.pixel import binary_scores
+    from jaxem.segment.tune import score
 
-    rows = []
-    for seg_slice, boundary_slice, gt_slice in zip(instances, boundary, gt):
-        pixel = binary_scores(boundary_slice < 0.5, gt_slice > 0)
-        rows.append({**clustering_scores(seg_slice, gt_slice), "dice": pixel["dice"], "iou": pixel["iou"]})
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    pixel = [binary_scores(b < 0.5, g > 0) for b, g in zip(boundary, gt)]
+    return {**score(instances, gt, per_slice=True),
+            **{k: float(np.mean([p[k] for p in pixel])) for k in ("dice", "iou")}}
 
 
 def threshold_baseline(raw: np.ndarray) -> np.ndarray:
