@@ -152,8 +152,22 @@ def test_tune_cli_bad_input_is_exit_2_and_writes_nothing(tmp_path, capsys):
     base = ["tune", "--input", str(tmp_path / "pred"), "--no-progress"]
     cases = ((["--labels", str(tmp_path / "gt2"), "--output", str(tmp_path / "t.json")], "differs from the labels' shape"),
              (["--labels", str(tmp_path / "gt2"), "--output", str(tmp_path / "t.txt")], "must be a .json file"),
-             (["--labels", str(tmp_path / "nope"), "--output", str(tmp_path / "t.json")], "does not exist"))
+             (["--labels", str(tmp_path / "nope"), "--output", str(tmp_path / "t.json")], "does not exist"),
+             (["--labels", str(tmp_path / "gt2"), "--output", str(tmp_path / "t.json"), "--methods", "cc,mws"],
+              "the boundary grid's methods are agglomerate, cc, watershed"))
     for extra, message in cases:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.png").exists()
+
+
+def test_tune_cli_methods_keeps_only_those_settings(tmp_path, capsys):
+    prob, gt = weak_membrane_case()
+    create_volume(tmp_path / "pred", prob.shape, np.float32, (40.0, 4.0, 4.0)).write(prob)
+    create_volume(tmp_path / "gt", gt.shape, np.uint64, (40.0, 4.0, 4.0)).write(gt)
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "--input", str(tmp_path / "pred"), "--labels", str(tmp_path / "gt"), "--output", str(out),
+                 "--per-slice", "--no-progress", "--methods", "cc, agglomerate"]) == 0
+    table = json.loads(out.read_text())["table"]
+    expected = [s for s in tuning.default_grid("boundary", (40.0, 4.0, 4.0)) if s["method"] in ("cc", "agglomerate")]
+    assert [row["setting"] for row in table] == expected

@@ -2,10 +2,11 @@
 
     jaxem tune --input pred.zarr --labels labels.zarr --output tuned.json
                [--kind boundary|foreground|affinities] [--channel 0] [--per-slice] [--metric vrand]
-               [--overwrite] [--no-progress]
+               [--methods watershed,agglomerate] [--overwrite] [--no-progress]
 
 Writes tuned.json (the best setting, its score and the whole table) and tuned.png (the metric
-against the threshold for every setting); prints the best setting as JSON.
+against each setting's swept value); prints the best setting as JSON. `--methods` keeps only those
+methods' settings of the default grid.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--channel", type=int, default=0, help="channel of a (c, ...) boundary or foreground prediction")
     parser.add_argument("--per-slice", action="store_true", help="segment and score each z-slice on its own (ISBI 2012)")
     parser.add_argument("--metric", default="vrand", choices=tuple(METRICS), help="what the best setting maximises or minimises")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods whose default-grid settings to try (default: all of the kind's)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args, overrides) -> int:
     from jaxem.data.volume import open_volume, read_attributes
-    from jaxem.segment.tune import KINDS, plot_tuning, tune
+    from jaxem.segment.tune import KINDS, default_grid, plot_tuning, tune
 
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")
@@ -56,8 +59,16 @@ def run(args, overrides) -> int:
         if not 0 <= args.channel < prediction.shape[0]:
             raise UserError(f"--channel {args.channel} is outside the {prediction.shape[0]} channels of {args.input}.")
         prediction = prediction[args.channel]
+    grid = default_grid(kind, source.voxel_size)
+    if args.methods:
+        known = sorted({s["method"] for s in grid})
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in known]
+        if unknown or not methods:
+            raise UserError(f"--methods {args.methods!r}: the {kind} grid's methods are {', '.join(known)}.")
+        grid = [s for s in grid if s["method"] in methods]
     gt = open_volume(args.labels).read()
-    result = tune(prediction.astype("float32"), gt, kind, metric=args.metric, per_slice=args.per_slice,
+    result = tune(prediction.astype("float32"), gt, kind, grid, metric=args.metric, per_slice=args.per_slice,
                   voxel_size=source.voxel_size, offsets=offsets, progress=not args.no_progress)
     result.update(input=str(Path(args.input).resolve()), labels=str(Path(args.labels).resolve()))
     output.parent.mkdir(parents=True, exist_ok=True)
