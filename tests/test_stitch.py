@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from jaxem.data.volume import create_volume, open_volume
 from jaxem.infer.executors import make_executor
 from jaxem.segment.instances import instances_from_boundaries
+from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
 from jaxem.segment.stitch import segment_blockwise
 
 
@@ -63,9 +64,14 @@ def test_dask_local_cluster_gives_the_same_result(tmp_path):
     prob = smooth_map((24, 48, 48), seed=2)
     create_volume(tmp_path / "p", prob.shape, np.float32, (1.0, 1.0, 1.0)).write(prob)
     fn = partial(instances_from_boundaries, method="cc")
+    fragments = partial(instances_from_boundaries, method="watershed", per_slice=True)
     executor = make_executor("local", workers=2)
     try:
         segment_blockwise(str(tmp_path / "p"), str(tmp_path / "d"), (12, 24, 24), fn, executor=executor)
+        # the blockwise agglomeration's tasks (fragments, partial graphs, relabelling) on Dask workers
+        agglomerate_blockwise(tmp_path / "p", tmp_path / "a_dask", (12, 48, 48), fragments, 0.5, executor=executor)
     finally:
         executor.close()
     assert one_to_one(open_volume(tmp_path / "d").read(), instances_from_boundaries(prob, method="cc"))
+    agglomerate_blockwise(tmp_path / "p", tmp_path / "a", (12, 48, 48), fragments, 0.5)
+    assert np.array_equal(open_volume(tmp_path / "a_dask").read(), open_volume(tmp_path / "a").read())

@@ -83,14 +83,14 @@ def run(args, overrides) -> int:
         strides = _parse_per_axis(args.strides, spatial, "--strides") if args.strides else None
         fn = partial(instances.instances_from_affinities, offsets=offsets, method=args.method, min_size=args.min_size,
                      strides=strides, threshold=args.threshold, h=h, anisotropy=source.voxel_size, merge=args.merge)
-        channel = "all"
+        channel, kind = "all", "affinities"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):
             raise UserError(f"--kind {args.kind!r} is not boundary, foreground or affinities.")
         impl = instances.instances_from_boundaries if args.kind == "boundary" else instances.instances_from_foreground
         fn = partial(impl, method=args.method, threshold=args.threshold, per_slice=args.per_slice,
                      anisotropy=source.voxel_size, h=h, seeds=args.seeds, merge=args.merge)
-        channel = args.channel if source.ndim > len(spatial) else None
+        channel, kind = (args.channel if source.ndim > len(spatial) else None), args.kind
         if channel is not None and not 0 <= channel < source.shape[0]:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
     else:
@@ -99,8 +99,18 @@ def run(args, overrides) -> int:
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers)
     try:
-        stats = segment_blockwise(args.input, args.output, block, fn, overlap=overlap, min_size=args.min_size,
-                                  executor=executor, channel=channel, overwrite=args.overwrite)
+        if args.method == "agglomerate":  # one region graph over all blocks: agglomerate_blocks
+            from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
+
+            fragments = partial(fn.func, *fn.args, **dict(fn.keywords, method="watershed", min_size=0))
+            in_plane = (1, 2) if args.per_slice and len(spatial) == 3 else None
+            stats = agglomerate_blockwise(args.input, args.output, block, fragments, args.merge, kind,
+                                          offsets=fn.keywords.get("offsets"), axes=in_plane, overlap=overlap,
+                                          min_size=args.min_size, executor=executor, channel=channel,
+                                          overwrite=args.overwrite)
+        else:
+            stats = segment_blockwise(args.input, args.output, block, fn, overlap=overlap, min_size=args.min_size,
+                                      executor=executor, channel=channel, overwrite=args.overwrite)
     finally:
         executor.close()
     print(json.dumps(stats))

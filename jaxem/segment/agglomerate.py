@@ -34,18 +34,20 @@ class RegionGraph(NamedTuple):
 
 
 def region_graph(fragments: np.ndarray, boundary: np.ndarray | None = None,
-                 affinities: np.ndarray | None = None, offsets=None) -> RegionGraph:
+                 affinities: np.ndarray | None = None, offsets=None, axes=None) -> RegionGraph:
     """The region adjacency graph of `fragments` (*spatial, ids >= 1, 0 = background) with boundary
     evidence from a boundary map (*spatial, high on membranes) or from affinities (K, *spatial) and
-    their offsets (only the nearest-neighbour ones, one step along one axis, are used).
+    their offsets (only the nearest-neighbour ones, one step along one axis, are used). `axes`
+    limits the faces to those across these axes (default all).
     """
     fragments = np.asarray(fragments)
     if (boundary is None) == (affinities is None):
         raise UserError("region_graph takes either a boundary map or affinities, not both or neither.")
+    axes = tuple(range(fragments.ndim)) if axes is None else tuple(axes)
     faces = []  # (offset along one axis, face value on the source voxel's grid)
     if boundary is not None:
         boundary = np.asarray(boundary, np.float32)
-        for axis in range(fragments.ndim):
+        for axis in axes:
             step = tuple(int(a == axis) for a in range(fragments.ndim))
             src, dst = _shifted(step, fragments.shape)
             faces.append((step, np.maximum(boundary[src], boundary[dst])))
@@ -55,9 +57,10 @@ def region_graph(fragments: np.ndarray, boundary: np.ndarray | None = None,
             raise UserError(f"affinity offsets {[list(o) for o in offsets]} have no nearest-neighbour offset, "
                             "which agglomeration scores edges with.")
         for k, step in nearest:
-            src, _ = _shifted(step, fragments.shape)
-            faces.append((step, 1.0 - np.asarray(affinities[k], np.float32)[src]))
-    us, vs, values = [], [], []
+            if any(step[a] for a in axes):
+                src, _ = _shifted(step, fragments.shape)
+                faces.append((step, 1.0 - np.asarray(affinities[k], np.float32)[src]))
+    us, vs, values = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.float32)]
     for step, value in faces:
         src, dst = _shifted(step, fragments.shape)
         a, b = fragments[src], fragments[dst]
@@ -67,13 +70,21 @@ def region_graph(fragments: np.ndarray, boundary: np.ndarray | None = None,
         vs.append(np.maximum(a, b))
         values.append(value[across])
     u, v, value = (np.concatenate(x) for x in (us, vs, values))
+    return sum_edges(u, v, value.astype(np.float64), np.ones(u.size, np.int64))
+
+
+def sum_edges(u: np.ndarray, v: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> RegionGraph:
+    """One edge per distinct (u, v) pair (u < v, any uint64 ids), with the sums and face counts of
+    its duplicates added: how per-face values, or the partial graphs of blocks, become one graph."""
     if u.size == 0:
         return RegionGraph(np.zeros((0, 2), np.uint64), np.zeros(0), np.zeros(0, np.int64))
-    width = np.uint64(int(fragments.max()) + 1)
-    keys, inverse = np.unique(u.astype(np.uint64) * width + v.astype(np.uint64), return_inverse=True)
-    sums = np.bincount(inverse, weights=value.astype(np.float64), minlength=keys.size)
-    counts = np.bincount(inverse, minlength=keys.size).astype(np.int64)
-    return RegionGraph(np.stack([keys // width, keys % width], axis=1), sums, counts)
+    ids, compact = np.unique(np.concatenate([u, v]).astype(np.uint64), return_inverse=True)
+    n = np.uint64(ids.size)  # keys of compact ids cannot overflow, whatever the ids are
+    keys, edge = np.unique(compact[:u.size].astype(np.uint64) * n + compact[u.size:].astype(np.uint64),
+                           return_inverse=True)
+    return RegionGraph(np.stack([ids[keys // n], ids[keys % n]], axis=1),
+                       np.bincount(edge, weights=sums, minlength=keys.size),
+                       np.bincount(edge, weights=counts, minlength=keys.size).astype(np.int64))
 
 
 def _shifted(step, shape):
@@ -117,6 +128,14 @@ def merge_regions(graph: RegionGraph, merge: float, num_ids: int) -> np.ndarray:
         if np.array_equal(root, parent):
             return parent
         parent = root
+
+
+def merge_ids(graph: RegionGraph, merge: float) -> tuple[np.ndarray, np.ndarray]:
+    """`merge_regions` for a graph of any uint64 ids (e.g. block-unique ones): (ids, roots), the
+    sorted ids of the graph's fragments and the id of the fragment each one joined."""
+    ids, compact = np.unique(graph.uv, return_inverse=True)
+    compact_graph = RegionGraph(compact.reshape(graph.uv.shape).astype(np.uint64), graph.sums, graph.counts)
+    return ids, ids[merge_regions(compact_graph, merge, ids.size)]
 
 
 def agglomerate(fragments: np.ndarray, merge: float, boundary: np.ndarray | None = None,
