@@ -91,18 +91,9 @@ def _block_graph(input_path, fragments_path, shape, block, channel, evidence, of
 
 def _merged_ids(graph: RegionGraph, made: list[dict], merge: float, min_size: int) -> tuple[dict, int]:
     """{block-unique fragment id: global object id (0 for objects below min_size)}, object count."""
-    ids = np.concatenate([r["ids"] for r in made])
-    counts = np.concatenate([r["counts"] for r in made])
-    keep = ids > 0
-    ids, counts = ids[keep], counts[keep]
-    order = np.argsort(ids)
-    ids, counts = ids[order], counts[order]
+    ids, counts = stitch.block_ids(made)
     root = ids.copy()
     merged, roots = merge_ids(graph, merge)
     root[np.searchsorted(ids, merged)] = roots
     _, component = np.unique(root, return_inverse=True)
-    sizes = np.bincount(component, weights=counts)
-    alive = sizes >= max(min_size, 1)
-    new_id = np.zeros(len(sizes), np.uint64)
-    new_id[alive] = np.arange(1, alive.sum() + 1, dtype=np.uint64)
-    return {int(i): int(new_id[c]) for i, c in zip(ids, component)}, int(alive.sum())
+    return stitch.consecutive_ids(ids, component, counts, min_size)

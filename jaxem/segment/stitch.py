@@ -97,10 +97,7 @@ def _faces(labels, core, ext, overlap):
 
 def _global_ids(results, shape, block, overlap, min_size):
     """Joins labels across faces; returns ({block id: global id}, number of objects)."""
-    ids = np.concatenate([r["ids"] for r in results.values()])
-    counts = np.concatenate([r["counts"] for r in results.values()])
-    keep = ids > 0
-    ids, counts = ids[keep], counts[keep]
+    ids, counts = block_ids(results.values())
     pairs = [np.zeros((0, 2), np.uint64)]
     for index, r in results.items():
         for axis in range(len(shape)):
@@ -108,12 +105,25 @@ def _global_ids(results, shape, block, overlap, min_size):
             if nb in results:
                 pairs.append(_match(r["faces"][(axis, "high")], results[nb]["faces"][(axis, "low")], overlap, r, results[nb], axis))
     pairs = np.concatenate(pairs).astype(np.uint64)
-    order = np.argsort(ids)
-    ids, counts = ids[order], counts[order]
     pairs = pairs[np.isin(pairs[:, 0], ids) & np.isin(pairs[:, 1], ids)]  # labels seen only in context
     rows, cols = np.searchsorted(ids, pairs[:, 0]), np.searchsorted(ids, pairs[:, 1])
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
     _, component = connected_components(graph, directed=False)
+    return consecutive_ids(ids, component, counts, min_size)
+
+
+def block_ids(results) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted nonzero block-unique ids, their voxel counts) of the blocks' `_segment_block` results."""
+    ids = np.concatenate([r["ids"] for r in results])
+    counts = np.concatenate([r["counts"] for r in results])
+    order = np.argsort(ids)
+    keep = ids[order] > 0
+    return ids[order][keep], counts[order][keep]
+
+
+def consecutive_ids(ids, component, counts, min_size) -> tuple[dict, int]:
+    """({id: object number}, number of objects): objects are the `component` numbers of `ids`,
+    numbered 1..N consecutively; objects of fewer than `min_size` voxels (`counts` summed) get 0."""
     sizes = np.bincount(component, weights=counts)
     alive = sizes >= max(min_size, 1)
     new_id = np.zeros(len(sizes), np.uint64)
