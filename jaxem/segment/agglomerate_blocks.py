@@ -55,7 +55,7 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
     create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
                   axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
     blocks = stitch.block_grid(shape, block)
-    made = executor.map(partial(stitch._segment_block, input_path, output_path, shape, block, fragment_fn, overlap,
+    made = executor.map(partial(_fragments_block, input_path, output_path, shape, block, fragment_fn, overlap,
                                 channel), blocks)
     partial_graphs = executor.map(partial(_block_graph, input_path, output_path, shape, block, channel, evidence,
                                           offsets, axes), blocks)
@@ -65,6 +65,12 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
     mapping, count = _merged_ids(graph, made, merge, min_size)
     executor.map(partial(stitch._relabel_block, output_path, shape, block, mapping), blocks)
     return {"objects": count, "blocks": len(blocks), "fragments": len(mapping), "edges": len(graph.uv)}
+
+
+def _fragments_block(*args) -> dict:
+    """`stitch._segment_block` without the face strips stitching needs (the driver would hold them)."""
+    made = stitch._segment_block(*args)
+    return {"ids": made["ids"], "counts": made["counts"]}
 
 
 def _block_graph(input_path, fragments_path, shape, block, channel, evidence, offsets, axes, index) -> RegionGraph:
