@@ -5,8 +5,8 @@ neurons: where it errs, it errs by splits. Agglomeration repairs the splits. It 
 adjacency graph of the fragments, scores each edge by the mean boundary probability over the
 voxel faces the two fragments share, and merges the pair with the weakest boundary first,
 re-scoring the merged fragment's edges (sums and face counts add), until every remaining edge
-scores at least `merge`. This is the mean-affinity agglomeration of waterz (Funke et al. 2018,
-Lee et al. 2017), the post-processing behind the SNEMI3D and CREMI leaders. The edge score is
+scores at least `merge`. This is the mean-affinity agglomeration of waterz (Funke et al. 2018),
+as the MALA and LSD pipelines run it on CREMI. The edge score is
 one minus the affinity across the face when affinities are given, else the larger of the two
 voxels' boundary values (a face next to a membrane voxel sees the membrane).
 
