@@ -163,14 +163,14 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
     assert results["settings"]["protocol"] == "cremi" and results["settings"]["cremi_border_threshold_nm"] == 25
     sweeps = json.loads((run / "heldout" / "tuning.json").read_text())
     assert "/train/" in sweeps["image"]  # tuned on the train split, scored on val
-    for method in ("mws", "watershed"):
+    for method in ("mws", "watershed", "agglomerate"):
         table = sweeps[method]["table"]
         assert {row["setting"]["method"] for row in table} == {method} and sweeps[method]["metric"] == "voi"
         best = table[int(np.argmin([row["scores"]["voi"] for row in table]))]["setting"]
         assert results["tuned_settings"][method] == best
         tuned = report["scores"][f"{method}_tuned"]
         assert tuned["cremi_score"] >= 0 and tuned["voi_split"] + tuned["voi_merge"] >= 0
-    assert "mws tuned" in out.stdout
+    assert "mws tuned" in out.stdout and "agglo tuned" in out.stdout
 
 
 def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():
