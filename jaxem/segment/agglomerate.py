@@ -44,13 +44,12 @@ def region_graph(fragments: np.ndarray, boundary: np.ndarray | None = None,
     if (boundary is None) == (affinities is None):
         raise UserError("region_graph takes either a boundary map or affinities, not both or neither.")
     axes = tuple(range(fragments.ndim)) if axes is None else tuple(axes)
-    faces = []  # (offset along one axis, face value on the source voxel's grid)
+    faces = []  # (source voxels, their neighbours one step along one axis, the face values)
     if boundary is not None:
         boundary = np.asarray(boundary, np.float32)
         for axis in axes:
-            step = tuple(int(a == axis) for a in range(fragments.ndim))
-            src, dst = _shifted(step, fragments.shape)
-            faces.append((step, np.maximum(boundary[src], boundary[dst])))
+            src, dst = _shifted(tuple(int(a == axis) for a in range(fragments.ndim)), fragments.shape)
+            faces.append((src, dst, np.maximum(boundary[src], boundary[dst])))
     else:
         nearest = [(k, tuple(int(v) for v in o)) for k, o in enumerate(offsets) if sum(abs(int(v)) for v in o) == 1]
         if not nearest:
@@ -58,11 +57,10 @@ def region_graph(fragments: np.ndarray, boundary: np.ndarray | None = None,
                             "which agglomeration scores edges with.")
         for k, step in nearest:
             if any(step[a] for a in axes):
-                src, _ = _shifted(step, fragments.shape)
-                faces.append((step, 1.0 - np.asarray(affinities[k], np.float32)[src]))
+                src, dst = _shifted(step, fragments.shape)
+                faces.append((src, dst, 1.0 - np.asarray(affinities[k], np.float32)[src]))
     us, vs, values = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.float32)]
-    for step, value in faces:
-        src, dst = _shifted(step, fragments.shape)
+    for src, dst, value in faces:
         a, b = fragments[src], fragments[dst]
         across = (a != b) & (a != 0) & (b != 0)
         a, b = a[across], b[across]
