@@ -130,9 +130,9 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
         from jaxem.segment.tune import segment
 
         settings = tune_affinity_settings(run_dir, tune_on, out_dir, progress, TUNE_METRIC[protocol])
+        boundary = segmentations["watershed"][1]  # every method's nearest-neighbour boundary map
         for method, setting in settings.items():
             labels = segment(affinities, setting, "affinities", voxel_size=image.voxel_size, offsets=offsets)
-            boundary = segmentations["watershed"][1]  # every method's nearest-neighbour boundary map
             results[f"{method}_tuned"] = score_volume(labels, boundary, gt, image.voxel_size, protocol)
         results["tuned_settings"] = settings
     results["segment_seconds"] = seconds

@@ -50,7 +50,8 @@ def instances_from_boundaries(
     method 'watershed': seeded watershed on the boundary map (see module docstring); every voxel
     is assigned. method 'agglomerate': that watershed's objects, merged while the mean boundary
     value over the faces two neighbours share is below `merge`. `per_slice` segments each z-slice of
-    a 3D volume on its own with ids unique over the volume. Objects smaller than `min_size` voxels become 0; ids are then made consecutive.
+    a 3D volume on its own with ids unique over the volume. Objects smaller than `min_size` voxels
+    become 0; ids are then made consecutive.
     `anisotropy` is the voxel size (nm, z-y-x) used by the distance transform.
     """
     prob = _check_map(boundary_prob, "boundary_prob")
