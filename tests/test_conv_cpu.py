@@ -109,6 +109,15 @@ def test_max_pool_gradient_of_tied_windows_goes_to_one_element():
     np.testing.assert_array_equal((per_window != 0).sum(axis=(2, 4, 6)), 1)
 
 
+def test_max_pool_propagates_nan_like_reduce_window():
+    """A NaN anywhere in a window makes that window's max NaN, as jnp.max and reduce_window do."""
+    x = jax.random.normal(jax.random.key(6), (1, 4, 4, 1)).at[0, 1, 1, 0].set(jnp.nan).at[0, 2, 3, 0].set(jnp.nan)
+    ours, ref = layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.isnan(ours).sum() == 2
+    np.testing.assert_array_equal(ours[~np.isnan(ours)], ref[~np.isnan(ref)])
+
+
 def test_import_sets_channels_last_cudnn_flag_unless_the_user_did():
     import os
     import subprocess
