@@ -135,6 +135,44 @@ def test_next_chunk_forwards_run_while_a_chunk_is_blended(tmp_path, monkeypatch)
     np.testing.assert_array_equal(out.read(), reference.read())
 
 
+@pytest.mark.parametrize("blend", ["gaussian", "linear", "center"])
+@pytest.mark.parametrize("shape,roi", [((21, 37, 30), None), ((21, 37, 30), ((3, 20), (5, 36), (0, 17))),
+                                       ((45, 70), ((4, 40), (9, 70)))])
+def test_tile_shares_are_weights_over_their_sum_and_add_up_to_one(blend, shape, roi):
+    """Each tile's share is its weight over the sum of every tile's weight at the voxel, computed
+    here the long way on the whole volume; over the ROI the shares add up to exactly 1."""
+    tiling = make_tiling(shape, roi, (8, 16, 16)[-len(shape):], (2, 4, 4)[-len(shape):], blend=blend)
+    total, shares = np.zeros(shape), np.zeros(shape)
+    tiles = list(__import__("itertools").product(*(tiling.tile_starts(a) for a in range(len(shape)))))
+    for t in tiles:
+        total[tiling.tile_box(t)] += tiling.weight(t)
+    for t in tiles:
+        box = tiling.tile_box(t)
+        share = tiling.share(t)
+        inside = total[box] > 0
+        np.testing.assert_allclose(share[inside], (tiling.weight(t) / np.where(inside, total[box], 1))[inside], rtol=1e-5)
+        shares[box] += share
+    in_roi = tuple(slice(a, b) for a, b in tiling.roi)
+    np.testing.assert_allclose(shares[in_roi], 1.0, rtol=1e-5)
+
+
+def test_output_does_not_depend_on_the_number_of_blending_threads(tmp_path, monkeypatch):
+    """Chunks are blended and written on worker threads, side by side: one thread or four give
+    the same bytes."""
+    from jaxem.infer import blockwise
+
+    vol = np.random.default_rng(7).random((21, 37, 30)).astype(np.float32)
+    src, fn, _ = setup(tmp_path, vol)
+    tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), chunk=(4, 8, 8), blend="gaussian")
+    outputs = []
+    for workers in (1, 4):
+        monkeypatch.setattr(blockwise, "finish_workers", lambda w=workers: w)
+        out, stats = run(tmp_path, src, fn, tiling, name=f"workers{workers}")
+        assert stats["voxels"] == vol.size and len(DoneLog(out.path).done()) == len(tiling.chunks())
+        outputs.append(out.read())
+    np.testing.assert_array_equal(*outputs)
+
+
 def test_resume_skips_done_chunks_and_matches_uninterrupted_run(tmp_path):
     vol = np.random.default_rng(3).random((30, 40)).astype(np.float32)
     src, fn, _ = setup(tmp_path, vol)

@@ -6,10 +6,16 @@ weighted sum is divided by the weight sum, the chunk is written once, and only a
 has finished is the chunk recorded as done. A run killed at any moment and rerun skips the done
 chunks and produces the same output as an uninterrupted run; writes never overlap.
 
+The main thread only schedules: it reads and stacks tiles, dispatches forwards and hands each
+chunk to a pool of worker threads (`finish_workers`), which copy predictions out of their batch,
+blend, convert and write chunks side by side, so that the host keeps up with a GPU. Blending is
+one multiply-add per predicted voxel: each tile's weight is pre-divided by the sum of all tiles'
+weights there (`Tiling.share`).
+
 Memory is bounded by the block and chunk shapes, whatever the volume's shape: at any time we
-hold one chunk accumulator, one batch of tiles, the reads prefetched for the next chunk, a few
-in-flight writes, a cache of decoded input chunks (`read_cache_bytes`) and a cache of predicted
-tiles capped in bytes (`cache_bytes`, see `plan`). Chunks run in Morton order so tiles shared by
+hold at most 2 x workers chunks being blended or written (with their tiles), one batch of tiles,
+the reads prefetched for the next chunk, a cache of decoded input chunks (`read_cache_bytes`) and
+a cache of predicted tiles capped in bytes (`cache_bytes`, see `plan`). Chunks run in Morton order so tiles shared by
 neighbouring chunks are mostly still cached; a tile evicted under the cap is predicted again,
 which gives the same values (so the output does not depend on the order).
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -149,10 +156,11 @@ def predict_volume(
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
              "peak_cached_tiles": 0, "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}
     bar = _progress(sum(np.prod(_box_shape(tiling.chunk_box(c))) for c in todo), progress)
-    writes: list = []
     schedule = _Lookahead(plan(tiling, todo, limit))
-    forwards = _Forwards(predict_fn, reader, cache, stats)
-    with ThreadPoolExecutor(1) as marker:
+    workers = finish_workers()
+    finishing: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers) as pool:
+        forwards = _Forwards(predict_fn, reader, cache, stats, pool)
         for c, tiles, _, evict in schedule:
             forwards.start(schedule, tiles)
             forwards.collect(tiles)
@@ -160,17 +168,15 @@ def predict_volume(
             forwards.start(schedule, schedule.peek_missing())
             reader.prefetch(schedule.upcoming(2 * forwards.batch, skip=forwards.known))
             stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache) + len(forwards.pending))
-            out = _blend_chunk(tiling, c, tiles, cache)
-            writes.append(_write_chunk(target, tiling, c, out, out_dtype, log, marker))
+            # The task holds its tiles, so dropping them from the cache below cannot free them early.
+            finishing.append(pool.submit(_finish_chunk, target, tiling, c, tiles, [cache[t] for t in tiles],
+                                         out_dtype, log))
             for t in evict:
                 del cache[t]
-            stats["voxels"] += int(np.prod(out.shape[1:]))
-            bar.update(int(np.prod(out.shape[1:])))
-            writes = [w for w in writes if not w.done()]
-            while len(writes) > 4:  # bound memory held by in-flight writes
-                writes.pop(0).result()
-        for w in writes:
-            w.result()
+            while finishing and (finishing[0].done() or len(finishing) > 2 * workers):  # bounds memory
+                _count(finishing.popleft(), stats, bar)
+        for task in finishing:
+            _count(task, stats, bar)
     bar.close()
     if len(todo) == len(tiling.chunks()):
         stats["recompute_factor"] = round(stats["tiles_predicted"] / max(stats["tiles_total"], 1), 3)
@@ -259,11 +265,12 @@ class _Lookahead:
 
 class _Forwards:
     """Forward passes in flight: `start` dispatches full batches, `collect` moves finished
-    predictions into the tile cache (copies: a view would pin the whole batch array)."""
+    predictions into the tile cache as copies made on `pool` (a view would pin the whole batch
+    array; the cache holds the copies' futures, `_resolve` waits for them)."""
 
-    def __init__(self, predict_fn, reader, cache: dict, stats: dict):
+    def __init__(self, predict_fn, reader, cache: dict, stats: dict, pool):
         self.submit, self.batch = submitter(predict_fn), getattr(predict_fn, "batch", 1)
-        self.reader, self.cache, self.stats = reader, cache, stats
+        self.reader, self.cache, self.stats, self.pool = reader, cache, stats, pool
         self.pending: dict = {}  # tile -> (its batch's tiles, the function that waits for the batch)
 
     def known(self, tile) -> bool:
@@ -297,41 +304,55 @@ class _Forwards:
                 y = wait()
                 self.stats["forward_s"] += time.perf_counter() - t0
                 for u, pred in zip(group, y):
-                    self.cache[u] = pred.copy()
+                    self.cache[u] = self.pool.submit(np.copy, pred)
                     del self.pending[u]
 
 
-def _blend_chunk(tiling: Tiling, index, tiles, cache) -> np.ndarray:
-    """The chunk (K, *chunk) as the weight-normalised sum of its tiles' predictions."""
+def _blend_chunk(tiling: Tiling, index, tiles, predictions) -> np.ndarray:
+    """The chunk (K, *chunk): the sum of its tiles' predictions (each (*block, K)) times their
+    shares (`Tiling.share`)."""
     box = tiling.chunk_box(index)
     lo = [b.start + r[0] for b, r in zip(box, tiling.roi)]
     shape = _box_shape(box)
-    k = next(iter(cache[t] for t in tiles)).shape[-1]
-    acc = np.zeros((*shape, k), np.float32)
-    wsum = np.zeros(shape, np.float32)
-    scratch = np.empty((*shape, k), np.float32)  # one buffer for every weighted tile part
-    for t in tiles:
+    acc = np.zeros((*shape, predictions[0].shape[-1]), np.float32)
+    scratch = np.empty_like(acc)  # one buffer for every weighted tile part
+    for t, prediction in zip(tiles, predictions):
         src, dst = [], []
         for a, (start, low, size) in enumerate(zip(t, lo, shape)):
             s0, s1 = max(start, low), min(start + tiling.block[a], low + size)
             src.append(slice(s0 - start, s1 - start))
             dst.append(slice(s0 - low, s1 - low))
         src, dst = tuple(src), tuple(dst)
-        w = tiling.weight(t)[src]
         part = scratch[tuple(slice(0, d.stop - d.start) for d in dst)]
-        np.multiply(cache[t][src], w[..., None], out=part)
+        first, rest = tiling.share_factors(t)
+        np.multiply(prediction[src], rest[src[1:]][..., None], out=part)
+        part *= first[src[0]].reshape(-1, *(1,) * (rest.ndim + 1))
         acc[dst] += part
-        wsum[dst] += w
-    acc /= np.maximum(wsum, 1e-12)[..., None]
     return np.moveaxis(acc, -1, 0)
 
 
-def _write_chunk(target, tiling, index, out, out_dtype, log, marker):
-    """Starts the chunk write; a background thread records the chunk done once it lands."""
-    out = to_dtype(out, out_dtype)
-    offset = (0,) + tuple(b.start for b in tiling.chunk_box(index))
-    future = target.write_async(out, offset)
-    return marker.submit(lambda: (future.result(), log.mark(index)))
+def _finish_chunk(target, tiling, index, tiles, predictions, out_dtype, log) -> int:
+    """Blends, converts and writes one chunk, then records it done; returns its voxel count.
+    Runs on a worker thread (numpy and tensorstore release the GIL), chunks side by side; the
+    tiles' copies were submitted to the same pool earlier, so they are done or running."""
+    predictions = [p.result() for p in predictions]
+    out = to_dtype(_blend_chunk(tiling, index, tiles, predictions), out_dtype)
+    target.write_async(out, (0,) + tuple(b.start for b in tiling.chunk_box(index))).result()
+    log.mark(index)
+    return int(np.prod(out.shape[1:]))
+
+
+def _count(task, stats: dict, bar) -> None:
+    voxels = task.result()
+    stats["voxels"] += voxels
+    bar.update(voxels)
+
+
+def finish_workers() -> int:
+    """Threads that blend and write chunks: the host's cores, up to 8 (a GPU host must keep up
+    with the device; on a CPU-only host they share the cores with the model)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 def to_dtype(prob: np.ndarray, dtype) -> np.ndarray:

@@ -108,6 +108,22 @@ class Tiling:
         edges = tuple((t == 0, t + b >= n) for t, b, n in zip(start, self.block, self.shape))
         return _weight(self.blend, self.block, self.halo, edges)
 
+    def share(self, start) -> np.ndarray:
+        """The tile's share of each voxel of the blended output: its weight divided by the sum of
+        the weights of every tile at that voxel, so the shares at a voxel add up to 1. float32 of
+        shape `block` (read-only, shared). Weights are outer products of per-axis profiles and the
+        tile starts a product of per-axis lists, so the sum, and the share, factor by axis too."""
+        first, rest = self.share_factors(start)
+        return first.reshape(-1, *(1,) * rest.ndim) * rest
+
+    def share_factors(self, start) -> tuple[np.ndarray, np.ndarray]:
+        """`share(start)` as (profile along axis 0 (block[0],), share over the other axes
+        (block[1:])), both float32 read-only and cached: multiplying by the two costs less than
+        building (or caching) every distinct full-size share."""
+        keys = tuple(_axis_share(self.blend, self.shape[a], self.roi[a], self.block[a], self.halo[a], t)
+                     for a, t in enumerate(start))
+        return _outer(keys[:1]), _outer(keys[1:])
+
     def _support(self, axis: int, t: int) -> tuple[int, int]:
         b, h, n = self.block[axis], self.halo[axis], self.shape[axis]
         lo, hi = _support(self.blend, b, h, t == 0, t + b >= n)
@@ -167,6 +183,34 @@ def _weight(blend: str, block: tuple, halo: tuple, edges: tuple) -> np.ndarray:
     w = np.ones((), np.float64)
     for b, h, (low, high) in zip(block, halo, edges):
         w = np.multiply.outer(w, _profile(blend, b, h, low, high))
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+_SHARES: dict[bytes, np.ndarray] = {}  # distinct per-axis share profiles, by their bytes
+
+
+@lru_cache(maxsize=65536)
+def _axis_share(blend: str, n: int, roi: tuple[int, int], block: int, halo: int, t: int) -> bytes:
+    """The share profile along one axis of the tile starting at t: its profile over the sum of
+    every tile's profile there. Returned as a key into _SHARES (interior tiles share one)."""
+    total = np.zeros(n, np.float64)
+    for start in _tile_starts(n, *roi, block, halo):
+        if start < t + block and start + block > t:
+            total[start:start + block] += _profile(blend, block, halo, start == 0, start + block >= n)
+    share = _profile(blend, block, halo, t == 0, t + block >= n) / np.maximum(total[t:t + block], 1e-12)
+    key = share.tobytes()
+    _SHARES.setdefault(key, share)
+    return key
+
+
+@lru_cache(maxsize=256)
+def _outer(keys: tuple[bytes, ...]) -> np.ndarray:
+    """The outer product of per-axis share profiles as float32 (read-only): few distinct, cached."""
+    w = np.ones((), np.float64)
+    for key in keys:
+        w = np.multiply.outer(w, _SHARES[key])
     w = w.astype(np.float32)
     w.setflags(write=False)
     return w
