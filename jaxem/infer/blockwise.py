@@ -25,9 +25,11 @@ which gives the same values (so the output does not depend on the order).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -159,24 +161,28 @@ def predict_volume(
     schedule = _Lookahead(plan(tiling, todo, limit))
     workers = finish_workers()
     finishing: collections.deque = collections.deque()
-    with ThreadPoolExecutor(workers) as pool:
-        forwards = _Forwards(predict_fn, reader, cache, stats, pool)
+    marks: collections.deque = collections.deque()
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(workers) as feeders, ThreadPoolExecutor(1) as marker:
+        forwards = _Forwards(predict_fn, reader, cache, stats, pool, feeders)
         for c, tiles, _, evict in schedule:
             forwards.start(schedule, tiles)
-            forwards.collect(tiles)
             # The next chunk's forwards run on the device while this chunk is blended and written.
             forwards.start(schedule, schedule.peek_missing())
             reader.prefetch(schedule.upcoming(2 * forwards.batch, skip=forwards.known))
-            stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache) + len(forwards.pending))
+            stats["peak_cached_tiles"] = max(stats["peak_cached_tiles"], len(cache))
             # The task holds its tiles, so dropping them from the cache below cannot free them early.
             finishing.append(pool.submit(_finish_chunk, target, tiling, c, tiles, [cache[t] for t in tiles],
-                                         out_dtype, log))
+                                         out_dtype, log, marker))
             for t in evict:
                 del cache[t]
             while finishing and (finishing[0].done() or len(finishing) > 2 * workers):  # bounds memory
-                _count(finishing.popleft(), stats, bar)
+                _count(finishing.popleft(), marks, stats, bar)
+            while len(marks) > 2 * workers:  # bounds the chunks held by writes in flight
+                marks.popleft().result()
         for task in finishing:
-            _count(task, stats, bar)
+            _count(task, marks, stats, bar)
+        for mark in marks:
+            mark.result()
     bar.close()
     if len(todo) == len(tiling.chunks()):
         stats["recompute_factor"] = round(stats["tiles_predicted"] / max(stats["tiles_total"], 1), 3)
@@ -191,12 +197,18 @@ def plan(tiling: Tiling, todo: Sequence[tuple], limit: int):
     rule) are dropped and predicted again when needed. Pure bookkeeping, no arrays.
     """
     rank = {c: i for i, c in enumerate(todo)}
+    uses: dict = {}  # tile -> the ranks of the chunks that need it, ascending (while it has any left)
     next_use: dict = {}  # cached tile -> rank of the next chunk that needs it (None: none)
     for now, c in enumerate(todo):
         tiles = tiling.tiles_for_chunk(c)
         missing = [t for t in tiles if t not in next_use]
         for t in tiles:  # only the tiles of this chunk had their next use now
-            next_use[t] = _next_use(tiling, t, rank, now)
+            if t not in uses:
+                uses[t] = sorted(rank[u] for u in tiling.chunks_for_tile(t) if u in rank)
+            later = uses[t][bisect.bisect_right(uses[t], now):]
+            next_use[t] = later[0] if later else None
+            if not later:
+                del uses[t]
         evict = [t for t, n in next_use.items() if n is None]
         if len(next_use) - len(evict) > limit:
             alive = sorted((n, t) for t, n in next_use.items() if n is not None)
@@ -204,11 +216,6 @@ def plan(tiling: Tiling, todo: Sequence[tuple], limit: int):
         for t in evict:
             del next_use[t]
         yield c, tiles, missing, evict
-
-
-def _next_use(tiling: Tiling, tile, rank: dict, now: int) -> int | None:
-    later = [rank[c] for c in tiling.chunks_for_tile(tile) if rank.get(c, -1) > now]
-    return min(later) if later else None
 
 
 def tile_cache_limit(tiling: Tiling, channels: int, cache_bytes: int) -> int:
@@ -264,17 +271,17 @@ class _Lookahead:
 
 
 class _Forwards:
-    """Forward passes in flight: `start` dispatches full batches, `collect` moves finished
-    predictions into the tile cache as copies made on `pool` (a view would pin the whole batch
-    array; the cache holds the copies' futures, `_resolve` waits for them)."""
+    """Forward passes: `start` reads and stacks tiles on `feeders`, dispatches full batches, and
+    puts each tile into the cache at once as a future on `pool`: a worker waits for the batch
+    and copies the tile out of it (a view would pin the whole batch array)."""
 
-    def __init__(self, predict_fn, reader, cache: dict, stats: dict, pool):
+    def __init__(self, predict_fn, reader, cache: dict, stats: dict, pool, feeders):
         self.submit, self.batch = submitter(predict_fn), getattr(predict_fn, "batch", 1)
-        self.reader, self.cache, self.stats, self.pool = reader, cache, stats, pool
-        self.pending: dict = {}  # tile -> (its batch's tiles, the function that waits for the batch)
+        self.reader, self.cache, self.stats, self.pool, self.feeders = reader, cache, stats, pool, feeders
+        self.lock = threading.Lock()  # guards stats["forward_s"], added to by workers
 
     def known(self, tile) -> bool:
-        return tile in self.cache or tile in self.pending
+        return tile in self.cache
 
     def start(self, schedule: "_Lookahead", tiles: list) -> None:
         """Dispatches those of `tiles` not cached or in flight, the last batch filled with tiles
@@ -285,27 +292,35 @@ class _Forwards:
         batch = self.batch
         tiles = tiles + schedule.upcoming(-len(tiles) % batch, skip=lambda t: self.known(t) or t in tiles)
         self.reader.prefetch(tiles)  # every read in flight before the first batch waits for its own
-        for i in range(0, len(tiles), batch):
-            group = tiles[i:i + batch]
-            x = np.stack([self.reader.read(t) for t in group])
+        groups = [tiles[i:i + batch] for i in range(0, len(tiles), batch)]
+        stacked = [self.feeders.submit(lambda g: np.stack([self.reader.read(t) for t in g]), g) for g in groups]
+        for group, x in zip(groups, stacked):
+            x = x.result()
             t0 = time.perf_counter()
-            wait = self.submit(x)
-            self.stats["forward_s"] += time.perf_counter() - t0
+            result = _Batch(self.submit(x), self)
+            self._add_time(time.perf_counter() - t0)
             self.stats["tiles_predicted"] += len(group)
-            for t in group:
-                self.pending[t] = (group, wait)
+            for i, t in enumerate(group):
+                self.cache[t] = self.pool.submit(result.tile, i)
 
-    def collect(self, tiles) -> None:
-        """Waits for the batches holding `tiles` and caches every tile of those batches."""
-        for t in tiles:
-            if t in self.pending:
-                group, wait = self.pending[t]
+    def _add_time(self, seconds: float) -> None:
+        with self.lock:
+            self.stats["forward_s"] += seconds
+
+
+class _Batch:
+    """One dispatched batch: the first `tile(i)` waits for it (once, for every tile of it)."""
+
+    def __init__(self, wait, forwards: _Forwards):
+        self.wait, self.forwards, self.lock, self.value = wait, forwards, threading.Lock(), None
+
+    def tile(self, i: int) -> np.ndarray:
+        with self.lock:
+            if self.value is None:
                 t0 = time.perf_counter()
-                y = wait()
-                self.stats["forward_s"] += time.perf_counter() - t0
-                for u, pred in zip(group, y):
-                    self.cache[u] = self.pool.submit(np.copy, pred)
-                    del self.pending[u]
+                self.value = self.wait()
+                self.forwards._add_time(time.perf_counter() - t0)
+        return self.value[i].copy()
 
 
 def _blend_chunk(tiling: Tiling, index, tiles, predictions) -> np.ndarray:
@@ -331,19 +346,20 @@ def _blend_chunk(tiling: Tiling, index, tiles, predictions) -> np.ndarray:
     return np.moveaxis(acc, -1, 0)
 
 
-def _finish_chunk(target, tiling, index, tiles, predictions, out_dtype, log) -> int:
-    """Blends, converts and writes one chunk, then records it done; returns its voxel count.
-    Runs on a worker thread (numpy and tensorstore release the GIL), chunks side by side; the
-    tiles' copies were submitted to the same pool earlier, so they are done or running."""
+def _finish_chunk(target, tiling, index, tiles, predictions, out_dtype, log, marker):
+    """Blends and converts one chunk and starts its write; `marker` records the chunk done once
+    the write has landed. Returns (its voxel count, the marker's future). Runs on a worker thread
+    (numpy and tensorstore release the GIL), chunks side by side; the tiles' copies were
+    submitted to the same pool earlier, so they are done or running."""
     predictions = [p.result() for p in predictions]
     out = to_dtype(_blend_chunk(tiling, index, tiles, predictions), out_dtype)
-    target.write_async(out, (0,) + tuple(b.start for b in tiling.chunk_box(index))).result()
-    log.mark(index)
-    return int(np.prod(out.shape[1:]))
+    write = target.write_async(out, (0,) + tuple(b.start for b in tiling.chunk_box(index)))
+    return int(np.prod(out.shape[1:])), marker.submit(lambda: (write.result(), log.mark(index)))
 
 
-def _count(task, stats: dict, bar) -> None:
-    voxels = task.result()
+def _count(task, marks: collections.deque, stats: dict, bar) -> None:
+    voxels, mark = task.result()
+    marks.append(mark)
     stats["voxels"] += voxels
     bar.update(voxels)
 

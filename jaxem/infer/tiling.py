@@ -93,11 +93,12 @@ class Tiling:
 
     def tiles_for_chunk(self, index) -> list[tuple[int, ...]]:
         """Tile starts (absolute, one tuple per tile) whose weight touches chunk `index`."""
-        per_axis = []
-        for axis, box in enumerate(self.chunk_box(index)):
-            lo, hi = box.start + self.roi[axis][0], box.stop + self.roi[axis][0]
-            per_axis.append([t for t in self.tile_starts(axis) if self._support(axis, t)[0] < hi and self._support(axis, t)[1] > lo])
-        return list(itertools.product(*per_axis))
+        return list(itertools.product(*(self._tiles_along(axis, i) for axis, i in enumerate(index))))
+
+    def _tiles_along(self, axis: int, i: int) -> tuple[int, ...]:
+        """The tile starts along `axis` whose support touches the chunk with index `i` there."""
+        return _tiles_along(self.blend, self.shape[axis], self.roi[axis], self.block[axis], self.halo[axis],
+                            self.chunk[axis], i)
 
     def tile_box(self, start) -> tuple[slice, ...]:
         """The absolute input box of a tile (may be smaller than `block` if the volume is)."""
@@ -186,6 +187,17 @@ def _weight(blend: str, block: tuple, halo: tuple, edges: tuple) -> np.ndarray:
     w = w.astype(np.float32)
     w.setflags(write=False)
     return w
+
+
+@lru_cache(maxsize=65536)
+def _tiles_along(blend: str, n: int, roi: tuple[int, int], block: int, halo: int, chunk: int, i: int) -> tuple[int, ...]:
+    lo, hi = roi[0] + i * chunk, min(roi[0] + (i + 1) * chunk, roi[1])
+    found = []
+    for t in _tile_starts(n, *roi, block, halo):
+        s0, s1 = _support(blend, block, halo, t == 0, t + block >= n)
+        if t + s0 < hi and t + s1 > lo:
+            found.append(t)
+    return tuple(found)
 
 
 _SHARES: dict[bytes, np.ndarray] = {}  # distinct per-axis share profiles, by their bytes
