@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="tiles per device per forward")
     parser.add_argument("--monai", action="store_true", help="also MONAI sliding_window_inference on the same volume")
     parser.add_argument("--xla-conv", action="store_true", help="XLA's own 3D conv (slow on CPUs) instead of jaxem's")
+    parser.add_argument("--uint8", action="store_true",
+                        help="a uint8 input (as EM is), sent to the device raw and normalised there, as `jaxem predict` does")
     args = parser.parse_args()
 
     import flax.linen as nn
@@ -70,21 +72,24 @@ def main() -> None:
     shape = (side, 2 * side, 2 * side)
     net = Net(width, args.xla_conv)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *block, 1)))
-    fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=args.batch)
+    dtype = np.uint8 if args.uint8 else np.float32
+    fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=args.batch,
+                         normalize=(127.5, 64.0) if args.uint8 else None)
     with tempfile.TemporaryDirectory() as tmp:
-        src = create_volume(f"{tmp}/in", shape, np.float32, (1.0, 1.0, 1.0), chunks=(32, 128, 128))
+        src = create_volume(f"{tmp}/in", shape, dtype, (1.0, 1.0, 1.0), chunks=(32, 128, 128))
         for z in range(0, shape[0], 32):
             slab = np.random.default_rng(z).random((min(32, shape[0] - z), *shape[1:]), dtype=np.float32)
-            src.write(slab, (z, 0, 0))
+            src.write((slab * 255).astype(dtype) if args.uint8 else slab, (z, 0, 0))
         tiling = make_tiling(shape, None, block, halo, blend="gaussian")
         out, _ = create_output(f"{tmp}/out.zarr", (1, *shape), np.float16, (1.0,) * 3, (1, *tiling.chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)
         x = np.random.default_rng(0).random((fn.batch, *block, 1), dtype=np.float32)
+        x = (x * 255).astype(dtype) if args.uint8 else x
         fn(x)  # compile
         batches = -(-tiling.tile_count() // fn.batch)
         before = time_forward(fn, x, batches // 2)  # half before and half after the blockwise run,
         t0 = time.perf_counter()                    # so slow drifts of the machine cancel
         stats = predict_volume(fn, src, out, tiling, out_dtype=np.float16, cache_tiles=args.cache_tiles,
-                               read_cache_bytes=args.read_cache_mib << 20, progress=False)
+                               read_cache_bytes=args.read_cache_mib << 20, progress=False, raw_tiles=args.uint8)
         wall = time.perf_counter() - t0
         tiles = stats["tiles_predicted"]
         after = time_forward(fn, x, batches - batches // 2)
@@ -97,6 +102,7 @@ def main() -> None:
         "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
         "model_wait_in_loop_s": round(stats["forward_s"], 3),
         "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
+        "input_dtype": np.dtype(dtype).name,
         "device": str(jax.devices()[0].platform),
         "devices": jax.device_count(),
     }

@@ -173,6 +173,28 @@ def test_output_does_not_depend_on_the_number_of_blending_threads(tmp_path, monk
     np.testing.assert_array_equal(*outputs)
 
 
+def test_raw_uint8_tiles_normalised_on_the_device_equal_host_normalisation(tmp_path):
+    """`raw_tiles` sends uint8 tiles to a predictor that normalises on the device: the output
+    equals normalising float32 tiles on the host, and the predictor really sees uint8."""
+    from jaxem.data.sampling import normalize
+    from jaxem.infer.ensemble import predictor
+
+    vol = (np.random.default_rng(8).random((21, 37, 30)) * 255).astype(np.uint8)
+    src = create_volume(tmp_path / "in8", vol.shape, np.uint8, (1.0,) * 3)
+    src.write(vol)
+    net, stats = SmallNet(), (117.5, 41.0)
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8, 1)))
+    on_host = make_predict_fn(lambda x: net.apply(variables, x), 2)
+    on_device = make_predict_fn(lambda x: net.apply(variables, x), 2, normalize=stats)
+    dtypes = set()
+    recording = predictor(lambda x: (dtypes.add(x.dtype), on_device.submit(x))[1], on_device.batch)
+    tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), blend="gaussian")
+    host, _ = run(tmp_path, src, on_host, tiling, name="host", normalize=lambda x: normalize(x, stats))
+    device, _ = run(tmp_path, src, recording, tiling, name="device", raw_tiles=True)
+    assert dtypes == {np.dtype(np.uint8)}
+    np.testing.assert_allclose(device.read(), host.read(), atol=1e-6)
+
+
 def test_resume_skips_done_chunks_and_matches_uninterrupted_run(tmp_path):
     vol = np.random.default_rng(3).random((30, 40)).astype(np.float32)
     src, fn, _ = setup(tmp_path, vol)

@@ -46,10 +46,13 @@ DEFAULT_CACHE_BYTES = 2 << 30  # predicted tiles kept for neighbouring chunks
 DEFAULT_READ_CACHE_BYTES = 256 << 20  # decoded input chunks shared by overlapping tile reads
 
 
-def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid", model_ndim: int | None = None):
+def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid", model_ndim: int | None = None,
+                    normalize: tuple[float, float] | None = None):
     """Wraps `apply(x) -> logits` as a jitted, device-sharded `fn(x) -> probabilities`.
 
-    x: (B, *block, C) float32 with B <= batch_size * local devices (padded inside). A 2D model
+    x: (B, *block, C) with B <= batch_size * local devices (padded inside), float32, or any real
+    dtype when `normalize` = (a, b) is given: then x is cast and normalised, (x - a) / b, on the
+    device, so raw uint8 EM crosses to the device at a quarter of float32's bytes. A 2D model
     (`model_ndim=2`) on 3D tiles (B, 1, y, x, C) runs on the squeezed (B, y, x, C) slices.
     """
     import jax
@@ -62,6 +65,9 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
     total = batch_size * len(devices)
 
     def forward(x):
+        x = x.astype(jnp.float32)
+        if normalize is not None:
+            x = (x - jnp.float32(normalize[0])) / jnp.float32(normalize[1])
         squeeze = model_ndim is not None and x.ndim - 2 > model_ndim
         y = apply(x[:, 0] if squeeze else x)
         y = jax.nn.softmax(y, axis=-1) if activation == "softmax" else jax.nn.sigmoid(y) if activation == "sigmoid" else y
@@ -81,11 +87,15 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
 
 
 class TileReader:
-    """Reads tiles (float32, normalised, channels-last) through tensorstore; reads start early."""
+    """Reads tiles (channels-last) through tensorstore; reads start early. Tiles are float32,
+    normalised by `normalize` if given, or with `raw` in the source's dtype where that is a real
+    type of at most 4 bytes (for a predictor that normalises on the device)."""
 
-    def __init__(self, source: Volume, tiling: Tiling, normalize: Callable | None = None):
+    def __init__(self, source: Volume, tiling: Tiling, normalize: Callable | None = None, raw: bool = False):
         self.source, self.tiling, self.normalize = source, tiling, normalize
         self.channels = source.ndim > tiling.ndim
+        dtype = np.dtype(source.dtype)
+        self.dtype = dtype if raw and normalize is None and dtype.kind in "uif" and dtype.itemsize <= 4 else np.float32
         self.pending: dict = {}
 
     def prefetch(self, starts: Sequence[tuple]) -> None:
@@ -97,7 +107,7 @@ class TileReader:
 
     def read(self, start) -> np.ndarray:
         self.prefetch([start])
-        x = np.asarray(self.pending.pop(start).result(), dtype=np.float32)
+        x = np.asarray(self.pending.pop(start).result(), dtype=self.dtype)
         x = np.moveaxis(x, 0, -1) if self.channels else x[..., None]
         if self.normalize is not None:
             x = self.normalize(x)
@@ -135,6 +145,7 @@ def predict_volume(
     cache_tiles: int | None = None,
     read_cache_bytes: int = DEFAULT_READ_CACHE_BYTES,
     progress: bool = True,
+    raw_tiles: bool = False,
 ) -> dict:
     """Predicts every not-yet-done output chunk of `target` (K, *roi_shape) from `source`.
 
@@ -142,7 +153,8 @@ def predict_volume(
     float32 (at least one chunk's tiles; `cache_tiles` sets an exact tile count instead), and
     decoded input chunks up to `read_cache_bytes`, so memory depends on these budgets and the
     block and chunk shapes, not on the volume's. `chunk_filter(index) -> bool` selects this
-    process's chunks (multi-host).
+    process's chunks (multi-host). `raw_tiles` (with `normalize=None`) gives `predict_fn` tiles
+    in the source's dtype, for predictors that normalise on the device (`make_predict_fn(normalize=)`).
     Probabilities are stored as float32/float16, or uint8 scaled by 255. Returns statistics:
     tiles_predicted, tiles_total (distinct tiles of the ROI), halo_factor (model voxels per output
     voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only),
@@ -153,7 +165,8 @@ def predict_volume(
     done = log.done()
     todo = [c for c in tiling.chunk_order() if c not in done and (chunk_filter is None or chunk_filter(c))]
     limit = cache_tiles or tile_cache_limit(tiling, target.shape[0], cache_bytes)
-    reader = TileReader(source.with_read_cache(read_cache_bytes) if read_cache_bytes else source, tiling, normalize)
+    reader = TileReader(source.with_read_cache(read_cache_bytes) if read_cache_bytes else source, tiling, normalize,
+                        raw=raw_tiles)
     cache: dict = {}
     stats = {"chunks": len(todo), "tiles_predicted": 0, "tiles_total": tiling.tile_count(), "cache_tiles": limit,
              "peak_cached_tiles": 0, "halo_factor": round(tiling.halo_factor(), 3), "forward_s": 0.0, "voxels": 0}

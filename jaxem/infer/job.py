@@ -60,19 +60,27 @@ def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
     return (1,) * pad + block, (0,) * pad + halo
 
 
+def normalizer_stats(source: Volume, data_cfg) -> tuple[float, float]:
+    """(a, b) of the per-volume normalisation (x - a) / b, exactly as the training loader's."""
+    from jaxem.data.sampling import normalize_stats
+
+    return normalize_stats(source, str(data_cfg.get("normalize", "meanstd")), tuple(data_cfg.get("percentiles", (1.0, 99.0))))
+
+
 def make_normalizer(source: Volume, data_cfg) -> Callable:
     """Per-volume normalisation exactly as the training loader does it (jaxem.data.sampling)."""
-    from jaxem.data.sampling import normalize, normalize_stats
+    from jaxem.data.sampling import normalize
 
-    stats = normalize_stats(source, str(data_cfg.get("normalize", "meanstd")), tuple(data_cfg.get("percentiles", (1.0, 99.0))))
+    stats = normalizer_stats(source, data_cfg)
     return lambda x: normalize(x, stats)
 
 
-def model_predictor(config, model, variables, tta: bool = False) -> Callable:
-    """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass)."""
+def model_predictor(config, model, variables, tta: bool = False, normalize: tuple[float, float] | None = None) -> Callable:
+    """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass);
+    with `normalize` = (a, b) it takes raw tiles and normalises them on the device."""
     kind = str(config.target.get("kind", "boundary"))
     fn = make_predict_fn(lambda x: model.apply(variables, x, train=False), int(config.predict.get("batch_size", 4)),
-                         activation=output_activation(kind), model_ndim=int(config.model.ndim))
+                         activation=output_activation(kind), model_ndim=int(config.model.ndim), normalize=normalize)
     return with_tta(fn) if tta else fn
 
 
@@ -103,14 +111,15 @@ def run_prediction(
     region = parse_roi(roi, shape)
     restored = [restore_for_inference(c) for c in checkpoints]
     config = overrides(restored[0][0]) if overrides else restored[0][0]
-    normalize = make_normalizer(source, config.data)
+    norm = normalizer_stats(source, config.data)
     if adapt_batch_norm:
-        restored = with_adapted_batch_norm(restored, source, normalize, region, adapt_batch_norm)
+        restored = with_adapted_batch_norm(restored, source, make_normalizer(source, config.data), region, adapt_batch_norm)
     block, halo = block_and_halo(config.predict, len(shape))
     chunk = tuple(config.predict.get("chunk_shape", ()))
     chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
     tiling = make_tiling(shape, region, block, halo, chunk, config.predict.get("blend", "gaussian"))
-    fns = [model_predictor(config, m, v, tta) for _, m, v in restored]
+    # Tiles cross to the device in the source's dtype (uint8 EM: a quarter of float32's bytes).
+    fns = [model_predictor(config, m, v, tta, normalize=norm) for _, m, v in restored]
     multiclass = output_activation(str(config.target.get("kind", ""))) == "softmax"
     fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
     channels = int(config.model.out_channels)
@@ -124,9 +133,9 @@ def run_prediction(
     target, resumed = create_shared_output(create, output_path, job, overwrite)
     if jax.process_index() == 0:
         write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
-    stats = predict_volume(fn, source, target, tiling, normalize, DTYPES[dtype], chunk_filter=process_filter(tiling),
+    stats = predict_volume(fn, source, target, tiling, None, DTYPES[dtype], chunk_filter=process_filter(tiling),
                            cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30),
-                           progress=progress and jax.process_index() == 0)
+                           progress=progress and jax.process_index() == 0, raw_tiles=True)
     if jax.process_count() > 1:  # every chunk is written when any process returns
         multihost_utils.sync_global_devices("jaxem predict: all chunks written")
     return dict(stats, resumed=resumed)
