@@ -6,7 +6,8 @@
 #            unet3d_wide and unet3d training-step MFU in bfloat16 (#5's goal >= 35 % was met on an
 #            H100 on 2026-11-26: 39.5 %), the unet3d step against its PyTorch twin (eager and
 #            torch.compile), the model, blockwise and layer tests on the GPU at highest matmul
-#            precision, 1 GiB blockwise inference against MONAI, and the MoCo/SimCLR pretraining
+#            precision, 1 GiB blockwise inference against MONAI (and from uint8, normalised on the
+#            device, as `jaxem predict` runs it), and the MoCo/SimCLR pretraining
 #            step beside the supervised one (ssl.json; never yet measured on a GPU).
 # STAGE=profile writes $OUT/{gpu.txt,profile.json,conv.json,models.json,errors.log}: where the 3D
 #            U-Net step's time goes (kernels by HLO op), the convolution library's ceiling per
@@ -81,6 +82,7 @@ if [ "$STAGE" = next ]; then
   run torch.json 150 $PYTHON benchmarks/torch_unet.py --models unet3d $T --modes compiled
   run pytest.txt 120 env JAX_DEFAULT_MATMUL_PRECISION=highest $PYTHON -m pytest -q -p no:cacheprovider tests/test_models_unet.py tests/test_blockwise.py tests/test_conv_cpu.py
   run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
+  run inference.json 120 $PYTHON benchmarks/inference.py $I --uint8
   run ssl.json 90 $PYTHON benchmarks/ssl_step.py $S
 elif [ "$STAGE" = profile ]; then
   run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
