@@ -53,6 +53,39 @@ def test_merging_rescores_the_merged_fragment():
     assert agg.merge_regions(graph, 0.05, 4).tolist() == [0, 1, 2, 3]
 
 
+def _grid_graph(side: int, seed: int) -> agg.RegionGraph:
+    """Fragments 1..side^3 on a 6-connected grid, random face counts and mean boundaries."""
+    ids = np.arange(side**3).reshape((side,) * 3) + 1
+    pairs = [np.stack([np.take(ids, range(side - 1), axis=a).ravel(), np.take(ids, range(1, side), axis=a).ravel()], 1)
+             for a in range(3)]
+    uv = np.concatenate(pairs).astype(np.uint64)
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 50, len(uv))
+    return agg.RegionGraph(uv, rng.random(len(uv)) * counts, counts)
+
+
+@pytest.mark.parametrize("merge", [0.2, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_rounds_merge_exactly_as_the_heap(merge, seed):
+    """Merging all mutually weakest pairs at once (then the heap) gives the same partition as
+    the heap alone, one merge at a time; the rounds do run here (thousands of pairs each)."""
+    graph = _grid_graph(16, seed)
+    pairs = agg._mutual_weakest(graph.uv, graph.sums / graph.counts, merge, 16**3 + 1)
+    assert len(pairs) >= agg._MIN_ROUND_MERGES
+    fast, slow = agg.merge_regions(graph, merge, 16**3 + 1), agg._merge_heap(graph, merge, 16**3 + 1)
+    joint = np.unique(np.stack([fast, slow], 1), axis=0)
+    assert len(joint) == len(np.unique(fast)) == len(np.unique(slow)) < 16**3 + 1
+
+
+def test_a_chain_of_rising_scores_merges_in_order():
+    """Fragments 1-2-3-4-5 with edge means 0.1 < 0.2 < 0.3 < 0.6: one mutual pair per round; all
+    but the last edge merge at 0.5."""
+    uv = np.array([[1, 2], [2, 3], [3, 4], [4, 5]], np.uint64)
+    graph = agg.RegionGraph(uv, np.array([0.1, 0.2, 0.3, 0.6]), np.ones(4, np.int64))
+    table = agg.merge_regions(graph, 0.5, 6)
+    assert len(set(table[1:5].tolist())) == 1 and table[5] != table[1]
+
+
 def test_agglomerate_keeps_background_and_merge_bounds():
     fragments, boundary = three_fragments()
     assert np.array_equal(agg.agglomerate(fragments, 0.0, boundary=boundary), fragments)
