@@ -46,6 +46,17 @@ def test_ssl_step_benchmark_times_both_methods_beside_the_supervised_step():
     assert rows["moco"]["crop"] == rows["supervised"]["crop"] == [32, 32]
 
 
+def test_merge_speed_benchmark_times_both_merges_on_the_same_partition():
+    out = subprocess.run([sys.executable, "benchmarks/merge_speed.py", "--side", "12", "--volume", "16", "48", "48"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    report = json.loads(out.stdout)
+    for graph in ("grid", "watershed"):
+        row = report[graph]
+        assert row["same_partition"] and row["edges"] > 0 and row["rounds_s"] > 0 and row["heap_s"] > 0
+        assert 0 < row["objects"]
+    assert report["grid"]["edges"] == 3 * 11 * 12 * 12
+
+
 def test_profile_step_finds_the_convolutions():
     out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--small", "--top", "40"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
