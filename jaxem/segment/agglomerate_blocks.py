@@ -14,7 +14,7 @@ cut the work, not the graph:
    graph has a few numbers per pair of touching fragments, far smaller than the volume.
 3. One mean-boundary merge over the whole graph (`agglomerate.merge_ids`), fragments cut by a
    border joining like any others; objects below `min_size` voxels become 0; ids consecutive.
-4. Every block relabelled in place (`stitch._relabel_block`).
+4. Every block relabelled in place, given only its own ids (`stitch.relabel_blocks`).
 
 Steps 1, 2 and 4 run on any executor (in-process or Dask). The result equals agglomerating the
 same fragments of the whole volume at once (tests/test_agglomerate.py).
@@ -62,14 +62,14 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
     uv = np.concatenate([g.uv for g in partial_graphs])
     graph = sum_edges(uv[:, 0], uv[:, 1], np.concatenate([g.sums for g in partial_graphs]),
                       np.concatenate([g.counts for g in partial_graphs]))
-    mapping, count = _merged_ids(graph, made, merge, min_size)
-    executor.map(partial(stitch._relabel_block, output_path, shape, block, mapping), blocks)
-    return {"objects": count, "blocks": len(blocks), "fragments": len(mapping), "edges": len(graph.uv)}
+    ids, new_ids, count = _merged_ids(graph, made, merge, min_size)
+    stitch.relabel_blocks(executor, output_path, shape, block, ids, new_ids)
+    return {"objects": count, "blocks": len(blocks), "fragments": len(ids), "edges": len(graph.uv)}
 
 
 def _fragments_block(*args) -> dict:
-    """`stitch._segment_block` without the face strips stitching needs (the driver would hold them)."""
-    made = stitch._segment_block(*args)
+    """`stitch._segment_block` without the face strips that stitching needs."""
+    made = stitch._segment_block(*args, store_faces=False)
     return {"ids": made["ids"], "counts": made["counts"]}
 
 
@@ -95,11 +95,12 @@ def _block_graph(input_path, fragments_path, shape, block, channel, evidence, of
     return RegionGraph(*(np.concatenate([getattr(p, f) for p in parts]) for f in RegionGraph._fields))
 
 
-def _merged_ids(graph: RegionGraph, made: list[dict], merge: float, min_size: int) -> tuple[dict, int]:
-    """{block-unique fragment id: global object id (0 for objects below min_size)}, object count."""
+def _merged_ids(graph: RegionGraph, made: list[dict], merge: float, min_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the sorted block-unique fragment ids, the global object id of each (0 for objects below
+    min_size), the object count)."""
     ids, counts = stitch.block_ids(made)
     root = ids.copy()
     merged, roots = merge_ids(graph, merge)
     root[np.searchsorted(ids, merged)] = roots
     _, component = np.unique(root, return_inverse=True)
-    return stitch.consecutive_ids(ids, component, counts, min_size)
+    return ids, *stitch.consecutive_ids(ids, component, counts, min_size)

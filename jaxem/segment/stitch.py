@@ -2,27 +2,32 @@
 
 1. Each block is segmented on its core grown by `overlap` voxels (context), ids made unique per
    block (block number << 32), the core written to the output, and the labels of the strips
-   along its faces returned together with its id counts.
-2. Neighbouring blocks are matched on their shared strips: 'touch' (overlap 0, for connected
-   components) joins labels that are face-adjacent across the face, which makes the result equal
-   to whole-volume connected components; 'overlap' (for watershed) joins labels that cover the
-   majority of each other in the 2 * overlap strip both blocks segmented. The joins form a graph
-   whose connected components (scipy) are the global objects.
-3. Each block is relabelled to consecutive global ids (objects below `min_size` become 0).
-Steps 1 and 3 run on any executor (in-process or Dask); step 2 is a small graph on the driver.
+   along its faces stored next to the output (`jaxem_stitch/` keys in its group); the block
+   returns its id counts.
+2. Each pair of neighbouring blocks is matched on their shared strips (one task per pair):
+   'touch' (overlap 0, for connected components) joins labels that are face-adjacent across the
+   face, which makes the result equal to whole-volume connected components; 'overlap' (for
+   watershed) joins labels that cover the majority of each other in the 2 * overlap strip both
+   blocks segmented. The joins form a graph whose connected components (scipy) are the objects.
+3. Each block is relabelled to consecutive global ids (objects below `min_size` become 0), given
+   only its own ids' new ids; the strips are deleted.
+Every step runs on any executor (in-process or Dask); the driver holds ids, counts and joins,
+never voxels, so the volume may be far larger than its memory.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 from functools import partial
 
 import fastremap
 import numpy as np
+import tensorstore as ts
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from jaxem.data.volume import create_volume, open_volume
+from jaxem.data.volume import create_volume, kvstore_spec, open_volume
 from jaxem.infer.executors import InProcess
 
 SHIFT = 32  # block-unique ids: (block number << 32) + local id
@@ -53,12 +58,15 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
     blocks = block_grid(shape, block)
     task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
     results = dict(zip(blocks, executor.map(task, blocks)))
-    mapping, count = _global_ids(results, shape, block, overlap, min_size)
-    executor.map(partial(_relabel_block, output_path, tuple(shape), tuple(block), mapping), blocks)
+    ids, counts = block_ids(results.values())
+    joins = executor.map(partial(_match_pair, output_path, overlap), _neighbour_pairs(results, shape, block))
+    new_ids, count = consecutive_ids(ids, _components(ids, joins), counts, min_size)
+    relabel_blocks(executor, output_path, shape, block, ids, new_ids)
+    _scratch(output_path).delete_range(ts.KvStore.KeyRange(SCRATCH, SCRATCH[:-1] + "0")).result()
     return {"objects": count, "blocks": len(blocks)}
 
 
-def _segment_block(input_path, output_path, shape, block, segment_fn, overlap, channel, index):
+def _segment_block(input_path, output_path, shape, block, segment_fn, overlap, channel, index, store_faces=True):
     core = core_box(index, shape, block)
     ext = tuple(slice(max(c.start - overlap, 0), min(c.stop + overlap, s)) for c, s in zip(core, shape))
     source = open_volume(input_path)
@@ -72,7 +80,34 @@ def _segment_block(input_path, output_path, shape, block, segment_fn, overlap, c
     out = labels[inner]
     open_volume(output_path, "r+").write(out, [c.start for c in core])
     ids, counts = fastremap.unique(out, return_counts=True)
-    return {"ext": [(e.start, e.stop) for e in ext], "faces": _faces(labels, core, ext, overlap), "ids": ids, "counts": counts}
+    if store_faces:
+        scratch = _scratch(output_path)
+        writes = [scratch.write(_face_key(number, axis, side), _to_bytes(face))
+                  for (axis, side), face in _faces(labels, core, ext, overlap).items()]
+        for write in writes:
+            write.result()
+    return {"number": number, "ext": [(e.start, e.stop) for e in ext], "ids": ids, "counts": counts}
+
+
+SCRATCH = "jaxem_stitch/"  # face strips between steps 1 and 2, inside the output group
+
+
+def _scratch(output_path):
+    return ts.KvStore.open(kvstore_spec(output_path)).result()
+
+
+def _face_key(number: int, axis: int, side: str) -> str:
+    return f"{SCRATCH}{number}_{axis}_{side}.npy"
+
+
+def _to_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _read_face(scratch, number: int, axis: int, side: str) -> np.ndarray:
+    return np.load(io.BytesIO(scratch.read(_face_key(number, axis, side)).result().value))
 
 
 def _faces(labels, core, ext, overlap):
@@ -95,21 +130,44 @@ def _faces(labels, core, ext, overlap):
     return faces
 
 
-def _global_ids(results, shape, block, overlap, min_size):
-    """Joins labels across faces; returns ({block id: global id}, number of objects)."""
-    ids, counts = block_ids(results.values())
-    pairs = [np.zeros((0, 2), np.uint64)]
+def _neighbour_pairs(results: dict, shape, block) -> list[tuple]:
+    """(block A's number and extended box, block B's, axis) for each B one step up from A."""
+    pairs = []
     for index, r in results.items():
         for axis in range(len(shape)):
             nb = tuple(i + (a == axis) for a, i in enumerate(index))
             if nb in results:
-                pairs.append(_match(r["faces"][(axis, "high")], results[nb]["faces"][(axis, "low")], overlap, r, results[nb], axis))
-    pairs = np.concatenate(pairs).astype(np.uint64)
+                pairs.append(((r["number"], r["ext"]), (results[nb]["number"], results[nb]["ext"]), axis))
+    return pairs
+
+
+def _match_pair(output_path, overlap, pair) -> np.ndarray:
+    """The label pairs (J, 2) to join across the face between two neighbouring blocks."""
+    (a, ext_a), (b, ext_b), axis = pair
+    scratch = _scratch(output_path)
+    return _match(_read_face(scratch, a, axis, "high"), _read_face(scratch, b, axis, "low"), overlap,
+                  {"ext": ext_a}, {"ext": ext_b}, axis).astype(np.uint64)
+
+
+def _components(ids: np.ndarray, joins: list[np.ndarray]) -> np.ndarray:
+    """The connected component of each of `ids` (sorted) in the graph of `joins`."""
+    pairs = np.concatenate([np.zeros((0, 2), np.uint64), *joins]).astype(np.uint64)
     pairs = pairs[np.isin(pairs[:, 0], ids) & np.isin(pairs[:, 1], ids)]  # labels seen only in context
     rows, cols = np.searchsorted(ids, pairs[:, 0]), np.searchsorted(ids, pairs[:, 1])
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), len(ids)))
-    _, component = connected_components(graph, directed=False)
-    return consecutive_ids(ids, component, counts, min_size)
+    return connected_components(graph, directed=False)[1]
+
+
+def relabel_blocks(executor, output_path, shape, block, ids: np.ndarray, new_ids: np.ndarray) -> None:
+    """Rewrites every block with the new ids of its own ids (block-unique ids carry the block's
+    number in their high bits, so a block's share of the sorted ids is one slice)."""
+    blocks = block_grid(shape, block)
+    grid = [-(-s // b) for s, b in zip(shape, block)]
+    numbers = np.array([np.ravel_multi_index(i, grid) for i in blocks], np.uint64)
+    lo = np.searchsorted(ids, numbers << np.uint64(SHIFT))
+    hi = np.searchsorted(ids, (numbers + np.uint64(1)) << np.uint64(SHIFT))
+    items = [(index, ids[a:b], new_ids[a:b]) for index, a, b in zip(blocks, lo, hi)]
+    executor.map(partial(_relabel_block, output_path, tuple(shape), tuple(block)), items)
 
 
 def block_ids(results) -> tuple[np.ndarray, np.ndarray]:
@@ -121,14 +179,15 @@ def block_ids(results) -> tuple[np.ndarray, np.ndarray]:
     return ids[order][keep], counts[order][keep]
 
 
-def consecutive_ids(ids, component, counts, min_size) -> tuple[dict, int]:
-    """({id: object number}, number of objects): objects are the `component` numbers of `ids`,
-    numbered 1..N consecutively; objects of fewer than `min_size` voxels (`counts` summed) get 0."""
+def consecutive_ids(ids, component, counts, min_size) -> tuple[np.ndarray, int]:
+    """(the object number of each of `ids`, number of objects): objects are the `component`
+    numbers of `ids`, numbered 1..N consecutively; objects of fewer than `min_size` voxels
+    (`counts` summed) get 0."""
     sizes = np.bincount(component, weights=counts)
     alive = sizes >= max(min_size, 1)
     new_id = np.zeros(len(sizes), np.uint64)
     new_id[alive] = np.arange(1, alive.sum() + 1, dtype=np.uint64)
-    return {int(i): int(new_id[c]) for i, c in zip(ids, component)}, int(alive.sum())
+    return new_id[component], int(alive.sum())
 
 
 def _match(a_face, b_face, overlap, ra, rb, axis) -> np.ndarray:
@@ -169,11 +228,12 @@ def _face_start(r, axis, side, width) -> int:
     return (ext_hi - ext_lo - width) if side == "high" else 0
 
 
-def _relabel_block(output_path, shape, block, mapping, index):
+def _relabel_block(output_path, shape, block, item):
+    """Rewrites one block's labels: item = (block index, its ids, their new ids)."""
+    index, ids, new_ids = item
     volume = open_volume(output_path, "r+")
     box = core_box(index, shape, block)
     labels = volume.read(box)
-    ids = fastremap.unique(labels)
-    local = {int(i): mapping.get(int(i), 0) for i in ids if i}
+    local = dict(zip(ids.tolist(), new_ids.tolist()))
     local[0] = 0
-    volume.write(fastremap.remap(labels, local, preserve_missing_labels=True).astype(np.uint64), [b.start for b in box])
+    volume.write(fastremap.remap(labels, local, preserve_missing_labels=False).astype(np.uint64), [b.start for b in box])
