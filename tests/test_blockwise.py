@@ -195,6 +195,38 @@ def test_raw_uint8_tiles_normalised_on_the_device_equal_host_normalisation(tmp_p
     np.testing.assert_allclose(device.read(), host.read(), atol=1e-6)
 
 
+def test_a_failing_forward_raises_and_a_rerun_completes_the_same_output(tmp_path):
+    """An error in a batch's forward (raised on a worker thread, where the batch is awaited)
+    reaches the caller; chunks already recorded done are intact, so a rerun finishes the volume
+    exactly as an uninterrupted run."""
+    from jaxem.infer.ensemble import predictor
+
+    vol = np.random.default_rng(9).random((21, 37, 30)).astype(np.float32)
+    src, fn, _ = setup(tmp_path, vol)
+    calls = []
+
+    def submit(x):
+        calls.append(len(x))
+        if len(calls) == 6:
+            def fail():
+                raise RuntimeError("device lost in batch 6")
+            return fail
+        return fn.submit(x)
+
+    tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), chunk=(4, 8, 8), blend="gaussian")
+    full, _ = run(tmp_path, src, fn, tiling, name="full")
+    with pytest.raises(RuntimeError, match="batch 6"):
+        run(tmp_path, src, predictor(submit, fn.batch), tiling, name="broken")
+    from jaxem.data.volume import open_volume
+
+    broken = open_volume(str(tmp_path / "broken"), "r+")  # the rerun goes on in the same output
+    done = DoneLog(broken.path).done()
+    assert len(done) < len(tiling.chunks())
+    stats = predict_volume(fn, src, broken, tiling, progress=False)
+    assert stats["chunks"] == len(tiling.chunks()) - len(done)
+    np.testing.assert_array_equal(broken.read(), full.read())
+
+
 def test_resume_skips_done_chunks_and_matches_uninterrupted_run(tmp_path):
     vol = np.random.default_rng(3).random((30, 40)).astype(np.float32)
     src, fn, _ = setup(tmp_path, vol)
