@@ -99,3 +99,17 @@ def test_segment_agglomerate_blockwise_and_bad_merge(tmp_path, capsys):
     assert open_volume(tmp_path / "agg").read().max() == 16
     assert main(base + ["--output", str(tmp_path / "bad"), "--method", "agglomerate", "--merge", "1.5"]) == 2
     assert "--merge 1.5 must lie in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_segment_shows_progress_bars_unless_told_not_to(tmp_path, capsys):
+    """Each blockwise stage has its bar on stderr (segment blocks, match faces, relabel blocks);
+    --no-progress hides them."""
+    pred = grid_boundaries((17, 33, 33), 8)[None]
+    create_volume(tmp_path / "pred", pred.shape, np.float32, (1.0, 1.0, 1.0), axes=("c", "z", "y", "x")).write(pred)
+    base = ["segment", "--input", str(tmp_path / "pred"), "--method", "watershed", "--block", "8,16,16"]
+    assert main(base + ["--output", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    for stage, tasks in (("segment blocks", 27), ("match faces", 54), ("relabel blocks", 27)):  # 3x3x3 blocks
+        assert f"{stage}: 100%" in err and f"{tasks}/{tasks}" in err, err
+    assert main(base + ["--output", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "segment blocks" not in capsys.readouterr().err

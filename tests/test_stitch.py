@@ -87,12 +87,13 @@ def test_the_driver_receives_ids_and_joins_never_voxels_and_the_strips_are_remov
 
     class Recording(InProcess):
         def __init__(self):
+            super().__init__(progress=True)  # the bars go to stderr, as in `jaxem segment`
             self.returned, self.given = [], []
 
-        def map(self, fn, items):
+        def map(self, fn, items, desc=None):
             items = list(items)
             self.given.extend(items)
-            out = super().map(fn, items)
+            out = super().map(fn, items, desc)
             self.returned.extend(out)
             return out
 

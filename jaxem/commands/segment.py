@@ -5,7 +5,7 @@
                   [--merge 0.5]
                   [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json]
                   [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
-                  [--dask local|ADDRESS] [--workers 2] [--overwrite]
+                  [--dask local|ADDRESS] [--workers 2] [--overwrite] [--no-progress]
 
 --params takes the settings `jaxem tune` chose (method, threshold, seeds, h, merge, min_size, kind,
 per-slice); flags given on the command line override them.
@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dask", default=None, help="'local' (LocalCluster) or a scheduler address")
     parser.add_argument("--workers", type=int, default=2, help="workers of --dask local")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args, overrides) -> int:
@@ -97,7 +98,7 @@ def run(args, overrides) -> int:
         raise UserError(f"--method {args.method!r} is not one of {', '.join(instances.METHODS + ('mws',))}.")
     block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
-    executor = make_executor(args.dask, args.workers)
+    executor = make_executor(args.dask, args.workers, progress=not args.no_progress)
     try:
         if args.method == "agglomerate":  # one region graph over all blocks: agglomerate_blocks
             from jaxem.segment.agglomerate_blocks import agglomerate_blockwise

@@ -56,9 +56,9 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
                   axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
     blocks = stitch.block_grid(shape, block)
     made = executor.map(partial(_fragments_block, input_path, output_path, shape, block, fragment_fn, overlap,
-                                channel), blocks)
+                                channel), blocks, desc="fragments")
     partial_graphs = executor.map(partial(_block_graph, input_path, output_path, shape, block, channel, evidence,
-                                          offsets, axes), blocks)
+                                          offsets, axes), blocks, desc="region graphs")
     uv = np.concatenate([g.uv for g in partial_graphs])
     graph = sum_edges(uv[:, 0], uv[:, 1], np.concatenate([g.sums for g in partial_graphs]),
                       np.concatenate([g.counts for g in partial_graphs]))

@@ -57,9 +57,10 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
                   axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
     blocks = block_grid(shape, block)
     task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
-    results = dict(zip(blocks, executor.map(task, blocks)))
+    results = dict(zip(blocks, executor.map(task, blocks, desc="segment blocks")))
     ids, counts = block_ids(results.values())
-    joins = executor.map(partial(_match_pair, output_path, overlap), _neighbour_pairs(results, shape, block))
+    joins = executor.map(partial(_match_pair, output_path, overlap), _neighbour_pairs(results, shape, block),
+                         desc="match faces")
     new_ids, count = consecutive_ids(ids, _components(ids, joins), counts, min_size)
     relabel_blocks(executor, output_path, shape, block, ids, new_ids)
     _scratch(output_path).delete_range(ts.KvStore.KeyRange(SCRATCH, SCRATCH[:-1] + "0")).result()
@@ -167,7 +168,7 @@ def relabel_blocks(executor, output_path, shape, block, ids: np.ndarray, new_ids
     lo = np.searchsorted(ids, numbers << np.uint64(SHIFT))
     hi = np.searchsorted(ids, (numbers + np.uint64(1)) << np.uint64(SHIFT))
     items = [(index, ids[a:b], new_ids[a:b]) for index, a, b in zip(blocks, lo, hi)]
-    executor.map(partial(_relabel_block, output_path, tuple(shape), tuple(block)), items)
+    executor.map(partial(_relabel_block, output_path, tuple(shape), tuple(block)), items, desc="relabel blocks")
 
 
 def block_ids(results) -> tuple[np.ndarray, np.ndarray]:
