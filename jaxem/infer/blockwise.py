@@ -158,8 +158,9 @@ def predict_volume(
     Probabilities are stored as float32/float16, or uint8 scaled by 255. Returns statistics:
     tiles_predicted, tiles_total (distinct tiles of the ROI), halo_factor (model voxels per output
     voxel if each tile ran once), recompute_factor (tiles_predicted / tiles_total, full runs only),
-    forward_s (seconds the loop spent dispatching forwards and waiting for their results: the
-    next chunk's forwards run while a chunk is blended and written, so this is below their cost).
+    forward_s (seconds spent dispatching forwards, on the main thread, plus waiting for their
+    results, on the workers: the next chunk's forwards run while chunks are blended and written,
+    so this is below their cost).
     """
     log = DoneLog(target.path)
     done = log.done()
