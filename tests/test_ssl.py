@@ -116,7 +116,9 @@ def test_negatives_span_devices(method, batch_norm, tmp_path):
     """The same global batch on 1 and on 4 devices gives the same loss and update: every device's
     views are negatives for every other device's (per-device negatives would change the loss by
     tens of percent). With batch norm in the projector its statistics are global too; they differ
-    only by rounding (flax's one-pass variance), hence the looser tolerance."""
+    only by rounding (flax's one-pass variance), hence the looser tolerance: the largest update
+    difference was 1.02e-3 of the largest update on an Intel Xeon 2-core VM (2026-11-26), within
+    1e-3 on the AMD EPYC ones before."""
     # SGD at a constant, large rate: with warm-up the rate is 0 at step 0 and the update would
     # compare nothing; Adam's first step (g / |g|) would blow rounding noise in near-zero gradients
     # up to lr; a small rate would drown the update in float32 rounding of the parameters.
@@ -133,7 +135,7 @@ def test_negatives_span_devices(method, batch_norm, tmp_path):
         update = jax.tree.map(lambda new, old: new - old, jax.device_get(state.params), initial)
         results.append((jax.device_get(metrics), update))
     (m1, u1), (m4, u4) = results
-    rtol = 1e-3 if batch_norm else 1e-4
+    rtol = 2e-3 if batch_norm else 1e-4
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=rtol)
     u1, u4 = np.concatenate([u.ravel() for u in jax.tree.leaves(u1)]), np.concatenate([u.ravel() for u in jax.tree.leaves(u4)])
     assert np.abs(u4).max() > 0
