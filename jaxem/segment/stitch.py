@@ -59,7 +59,7 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
     task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
     results = dict(zip(blocks, executor.map(task, blocks, desc="segment blocks")))
     ids, counts = block_ids(results.values())
-    joins = executor.map(partial(_match_pair, output_path, overlap), _neighbour_pairs(results, shape, block),
+    joins = executor.map(partial(_match_pair, output_path, overlap), _neighbour_pairs(results, shape),
                          desc="match faces")
     new_ids, count = consecutive_ids(ids, _components(ids, joins), counts, min_size)
     relabel_blocks(executor, output_path, shape, block, ids, new_ids)
@@ -131,7 +131,7 @@ def _faces(labels, core, ext, overlap):
     return faces
 
 
-def _neighbour_pairs(results: dict, shape, block) -> list[tuple]:
+def _neighbour_pairs(results: dict, shape) -> list[tuple]:
     """(block A's number and extended box, block B's, axis) for each B one step up from A."""
     pairs = []
     for index, r in results.items():
@@ -147,7 +147,7 @@ def _match_pair(output_path, overlap, pair) -> np.ndarray:
     (a, ext_a), (b, ext_b), axis = pair
     scratch = _scratch(output_path)
     return _match(_read_face(scratch, a, axis, "high"), _read_face(scratch, b, axis, "low"), overlap,
-                  {"ext": ext_a}, {"ext": ext_b}, axis).astype(np.uint64)
+                  ext_a, ext_b, axis).astype(np.uint64)
 
 
 def _components(ids: np.ndarray, joins: list[np.ndarray]) -> np.ndarray:
@@ -191,12 +191,12 @@ def consecutive_ids(ids, component, counts, min_size) -> tuple[np.ndarray, int]:
     return new_id[component], int(alive.sum())
 
 
-def _match(a_face, b_face, overlap, ra, rb, axis) -> np.ndarray:
+def _match(a_face, b_face, overlap, ext_a, ext_b, axis) -> np.ndarray:
     """Label pairs to join between block A's high face and block B's low face."""
     if overlap == 0:
         both = (a_face > 0) & (b_face > 0)
         return np.unique(np.stack([a_face[both], b_face[both]], 1), axis=0)
-    a, b = _common(a_face, b_face, ra, rb, axis)
+    a, b = _common(a_face, b_face, ext_a, ext_b, axis)
     both = (a > 0) & (b > 0)
     pairs, n = np.unique(np.stack([a[both], b[both]], 1), axis=0, return_counts=True)
     if len(pairs) == 0:
@@ -208,13 +208,14 @@ def _match(a_face, b_face, overlap, ra, rb, axis) -> np.ndarray:
     return pairs[np.array(ok, bool)]
 
 
-def _common(a_face, b_face, ra, rb, axis):
-    """Crops two strips (in their own blocks' extended frames) to the box both cover."""
+def _common(a_face, b_face, ext_a, ext_b, axis):
+    """Crops two strips (in their own blocks' extended boxes, [(start, stop)] per axis) to the box
+    both cover."""
     box_a, box_b = [], []
     for d in range(a_face.ndim):
-        a0, b0 = ra["ext"][d][0], rb["ext"][d][0]
+        a0, b0 = ext_a[d][0], ext_b[d][0]
         if d == axis:
-            a_lo, b_lo = a0 + _face_start(ra, d, "high", a_face.shape[d]), b0 + _face_start(rb, d, "low", b_face.shape[d])
+            a_lo, b_lo = a0 + _face_start(ext_a, d, "high", a_face.shape[d]), b0 + _face_start(ext_b, d, "low", b_face.shape[d])
         else:
             a_lo, b_lo = a0, b0
         lo, hi = max(a_lo, b_lo), min(a_lo + a_face.shape[d], b_lo + b_face.shape[d])
@@ -223,9 +224,9 @@ def _common(a_face, b_face, ra, rb, axis):
     return a_face[tuple(box_a)], b_face[tuple(box_b)]
 
 
-def _face_start(r, axis, side, width) -> int:
+def _face_start(ext, axis, side, width) -> int:
     """Offset of a strip within the block's extended box along `axis`."""
-    ext_lo, ext_hi = r["ext"][axis]
+    ext_lo, ext_hi = ext[axis]
     return (ext_hi - ext_lo - width) if side == "high" else 0
 
 
