@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from benchmarks.merge_speed import grid_graph
 from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.segment import agglomerate as agg
@@ -53,23 +54,12 @@ def test_merging_rescores_the_merged_fragment():
     assert agg.merge_regions(graph, 0.05, 4).tolist() == [0, 1, 2, 3]
 
 
-def _grid_graph(side: int, seed: int) -> agg.RegionGraph:
-    """Fragments 1..side^3 on a 6-connected grid, random face counts and mean boundaries."""
-    ids = np.arange(side**3).reshape((side,) * 3) + 1
-    pairs = [np.stack([np.take(ids, range(side - 1), axis=a).ravel(), np.take(ids, range(1, side), axis=a).ravel()], 1)
-             for a in range(3)]
-    uv = np.concatenate(pairs).astype(np.uint64)
-    rng = np.random.default_rng(seed)
-    counts = rng.integers(1, 50, len(uv))
-    return agg.RegionGraph(uv, rng.random(len(uv)) * counts, counts)
-
-
 @pytest.mark.parametrize("merge", [0.2, 0.5, 0.9])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_vectorised_rounds_merge_exactly_as_the_heap(merge, seed):
     """Merging all mutually weakest pairs at once (then the heap) gives the same partition as
     the heap alone, one merge at a time; the rounds do run here (thousands of pairs each)."""
-    graph = _grid_graph(16, seed)
+    graph, _ = grid_graph(16, seed)  # fragments 1..16^3 on a 6-connected grid, random means
     pairs = agg._mutual_weakest(graph.uv, graph.sums / graph.counts, merge, 16**3 + 1)
     assert len(pairs) >= agg._MIN_ROUND_MERGES
     fast, slow = agg.merge_regions(graph, merge, 16**3 + 1), agg._merge_heap(graph, merge, 16**3 + 1)
