@@ -1,5 +1,6 @@
 """Blockwise prediction equals a whole-volume forward pass; resume; TTA; ensembles; flat memory."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxem.data.volume import create_volume
+from jaxem.data.volume import create_volume, open_volume
 from jaxem.infer.blockwise import DoneLog, make_predict_fn, plan, predict_volume, tile_cache_limit
 from jaxem.infer.ensemble import ensemble, tta_transforms, with_tta
 from jaxem.infer.output import create_output
@@ -143,7 +144,7 @@ def test_tile_shares_are_weights_over_their_sum_and_add_up_to_one(blend, shape, 
     here the long way on the whole volume; over the ROI the shares add up to exactly 1."""
     tiling = make_tiling(shape, roi, (8, 16, 16)[-len(shape):], (2, 4, 4)[-len(shape):], blend=blend)
     total, shares = np.zeros(shape), np.zeros(shape)
-    tiles = list(__import__("itertools").product(*(tiling.tile_starts(a) for a in range(len(shape)))))
+    tiles = list(itertools.product(*(tiling.tile_starts(a) for a in range(len(shape)))))
     for t in tiles:
         total[tiling.tile_box(t)] += tiling.weight(t)
     for t in tiles:
@@ -217,8 +218,6 @@ def test_a_failing_forward_raises_and_a_rerun_completes_the_same_output(tmp_path
     full, _ = run(tmp_path, src, fn, tiling, name="full")
     with pytest.raises(RuntimeError, match="batch 6"):
         run(tmp_path, src, predictor(submit, fn.batch), tiling, name="broken")
-    from jaxem.data.volume import open_volume
-
     broken = open_volume(str(tmp_path / "broken"), "r+")  # the rerun goes on in the same output
     done = DoneLog(broken.path).done()
     assert len(done) < len(tiling.chunks())
@@ -257,7 +256,7 @@ def test_tta_inverts_transforms_and_ensembles_reduce():
 RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, numpy as np, jax, jax.numpy as jnp
     sys.path.insert(0, {root!r})
-    from jaxem.data.volume import create_volume
+    from jaxem.data.volume import create_volume, open_volume
     from jaxem.infer.blockwise import make_predict_fn, predict_volume
     from jaxem.infer.output import create_output
     from jaxem.infer.tiling import make_tiling
