@@ -3,12 +3,13 @@
     jaxem pretrain --workdir runs/pretrain                          # MoCo v2 (default)
     jaxem pretrain --config pretrain:simclr --workdir runs/simclr   # SimCLR
     jaxem pretrain --config pretrain:densecl --workdir runs/densecl # DenseCL (MoCo v2 + dense loss)
+    jaxem pretrain --config pretrain:mim --workdir runs/mim         # masked image modelling, whole U-Net
     jaxem demo --workdir runs/finetuned --config.train.init_encoder=runs/pretrain
 
 The model section is the demo's U-Net, so the exported encoder fine-tunes in `jaxem demo` (or any
 config with the same encoder). With data.train_images empty, `jaxem pretrain` writes a synthetic
 volume of `synthetic.shape` into WORKDIR/data; set data.train_images to pretrain on real EM
-(labels are never read). Arguments (comma-separated): moco | simclr | densecl; 3d (an anisotropic 3D U-Net
+(labels are never read). Arguments (comma-separated): moco | simclr | densecl | mim; 3d (an anisotropic 3D U-Net
 encoder on 8 x 128x128 crops: in-plane levels first, as for serial-section EM); tiny (seconds, for
 tests). Another model (a U-Net with a ResNet encoder, UNETR) is a copy of this file with that
 model section: the encoder is pretrained for exactly the model it will fine-tune.
@@ -20,10 +21,10 @@ from jaxem.train.defaults import base_config
 
 def get_config(arg: str = ""):
     options = {a for a in arg.split(",") if a}
-    methods = {"moco", "simclr", "densecl"}
+    methods = {"moco", "simclr", "densecl", "mim"}
     unknown = options - methods - {"3d", "tiny"}
     if unknown or len(options & methods) > 1:
-        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use one of moco, simclr, densecl; 3d, tiny.")
+        raise ValueError(f"unknown or conflicting arguments {sorted(options)}; use one of moco, simclr, densecl, mim; 3d, tiny.")
     ndim = 3 if "3d" in options else 2
     config = base_config(ndim=ndim, model="unet")
     config.seed = 0
@@ -60,7 +61,15 @@ def get_config(arg: str = ""):
     config.train.checkpoint_every = 100
     config.train.best_metric = ""
 
+    if config.ssl.method == "mim":
+        # One view, the fine-tuning augmentations (intensity changes need not be strong: nothing
+        # is matched across views); the reconstruction target is that view.
+        config.augment = base_config(ndim=ndim, model="unet").augment
+        config.ssl.mask_ratio = 0.6
+        config.ssl.mask_patch = (16,)
+
     if "tiny" in options:
+        config.ssl.mask_patch = (8,)
         config.synthetic.shape = (4, 64, 64)
         config.data.crop_shape = (2, 32, 32) if ndim == 3 else (32, 32)
         config.data.batch_size = 8

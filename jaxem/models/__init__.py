@@ -84,7 +84,9 @@ def _check_rank(cfg: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
 
 
 def transfer_encoder_params(seg_variables: dict, encoder_variables: dict) -> dict:
-    """Copies a pretrained encoder into a segmentation model's 'encoder' subtree.
+    """Copies a pretrained encoder into a segmentation model's 'encoder' subtree (and, when the
+    variables hold more parts of a network than its encoder, as `ssl.method=mim` exports, each part
+    into the same-named part: decoder levels included, output heads never).
 
     `encoder_variables` are the variables of an encoder model ('resnet', 'vit': they hold the
     weights under 'encoder') or of the encoder alone. Every collection (params, batch_stats) present

@@ -1,4 +1,5 @@
-"""Copy a pretrained encoder's variables into a segmentation model's 'encoder' subtree."""
+"""Copy a pretrained encoder's variables into a segmentation model's 'encoder' subtree, or a
+pretrained network's parts (encoder, decoder; not the head) into the same parts of the model."""
 
 from __future__ import annotations
 
@@ -17,16 +18,27 @@ def transfer_encoder(seg_variables: Mapping, encoder_variables: Mapping) -> dict
     source = _plain(encoder_variables)
     copied = 0
     for collection, tree in source.items():
-        tree = tree.get("encoder", tree)
-        target = seg.get(collection, {}).get("encoder")
-        if target is None:
-            raise UserError(f"the segmentation model has no {collection}/encoder subtree to copy the "
-                            f"pretrained encoder into (does its config use the same encoder type and norm?).")
-        seg[collection]["encoder"] = _copy(target, tree, f"{collection}/encoder")
+        parts = network_parts(tree) if "encoder" in tree else {"encoder": tree}
+        for part, subtree in parts.items():
+            target = seg.get(collection, {}).get(part)
+            if target is None:
+                raise UserError(f"the segmentation model has no {collection}/{part} subtree to copy the "
+                                f"pretrained {part} into (does its config use the same model, encoder type and norm?).")
+            seg[collection][part] = _copy(target, subtree, f"{collection}/{part}")
         copied += 1
     if not copied:
         raise UserError("the pretrained encoder variables are empty.")
     return seg
+
+
+HEAD_PREFIXES = ("head", "aux")  # output layers: task-specific, never transferred
+
+
+def network_parts(tree: Mapping) -> dict:
+    """The transferable subtrees of one variable collection of a network: every top-level part but
+    the output heads ({"encoder": ..., "up0": ..., "dec0": ...} as `ssl.method=mim` exports; just
+    {"encoder": ...} for an encoder model's variables)."""
+    return {name: sub for name, sub in tree.items() if not name.startswith(HEAD_PREFIXES)}
 
 
 def _plain(variables: Mapping) -> dict:

@@ -37,7 +37,7 @@ from jaxem.models.heads import DenseProjectionHead, MLPHead, global_mean_pool
 from jaxem.train.losses import dense_infonce, match_locations, moco_infonce, nt_xent, unit_vectors
 from jaxem.train.state import TrainState
 
-METHODS = ("simclr", "moco", "densecl")
+METHODS = ("simclr", "moco", "densecl", "mim")  # mim: jaxem.ssl.masked (whole network, not contrastive)
 MOMENTUM_METHODS = ("moco", "densecl")  # a key encoder and a queue of keys
 
 
@@ -46,6 +46,7 @@ def default_ssl_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         method="moco",           # 'moco' (v2: momentum encoder + queue) | 'simclr' (in-batch negatives)
                                  # | 'densecl' (MoCo v2 + a dense per-location loss)
+                                 # | 'mim' (masked image modelling of the whole network, jaxem.ssl.masked)
         temperature=0.2,         # MoCo v2: 0.2; SimCLR: 0.1-0.5
         momentum=0.99,           # MoCo key encoder: key = m * key + (1 - m) * query after each step
         queue_size=4096,         # MoCo negatives; a multiple of data.batch_size
@@ -54,6 +55,10 @@ def default_ssl_config() -> ml_collections.ConfigDict:
         projection_batch_norm=True,
         crop_scale=(0.3, 1.0),   # each view: a random window of this fraction of the (y, x) plane
         dense_weight=0.5,        # DenseCL: loss = (1 - w) * global + w * dense (the paper's lambda)
+        mask_ratio=0.6,          # mim: fraction of mask_patch patches hidden per crop
+        mask_patch=(16,),        # mim: patch size in voxels: (in-plane,) with 1 section in z for 3D, or one per axis
+        mask_loss="masked",      # mim: 'masked' (MSE on hidden pixels, as MAE/SparK) | 'all'
+        noise_std=0.0,           # mim: Gaussian noise on every input pixel (denoising), in normalised units
     ))
 
 

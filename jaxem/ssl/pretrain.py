@@ -21,12 +21,14 @@ import ml_collections
 from jaxem import models
 from jaxem.data import augment, pipeline
 from jaxem.errors import UserError
+from jaxem.models.transfer import network_parts
+from jaxem.ssl import masked
 from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
                                    create_contrastive_state, make_contrastive_step)
 from jaxem.train import parallel
 from jaxem.train.checkpoint import restore_on_this_host, save_tree
 from jaxem.train.loop import check_workdir, run_loop, run_meta
-from jaxem.train.state import make_optimizer
+from jaxem.train.state import create_train_state, make_optimizer
 
 SECTIONS = ("model", "ssl")  # a change here makes the workdir's checkpoints unusable
 ENCODER_DIR, MODEL_FILE, VARIABLES_DIR = "encoder", "model.json", "variables"
@@ -45,6 +47,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(batch_size, mesh)
     check_ssl_config(config.ssl, batch_size)
+    if config.ssl.method == "mim":
+        masked.check_masked_config(config.ssl, tuple(config.data.crop_shape))
     if config.ssl.method in MOMENTUM_METHODS and config.model.get("norm") == "batch" and jax.process_index() == 0:
         name = "MoCo" if config.ssl.method == "moco" else "DenseCL (MoCo's key encoder and queue)"
         print(f"warning: {name} with a batch-norm encoder: MoCo half-collapsed on ISBI 2012 (docs/ssl.md); group "
@@ -63,16 +67,27 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
 
 def train_panels(ssl_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The train metrics that get a panel of their own in training_curves.png beside the loss."""
+    if ssl_cfg.method == "mim":
+        return ("masked_r2", "visible_mse")
     dense = ("dense_accuracy",) if ssl_cfg.method == "densecl" else ()
     return ("accuracy", "positive_cosine", "embedding_std") + dense
 
 
 def build_pretraining(config: ml_collections.ConfigDict, mesh):
-    """(initial ContrastiveState, jitted train_step) on `mesh`: state replicated, batches sharded."""
-    model = build_contrastive_model(models.build(config.model).encoder, config.ssl)
+    """(initial state, jitted train_step) on `mesh`: state replicated, batches sharded. The state
+    is a ContrastiveState for the contrastive methods, a TrainState of the whole network for mim."""
     tx = make_optimizer(config.optimizer, config.train.steps)
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
+    if config.ssl.method == "mim":
+        model = masked.build_reconstruction_model(config.model)
+        state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
+            jax.random.PRNGKey(config.seed))
+        step = masked.make_masked_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
+        train_step = jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                             donate_argnums=0)
+        return state, train_step
+    model = build_contrastive_model(models.build(config.model).encoder, config.ssl)
     state = jax.jit(lambda rng: create_contrastive_state(model, tx, rng, init_shape, config.ssl),
                     out_shardings=replicated)(jax.random.PRNGKey(config.seed))
     two_views = augment.make_two_view_fn(config.augment, config.model.ndim, tuple(config.ssl.crop_scale))
@@ -84,15 +99,26 @@ def build_pretraining(config: ml_collections.ConfigDict, mesh):
 
 def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Path) -> Path:
     """Writes the encoder of a pretraining `state` to `directory`: `variables/` (orbax: params and,
-    with batch norm, batch_stats) and `model.json` (the model config they fit, the ssl config and
-    the step). Every process of a multi-process run must call it. Returns `directory`."""
+    with batch norm, batch_stats) and `model.json` (the model config they fit, the ssl config, the
+    step and `parts`, the transferred subtrees). The contrastive methods export the bare encoder
+    tree; mim exports the whole network but its head, {"encoder": ..., "dec0": ..., ...}, and
+    fine-tuning copies every part. Every process of a multi-process run must call it. Returns
+    `directory`."""
     directory = Path(directory)
-    variables = {"params": state.params["encoder"]}
-    if "encoder" in (state.batch_stats or {}):
-        variables["batch_stats"] = state.batch_stats["encoder"]
+    if config.ssl.method == "mim":
+        variables = {"params": network_parts(state.params)}
+        if state.batch_stats:
+            variables["batch_stats"] = network_parts(state.batch_stats)
+        parts = sorted(variables["params"])
+    else:
+        variables = {"params": state.params["encoder"]}
+        if "encoder" in (state.batch_stats or {}):
+            variables["batch_stats"] = state.batch_stats["encoder"]
+        parts = ["encoder"]
     save_tree(directory / VARIABLES_DIR, variables)
     if jax.process_index() == 0:
-        record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step)}
+        record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step),
+                  "parts": parts}
         (directory / MODEL_FILE).write_text(json.dumps(record, indent=2, default=list) + "\n")
     return directory
 

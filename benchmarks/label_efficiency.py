@@ -1,0 +1,221 @@
+"""Does pretraining on unlabelled EM pay off when labels are few? ISBI 2012, 1/2/5 labelled slices.
+
+    python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
+        [--methods mim simclr] [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...]
+        [--out results.json] [--plot label_efficiency.png]
+
+1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
+   with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
+   training volume's slices 0-15 (labels not read) and the 30-slice test volume. Cached in
+   RUN/pretrain_<method>: later invocations reuse it.
+2. For every number of labelled slices n (the first n of slices 0-15) and seed, fine-tunes the
+   recipe from random init ("scratch") and from each pretraining, with the same budget, seed and
+   data order (RUN/<arm>_<n>/seed<s>, reused when finished).
+3. Scores every run on the held-out slices 16-19 with the fixed watershed setting (VRand, VInfo,
+   cell-interior IoU and Dice: jaxem.metrics.heldout), so arms differ in their networks only.
+
+Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each pretrained
+arm's gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
+(at 1 and 2 slices the best pretrained arm beats scratch by >= 0.03 VRand or >= 5 IoU points),
+times and the machine. --plot draws VRand and IoU against n. Needs the ISBI data
+(../shared/data/isbi2012 or $JAXEM_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.isbi2012 import LOCAL_COPY  # noqa: E402
+from benchmarks.ssl_transfer import labelled_subset, unlabelled_images  # noqa: E402
+
+METRICS = ("vrand", "vinfo", "iou", "dice")
+GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
+# The fine-tuning budget of every arm: short enough for 2 CPU cores x (arms x slices x seeds) runs.
+FINETUNE_DEFAULTS = ("--config.train.steps=300", "--config.data.crop_shape=(128, 128)",
+                     "--config.train.eval_every=0", "--config.train.checkpoint_every=300")
+PRETRAIN_DEFAULTS = ("--config.data.crop_shape=(128, 128)", "--config.data.batch_size=8",
+                     "--config.train.steps=1500", "--config.train.checkpoint_every=250",
+                     "--config.train.log_every=25")
+
+
+def pretrain_network(method: str, model, overrides: list[str], run: Path, progress: bool) -> dict:
+    """Pretrains `model` (the recipe's model section) with configs/pretrain.py:<method> on the
+    unlabelled ISBI images into `run`; returns the summary (resumes or skips a finished run)."""
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.ssl.pretrain import pretrain
+
+    config = load_config(f"pretrain:{method}")
+    config.model = model
+    config.data.train_images = unlabelled_images()
+    config = apply_overrides(config, [*PRETRAIN_DEFAULTS, *overrides])
+    start = time.time()
+    summary = pretrain(config, run, progress=progress)
+    return dict(summary, wall_seconds_this_invocation=time.time() - start)
+
+
+def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
+                       seed: int, progress: bool) -> dict:
+    """Trains the recipe on the labelled `subset` (with `overrides`) into `run` and scores slices
+    16-19 with the fixed watershed setting."""
+    from benchmarks.isbi2012 import train_and_score
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.data import datasets
+
+    config = apply_overrides(load_config(finetune_config), [
+        "--config.data.dataset=", f"--config.data.train_images=('{subset[0]}',)",
+        f"--config.data.train_labels=('{subset[1]}',)", f"--config.seed={seed}", *FINETUNE_DEFAULTS, *overrides])
+    config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
+    start = time.time()
+    result = train_and_score(config, run, progress, tune=False)
+    return {"scores": {k: result["scores"]["model"][k] for k in METRICS},
+            "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
+
+
+def summarise(results: dict, arms: list[str], slices: list[int]) -> dict:
+    """{n: {arm: {metric: {mean, std, values}}, gain_<arm>: {metric: {mean, std, values}}}} from
+    results[arm][n][seed]["scores"]; gains are per-seed differences to scratch (same seed)."""
+    table = {}
+    for n in slices:
+        row = {}
+        for arm in arms:
+            per_seed = results[arm][n]
+            row[arm] = {m: _stats([per_seed[s]["scores"][m] for s in sorted(per_seed)]) for m in METRICS}
+        for arm in arms[1:]:
+            seeds = sorted(set(results[arm][n]) & set(results["scratch"][n]))
+            row[f"gain_{arm}"] = {m: _stats([results[arm][n][s]["scores"][m] - results["scratch"][n][s]["scores"][m]
+                                             for s in seeds]) for m in METRICS}
+        table[n] = row
+    return table
+
+
+def _stats(values: list[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def goal_met(table: dict, arms: list[str]) -> dict:
+    """Per goal slice count: the best pretrained arm by mean VRand gain, its gains, and whether it
+    beats scratch by >= 0.03 VRand or >= 0.05 IoU (means over seeds)."""
+    verdict = {}
+    for n in GOAL["slices"]:
+        if n not in table or len(arms) < 2:
+            continue
+        gains = {arm: table[n][f"gain_{arm}"] for arm in arms[1:]}
+        best = max(gains, key=lambda a: max(gains[a]["vrand"]["mean"] / GOAL["vrand"], gains[a]["iou"]["mean"] / GOAL["iou"]))
+        vrand, iou = gains[best]["vrand"]["mean"], gains[best]["iou"]["mean"]
+        verdict[n] = {"best_arm": best, "vrand_gain": vrand, "iou_gain": iou,
+                      "met": bool(vrand >= GOAL["vrand"] or iou >= GOAL["iou"])}
+    return verdict
+
+
+def format_table(table: dict, arms: list[str]) -> str:
+    """Markdown: one row per (n, arm), mean ± std over seeds, and each arm's gain over scratch."""
+    lines = ["| labelled slices | arm | VRand | VInfo | IoU | VRand gain | IoU gain |", "|---|---|---|---|---|---|---|"]
+    for n, row in table.items():
+        for arm in arms:
+            s = row[arm]
+            gain = row.get(f"gain_{arm}")
+            g = (f"{gain['vrand']['mean']:+.3f} ± {gain['vrand']['std']:.3f} | {100 * gain['iou']['mean']:+.1f} ± "
+                 f"{100 * gain['iou']['std']:.1f} pts") if gain else " | "
+            lines.append(f"| {n} | {arm} | {s['vrand']['mean']:.3f} ± {s['vrand']['std']:.3f} | "
+                         f"{s['vinfo']['mean']:.3f} ± {s['vinfo']['std']:.3f} | {s['iou']['mean']:.3f} ± "
+                         f"{s['iou']['std']:.3f} | {g} |")
+    return "\n".join(lines)
+
+
+def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
+    """VRand and IoU (mean ± std over seeds) against the number of labelled slices, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slices = sorted(table)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, label in zip(axes, ("vrand", "iou"), ("VRand (held-out slices 16-19)", "cell-interior IoU")):
+        for i, arm in enumerate(arms):
+            mean = [table[n][arm][metric]["mean"] for n in slices]
+            std = [table[n][arm][metric]["std"] for n in slices]
+            ax.errorbar(np.array(slices) * (1 + 0.03 * (i - len(arms) / 2)), mean, yerr=std, marker="o", capsize=3,
+                        label=arm)
+        ax.set_xscale("log")
+        ax.set_xticks(slices, [str(n) for n in slices])
+        ax.set_xlabel("labelled training slices")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs (reused)")
+    parser.add_argument("--slices", type=int, nargs="+", default=[1, 2, 5], help="labelled training slices (of 0-15)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["mim"], help="pretraining methods (configs/pretrain.py args)")
+    parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
+    parser.add_argument("--no-progress", action="store_true")
+    args, rest = parser.parse_known_args()
+    pretrain_overrides = ["--config." + a[len("--pretrain."):] for a in rest if a.startswith("--pretrain.")]
+    finetune_overrides = ["--config." + a[len("--finetune."):] for a in rest if a.startswith("--finetune.")]
+    if len(pretrain_overrides) + len(finetune_overrides) != len(rest):
+        parser.error(f"unknown arguments {[a for a in rest if not a.startswith(('--pretrain.', '--finetune.'))]}")
+
+    import jax
+
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.data import datasets
+
+    if not datasets.is_prepared("isbi2012"):
+        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+    run, progress = Path(args.run), not args.no_progress
+    arms = ["scratch", *args.methods]
+    model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
+    pretraining = {m: pretrain_network(m, model, pretrain_overrides, run / f"pretrain_{m}", progress)
+                   for m in args.methods}
+    arm_overrides = {"scratch": [], **{m: [f"--config.train.init_encoder={run / f'pretrain_{m}'}"] for m in args.methods}}
+    results = {arm: {n: {} for n in args.slices} for arm in arms}
+    for n in args.slices:
+        subset = labelled_subset(n, run / f"labelled_{n}")
+        for seed in args.seeds:
+            for arm in arms:
+                results[arm][n][seed] = finetune_and_score(
+                    args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subset,
+                    run / f"{arm}_{n}" / f"seed{seed}", seed, progress)
+    table = summarise(results, arms, args.slices)
+    print(format_table(table, arms))
+    report = {
+        "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
+        "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL, "goal_met": goal_met(table, arms),
+        "finetune_config": args.finetune_config, "finetune_overrides": [*FINETUNE_DEFAULTS, *finetune_overrides],
+        "pretrain_overrides": [*PRETRAIN_DEFAULTS, *pretrain_overrides], "pretraining": pretraining,
+        "table": {str(n): row for n, row in table.items()},
+        "per_run": {arm: {str(n): {str(s): r for s, r in per_n.items()} for n, per_n in by_n.items()}
+                    for arm, by_n in results.items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "devices": [str(d) for d in jax.devices()]},
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.plot:
+        plot(table, arms, args.plot, f"ISBI 2012, {len(args.seeds)} seeds, fine-tuning {args.finetune_config}")
+
+
+if __name__ == "__main__":
+    main()
