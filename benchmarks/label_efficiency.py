@@ -41,8 +41,8 @@ GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
 # The fine-tuning budget of every arm: short enough for 2 CPU cores x (arms x slices x seeds) runs.
 FINETUNE_DEFAULTS = ("--config.train.steps=300", "--config.data.crop_shape=(128, 128)",
                      "--config.train.eval_every=0", "--config.train.checkpoint_every=300")
-PRETRAIN_DEFAULTS = ("--config.data.crop_shape=(128, 128)", "--config.data.batch_size=8",
-                     "--config.train.steps=1500", "--config.train.checkpoint_every=250",
+PRETRAIN_DEFAULTS = ("--config.data.crop_shape=(128, 128)", "--config.data.batch_size=16",
+                     "--config.train.steps=2000", "--config.train.checkpoint_every=250",
                      "--config.train.log_every=25")
 
 

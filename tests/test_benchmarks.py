@@ -154,3 +154,54 @@ def test_ssl_transfer_benchmark_compares_pretrained_and_scratch(shared_data, tmp
     assert open_volume(runs["pretrained"]["data"]["train_images"][0]).shape == (3, 512, 512)
     diff = report["pretrained_minus_scratch"]["vrand"]
     assert diff == pytest.approx(report["mean"]["pretrained"]["vrand"]["mean"] - report["mean"]["scratch"]["vrand"]["mean"])
+
+
+def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them():
+    from benchmarks.label_efficiency import format_table, goal_met, summarise
+
+    def run(vrand, iou):
+        return {"scores": {"vrand": vrand, "vinfo": 0.9, "iou": iou, "dice": 0.9}}
+
+    results = {"scratch": {1: {0: run(0.70, 0.80), 1: run(0.80, 0.82)}, 2: {0: run(0.80, 0.85), 1: run(0.82, 0.85)}},
+               "mim": {1: {0: run(0.75, 0.81), 1: run(0.81, 0.83)}, 2: {0: run(0.81, 0.92), 1: run(0.82, 0.90)}}}
+    table = summarise(results, ["scratch", "mim"], [1, 2])
+    assert table[1]["gain_mim"]["vrand"]["values"] == pytest.approx([0.05, 0.01])
+    assert table[1]["gain_mim"]["vrand"]["mean"] == pytest.approx(0.03)
+    assert table[1]["gain_mim"]["vrand"]["std"] == pytest.approx(np.std([0.05, 0.01], ddof=1))
+    verdict = goal_met(table, ["scratch", "mim"])
+    assert verdict[1]["met"] and verdict[2]["met"]  # 1: +0.03 VRand; 2: +6 IoU points, +0.005 VRand
+    assert verdict[2]["vrand_gain"] == pytest.approx(0.005) and verdict[2]["iou_gain"] == pytest.approx(0.06)
+    results["mim"][1][1] = run(0.79, 0.80)
+    assert not goal_met(summarise(results, ["scratch", "mim"], [1, 2]), ["scratch", "mim"])[1]["met"]
+    assert "| 2 | mim | 0.815 ± 0.007" in format_table(table, ["scratch", "mim"])
+
+
+@pytest.mark.slow
+def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shared_data, tmp_path):
+    """Bookkeeping of benchmarks/label_efficiency.py at 2-step sizes (not the accuracy): one
+    pretraining on unscored slices, reused; every (slices, seed, arm) run with its init; gains per seed."""
+    tiny = ["--pretrain.train.steps=2", "--pretrain.train.checkpoint_every=2", "--finetune.train.steps=2",
+            "--finetune.train.checkpoint_every=2", "--finetune.data.crop_shape=(64,64)",
+            "--finetune.data.batch_size=4", "--pretrain.data.crop_shape=(64,64)"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
+    command = [sys.executable, "benchmarks/label_efficiency.py", "--run", str(tmp_path / "r"), "--no-progress",
+               "--slices", "1", "--seeds", "0", "1", "--methods", "mim", "--out", str(tmp_path / "r.json"),
+               "--plot", str(tmp_path / "p.png"), *tiny]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True, env=env)
+    report = json.loads((tmp_path / "r.json").read_text())
+    pretrain_cfg = json.loads((tmp_path / "r" / "pretrain_mim" / "config.json").read_text())
+    assert pretrain_cfg["ssl"]["method"] == "mim" and len(pretrain_cfg["data"]["train_images"]) == 2
+    assert all("/val/" not in p for p in pretrain_cfg["data"]["train_images"])  # no scored slice
+    for seed in (0, 1):
+        ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / f"seed{seed}" / "config.json").read_text())
+              for arm in ("scratch", "mim")}
+        assert ft["scratch"]["train"]["init_encoder"] == "" and ft["mim"]["train"]["init_encoder"].endswith("pretrain_mim")
+        assert ft["mim"]["seed"] == ft["scratch"]["seed"] == seed and ft["mim"]["model"] == pretrain_cfg["model"]
+    runs = report["per_run"]
+    gains = [runs["mim"]["1"][s]["scores"]["vrand"] - runs["scratch"]["1"][s]["scores"]["vrand"] for s in ("0", "1")]
+    assert report["table"]["1"]["gain_mim"]["vrand"]["values"] == pytest.approx(gains)
+    assert set(report["goal_met"]["1"]) == {"best_arm", "vrand_gain", "iou_gain", "met"}
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "| 1 | mim |" in out.stdout
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True, env=env)
+    assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
+    assert "nothing to train" in again.stdout
