@@ -172,7 +172,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     """
     tc, ndim = config.train, config.model.ndim
     model = models.build(config.model)
-    tx = make_optimizer(config.optimizer, tc.steps)
+    tx = make_optimizer(config.optimizer, tc.steps, tc)  # with the fine-tuning controls of `train`
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
     state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
@@ -189,7 +189,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     target_fn = targets.make_target_fn(config.target, ndim)
     train_step = jax.jit(
         make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
-                        semi_cfg=config.get("semi"), target_kind=config.target.kind),
+                        semi_cfg=config.get("semi"), target_kind=config.target.kind,
+                        freeze_encoder_steps=tc.get("freeze_encoder_steps", 0)),
         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))

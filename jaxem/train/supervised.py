@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from jaxem.train.losses import segmentation_loss
-from jaxem.train.state import TrainState
+from jaxem.train.state import ENCODER, TrainState, encoder_frozen
 
 Batch = dict[str, jax.Array]
 
@@ -49,7 +49,7 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
                     ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
-                    target_kind: str = "boundary") -> Callable:
+                    target_kind: str = "boundary", freeze_encoder_steps: int = 0) -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
@@ -59,6 +59,10 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     "unlabelled" crops (B_u, *spatial, 1), and the loss a mean-teacher consistency term against
     `ema_params` (semi.weight > 0), an output-space adversarial term against the discriminator in
     `state.adversary` (semi.adversarial_weight > 0, jaxem.semi.adversarial), or both.
+    While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
+    steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
+    the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
+    normalises with each batch's own statistics.
     """
     from jaxem.semi import adversarial, mean_teacher, unlabelled
 
@@ -153,6 +157,11 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
                 parts.update(disc_metrics)
         else:
             (loss, (parts, batch_stats, _)), grads = accumulated_grads(*args)
+        if freeze_encoder_steps and ENCODER in (batch_stats or {}):
+            frozen = encoder_frozen(freeze_encoder_steps, state.step)
+            held = jax.tree.map(lambda old, new: jnp.where(frozen, old, new),
+                                state.batch_stats[ENCODER], batch_stats[ENCODER])
+            batch_stats = {**batch_stats, ENCODER: held}
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay > 0:
