@@ -125,3 +125,22 @@ def test_mim_network_that_does_not_fit_is_refused_by_name(tmp_path):
                                                      "--config.model.widths=(4, 16)"])
     with pytest.raises(UserError, match=r"params/(encoder|dec0|up0)/.*has shape"):
         build_training(seg, parallel.make_mesh(1))
+
+
+@pytest.mark.parametrize("model", ["unet3d", "unetr"])
+def test_mim_pretrains_3d_unets_and_unetr_and_exports_their_decoders(model, tmp_path):
+    from jaxem import models
+
+    if model == "unet3d":
+        config = load_config("pretrain:tiny,mim,3d")
+    else:
+        config = load_config("pretrain:tiny,mim")
+        config.model = models.default_config("unetr", 2)
+        config.model.update(dict(hidden=16, depth=2, heads=2, patch_size=(8, 8), feature_size=4))
+    config = with_synthetic_images(apply_overrides(config, ["--config.train.steps=2", "--config.train.checkpoint_every=2"]),
+                                   tmp_path / "data")
+    pretrain(config, tmp_path / "run", progress=False)
+    parts = json.loads((tmp_path / "run" / "encoder" / "model.json").read_text())["parts"]
+    assert "encoder" in parts and any(p.startswith("dec") for p in parts) and "head" not in parts
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(logs[-1]["masked_r2"])
