@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": ("jaxem.commands.predict", "blockwise prediction of a trained model over a whole volume"),
     "segment": ("jaxem.commands.segment", "predictions -> instances (cc, watershed, mutex watershed), blockwise and stitched"),
     "tune": ("jaxem.commands.tune", "choose segmentation settings (method, threshold, seeds) on a labelled prediction"),
+    "convert-weights": ("jaxem.commands.convert_weights", "SAM / DINOv2 / MAE / timm ViT checkpoints -> a jaxem encoder for train.init_encoder"),
 }
 
 

@@ -9,6 +9,7 @@ that needs them skips cleanly without them.
 import importlib.abc
 import importlib.machinery
 import json
+import re
 import sys
 import types
 from functools import partial
@@ -241,3 +242,196 @@ def test_sam_relative_positions_resized_on_another_grid(tmp_path):
     ours = _flax_states(cfg, variables, image)
     np.testing.assert_allclose(ours[1], blocks[1], atol=TOL, rtol=0)
     np.testing.assert_allclose(ours[-1], neck, atol=TOL, rtol=0)
+
+
+# ---- resampling as torch does it ----
+
+@pytest.mark.parametrize("old,new", [((8, 8), (8, 12)), ((8, 8), (5, 3)), ((6, 9), (16, 4))])
+def test_position_table_resampling_equals_torch_bicubic_antialiased(old, new):
+    """timm resizes position tables with F.interpolate(bicubic, antialias=True): up and down."""
+    torch = _torch()
+    table = _grey((*old, 5))
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=new, mode="bicubic",
+                                             antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(np.asarray(vit.resample_grid(jnp.asarray(table), new)), theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("old,new", [(15, 11), (5, 27), (7, 7)])
+def test_relative_table_resizing_equals_torch_linear(old, new):
+    torch = _torch()
+    table = _grey((old, 3))
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(table.T)[None], size=new, mode="linear")[0].T.numpy()
+    np.testing.assert_allclose(vit.linear_matrix(old, new) @ table, theirs, atol=1e-5, rtol=0)  # torch: float32 index math
+
+
+def test_patch_kernel_resampling_equals_timm():
+    """DINOv2's 14 px patches -> 16 px (UNETR needs powers of two): timm's resample_patch_embed."""
+    torch = _torch()
+    _timm_vit()
+    from timm.layers import resample_patch_embed
+    kernel = _grey((6, 1, 14, 14))  # (D, C, kh, kw)
+    theirs = resample_patch_embed(torch.from_numpy(kernel), [16, 16]).numpy()
+    ours = convert.resample_patch_kernel(np.transpose(kernel, (2, 3, 1, 0)), (16, 16))
+    np.testing.assert_allclose(np.transpose(ours, (3, 2, 0, 1)), theirs, atol=1e-5, rtol=0)
+
+
+# ---- 3D inflation, UNETR ----
+
+@pytest.mark.parametrize("kind", ["dinov2", "sam"])
+def test_inflated_3d_encoder_on_equal_sections_equals_2d(tmp_path, kind):
+    """I3D inflation: a volume of pz equal sections (one z token) gives the 2D model's features."""
+    if kind == "sam":
+        sd = convert.read_state_dict(_save(_sam_model(), tmp_path / "e.pth"))
+        kw, shape = dict(), (1, 64, 64)
+    else:
+        sd = convert.read_state_dict(_save(_timm_model("dinov2"), tmp_path / "e.pth"))
+        kw, shape = dict(heads=2), (1, 32, 32)
+    cfg2, v2 = convert.convert(sd, kind, **kw)
+    cfg3, v3 = convert.convert(sd, kind, patch=(2, *cfg2.patch_size), crop=(2, *shape[1:]), **kw)
+    assert cfg3.ndim == 3 and cfg3.patch_size == (2, *cfg2.patch_size)
+    image = _grey(shape)
+    flat = _flax_states(cfg2, v2, image)
+    volume = _flax_states(cfg3, v3, np.repeat(image[:, None], 2, axis=1))
+    for a, b in zip(flat, volume):
+        np.testing.assert_allclose(b[:, 0], a, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "sam"])
+def test_unetr_runs_on_converted_encoder(tmp_path, kind):
+    """UNETR takes the intermediate token grids (class token dropped; SAM's neck on the last)."""
+    if kind == "sam":
+        sd, kw = convert.read_state_dict(_save(_sam_model(), tmp_path / "e.pth")), {}
+    else:
+        sd, kw = convert.read_state_dict(_save(_timm_model("dinov2"), tmp_path / "e.pth")), dict(heads=2)
+    enc_cfg, enc_vars = convert.convert(sd, kind, crop=(32, 32), **kw)
+    cfg = models.default_config("unetr", 2)
+    cfg.update({k: v for k, v in enc_cfg.items() if k not in ("name", "out_channels")})
+    cfg.feature_size, cfg.out_channels = 4, 2
+    model = models.build(cfg)
+    x = jnp.asarray(_grey((1, 32, 32)))[..., None]
+    seg = models.transfer_encoder_params(model.init(jax.random.key(0), x), enc_vars)
+    out = model.apply(seg, x)
+    assert out.shape == (1, 32, 32, 2) and np.isfinite(np.asarray(out)).all()
+
+
+# ---- the command line, fine-tuning, bad input ----
+
+def _cli(*argv):
+    from jaxem.cli import main
+    return main(["convert-weights", *map(str, argv)])
+
+
+@pytest.fixture
+def dinov2_checkpoint(tmp_path):
+    model = _timm_model("dinov2")
+    return _save(model, tmp_path / "dinov2.safetensors"), model
+
+
+def test_convert_weights_cli_then_finetune_config_builds(tmp_path, dinov2_checkpoint, capsys):
+    """`jaxem convert-weights` writes OUT; `--config finetune_foundation:OUT` (a UNETR with the
+    encoder fields of OUT/model.json and train.init_encoder=OUT) builds with the converted weights."""
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.ssl.pretrain import load_encoder
+    from jaxem.train import parallel
+    from jaxem.train.loop import build_training
+
+    path, _ = dinov2_checkpoint
+    out = tmp_path / "enc"
+    assert _cli("--format", "dinov2", path, out, "--heads", "2", "--crop", "32,32") == 0
+    record = json.loads((out / "model.json").read_text())
+    assert record["model"]["variant"] == "timm" and record["model"]["pos_grid"] == [8, 8]
+    assert "finetune_foundation" in capsys.readouterr().out
+    converted = load_encoder(out)["params"]
+    config = load_config(f"finetune_foundation:{out}")
+    assert config.data.crop_shape == (32, 32) and config.model.name == "unetr"
+    config = apply_overrides(config, ["--config.model.feature_size=4", "--config.data.batch_size=1"])
+    _, state, _, _ = build_training(config, parallel.make_mesh(1))
+    same = jax.tree.map(np.array_equal, state.params["encoder"], converted)
+    assert all(jax.tree.leaves(same))
+
+
+def test_init_encoder_takes_a_checkpoint_file_directly(tmp_path, dinov2_checkpoint):
+    """train.init_encoder=FILE.safetensors converts on the fly to fit the run's model (here its
+    patch 4 -> 4 and a 4x4 table resampled from 8x8), the same weights `convert` gives."""
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.train import parallel
+    from jaxem.train.loop import build_training
+
+    path, _ = dinov2_checkpoint
+    config = apply_overrides(load_config(f"finetune_foundation:{path}"),
+                             ["--config.model.heads=2", "--config.model.feature_size=4", "--config.data.crop_shape=(16,16)",
+                              "--config.model.pos_grid=(4,4)"])
+    _, state, _, _ = build_training(config, parallel.make_mesh(1))
+    _, expected = convert.convert(convert.read_state_dict(path), "dinov2", heads=2, crop=(16, 16))
+    for a, b in zip(jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(expected["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    wrong = apply_overrides(config, ["--config.model.layer_scale=0.0"])
+    with pytest.raises(UserError, match=r"train.init_encoder=.*dinov2 checkpoint has LayerScale .* but the run's model "
+                                        r"config has layer_scale=0.0"):
+        build_training(wrong, parallel.make_mesh(1))
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(tmp_path, dinov2_checkpoint, capsys):
+    path, model = dinov2_checkpoint
+    out = tmp_path / "out"
+    cases = [
+        # wrong size: the checkpoint is 32 wide, ViT-B is 768
+        (("--format", "dinov2", path, out, "--size", "base"), r"width \(output channels of patch_embed.proj.weight\) is 32 but --size base has hidden=768"),
+        # unknown format
+        (("--format", "clip", path, out), r"--format must be one of sam, dinov2, mae, timm, got 'clip'"),
+        # a patch size that does not divide the crop
+        (("--format", "dinov2", path, out, "--heads", "2", "--patch", "8", "--crop", "36,36"),
+         r"--crop \(36, 36\) is not a multiple of the patch size \(8, 8\)"),
+        # the wrong architecture: a DINOv2 checkpoint read as SAM
+        (("--format", "sam", path, out), r"no key neck.0.weight .*look like a dinov2 checkpoint"),
+        # not a checkpoint
+        (("--format", "dinov2", tmp_path / "missing.pth", out), r"missing.pth does not exist"),
+    ]
+    sd = convert.read_state_dict(path)
+    del sd["blocks.1.attn.proj.bias"]
+    from safetensors.numpy import save_file
+    save_file(sd, str(tmp_path / "missing_key.safetensors"))
+    cases.append((("--format", "dinov2", tmp_path / "missing_key.safetensors", out, "--heads", "2"),
+                  r"no key blocks.1.attn.proj.bias"))
+    for argv, message in cases:
+        assert _cli(*argv) == 2, argv
+        err = _one_line_error(capsys)
+        assert err.startswith("jaxem convert-weights: error: ") and re.search(message, err), err
+        assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, dinov2_checkpoint, capsys):
+    path, _ = dinov2_checkpoint
+    out = tmp_path / "enc"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _cli("--format", "dinov2", path, out, "--heads", "2") == 2
+    assert "exists" in _one_line_error(capsys) and (out / "keep.txt").exists()
+    assert _cli("--format", "dinov2", path, out, "--heads", "2", "--overwrite") == 0
+    assert (out / "model.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "x.pth").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(UserError, match=r"x.pth needs PyTorch .*or give the checkpoint as .safetensors"):
+        convert.read_state_dict(tmp_path / "x.pth")
+
+
+def test_default_vit_keeps_its_parameters():
+    """The default ('jaxem') ViT has no foundation parameters and rejects their block options."""
+    cfg = models.default_config("vit", 2)
+    cfg.update(dict(hidden=16, depth=1, heads=2, patch_size=(4, 4)))
+    params = jax.eval_shape(lambda: models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))["params"]
+    assert set(params["encoder"]) == {"patch_embed", "block0", "final_norm"}
+    assert set(params["encoder"]["block0"]) == {"LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1",
+                                                "Dense_0", "Dense_1"}
+    cfg.layer_scale = 1e-5
+    with pytest.raises(UserError, match=r"model.layer_scale=1e-05 needs model.variant='timm' or 'sam'"):
+        models.build(cfg)

@@ -134,13 +134,16 @@ def _need(sd: dict, key: str, fmt: str, why: str = "") -> np.ndarray:
 
 
 def describe(sd: dict, fmt: str, heads: int = 0, window_size: Sequence[int] = (),
-             global_blocks: Sequence[int] | None = None) -> ml_collections.ConfigDict:
+             global_blocks: Sequence[int] | None = None, need_heads: bool = True) -> ml_collections.ConfigDict:
     """The 2D 'vit' model config of the checkpoint as it is (its patch size, position grid, RGB
     input). `heads` is needed where the checkpoint does not tell it (timm layouts with an unusual
-    width); SAM's window size and global blocks are read from its relative-position tables."""
+    width; without `need_heads` they are then left 0, for the config to set); SAM's window size and
+    global blocks are read from its relative-position tables."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     sd = _encoder_keys(sd, fmt)
+    if fmt == "sam":
+        _need(sd, "neck.0.weight", fmt, "SAM's neck")  # the signature of SAM's image encoder, checked first
     w = _need(sd, "patch_embed.proj.weight", fmt, "the patch embedding")
     if w.ndim != 4:
         raise UserError(f"checkpoint parameter patch_embed.proj.weight has shape {w.shape}, expected a 2D conv "
@@ -162,7 +165,7 @@ def describe(sd: dict, fmt: str, heads: int = 0, window_size: Sequence[int] = ()
         raise UserError(f"{heads} attention heads do not fit the checkpoint: blocks.0.attn.rel_pos_h has head size "
                         f"{head_dim}, so its width {hidden} makes {inferred} heads.")
     cfg.heads = int(heads or inferred)
-    if not cfg.heads or hidden % cfg.heads:
+    if (need_heads or cfg.heads) and (not cfg.heads or hidden % cfg.heads):
         raise UserError(f"cannot tell the number of attention heads of a ViT of width {hidden}: pass --heads.")
     cfg.size = next((name for name, (h, d, n) in vit.SIZES.items() if (h, d, n) == (hidden, depth, cfg.heads)), "small")
     return cfg
@@ -294,7 +297,7 @@ def _abstract_params(encoder: vit.ViT) -> dict:
 def _check_fits(source: vit.ViT, target: vit.ViT, how: str, fmt: str) -> None:
     """UserError naming the first encoder property where the checkpoint and the target differ."""
     checks = [
-        ("hidden", "patch_embed.proj.weight output channels (the width)"),
+        ("hidden", "width (output channels of patch_embed.proj.weight)"),
         ("depth", "blocks (blocks.0 ...)"),
         ("mlp_dim", "MLP width (blocks.0.mlp fc1/lin1 outputs)"),
         ("variant", "block layout"),
@@ -334,7 +337,10 @@ def convert(sd: dict, fmt: str, target: ml_collections.ConfigDict | None = None,
     UserError names the first that does not; `how` says where the target came from)."""
     if target is not None:
         heads = vit.encoder_from_config(target).heads
-    source_cfg = describe(sd, fmt, heads=heads, window_size=window_size, global_blocks=global_blocks)
+    source_cfg = describe(sd, fmt, heads=heads, window_size=window_size, global_blocks=global_blocks,
+                          need_heads=not size)  # with --size, the preset's heads
+    if not source_cfg.heads or source_cfg.hidden % source_cfg.heads:
+        source_cfg.heads = 1  # unknown: the target's heads split the weights (heads are not compared)
     sd = _encoder_keys(sd, fmt)
     if target is None:
         target = target_config(source_cfg, size=size, patch=patch, crop=crop)
@@ -533,7 +539,7 @@ def read_encoder_config(path: str | Path) -> ml_collections.ConfigDict:
         fmt = detect_format(sd)
         if fmt is None:
             raise UserError(f"cannot tell what {path} holds; convert it with `jaxem convert-weights --format ...`.")
-        return describe(sd, fmt)
+        return describe(sd, fmt, need_heads=False)
     file = path / MODEL_FILE if (path / MODEL_FILE).is_file() else path / "encoder" / MODEL_FILE
     if not file.is_file():
         raise UserError(f"{path} holds no converted encoder (expected {file}; write one with `jaxem convert-weights`).")

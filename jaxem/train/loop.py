@@ -25,6 +25,7 @@ from jaxem import models
 from jaxem.config import fingerprint, save_config
 from jaxem.data import augment, pipeline, targets
 from jaxem.errors import UserError
+from jaxem.models import convert
 from jaxem.semi import unlabelled
 from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
@@ -178,7 +179,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
         jax.random.PRNGKey(config.seed))
     if tc.get("init_encoder") and load_encoder:
-        state = with_pretrained_encoder(state, tc.init_encoder, mesh)
+        state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
     if unlabelled.adversarial_on(config.get("semi")):
         from jaxem.semi.adversarial import with_adversary
 
@@ -197,14 +198,18 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     return model, state, train_step, eval_step
 
 
-def with_pretrained_encoder(state, path: str, mesh):
+def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None):
     """`state` whose encoder variables (params and EMA copy; batch_stats with batch norm) come from
-    the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit."""
+    the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit.
+    `path` is an exported encoder, or a SAM/DINOv2/MAE/timm checkpoint file converted on the fly
+    to fit `model_cfg` (jaxem.models.convert)."""
     from jaxem.ssl.pretrain import load_encoder
 
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     try:
-        variables = models.transfer_encoder_params(variables, load_encoder(path))
+        pretrained = (convert.load_pretrained(path, model_cfg) if model_cfg is not None and convert.is_checkpoint(path)
+                      else load_encoder(path))
+        variables = models.transfer_encoder_params(variables, pretrained)
     except UserError as e:
         raise UserError(f"train.init_encoder={path}: {e}") from None
     variables = parallel.replicate(jax.device_get(variables), mesh)
