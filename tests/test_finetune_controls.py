@@ -258,3 +258,18 @@ def test_checkpoint_with_controls_restores_into_any_setting(tmp_path):
         assert same(restored.opt_state, saved.opt_state) and same(restored.params, saved.params)
         after, _ = step(restored, batch)  # and trains on
         assert int(after.step) == 3
+
+
+def test_command_line_fields_and_refusal_before_the_workdir_is_written(tmp_path):
+    from jaxem.config import apply_overrides, load_config
+    from jaxem.train.loop import train
+    from jaxem.train.state import encoder_controls
+
+    cfg = apply_overrides(load_config("isbi2012_unet:cpu"), [  # the example of docs/training.md
+        "--config.train.llrd=0.75", "--config.train.freeze_encoder_steps=100", "--config.optimizer.encoder_lr_scale=0.5"])
+    controls = encoder_controls(cfg.optimizer, cfg.train, cfg.train.steps)
+    assert (controls.llrd, controls.freeze_steps, controls.lr_scale) == (0.75, 100, 0.5)
+    bad = apply_overrides(load_config("demo:tiny"), ["--config.train.llrd=1.5"])
+    with pytest.raises(UserError, match="train.llrd=1.5"):
+        train(bad, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
