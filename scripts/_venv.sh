@@ -21,4 +21,20 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   touch "$STAMP"
 fi
+# tests/test_foundation.py checks converted SAM / DINOv2 / MAE weights against the PyTorch models, so
+# the test suite (scripts/test.sh sets JAXEM_TEST_EXTRAS=1) also gets torch's CPU wheel (the exact
+# '+cpu' version: pip can never pull the multi-GB CUDA build instead), then timm and segment-anything
+# without their dependencies: timm declares torchvision, and PyPI's torchvision does not import beside
+# the CPU torch (the test stubs it); their small real dependencies (pyyaml, safetensors) are installed.
+# Test-only: jaxem never imports them. If the install fails, those tests skip.
+FOUNDATION_SPEC="torch==2.13.0+cpu timm==1.0.31 segment-anything==1.0"
+FOUNDATION_STAMP=.venv/.jaxem-test-foundation
+if [ "${JAXEM_TEST_EXTRAS:-0}" = 1 ] && [ "$(cat "$FOUNDATION_STAMP" 2>/dev/null)" != "$FOUNDATION_SPEC" ]; then
+  if .venv/bin/python -m pip install --quiet "torch==2.13.0+cpu" pyyaml safetensors \
+      && .venv/bin/python -m pip install --quiet --no-deps timm==1.0.31 segment-anything==1.0; then
+    echo "$FOUNDATION_SPEC" > "$FOUNDATION_STAMP"
+  else
+    echo "warning: torch / timm / segment-anything could not be installed: tests/test_foundation.py skips." >&2
+  fi
+fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up (first run only) and run the whole test suite, slow end-to-end tests included.
+export JAXEM_TEST_EXTRAS=1  # _venv.sh: also the test-only reference models (torch CPU, timm, segment-anything)
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 set +e
 python -m pytest -q "$@"
