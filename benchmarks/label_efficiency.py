@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs (reused)")
     parser.add_argument("--slices", type=int, nargs="+", default=[1, 2, 5], help="labelled training slices (of 0-15)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["mim"], help="pretraining methods (configs/pretrain.py args)")
+    parser.add_argument("--methods", nargs="*", default=["mim"],
+                        help="pretraining methods (configs/pretrain.py args); none: the scratch arm only")
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
@@ -189,12 +190,12 @@ def main() -> None:
                    for m in args.methods}
     arm_overrides = {"scratch": [], **{m: [f"--config.train.init_encoder={run / f'pretrain_{m}'}"] for m in args.methods}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
-    for n in args.slices:
-        subset = labelled_subset(n, run / f"labelled_{n}")
-        for seed in args.seeds:
-            for arm in arms:
+    subsets = {n: labelled_subset(n, run / f"labelled_{n}") for n in args.slices}
+    for arm in [*args.methods, "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
+        for n in args.slices:
+            for seed in args.seeds:
                 results[arm][n][seed] = finetune_and_score(
-                    args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subset,
+                    args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n],
                     run / f"{arm}_{n}" / f"seed{seed}", seed, progress)
     table = summarise(results, arms, args.slices)
     print(format_table(table, arms))
