@@ -93,6 +93,19 @@ def test_layer_numbering_of_each_encoder():
         encoder_layers({"conv": {}, "norm": {}})
 
 
+@pytest.mark.parametrize("variant, extra, expected", [
+    ("timm", dict(pos_embed="learned", pos_grid=(4, 4), class_token=True, reg_tokens=2, prefix_pos=True),
+     {"cls_token": 0, "reg_token": 0, "pos_embed": 0, "pos_embed_prefix": 0, "final_norm": 2}),
+    ("sam", dict(pos_embed="learned", pos_grid=(4, 4), neck_dim=8), {"pos_embed": 0, "neck": 2}),
+])
+def test_layer_numbering_of_the_foundation_vit_variants(variant, extra, expected):
+    cfg = models.default_config("unetr", 2)
+    cfg.update(dict(size="tiny", hidden=16, depth=2, heads=2, patch_size=(8, 8), variant=variant, **extra))
+    model = models.build(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False))["params"]
+    assert encoder_layers(params["encoder"]) == ({"patch_embed": 0, "block0": 1, "block1": 2, **expected}, 3)
+
+
 def one_update(cfg, params):
     """The optimizer's first update for gradients of ones (SGD, no momentum: -lr x multiplier)."""
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train)
