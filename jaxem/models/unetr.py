@@ -5,7 +5,8 @@ level l in 1..L-1 takes the hidden state of block depth * l / L and up-samples i
 by transposed conv + conv; level L is the final hidden state. The decoder then climbs from level L
 to 0, concatenating each level's features (width feature_size * 2^l). Patch sizes may differ per
 axis (e.g. (4, 16, 16) for anisotropic EM): an axis with patch 2^k up-samples in the k finest
-steps only.
+steps only. The encoder may be any ViT variant (jaxem, timm, sam: docs/foundation.md); its states
+are token grids without class tokens, the last one after SAM's neck for 'sam'.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNETR:
     encoder = vit.encoder_from_config(cfg)
     for p in encoder.patch_size:
         if p < 2 or p & (p - 1):
-            raise UserError(f"UNETR needs a power-of-two patch size per axis (>= 2), got {encoder.patch_size}.")
+            raise UserError(f"UNETR needs a power-of-two patch size per axis (>= 2), got {encoder.patch_size} "
+                            f"(`jaxem convert-weights --patch 16` resamples a foundation model's patch-14 embedding).")
     if cfg.norm not in layers.NORMS:
         raise UserError(f"model.norm must be one of {', '.join(layers.NORMS)}, got {cfg.norm!r}.")
     layers.activation(cfg.activation)
