@@ -57,7 +57,7 @@ def get_config(arg: str = ""):
     config.optimizer.warmup_steps = 20
     config.train.steps = 300
     config.train.log_every = 10
-    config.train.eval_every = 0
+    config.train.eval_every = 50  # the linear probe (ssl.probe_*; jaxem pretrain fills them on synthetic data)
     config.train.checkpoint_every = 100
     config.train.best_metric = ""
 
@@ -82,5 +82,6 @@ def get_config(arg: str = ""):
         config.ssl.projection_dim = 16
         config.train.steps = 6
         config.train.log_every = 2
+        config.train.eval_every = 0  # no probe (tests turn it on)
         config.train.checkpoint_every = 3
     return config

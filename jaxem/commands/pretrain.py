@@ -2,7 +2,8 @@
 pretraining (MoCo v2 / SimCLR) of a model's encoder on unlabelled EM; exports DIR/encoder.
 
 Without data.train_images it pretrains on a synthetic volume it writes to DIR/data (the config's
-`synthetic` section). Running the same command again resumes from the latest checkpoint.
+`synthetic` section) and, unless ssl.probe_images names others, probes the encoder with that
+volume's labels (jaxem.ssl.probe). Running the same command again resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ def add_arguments(parser) -> None:
 
 
 def with_synthetic_images(config, data_dir: Path):
-    """The config with data.train_images set to a synthetic raw volume in `data_dir` (written once,
-    by process 0 of a multi-process run while the others wait)."""
+    """The config with data.train_images set to a synthetic raw volume in `data_dir` and, when
+    ssl.probe_images is empty, the linear probe's volumes set to that raw volume and its instance
+    labels (written once, by process 0 of a multi-process run while the others wait; pretraining
+    never reads the labels)."""
     import jax
     import ml_collections
     from jax.experimental import multihost_utils
@@ -30,14 +33,18 @@ def with_synthetic_images(config, data_dir: Path):
     from jaxem.data.volume import create_volume
 
     synthetic = config.synthetic
-    path = data_dir / "pretrain_raw.zarr"
-    if jax.process_index() == 0 and not (path / ".zattrs").exists():
+    path, labels_path = data_dir / "pretrain_raw.zarr", data_dir / "pretrain_instances.zarr"
+    if jax.process_index() == 0 and not all((p / ".zattrs").exists() for p in (path, labels_path)):
         em = generate(shape=tuple(synthetic.shape), voxel_size=tuple(synthetic.voxel_size), seed=synthetic.seed)
-        create_volume(path, em.raw.shape, em.raw.dtype, voxel_size=tuple(synthetic.voxel_size), overwrite=True).write(em.raw)
+        for p, array in ((path, em.raw), (labels_path, em.instances)):
+            volume = create_volume(p, array.shape, array.dtype, voxel_size=tuple(synthetic.voxel_size), overwrite=True)
+            volume.write(array)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxem pretrain: synthetic volume written")
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.train_images = (str(path),)
+    if "probe_images" in config.get("ssl", {}) and not config.ssl.probe_images and not config.ssl.probe_labels:
+        config.ssl.probe_images, config.ssl.probe_labels = (str(path),), (str(labels_path),)
     config.lock()
     return config
 

@@ -59,6 +59,13 @@ def default_ssl_config() -> ml_collections.ConfigDict:
         mask_patch=(16,),        # mim: patch size in voxels: (in-plane,) with 1 section in z for 3D, or one per axis
         mask_loss="masked",      # mim: 'masked' (MSE on hidden pixels, as MAE/SparK) | 'all'
         noise_std=0.0,           # mim: Gaussian noise on every input pixel (denoising), in normalised units
+        # Linear probe (jaxem.ssl.probe), every train.eval_every steps: a ridge regression from the
+        # frozen encoder's features to config.target, fitted on half the probe crops, scored on half.
+        probe_images=(),         # image volumes with labels; () = no probe (jaxem pretrain on synthetic data fills both)
+        probe_labels=(),         # one instance-label volume per probe image, like data.train_labels
+        probe_crops=16,          # fixed crops of data.crop_shape, evenly spaced tiles of the probe volumes
+        probe_pixels=2048,       # fixed pixels per crop at which features are read
+        probe_ridge=1e-3,        # ridge lambda, on standardised features
     ))
 
 

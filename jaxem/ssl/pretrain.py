@@ -8,6 +8,8 @@ encoder model): its 'encoder' is pretrained, so the result copies into the same 
 A run writes what a supervised run writes (config.json, metrics.jsonl, TensorBoard events,
 checkpoints, training_curves.png) plus `encoder/`: the encoder's variables (orbax) and
 `model.json`, the model config they fit. Fine-tune with `--config.train.init_encoder=WORKDIR`.
+With `ssl.probe_images`/`probe_labels` a linear probe of the encoder (jaxem.ssl.probe) is logged
+as the run's validation metrics every `train.eval_every` steps, from the random init at step 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jaxem.models.transfer import network_parts
 from jaxem.ssl import masked
 from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
                                    create_contrastive_state, make_contrastive_step)
+from jaxem.ssl.probe import PROBE_FIELDS, make_probe
 from jaxem.train import parallel
 from jaxem.train.checkpoint import restore_on_this_host, save_tree
 from jaxem.train.loop import check_workdir, run_loop, run_meta
@@ -42,7 +45,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     """
     parallel.initialize_distributed()
     workdir = Path(workdir)
-    check_workdir(config, workdir, SECTIONS)
+    check_workdir(config, workdir, SECTIONS, ignore=PROBE_FIELDS)  # the probe may change on resume
     ndim, batch_size = config.model.ndim, config.data.batch_size
     mesh = parallel.make_mesh(config.train.num_devices)
     parallel.check_batch_size(batch_size, mesh)
@@ -55,11 +58,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
               "norm (the U-Net default) or ssl.method=simclr trained well there.")
     models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
+    probe = make_probe(config)  # the linear probe (jaxem.ssl.probe), the loop's `validate`; None when off
     state, train_step = build_pretraining(config, mesh)
     loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train", labelled=False)
+    baseline = probe.start(state, workdir) if probe else {}  # the random-init encoder, logged at step 0
     summary, state = run_loop(config, workdir, state=state, train_step=train_step, loader=loader,
                               meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress,
-                              train_panels=train_panels(config.ssl))
+                              train_panels=train_panels(config.ssl), validate=probe)
+    summary.update(baseline)
     if "preempted_at" not in summary:
         summary["encoder_dir"] = str(export_encoder(state, config, workdir / ENCODER_DIR))
     return summary

@@ -43,9 +43,11 @@ class TrainingDiverged(UserError):
     """The loss became NaN or Inf."""
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...] = SHAPE_SECTIONS) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tuple[str, ...] = SHAPE_SECTIONS,
+                  ignore: tuple[str, ...] = ()) -> None:
     """UserError when `workdir` holds checkpoints of a run whose config differs in one of `sections`
-    (a section present in only one of the two configs differs too)."""
+    (a section present in only one of the two configs differs too). Fields named in `ignore`
+    ("section.field", e.g. "ssl.probe_images") are left out: settings the checkpoints do not hold."""
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
@@ -55,13 +57,20 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path, sections: tu
     for section in sections:
         if section not in saved and section not in config:
             continue
-        if section not in saved or section not in config or fingerprint(saved[section]) != fingerprint(config[section]):
+        if section not in saved or section not in config or (
+                _section_fingerprint(saved, section, ignore) != _section_fingerprint(config, section, ignore)):
             raise UserError(
                 f"{workdir} holds a run with a different `{section}` config; use a new --workdir "
                 f"(or delete {workdir}) instead of mixing experiments.")
     if _discriminator_widths(saved) != _discriminator_widths(config):
         raise UserError(f"{workdir} holds a run whose domain discriminator (semi.adversarial_weight > 0, "
                         f"semi.discriminator_widths) differs from this config's; use a new --workdir.")
+
+
+def _section_fingerprint(config: ml_collections.ConfigDict, section: str, ignore: tuple[str, ...]) -> str:
+    """fingerprint of config[section] without the fields named in `ignore`."""
+    fields = {k: v for k, v in config[section].to_dict().items() if f"{section}.{k}" not in ignore}
+    return fingerprint(ml_collections.ConfigDict(fields))
 
 
 def _discriminator_widths(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
