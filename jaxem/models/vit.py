@@ -308,7 +308,10 @@ class ViT(nn.Module):
     neck_dim: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False, keep: jax.Array | None = None) -> list[jax.Array]:
+        """`keep` (B, N_visible) int: the blocks see only these patch tokens (flat indices into the
+        patch grid, after patch and position embedding; class/register tokens stay), as MAE's
+        encoder does, and the states are (B, N_visible, hidden) token lists instead of grids."""
         x = layers.Conv(self.hidden, self.patch_size, strides=self.patch_size, padding="VALID",
                         dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
         batch, grid = x.shape[0], x.shape[1:-1]
@@ -318,6 +321,9 @@ class ViT(nn.Module):
         elif self.pos_embed == "learned":
             table = self.param("pos_embed", nn.initializers.normal(0.02), (*self.pos_grid, self.hidden))
             tokens = tokens + resample_grid(table, grid).reshape(-1, self.hidden).astype(self.dtype)
+        if keep is not None:
+            check_token_dropping(self.variant, self.window_size, self.rel_pos)
+            tokens = jnp.take_along_axis(tokens, keep[..., None].astype(jnp.int32), axis=1)
         prefix = []
         if self.class_token:
             prefix.append(self.param("cls_token", nn.initializers.normal(1e-6), (1, self.hidden)))
@@ -341,10 +347,24 @@ class ViT(nn.Module):
         if self.variant != "sam":
             states[-1] = nn.LayerNorm(dtype=self.dtype, name="final_norm",
                                       **({} if self.variant == "jaxem" else dict(use_fast_variance=False)))(tokens)
+        if keep is not None:
+            return [s[:, n_prefix:] for s in states]
         states = [s[:, n_prefix:].reshape(batch, *grid, self.hidden) for s in states]
         if self.variant == "sam" and self.neck_dim:
             states[-1] = Neck(self.neck_dim, self.dtype, name="neck")(states[-1])
         return states
+
+
+def check_token_dropping(variant: str, window_size: tuple[int, ...] = (), rel_pos: bool = False) -> None:
+    """UserError unless the ViT's blocks can run on a subset of the patch tokens (MAE): windowed
+    attention and relative positions need the whole token grid."""
+    if variant == "sam":
+        raise UserError("model.variant='sam' (windowed attention on the whole token grid) cannot run on a subset of "
+                        "the patch tokens (MAE); use model.variant='jaxem' or 'timm'.")
+    if window_size or rel_pos:
+        field = "window_size" if window_size else "rel_pos"
+        raise UserError(f"model.{field} needs the whole token grid and cannot run on a subset of the patch tokens "
+                        f"(MAE); set model.window_size=() and model.rel_pos=False.")
 
 
 FOUNDATION_DEFAULTS = dict(

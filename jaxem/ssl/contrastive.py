@@ -37,7 +37,7 @@ from jaxem.models.heads import DenseProjectionHead, MLPHead, global_mean_pool
 from jaxem.train.losses import dense_infonce, match_locations, moco_infonce, nt_xent, unit_vectors
 from jaxem.train.state import TrainState
 
-METHODS = ("simclr", "moco", "densecl", "mim")  # mim: jaxem.ssl.masked (whole network, not contrastive)
+METHODS = ("simclr", "moco", "densecl", "mim", "mae")  # mim: jaxem.ssl.masked (whole network); mae: jaxem.ssl.mae
 MOMENTUM_METHODS = ("moco", "densecl")  # a key encoder and a queue of keys
 
 
@@ -47,6 +47,7 @@ def default_ssl_config() -> ml_collections.ConfigDict:
         method="moco",           # 'moco' (v2: momentum encoder + queue) | 'simclr' (in-batch negatives)
                                  # | 'densecl' (MoCo v2 + a dense per-location loss)
                                  # | 'mim' (masked image modelling of the whole network, jaxem.ssl.masked)
+                                 # | 'mae' (masked autoencoder of a ViT encoder, jaxem.ssl.mae)
         temperature=0.2,         # MoCo v2: 0.2; SimCLR: 0.1-0.5
         momentum=0.99,           # MoCo key encoder: key = m * key + (1 - m) * query after each step
         queue_size=4096,         # MoCo negatives; a multiple of data.batch_size
@@ -55,10 +56,15 @@ def default_ssl_config() -> ml_collections.ConfigDict:
         projection_batch_norm=True,
         crop_scale=(0.3, 1.0),   # each view: a random window of this fraction of the (y, x) plane
         dense_weight=0.5,        # DenseCL: loss = (1 - w) * global + w * dense (the paper's lambda)
-        mask_ratio=0.6,          # mim: fraction of mask_patch patches hidden per crop
+        mask_ratio=0.6,          # mim: fraction of mask_patch patches hidden per crop; mae: fraction of the
+                                 # ViT's patch tokens dropped (configs/pretrain.py:mae sets the paper's 0.75)
         mask_patch=(16,),        # mim: patch size in voxels: (in-plane,) with 1 section in z for 3D, or one per axis
         mask_loss="masked",      # mim: 'masked' (MSE on hidden pixels, as MAE/SparK) | 'all'
         noise_std=0.0,           # mim: Gaussian noise on every input pixel (denoising), in normalised units
+        decoder_dim=128,         # mae: width of the light transformer decoder
+        decoder_depth=2,         # mae: its blocks
+        decoder_heads=4,         # mae: its attention heads (decoder_dim must be a multiple)
+        norm_pix_loss=True,      # mae: targets are each patch's pixels normalised to zero mean, unit variance
         # Linear probe (jaxem.ssl.probe), every train.eval_every steps: a ridge regression from the
         # frozen encoder's features to config.target, fitted on half the probe crops, scored on half.
         probe_images=(),         # image volumes with labels; () = no probe (jaxem pretrain on synthetic data fills both)

@@ -24,7 +24,7 @@ from jaxem import models
 from jaxem.data import augment, pipeline
 from jaxem.errors import UserError
 from jaxem.models.transfer import network_parts
-from jaxem.ssl import masked
+from jaxem.ssl import mae, masked
 from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
                                    create_contrastive_state, make_contrastive_step)
 from jaxem.ssl.probe import PROBE_FIELDS, make_probe
@@ -52,6 +52,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     check_ssl_config(config.ssl, batch_size)
     if config.ssl.method == "mim":
         masked.check_masked_config(config.ssl, tuple(config.data.crop_shape))
+    if config.ssl.method == "mae":
+        mae.check_mae_config(config)
     if config.ssl.method in MOMENTUM_METHODS and config.model.get("norm") == "batch" and jax.process_index() == 0:
         name = "MoCo" if config.ssl.method == "moco" else "DenseCL (MoCo's key encoder and queue)"
         print(f"warning: {name} with a batch-norm encoder: MoCo half-collapsed on ISBI 2012 (docs/ssl.md); group "
@@ -75,13 +77,16 @@ def train_panels(ssl_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The train metrics that get a panel of their own in training_curves.png beside the loss."""
     if ssl_cfg.method == "mim":
         return ("masked_r2", "visible_mse")
+    if ssl_cfg.method == "mae":
+        return ("masked_r2",)
     dense = ("dense_accuracy",) if ssl_cfg.method == "densecl" else ()
     return ("accuracy", "positive_cosine", "embedding_std") + dense
 
 
 def build_pretraining(config: ml_collections.ConfigDict, mesh):
     """(initial state, jitted train_step) on `mesh`: state replicated, batches sharded. The state
-    is a ContrastiveState for the contrastive methods, a TrainState of the whole network for mim."""
+    is a ContrastiveState for the contrastive methods, a TrainState of the whole network for mim,
+    a TrainState of the ViT encoder and MAE's decoder for mae."""
     tx = make_optimizer(config.optimizer, config.train.steps)
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
@@ -90,6 +95,14 @@ def build_pretraining(config: ml_collections.ConfigDict, mesh):
         state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
             jax.random.PRNGKey(config.seed))
         step = masked.make_masked_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
+        train_step = jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                             donate_argnums=0)
+        return state, train_step
+    if config.ssl.method == "mae":
+        model = mae.build_mae_model(config.model, config.ssl)
+        state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
+            jax.random.PRNGKey(config.seed))
+        step = mae.make_mae_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
         train_step = jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
                              donate_argnums=0)
         return state, train_step
@@ -107,9 +120,9 @@ def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Pa
     """Writes the encoder of a pretraining `state` to `directory`: `variables/` (orbax: params and,
     with batch norm, batch_stats) and `model.json` (the model config they fit, the ssl config, the
     step and `parts`, the transferred subtrees). The contrastive methods export the bare encoder
-    tree; mim exports the whole network but its head, {"encoder": ..., "dec0": ..., ...}, and
-    fine-tuning copies every part. Every process of a multi-process run must call it. Returns
-    `directory`."""
+    tree (mae too: the ViT alone, without its decoder); mim exports the whole network but its
+    head, {"encoder": ..., "dec0": ..., ...}, and fine-tuning copies every part. Every process of
+    a multi-process run must call it. Returns `directory`."""
     directory = Path(directory)
     if config.ssl.method == "mim":
         variables = {"params": network_parts(state.params)}
