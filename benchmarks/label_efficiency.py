@@ -148,6 +148,7 @@ def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
             ax.errorbar(np.array(slices) * (1 + 0.03 * (i - len(arms) / 2)), mean, yerr=std, marker="o", capsize=3,
                         label=arm)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(slices, [str(n) for n in slices])
         ax.set_xlabel("labelled training slices")
         ax.set_ylabel(label)
