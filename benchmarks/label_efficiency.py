@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.isbi2012 import LOCAL_COPY  # noqa: E402
-from benchmarks.ssl_transfer import labelled_subset, unlabelled_images  # noqa: E402
+from benchmarks.ssl_transfer import labelled_subset, split_overrides, unlabelled_images  # noqa: E402
 
 METRICS = ("vrand", "vinfo", "iou", "dice")
 GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
@@ -172,10 +172,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
     parser.add_argument("--no-progress", action="store_true")
     args, rest = parser.parse_known_args()
-    pretrain_overrides = ["--config." + a[len("--pretrain."):] for a in rest if a.startswith("--pretrain.")]
-    finetune_overrides = ["--config." + a[len("--finetune."):] for a in rest if a.startswith("--finetune.")]
-    if len(pretrain_overrides) + len(finetune_overrides) != len(rest):
-        parser.error(f"unknown arguments {[a for a in rest if not a.startswith(('--pretrain.', '--finetune.'))]}")
+    pretrain_overrides, finetune_overrides = split_overrides(parser, rest)
 
     import jax
 

@@ -40,6 +40,16 @@ def unlabelled_images() -> tuple[str, ...]:
     return datasets.split_paths("isbi2012", "train")[0] + datasets.split_paths("isbi2012", "test")[0]
 
 
+def split_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> tuple[list[str], list[str]]:
+    """(pretraining, fine-tuning) config overrides from `--pretrain.x=y` / `--finetune.x=y`
+    arguments, as `--config.x=y`; anything else is a parser error."""
+    pretrain = ["--config." + a[len("--pretrain."):] for a in rest if a.startswith("--pretrain.")]
+    finetune = ["--config." + a[len("--finetune."):] for a in rest if a.startswith("--finetune.")]
+    if len(pretrain) + len(finetune) != len(rest):
+        parser.error(f"unknown arguments {[a for a in rest if not a.startswith(('--pretrain.', '--finetune.'))]}")
+    return pretrain, finetune
+
+
 def arm_overrides(arm: str, run: Path) -> list[str]:
     """What an arm adds to the fine-tuning config."""
     if arm == "pretrained":
@@ -110,10 +120,7 @@ def main() -> None:
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--no-progress", action="store_true")
     args, rest = parser.parse_known_args()
-    pretrain_overrides = ["--config." + a[len("--pretrain."):] for a in rest if a.startswith("--pretrain.")]
-    finetune_overrides = ["--config." + a[len("--finetune."):] for a in rest if a.startswith("--finetune.")]
-    if len(pretrain_overrides) + len(finetune_overrides) != len(rest):
-        parser.error(f"unknown arguments {[a for a in rest if not a.startswith(('--pretrain.', '--finetune.'))]}")
+    pretrain_overrides, finetune_overrides = split_overrides(parser, rest)
 
     import jax
 

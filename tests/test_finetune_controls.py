@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cell_batch
 from jaxem import models
 from jaxem.errors import UserError
 from jaxem.train import parallel
@@ -25,22 +26,6 @@ def unet_config(widths=(4, 8, 16), norm="group", **train):
     cfg.train.steps = 20
     cfg.train.update(train)
     return cfg
-
-
-def cell_batch(batch_size=8, size=32, seed=0):
-    """Blocky cells between one-pixel membranes and their labels (as in test_train)."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((batch_size, size, size), np.int32)
-    for b in range(batch_size):
-        cy = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
-        cx = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
-        ids = np.searchsorted(cy, np.arange(size))[:, None] * 3 + np.searchsorted(cx, np.arange(size))[None] + 1
-        ids[cy, :] = 0
-        ids[:, cx] = 0
-        labels[b] = ids
-    image = np.where(labels > 0, 0.7, 0.1) + 0.1 * rng.standard_normal(labels.shape)
-    image = ((image - image.mean()) / image.std()).astype(np.float32)[..., None]
-    return {"image": image, "labels": labels, "mask": np.ones(labels.shape, np.float32)}
 
 
 def train_steps(cfg, steps, mesh=None, state=None):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import device_flags
+from conftest import cell_batch, device_flags
 
 from jaxem import models
 from jaxem.config import apply_overrides, load_config
@@ -36,22 +36,6 @@ def tiny_config(norm="group"):
     cfg.optimizer.warmup_steps = 0
     cfg.optimizer.schedule = "constant"
     return cfg
-
-
-def cell_batch(batch_size=8, size=32, seed=0):
-    """Blocky 'cells' separated by dark one-pixel membranes, and their instance labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((batch_size, size, size), np.int32)
-    for b in range(batch_size):
-        cuts_y = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
-        cuts_x = np.sort(rng.choice(np.arange(4, size - 4), 2, replace=False))
-        ids = (np.searchsorted(cuts_y, np.arange(size))[:, None] * 3 + np.searchsorted(cuts_x, np.arange(size))[None] + 1)
-        ids[cuts_y, :] = 0
-        ids[:, cuts_x] = 0
-        labels[b] = ids
-    image = np.where(labels > 0, 0.7, 0.1) + 0.1 * rng.standard_normal(labels.shape)
-    image = ((image - image.mean()) / image.std()).astype(np.float32)[..., None]
-    return {"image": image, "labels": labels, "mask": np.ones(labels.shape, np.float32)}
 
 
 def run_steps(cfg, mesh, batch, steps):

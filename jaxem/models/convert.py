@@ -35,7 +35,7 @@ import math
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -90,19 +90,14 @@ def build_pretraining(config: ml_collections.ConfigDict, mesh):
     tx = make_optimizer(config.optimizer, config.train.steps)
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
-    if config.ssl.method == "mim":
-        model = masked.build_reconstruction_model(config.model)
+    if config.ssl.method in ("mim", "mae"):  # a network that paints hidden patches: a plain TrainState
+        if config.ssl.method == "mim":
+            model, make_step = masked.build_reconstruction_model(config.model), masked.make_masked_step
+        else:
+            model, make_step = mae.build_mae_model(config.model, config.ssl), mae.make_mae_step
         state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
             jax.random.PRNGKey(config.seed))
-        step = masked.make_masked_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
-        train_step = jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                             donate_argnums=0)
-        return state, train_step
-    if config.ssl.method == "mae":
-        model = mae.build_mae_model(config.model, config.ssl)
-        state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
-            jax.random.PRNGKey(config.seed))
-        step = mae.make_mae_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
+        step = make_step(model, config.ssl, augment.make_augment_fn(config.augment, config.model.ndim))
         train_step = jax.jit(step, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
                              donate_argnums=0)
         return state, train_step
