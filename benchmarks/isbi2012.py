@@ -27,6 +27,14 @@ from pathlib import Path
 LOCAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
 
+def prepare_isbi() -> None:
+    """Prepares ISBI 2012 in $JAXEM_DATA from the local copy (../shared/data/isbi2012) unless it is there."""
+    from jaxem.data import datasets
+
+    if not datasets.is_prepared("isbi2012"):
+        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+
+
 def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: bool = True) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19,
     with settings tuned on slices 0-15 as well unless `tune` is False."""
@@ -65,11 +73,9 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.data import datasets
     from jaxem.metrics.heldout import SCORE_KEYS, format_table
 
-    if not datasets.is_prepared("isbi2012"):
-        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+    prepare_isbi()
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": "isbi2012_heldout_slices_16_19", "config": args.config, "overrides": overrides}
     if args.seeds is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.isbi2012 import LOCAL_COPY  # noqa: E402
+from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
 from benchmarks.ssl_transfer import labelled_subset, split_overrides, unlabelled_images  # noqa: E402
 
 METRICS = ("vrand", "vinfo", "iou", "dice")
@@ -177,10 +177,8 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.data import datasets
 
-    if not datasets.is_prepared("isbi2012"):
-        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+    prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
     arms = ["scratch", *args.methods]
     model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model

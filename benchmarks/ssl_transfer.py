@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.isbi2012 import LOCAL_COPY, over_seeds  # noqa: E402
+from benchmarks.isbi2012 import over_seeds, prepare_isbi  # noqa: E402
 
 ARMS = ("scratch", "pretrained", "mean_teacher")
 
@@ -125,11 +125,9 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.data import datasets
     from jaxem.metrics.heldout import SCORE_KEYS
 
-    if not datasets.is_prepared("isbi2012"):
-        datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
+    prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
     subset = labelled_subset(args.labelled_slices, run / f"labelled_{args.labelled_slices}")
 
