@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
-from benchmarks.ssl_transfer import labelled_subset, split_overrides, unlabelled_images  # noqa: E402
+from benchmarks import ssl_transfer  # noqa: E402
+from benchmarks.ssl_transfer import labelled_subset, split_overrides  # noqa: E402
 
 METRICS = ("vrand", "vinfo", "iou", "dice")
 GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
@@ -47,34 +48,19 @@ PRETRAIN_DEFAULTS = ("--config.data.crop_shape=(128, 128)", "--config.data.batch
 
 
 def pretrain_network(method: str, model, overrides: list[str], run: Path, progress: bool) -> dict:
-    """Pretrains `model` (the recipe's model section) with configs/pretrain.py:<method> on the
-    unlabelled ISBI images into `run`; returns the summary (resumes or skips a finished run)."""
-    from jaxem.config import apply_overrides, load_config
-    from jaxem.ssl.pretrain import pretrain
-
-    config = load_config(f"pretrain:{method}")
-    config.model = model
-    config.data.train_images = unlabelled_images()
-    config = apply_overrides(config, [*PRETRAIN_DEFAULTS, *overrides])
-    start = time.time()
-    summary = pretrain(config, run, progress=progress)
-    return dict(summary, wall_seconds_this_invocation=time.time() - start)
+    """Pretrains `model` (the recipe's model section) with configs/pretrain.py:<method> and this
+    benchmark's budget on the unlabelled ISBI images into `run`; returns the summary (resumes or
+    skips a finished run)."""
+    return ssl_transfer.pretrain_encoder(f"pretrain:{method}", [*PRETRAIN_DEFAULTS, *overrides], model, run, progress)
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
                        seed: int, progress: bool) -> dict:
-    """Trains the recipe on the labelled `subset` (with `overrides`) into `run` and scores slices
-    16-19 with the fixed watershed setting."""
-    from benchmarks.isbi2012 import train_and_score
-    from jaxem.config import apply_overrides, load_config
-    from jaxem.data import datasets
-
-    config = apply_overrides(load_config(finetune_config), [
-        "--config.data.dataset=", f"--config.data.train_images=('{subset[0]}',)",
-        f"--config.data.train_labels=('{subset[1]}',)", f"--config.seed={seed}", *FINETUNE_DEFAULTS, *overrides])
-    config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
+    """Trains the recipe with this benchmark's budget on the labelled `subset` (with `overrides`)
+    into `run` and scores slices 16-19 with the fixed watershed setting."""
     start = time.time()
-    result = train_and_score(config, run, progress, tune=False)
+    result = ssl_transfer.finetune_and_score(finetune_config, [*FINETUNE_DEFAULTS, *overrides], subset, run, seed,
+                                             progress)
     return {"scores": {k: result["scores"]["model"][k] for k in METRICS},
             "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
 

@@ -77,13 +77,14 @@ def labelled_subset(slices: int, out: Path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def pretrain_encoder(args, overrides: list[str], model, run: Path, progress: bool) -> dict:
-    """Pretrains `model` (the fine-tuning config's model section) on unlabelled ISBI slices (not
-    16-19); returns the summary."""
+def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Path, progress: bool) -> dict:
+    """Pretrains `model` (the fine-tuning config's model section) with `pretrain_config` on the
+    unlabelled ISBI slices (not 16-19) into `run`; returns the summary (resumes or skips a
+    finished run)."""
     from jaxem.config import apply_overrides, load_config
     from jaxem.ssl.pretrain import pretrain
 
-    config = load_config(args.pretrain_config)
+    config = load_config(pretrain_config)
     config.model = model
     config.data.train_images = unlabelled_images()
     config = apply_overrides(config, overrides)
@@ -92,13 +93,14 @@ def pretrain_encoder(args, overrides: list[str], model, run: Path, progress: boo
     return dict(summary, wall_seconds_this_invocation=time.time() - start)
 
 
-def finetune_and_score(args, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
+def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
                        progress: bool) -> dict:
-    """Trains the recipe on the labelled subset (with `overrides`) and scores slices 16-19."""
+    """Trains `finetune_config` on the labelled subset (with `overrides`) into `run` and scores
+    slices 16-19 with the fixed watershed setting (benchmarks.isbi2012.train_and_score's result)."""
     from benchmarks.isbi2012 import train_and_score
     from jaxem.config import apply_overrides, load_config
 
-    config = load_config(args.finetune_config)
+    config = load_config(finetune_config)
     config = apply_overrides(config, [
         "--config.data.dataset=", f"--config.data.train_images=('{subset[0]}',)",
         f"--config.data.train_labels=('{subset[1]}',)", f"--config.seed={seed}",
@@ -135,11 +137,11 @@ def main() -> None:
     pretraining = None
     if "pretrained" in arms:
         model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
-        pretraining = pretrain_encoder(args, pretrain_overrides, model, run / "pretrain", progress)
+        pretraining = pretrain_encoder(args.pretrain_config, pretrain_overrides, model, run / "pretrain", progress)
     results = {arm: {} for arm in arms}
     for seed in args.seeds:
         for arm in arms:
-            results[arm][seed] = finetune_and_score(args, [*arm_overrides(arm, run), *finetune_overrides], subset,
+            results[arm][seed] = finetune_and_score(args.finetune_config, [*arm_overrides(arm, run), *finetune_overrides], subset,
                                                     run / f"{arm}_{args.labelled_slices}" / f"seed{seed}", seed,
                                                     progress)
     summary = {arm: over_seeds(results[arm])["model"] for arm in arms}

@@ -44,11 +44,11 @@ import numpy as np
 
 from jaxem.errors import UserError
 from jaxem.models import vit
+from jaxem.models.transfer import MODEL_FILE, VARIABLES_DIR, exported_encoder_dir
 
 FORMATS = ("sam", "dinov2", "mae", "timm")
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 HEADS_BY_HIDDEN = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}  # ViT-Ti/S/B/L/H (SAM-H: 16 heads of 80)
-MODEL_FILE, VARIABLES_DIR = "model.json", "variables"  # jaxem.ssl.pretrain's exported-encoder layout
 # Entries of timm-layout checkpoints that are not part of the encoder jaxem builds.
 TIMM_IGNORED = ("head.", "head_drop", "fc_norm.", "decoder", "mask_token")
 
@@ -489,12 +489,17 @@ def load_pretrained(path: str | Path, model_cfg: ml_collections.ConfigDict, fmt:
         raise UserError(f"a {Path(path).suffix} checkpoint holds a ViT encoder, but model.name is {model_cfg.name!r} "
                         f"(use 'vit' or 'unetr').")
     sd = read_state_dict(path)
-    fmt = fmt or detect_format(sd)
+    _, variables = convert(sd, fmt or _detected_format(sd, path), target=model_cfg, how="the run's model config")
+    return variables
+
+
+def _detected_format(sd: dict, path: str | Path) -> str:
+    """detect_format(sd), or a UserError naming `path` when the keys fit no known layout."""
+    fmt = detect_format(sd)
     if fmt is None:
         raise UserError(f"cannot tell what {path} holds (no SAM image encoder or timm ViT keys such as "
                         f"blocks.0.attn.qkv.weight); convert it with `jaxem convert-weights --format ...`.")
-    _, variables = convert(sd, fmt, target=model_cfg, how="the run's model config")
-    return variables
+    return fmt
 
 
 def encoder_record(model_cfg: ml_collections.ConfigDict, source: dict) -> dict:
@@ -536,11 +541,8 @@ def read_encoder_config(path: str | Path) -> ml_collections.ConfigDict:
     path = Path(path)
     if is_checkpoint(path):
         sd = read_state_dict(path)
-        fmt = detect_format(sd)
-        if fmt is None:
-            raise UserError(f"cannot tell what {path} holds; convert it with `jaxem convert-weights --format ...`.")
-        return describe(sd, fmt, need_heads=False)
-    file = path / MODEL_FILE if (path / MODEL_FILE).is_file() else path / "encoder" / MODEL_FILE
+        return describe(sd, _detected_format(sd, path), need_heads=False)
+    file = exported_encoder_dir(path) / MODEL_FILE
     if not file.is_file():
         raise UserError(f"{path} holds no converted encoder (expected {file}; write one with `jaxem convert-weights`).")
     model = json.loads(file.read_text())["model"]

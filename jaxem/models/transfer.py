@@ -3,6 +3,7 @@ pretrained network's parts (encoder, decoder; not the head) into the same parts 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -10,6 +11,17 @@ import numpy as np
 from flax.core import FrozenDict, unfreeze
 
 from jaxem.errors import UserError
+
+# The exported-encoder layout (`jaxem pretrain`, `jaxem convert-weights`): DIR/model.json + DIR/variables/,
+# DIR being a pretraining workdir's encoder/ or any directory that holds them.
+ENCODER_DIR, MODEL_FILE, VARIABLES_DIR = "encoder", "model.json", "variables"
+
+
+def exported_encoder_dir(path: str | Path) -> Path:
+    """The exported-encoder directory `path` names: `path` itself when it holds model.json, else its
+    encoder/ (a pretraining workdir). Not checked to exist."""
+    path = Path(path)
+    return path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
 
 
 def transfer_encoder(seg_variables: Mapping, encoder_variables: Mapping) -> dict:

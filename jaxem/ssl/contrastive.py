@@ -166,8 +166,8 @@ def _random_queue(rng: jax.Array, size: int, dim: int) -> jax.Array:
     return unit_vectors(jax.random.normal(rng, (size, dim), jnp.float32))
 
 
-def _apply(model, params, batch_stats, x):
-    """Train-mode forward; returns (embeddings, updated batch_stats)."""
+def train_mode_apply(model, params, batch_stats, x):
+    """Train-mode forward; returns (outputs, updated batch_stats) (`batch_stats` as is without norm statistics)."""
     if not batch_stats:
         return model.apply({"params": params}, x, train=True), batch_stats
     z, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
@@ -193,14 +193,14 @@ def make_contrastive_step(model: ContrastiveModel, cfg: ml_collections.ConfigDic
 
     def simclr_loss(params, state, view1, view2):
         # One forward over both views: normalisation statistics see the 2N views together.
-        z, batch_stats = _apply(model, params, state.batch_stats, jnp.concatenate([view1, view2]))
+        z, batch_stats = train_mode_apply(model, params, state.batch_stats, jnp.concatenate([view1, view2]))
         z1, z2 = jnp.split(z, 2)
         loss, accuracy = nt_xent(z1, z2, cfg.temperature)
         return loss, ({"accuracy": accuracy}, batch_stats, state.key_batch_stats, z1, z2, {})
 
     def moco_loss(params, state, view1, view2):
-        queries, batch_stats = _apply(model, params, state.batch_stats, view1)
-        keys, key_batch_stats = _apply(model, state.ema_params, state.key_batch_stats, view2)
+        queries, batch_stats = train_mode_apply(model, params, state.batch_stats, view1)
+        keys, key_batch_stats = train_mode_apply(model, state.ema_params, state.key_batch_stats, view2)
         keys = jax.lax.stop_gradient(keys)
         if cfg.method == "densecl":
             loss, metrics, enqueue = _densecl_loss(queries, keys, state, cfg)

@@ -38,7 +38,7 @@ import optax
 from jaxem import models
 from jaxem.errors import UserError
 from jaxem.models import layers, vit
-from jaxem.ssl.masked import reconstruction_loss
+from jaxem.ssl.masked import hidden_count, reconstruction_loss
 from jaxem.train.state import TrainState
 
 VIT_MODELS = ("vit", "unetr")  # model names whose `encoder` is the jaxem ViT
@@ -89,7 +89,7 @@ def normalise_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
 def random_keep(rng: jax.Array, batch: int, n: int, ratio: float) -> tuple[jax.Array, jax.Array]:
     """(keep (batch, n - round(ratio * n)) int32 sorted token indices, mask (batch, n) float32, 1
     where dropped): per example the tokens of the lowest uniform noise are kept (MAE's shuffle)."""
-    hidden = max(1, min(n - 1, round(ratio * n)))
+    hidden = hidden_count(n, ratio)
     order = jnp.argsort(jax.random.uniform(rng, (batch, n)), axis=1)
     keep = jnp.sort(order[:, :n - hidden], axis=1).astype(jnp.int32)
     mask = jnp.ones((batch, n), jnp.float32).at[jnp.arange(batch)[:, None], keep].set(0.0)

@@ -39,6 +39,7 @@ import optax
 
 from jaxem import models
 from jaxem.errors import UserError
+from jaxem.ssl.contrastive import train_mode_apply
 from jaxem.train.state import TrainState
 
 def check_masked_config(cfg: ml_collections.ConfigDict, crop_shape: tuple[int, ...]) -> None:
@@ -80,12 +81,17 @@ def random_patch_mask(rng: jax.Array, spatial: tuple[int, ...], batch: int, patc
     `patch` voxels per example, chosen uniformly without replacement."""
     grid = tuple(s // p for s, p in zip(spatial, patch))
     n = math.prod(grid)
-    hidden = max(1, min(n - 1, round(ratio * n)))
+    hidden = hidden_count(n, ratio)
     ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch, n)), axis=1), axis=1)
     mask = (ranks < hidden).astype(jnp.float32).reshape(batch, *grid)
     for axis, p in enumerate(patch):
         mask = jnp.repeat(mask, p, axis=axis + 1)
     return mask
+
+
+def hidden_count(n: int, ratio: float) -> int:
+    """How many of `n` patches a mask ratio hides: round(ratio x n), at least 1 and at most n - 1."""
+    return max(1, min(n - 1, round(ratio * n)))
 
 
 def masked_inputs(rng: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
@@ -125,15 +131,8 @@ def make_masked_step(model: nn.Module, cfg: ml_collections.ConfigDict, augment_f
     """
 
     def loss_fn(params, state, inputs, target, mask):
-        variables = {"params": params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-            prediction, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-            batch_stats = updates["batch_stats"]
-        else:
-            prediction, batch_stats = model.apply(variables, inputs, train=True), state.batch_stats
-        prediction = prediction.astype(jnp.float32)
-        loss, metrics = reconstruction_loss(prediction, target, mask, cfg.mask_loss)
+        prediction, batch_stats = train_mode_apply(model, params, state.batch_stats, inputs)
+        loss, metrics = reconstruction_loss(prediction.astype(jnp.float32), target, mask, cfg.mask_loss)
         return loss, (metrics, batch_stats)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -149,10 +148,4 @@ def make_masked_step(model: nn.Module, cfg: ml_collections.ConfigDict, augment_f
         return state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
 
     return train_step
-
-
-def predict_reconstruction(model: nn.Module, variables: dict, image: jax.Array, mask: jax.Array) -> jax.Array:
-    """The network's painting of `image` (B, *S, 1) with `mask` (B, *S, 1) patches hidden (eval
-    mode): for looking at what pretraining learnt."""
-    return model.apply(variables, image * (1.0 - mask), train=False).astype(jnp.float32)
 

@@ -23,18 +23,17 @@ import ml_collections
 from jaxem import models
 from jaxem.data import augment, pipeline
 from jaxem.errors import UserError
-from jaxem.models.transfer import network_parts
+from jaxem.models.transfer import ENCODER_DIR, MODEL_FILE, VARIABLES_DIR, exported_encoder_dir, network_parts
 from jaxem.ssl import mae, masked
 from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
                                    create_contrastive_state, make_contrastive_step)
-from jaxem.ssl.probe import PROBE_FIELDS, make_probe
+from jaxem.ssl.probe import PROBE_FIELDS, encoder_variables, make_probe
 from jaxem.train import parallel
 from jaxem.train.checkpoint import restore_on_this_host, save_tree
 from jaxem.train.loop import check_workdir, run_loop, run_meta
 from jaxem.train.state import create_train_state, make_optimizer
 
 SECTIONS = ("model", "ssl")  # a change here makes the workdir's checkpoints unusable
-ENCODER_DIR, MODEL_FILE, VARIABLES_DIR = "encoder", "model.json", "variables"
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
@@ -125,10 +124,7 @@ def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Pa
             variables["batch_stats"] = network_parts(state.batch_stats)
         parts = sorted(variables["params"])
     else:
-        variables = {"params": state.params["encoder"]}
-        if "encoder" in (state.batch_stats or {}):
-            variables["batch_stats"] = state.batch_stats["encoder"]
-        parts = ["encoder"]
+        variables, parts = encoder_variables(state), ["encoder"]
     save_tree(directory / VARIABLES_DIR, variables)
     if jax.process_index() == 0:
         record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step),
@@ -140,8 +136,7 @@ def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Pa
 def load_encoder(path: str | Path) -> dict:
     """The encoder variables {"params": ..., ["batch_stats": ...]} from an exported encoder
     directory or a pretraining run directory (its `encoder/`), on this process's first device."""
-    path = Path(path)
-    directory = path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
+    directory = exported_encoder_dir(path)
     if not (directory / MODEL_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
         raise UserError(f"{path} holds no exported encoder (expected {directory}/{MODEL_FILE} and "
                         f"{VARIABLES_DIR}/; pretrain with `jaxem pretrain` first, to the end).")

@@ -49,17 +49,13 @@ from jaxem import models
 from jaxem.data import sampling, targets
 from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
+from jaxem.train.logs import MetricWriter, read_metrics
+from jaxem.train.loop import has_checkpoints
 
 METRICS = ("probe_f1", "probe_balanced_accuracy", "probe_r2")
 # The probe's settings: a workdir's checkpoints do not depend on them (jaxem.train.loop.check_workdir ignores them).
 PROBE_FIELDS = tuple(f"ssl.probe_{name}" for name in ("images", "labels", "crops", "pixels", "ridge"))
 PIXEL_SEED = 0  # the probe's pixels are the same whatever config.seed, so runs compare on one set
-
-
-def probe_enabled(config: ml_collections.ConfigDict) -> bool:
-    """Whether `config` asks for a linear probe: probe volumes named and train.eval_every > 0."""
-    ssl = config.ssl
-    return bool(ssl.get("probe_images") or ssl.get("probe_labels")) and config.train.eval_every > 0
 
 
 def check_probe_config(config: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
@@ -192,7 +188,6 @@ class LinearProbe:
         self.fit_crops = n // 2
         encoder = encoder if encoder is not None else models.build(config.model).encoder
         self.features_fn = make_feature_fn(encoder.clone(parent=None, name=None))
-        self.eval_every = int(config.train.eval_every)
 
     def features(self, variables: dict) -> np.ndarray:
         """(N crops, P pixels, C) float32 features of the probe pixels, one crop at a time."""
@@ -219,9 +214,6 @@ class LinearProbe:
         """Probes the initial (randomly initialised) encoder of `state`: logged as the 'val' row of
         step 0 in metrics.jsonl and TensorBoard of a fresh run (process 0), so each probe curve
         starts at its baseline. Returns {"probe_f1_random_init": ..., ...} for the run's summary."""
-        from jaxem.train.logs import MetricWriter, read_metrics
-        from jaxem.train.loop import has_checkpoints
-
         metrics = self(state)
         workdir = Path(workdir)
         if jax.process_index() == 0 and not has_checkpoints(workdir):

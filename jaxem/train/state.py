@@ -108,13 +108,11 @@ class EncoderControls:
         """The encoder's learning-rate factor at optimizer update `count` (0 while frozen, then a
         linear ramp over `thaw_warmup` updates: 1/W, 2/W, ..., 1)."""
         count = jnp.asarray(count, jnp.float32)
-        if self.freeze_steps == -1:
-            return jnp.zeros((), jnp.float32)
         if self.freeze_steps == 0:
             return jnp.ones((), jnp.float32)
         thawed = count - self.freeze_steps + 1  # 1 at the first update after the frozen ones
         ramp = jnp.minimum(thawed / self.thaw_warmup, 1.0) if self.thaw_warmup > 0 else 1.0
-        return jnp.where(thawed > 0, ramp, 0.0).astype(jnp.float32)
+        return jnp.where(encoder_frozen(self.freeze_steps, count), 0.0, ramp).astype(jnp.float32)
 
 
 def encoder_controls(opt_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict | None,
