@@ -1,16 +1,20 @@
 """Orbax checkpoints of a run: train state, data-iterator state and run metadata.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Kept: the last `keep` checkpoints plus the
-best one by the chosen validation metric. Saves are asynchronous (training continues while the
-previous checkpoint is written). A checkpoint that cannot be read is skipped with a warning and
-the one before it is used, so a crash during a save never costs more than one interval.
+best one by the chosen validation metric (`train.best_metric`, e.g. "val_loss" with best_mode
+"min"): the validation metrics of a step are saved with its checkpoint (orbax's `metrics`, kept
+only when `best_fn` is set), and inference loads the best step, or the newest when best_metric is
+"" or no checkpoint has metrics. Saves are asynchronous (training continues while the previous
+checkpoint is written). A checkpoint that cannot be read is skipped with a warning on stderr and
+the one before it is used (by training, which also deletes the unreadable one so that it is
+written again, and by inference), so a crash during a save never costs more than one interval.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxem.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def _array_fields(state) -> list[str]:
@@ -51,8 +53,10 @@ class Checkpointer:
             keep_policies.append(policies.BestN(
                 get_metric_fn=lambda metrics: metrics[best_metric], reverse=(best_mode == "min"), n=1,
                 keep_checkpoints_without_metrics=False))
+        # orbax writes a step's metrics only when best_fn is set; best_fn ranks, BestN keeps.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode=best_mode,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
@@ -60,7 +64,11 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None,
              force: bool = False) -> bool:
-        """Starts saving (asynchronously); `metrics` (floats) rank the best checkpoint."""
+        """Starts saving (asynchronously); `metrics` (floats) rank the best checkpoint, so they
+        must hold `best_metric` when one is set (UserError otherwise)."""
+        if metrics is not None and self.best_metric and self.best_metric not in metrics:
+            raise UserError(f"train.best_metric={self.best_metric!r} is not one of the validation metrics "
+                            f"({', '.join(sorted(metrics))}); set one of them, or '' to use the latest checkpoint.")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state_to_tree(state)),
             data=ocp.args.JsonSave(data_state),
@@ -69,12 +77,15 @@ class Checkpointer:
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
     def steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, oldest first."""
         return sorted(self.manager.all_steps())
 
     def restore_latest(self, template_state) -> tuple[Any, dict, dict] | None:
         """(state, data_state, meta) of the newest readable checkpoint, or None when there is none.
 
         The state is restored onto the shardings of `template_state` (replicated on the mesh).
+        Newer checkpoints that cannot be read (torn by a crash during a save) are deleted, so the
+        resumed run writes those steps again and leaves no unreadable checkpoint behind.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(template_state))
         for step in reversed(self.steps()):
@@ -85,9 +96,8 @@ class Checkpointer:
                     meta=ocp.args.JsonRestore(),
                 ))
             except Exception as e:  # a torn or corrupted checkpoint: fall back to the previous one
-                log.warning("checkpoint %s/%d could not be read (%s: %s); trying the previous one.",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                print(f"warning: checkpoint {self.directory}/{step} could not be read; using the previous one.")
+                warn_unreadable(self.directory / str(step), e, "deleted; resuming from the previous one")
+                self.manager.delete(step)
                 continue
             return tree_to_state(template_state, restored["state"]), restored["data"], restored["meta"]
         return None
@@ -102,17 +112,28 @@ class Checkpointer:
         return pick(scored, key=lambda item: item[1])[0]
 
     def wait(self) -> None:
+        """Blocks until the checkpoints being saved are written."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the saves in flight and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def warn_unreadable(directory: Path, error: Exception, action: str) -> None:
+    """One warning line on stderr: checkpoint `directory` could not be read (`error`), and what is done."""
+    reason = str(error).splitlines()[0] if str(error) else ""
+    print(f"warning: checkpoint {directory} could not be read ({type(error).__name__}: {reason[:200]}); {action}.",
+          file=sys.stderr)
 
 
 def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     """Loads a trained model from a run directory (best checkpoint, else latest) or a step directory.
 
-    Returns (config, model, variables) where variables = {"params": ..., ["batch_stats": ...]}
+    From a run directory, a checkpoint that cannot be read is skipped with a warning on stderr and
+    the next candidate (the newest of the older ones) is loaded; a step directory named
+    explicitly must be readable (UserError otherwise). Returns (config, model, variables) where variables = {"params": ..., ["batch_stats": ...]}
     (EMA weights when the run used EMA), ready for `model.apply(variables, x, train=False)`.
     """
     from jaxem import models
@@ -134,10 +155,9 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
                         async_save=False)
     if not ckpt.steps():
         raise UserError(f"{run_dir} holds no checkpoints yet (train first, or point at another run).")
-    step = step if step is not None else (ckpt.best_step() or ckpt.steps()[-1])
-    if step not in ckpt.steps():
+    if step is not None and step not in ckpt.steps():
         raise UserError(f"{run_dir} has no checkpoint at step {step} (it has {ckpt.steps()}).")
-    restored = _restore_on_this_host(ckpt, step)
+    restored = _restore_first_readable(ckpt, [step] if step is not None else inference_steps(ckpt))
     ckpt.close()
     use_ema = float(train_cfg.get("ema_decay", 0.0)) > 0
     variables = {"params": restored["ema_params"] if use_ema else restored["params"]}
@@ -148,9 +168,27 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     return config, model, variables
 
 
-def _restore_on_this_host(ckpt: Checkpointer, step: int) -> dict:
-    """The saved state tree of checkpoint `step`, on this process's first device."""
-    return restore_on_this_host(ckpt.directory / str(step) / "state")
+def inference_steps(ckpt: Checkpointer) -> list[int]:
+    """The steps inference tries, in order: the best one (when best_metric ranks any), then the
+    others newest first."""
+    best, newest_first = ckpt.best_step(), ckpt.steps()[::-1]
+    return ([best] if best is not None else []) + [s for s in newest_first if s != best]
+
+
+def _restore_first_readable(ckpt: Checkpointer, steps: list[int]) -> dict:
+    """The saved state tree of the first readable checkpoint of `steps`, on this process's first
+    device; unreadable ones are skipped with a warning (the last one, or the only one, raises
+    UserError instead)."""
+    for i, step in enumerate(steps):
+        directory = ckpt.directory / str(step)
+        try:
+            return restore_on_this_host(directory / "state")
+        except Exception as e:  # torn or corrupted: the next candidate
+            if i + 1 == len(steps):
+                raise UserError(f"checkpoint {directory} cannot be read (truncated or corrupted: {type(e).__name__})"
+                                f"{' and neither can the older ones' if i else ''}; train again or use another run.") from None
+            warn_unreadable(directory, e, f"using checkpoint {steps[i + 1]} instead")
+    raise UserError(f"{ckpt.directory.parent} holds no checkpoints.")
 
 
 def restore_on_this_host(directory: str | os.PathLike) -> dict:
