@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -146,8 +147,9 @@ def read_json(path: str | os.PathLike, key: str) -> dict | None:
         return None
     try:
         return json.loads(bytes(result.value))
-    except ValueError:
-        return None
+    except ValueError:  # a truncated or overwritten metadata file: say so, not "no volume"
+        raise UserError(f"{join(path, key)} is not valid JSON: the metadata file is corrupt or truncated; "
+                        "restore it (or write the volume again).") from None
 
 
 def write_json(path: str | os.PathLike, key: str, value: dict) -> None:
@@ -207,9 +209,18 @@ def open_volume(path: str | os.PathLike, mode: str = "r", format: str | None = N
     return opener(path, mode, format, level)
 
 
+def _real_valued(store: ts.TensorStore, path: str) -> ts.TensorStore:
+    """`store`, or UserError when it holds complex numbers (EM, probabilities and labels are real)."""
+    dtype = np.dtype(store.dtype.numpy_dtype)
+    if dtype.kind == "c":
+        raise UserError(f"{path} holds complex numbers ({dtype.name}); jaxem reads real-valued volumes only "
+                        "(store the magnitude or the real part).")
+    return store
+
+
 def _ts_open(spec: dict, path: str, mode: str, what: str) -> ts.TensorStore:
     try:
-        return ts.open(spec, read=True, write=(mode != "r")).result()
+        return _real_valued(ts.open(spec, read=True, write=(mode != "r")).result(), path)
     except ValueError as e:
         raise UserError(f"{path} is not a readable {what} volume ({str(e).splitlines()[0]}).") from None
 
@@ -433,3 +444,47 @@ def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
     """64^3 chunks for 3D, 256^2 for 2D slices; never larger than the volume."""
     size = {2: 256, 3: 64}.get(len(shape), 64)
     return tuple(min(size, s) for s in shape)
+
+
+# ---------------------------------------------------------------- NaN and Inf
+
+NONFINITE_BLOCK_VOXELS = 2**24  # voxels read at a time when counting NaN / Inf (64 MiB of float32)
+
+
+def slab_boxes(shape: Sequence[int], block_voxels: int = NONFINITE_BLOCK_VOXELS):
+    """Boxes tiling `shape`, each whole along the trailing axes and of about `block_voxels` voxels
+    (at least one voxel thick along the axis it is cut on)."""
+    shape = tuple(int(s) for s in shape)
+    axis = next(k for k in range(len(shape)) if int(np.prod(shape[k + 1:])) <= block_voxels)
+    step = max(1, block_voxels // int(np.prod(shape[axis + 1:])))
+    for lead in np.ndindex(*shape[:axis]):
+        for start in range(0, shape[axis], step):
+            yield tuple(slice(i, i + 1) for i in lead) + (slice(start, min(start + step, shape[axis])),)
+
+
+def nonfinite_count(source, block_voxels: int = NONFINITE_BLOCK_VOXELS) -> int:
+    """How many voxels of `source` (a Volume, or anything with shape, dtype and read(box)) are NaN
+    or infinite, read `block_voxels` at a time; 0 without reading for integer volumes."""
+    if not np.issubdtype(source.dtype, np.inexact):
+        return 0
+    return sum(int(np.count_nonzero(~np.isfinite(source.read(box)))) for box in slab_boxes(source.shape, block_voxels))
+
+
+def refuse_nonfinite(source, path, allow: bool = False, block_voxels: int = NONFINITE_BLOCK_VOXELS) -> int:
+    """UserError naming `path` and how many of its voxels are NaN or infinite, unless `allow`
+    (--allow-nan: a NaN is then read as probability 0, +Inf as 1, -Inf as 0); returns the count."""
+    count = nonfinite_count(source, block_voxels)
+    if count and not allow:
+        raise UserError(f"{path} holds {count} NaN or infinite voxels (of {int(np.prod(source.shape))}); fix the "
+                        "prediction, or pass --allow-nan to read NaN as probability 0 (+Inf as 1, -Inf as 0).")
+    if count:
+        print(f"warning: {path} holds {count} NaN or infinite voxels; --allow-nan reads NaN as probability 0 "
+              "(+Inf as 1, -Inf as 0).", file=sys.stderr)
+    return count
+
+
+def finite_probabilities(array: np.ndarray) -> np.ndarray:
+    """`array` with NaN read as 0, +Inf as 1 and -Inf as 0 (what --allow-nan means)."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return array
+    return np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0)
