@@ -5,10 +5,12 @@
                   [--merge 0.5]
                   [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json]
                   [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
-                  [--dask local|ADDRESS] [--workers 2] [--overwrite] [--no-progress]
+                  [--dask local|ADDRESS] [--workers 2] [--labels-of IMAGE [--labels-name NAME]]
+                  [--overwrite] [--no-progress]
 
 --params takes the settings `jaxem tune` chose (method, threshold, seeds, h, merge, min_size, kind,
-per-slice); flags given on the command line override them.
+per-slice); flags given on the command line override them. --labels-of also writes the result as a
+multiscale OME-Zarr label image of IMAGE (`jaxem.data.formats.write_labels_of`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strides", default=None, help="mws: subsample the long-range (repulsive) edges, e.g. 1,2,2")
     parser.add_argument("--dask", default=None, help="'local' (LocalCluster) or a scheduler address")
     parser.add_argument("--workers", type=int, default=2, help="workers of --dask local")
+    parser.add_argument("--labels-of", default=None, metavar="IMAGE",
+                        help="also write the result into the OME-Zarr image IMAGE (e.g. the raw EM) as the multiscale "
+                             "label image IMAGE/labels/NAME, placed at the input's translation")
+    parser.add_argument("--labels-name", default="segmentation", metavar="NAME", help="label image name for --labels-of")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -72,6 +78,7 @@ def run(args, overrides) -> int:
         raise UserError(f"--merge {args.merge} must lie in [0, 1]: it is a boundary probability.")
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
+    _check_labels_of(args, source, spatial)
     # 1 nm (a fraction of a pixel) over-seeds EM: benchmarks/affinity_segmentation.py
     h = args.h if args.h is not None else 2.0 * min(source.voxel_size)
     if args.method == "mws" or args.kind == "affinities":
@@ -114,8 +121,24 @@ def run(args, overrides) -> int:
                                       executor=executor, channel=channel, overwrite=args.overwrite)
     finally:
         executor.close()
+    if args.labels_of:
+        from jaxem.data.formats import write_labels_of
+
+        levels = write_labels_of(args.output, args.labels_of, args.labels_name, overwrite=args.overwrite)
+        stats["labels_of"] = {"path": levels[0]["path"], "levels": len(levels)}
     print(json.dumps(stats))
     return 0
+
+
+def _check_labels_of(args, source, spatial) -> None:
+    """Refuses --labels-of before any work when the result could not be written into that image."""
+    if args.labels_of:
+        from jaxem.data.formats import check_labels_of
+        from jaxem.data.volume import ome_translation
+
+        check_labels_of(args.labels_of, args.labels_name, spatial, source.voxel_size,
+                        ome_translation(args.input) or (0.0,) * len(spatial),
+                        tuple(a for a in source.axes if a in "zyx"), args.overwrite)
 
 
 def resolve_settings(args) -> None:

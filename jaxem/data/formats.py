@@ -14,14 +14,16 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from jaxem.data.volume import (
-    Volume, create_volume, detect_format, is_local, join, local_path, ome_metadata, ome_multiscales,
-    open_volume, read_attributes, write_attributes,
+    Volume, copy_ome_translation, create_volume, detect_format, is_local, join, local_path, ome_metadata,
+    ome_multiscales, ome_translation, ome_voxel_sizes, open_volume, read_attributes, read_json,
+    set_ome_translation, write_attributes, write_json,
 )
 from jaxem.errors import UserError
 
@@ -155,7 +157,9 @@ def import_volume(
     """Copies a TIFF stack, HDF5 dataset or volume into `dst` (an OME-Zarr group by default), slab by slab.
 
     voxel_size: nm (z, y, x) or (y, x); required unless the source records it. labels: mark the
-    output as a label image (None: integer types wider than 16 bit are labels). Returns level 0.
+    output as a label image (None: integer types wider than 16 bit are labels). An OME-Zarr source's
+    translation (nm) is kept when the output is OME-Zarr (other formats have no place for it).
+    Returns level 0.
     """
     source = open_source(src, dataset)
     voxel_size = tuple(float(v) for v in voxel_size) if voxel_size is not None else source.voxel_size
@@ -170,6 +174,8 @@ def import_volume(
                         format=format, labels=labels)
     for start, slab in source.slabs(chunks[0]):
         out.write(slab, (start,) + (0,) * (len(source.shape) - 1))
+    if format == "ome-zarr" and source.kind == "ome-zarr":
+        copy_ome_translation(src, dst)
     return out
 
 
@@ -219,12 +225,16 @@ def downsample(block: np.ndarray, factors: Sequence[int], labels: bool) -> np.nd
 
 
 def pyramid(path: str | os.PathLike, levels: int | None = None, labels: bool | None = None,
-            min_size: int = 32, overwrite: bool = False) -> list[dict]:
+            min_size: int = 32, overwrite: bool = False, factors: Sequence[Sequence[int]] | None = None,
+            region: Sequence[tuple[int, int]] | None = None) -> list[dict]:
     """Adds downsampled levels 1, 2, ... to the OME-Zarr group at `path`; returns each level's info.
 
     levels: how many levels to add at most (None: until no axis can be halved). labels: mode
     instead of mean (None: read from the group's metadata). Existing levels above 0 are replaced
-    only with `overwrite`.
+    only with `overwrite`. factors: each new level's integer factors per spatial axis (default
+    `pyramid_factors`). region: (start, stop) voxels per spatial axis of level 0 outside which it
+    holds only zeros (only that part is downsampled). Level 0's translation is kept; level k's
+    is that plus (voxel_size_k - voxel_size_0) / 2 nm (`ome_metadata`).
     """
     path = str(path)
     if detect_format(path) != "ome-zarr" or ome_multiscales(path) is None:
@@ -234,38 +244,167 @@ def pyramid(path: str | os.PathLike, levels: int | None = None, labels: bool | N
         raise UserError(f"{path} already has {len(attrs['multiscales'][0]['datasets'])} levels; pass --overwrite to rebuild them.")
     if labels is None:
         labels = attrs.get("jaxem_kind") == "labels" or "image-label" in attrs
+    translation = ome_translation(path)
     current = open_volume(path, level=0)
-    voxel_sizes = [current.voxel_size]
     spatial = [i for i, a in enumerate(current.axes) if a in "zyx"]
+    box = [(0, s) for s in current.shape]
+    for i, r in zip(spatial, region or ()):
+        box[i] = tuple(r)
+    voxel_sizes = [current.voxel_size]
     while levels is None or len(voxel_sizes) <= levels:
-        factors = [1] * current.ndim
-        for i, f in zip(spatial, pyramid_factors(current.voxel_size, [current.shape[i] for i in spatial], min_size)):
-            factors[i] = f
-        if max(factors) == 1:
+        step = _level_factors(current, spatial, min_size, factors, len(voxel_sizes) - 1)
+        if max(step) == 1:
             break
-        current = _write_level(path, current, factors, len(voxel_sizes), labels)
+        box = [(a // f, -(-b // f)) for (a, b), f in zip(box, step)]
+        current = _write_level(path, current, step, len(voxel_sizes), labels, box)
         voxel_sizes.append(current.voxel_size)
-    multiscales = ome_metadata(current.axes, voxel_sizes, name=attrs["multiscales"][0].get("name", ""))
+    multiscales = ome_metadata(current.axes, voxel_sizes, name=attrs["multiscales"][0].get("name", ""),
+                               translation=translation or None)
     write_attributes(path, {"multiscales": [multiscales]})
     return [open_volume(path, level=i).info() for i in range(len(voxel_sizes))]
 
 
-def _write_level(path: str, source: Volume, factors, level: int, labels: bool) -> Volume:
+def _level_factors(current: Volume, spatial, min_size, factors, index) -> list[int]:
+    """Factors per axis (1 on channel axes) from level `index` to the next: factors[index], else pyramid_factors."""
+    step = [1] * current.ndim
+    if factors is not None:
+        chosen = factors[index] if index < len(factors) else [1] * len(spatial)
+    else:
+        chosen = pyramid_factors(current.voxel_size, [current.shape[i] for i in spatial], min_size)
+    for i, f in zip(spatial, chosen):
+        step[i] = int(f)
+    return step
+
+
+def _write_level(path: str, source: Volume, factors, level: int, labels: bool, box) -> Volume:
     shape = tuple(-(-s // f) for s, f in zip(source.shape, factors))
     spatial_f = [f for f, a in zip(factors, source.axes) if a in "zyx"]
     voxel_size = tuple(v * f for v, f in zip(source.voxel_size, spatial_f))
     out = create_volume(join(path, str(level)), shape, source.dtype, voxel_size, chunks=source.chunks,
                         axes=source.axes, overwrite=True, labels=labels)
-    block = tuple(2 * c for c in out.chunks)  # output block; its input is block * factors
+
+    def level_block(part):  # output block -> its input block, downsampled
+        inside = tuple(slice(a * f, min(b * f, s)) for (a, b), f, s in zip(part, factors, source.shape))
+        return downsample(source.read(inside), factors, labels), [a for a, _ in part]
+
+    write_blocks(out, map(level_block, blocks(box, [2 * c for c in out.chunks])))
+    return Volume(store=out.store, path=path, voxel_size=voxel_size, axes=source.axes, format="ome-zarr", level=level)
+
+
+def blocks(box: Sequence[tuple[int, int]], block: Sequence[int]) -> Iterator[tuple[tuple[int, int], ...]]:
+    """The parts of `box` ((start, stop) voxels per axis) on the grid of `block`-sized cells, so two
+    parts never share a chunk when `block` is a multiple of the chunks."""
+    axes = [[(max(c, a), min(c + s, b)) for c in range(a - a % s, b, s)] for (a, b), s in zip(box, block)]
+    return itertools.product(*axes)
+
+
+def write_blocks(out: Volume, parts: Iterator[tuple[np.ndarray, Sequence[int]]], in_flight: int = 8) -> None:
+    """Writes each (array, corner) of `parts` into `out`, with at most `in_flight` writes pending."""
     futures = []
-    for corner in itertools.product(*[range(0, s, b) for s, b in zip(shape, block)]):
-        box = tuple(slice(c * f, min((c + b) * f, s)) for c, b, f, s in zip(corner, block, factors, source.shape))
-        futures.append(out.write_async(downsample(source.read(box), factors, labels), corner))
-        if len(futures) > 8:
+    for array, corner in parts:
+        futures.append(out.write_async(array, corner))
+        if len(futures) > in_flight:
             futures.pop(0).result()
     for future in futures:
         future.result()
-    return Volume(store=out.store, path=path, voxel_size=voxel_size, axes=source.axes, format="ome-zarr", level=level)
+
+
+# ---------------------------------------------------------------- labels of an image
+
+LABEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_labels_of(image: str, name: str, shape: Sequence[int], voxel_size: Sequence[float],
+                    translation: Sequence[float], axes: Sequence[str], overwrite: bool = False) -> tuple[int, ...]:
+    """Where a label volume lands in the OME-Zarr image `image`: its offset in voxels of image level 0.
+
+    shape/axes: the labels' spatial shape and axis names; voxel_size, translation: nm per axis
+    (translation: the first voxel's centre). UserError (one sentence naming the path) when `image`
+    is no OME-Zarr v0.4 image, the labels lie off its voxel grid or outside it, `name` is not a plain
+    name, or IMAGE/labels/`name` exists and `overwrite` is off. Reads only metadata.
+    """
+    attrs = read_attributes(image) if read_json(image, ".zgroup") is not None else {}
+    if "multiscales" not in attrs or "image-label" in attrs:
+        raise UserError(f"--labels-of {image} is not an OME-Zarr (v0.4, zarr v2) image group; "
+                        "import the raw volume with `jaxem data import` first.")
+    if not LABEL_NAME.fullmatch(name):
+        raise UserError(f"--labels-name {name!r} for {image} must be a plain name (letters, digits, '_', '.', '-').")
+    base = open_volume(image)
+    spatial = [i for i, a in enumerate(base.axes) if a in "zyx"]
+    image_axes, image_shape = [base.axes[i] for i in spatial], [base.shape[i] for i in spatial]
+    if list(axes) != image_axes or not np.allclose(voxel_size, base.voxel_size, rtol=1e-6):
+        raise UserError(f"the labels ({', '.join(axes)} at {tuple(voxel_size)} nm) are not on the voxel grid of "
+                        f"{image} ({', '.join(image_axes)} at {base.voxel_size} nm).")
+    origin = ome_translation(image)
+    offset = (np.asarray(translation, float) - origin) / np.asarray(voxel_size, float)
+    corner = np.rint(offset).astype(int)
+    if np.abs(offset - corner).max() > 1e-3 or (corner < 0).any() or (corner + shape > image_shape).any():
+        raise UserError(f"the labels (shape {tuple(shape)} at {tuple(offset.round(3))} voxels) do not fit on the voxel "
+                        f"grid of {image} (shape {tuple(image_shape)}).")
+    group = join(image, "labels", name)
+    if not overwrite and (name in read_attributes(join(image, "labels")).get("labels", []) or _exists(group)):
+        raise UserError(f"{group} already exists; pass --overwrite to replace it.")
+    return tuple(int(c) for c in corner)
+
+
+def write_labels_of(labels: str | os.PathLike, image: str | os.PathLike, name: str = "segmentation",
+                    overwrite: bool = False, min_size: int = 32) -> list[dict]:
+    """Writes the label volume `labels` as the OME-Zarr label image IMAGE/labels/`name`, multiscale.
+
+    Level 0 has the image's spatial shape and voxel grid, the labels placed at their translation
+    (zeros elsewhere, not stored); levels 1, 2, ... take the mode over the same windows as the
+    image's own levels (or, for a single-level image, those `jaxem data pyramid` would add). The
+    image's arrays and metadata are untouched but for the `labels` group listing. Returns the
+    label image's levels (info dicts).
+    """
+    image, source = str(image), open_volume(labels)
+    offset = check_labels_of(image, name, source.shape, source.voxel_size, ome_translation(labels) or
+                             (0.0,) * source.ndim, source.axes, overwrite)
+    base = open_volume(image)
+    shape = [s for s, a in zip(base.shape, base.axes) if a in "zyx"]
+    group = join(image, "labels", name)
+    out = create_volume(group, shape, source.dtype, source.voxel_size, axes=source.axes, overwrite=overwrite,
+                        format="ome-zarr", labels=True,
+                        chunks=default_import_chunks(shape, source.voxel_size, source.dtype))
+    set_ome_translation(group, ome_translation(image))
+    write_attributes(group, {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
+    region = [(o, o + s) for o, s in zip(offset, source.shape)]
+    write_blocks(out, ((source.read(tuple(slice(a - o, b - o) for (a, b), o in zip(part, offset))),
+                        [a for a, _ in part]) for part in blocks(region, [2 * c for c in out.chunks])))
+    _list_label(image, name)
+    return pyramid(group, labels=True, min_size=min_size, overwrite=True, factors=_image_factors(image), region=region)
+
+
+def _list_label(image: str, name: str) -> None:
+    """Adds `name` to the `labels` listing of IMAGE/labels (a zarr v2 group made when missing)."""
+    listing = join(image, "labels")
+    if read_json(listing, ".zgroup") is None:
+        write_json(listing, ".zgroup", {"zarr_format": 2})
+    names = read_attributes(listing).get("labels", [])
+    write_attributes(listing, {"labels": names + [name] if name not in names else names})
+
+
+def _image_factors(image: str) -> list[list[int]] | None:
+    """Integer factors between successive levels of `image` (spatial axes), up to the first level
+    that is no integer multiple of the one before; None when there are none (single level)."""
+    sizes = ome_voxel_sizes(image)
+    if len(sizes) == 1:
+        return None
+    factors = []
+    for finer, coarser in zip(sizes, sizes[1:]):
+        ratio = np.asarray(coarser) / np.asarray(finer)
+        if np.abs(ratio - np.rint(ratio)).max() > 1e-6 or (np.rint(ratio) < 1).any():
+            break
+        factors.append([int(r) for r in np.rint(ratio)])
+    return factors or None
+
+
+def _exists(path: str) -> bool:
+    try:
+        detect_format(path)
+    except UserError:
+        return is_local(path) and os.path.exists(local_path(path))
+    return True
 
 
 # ---------------------------------------------------------------- info

@@ -424,20 +424,69 @@ def _create_ome(path, shape, dtype, chunks, axes, attrs, labels) -> None:
     write_attributes(path, group)
 
 
-def ome_metadata(axes: Sequence[str], voxel_sizes: Sequence[Sequence[float]], name: str = "") -> dict:
-    """OME-Zarr v0.4 `multiscales` entry for levels "0", "1", ... with the given voxel sizes (nm)."""
+def ome_metadata(axes: Sequence[str], voxel_sizes: Sequence[Sequence[float]], name: str = "",
+                 translation: Sequence[float] | None = None) -> dict:
+    """OME-Zarr v0.4 `multiscales` entry for levels "0", "1", ... with the given voxel sizes (nm).
+
+    translation: nm per spatial axis (z, y, x) of level 0's first voxel centre (default 0). Level
+    i's first voxel centre is the centre of the level-0 voxels it summarises: translation +
+    (voxel_sizes[i] - voxel_sizes[0]) / 2, i.e. + (f - 1) / 2 level-0 voxels for a factor f.
+    """
     kinds = [{"name": a, "type": "space", "unit": "nanometer"} if a in "zyx" else {"name": a, "type": "channel"}
              for a in axes]
     lead = [1.0] * (len(axes) - len(voxel_sizes[0]))
+    origin = [float(t) for t in translation] if translation is not None else [0.0] * len(voxel_sizes[0])
     datasets = []
     for level, vs in enumerate(voxel_sizes):
-        # level i's voxel centres sit at the centre of the finer voxels they average
-        shift = [0.0] * len(lead) + [(float(v) - float(v0)) / 2 for v, v0 in zip(vs, voxel_sizes[0])]
+        shift = [0.0] * len(lead) + [t + (float(v) - float(v0)) / 2 for t, v, v0 in zip(origin, vs, voxel_sizes[0])]
         transforms = [{"type": "scale", "scale": lead + [float(v) for v in vs]}]
         if any(shift):
             transforms.append({"type": "translation", "translation": shift})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
     return {"version": "0.4", "name": name, "axes": kinds, "datasets": datasets}
+
+
+def ome_translation(path: str | os.PathLike) -> tuple[float, ...]:
+    """Level 0's translation (nm, spatial axes only) of the OME-Zarr group at `path`: where its
+    first voxel's centre lies; zeros when it records none, () when `path` is no OME-Zarr group."""
+    multiscales = _ome_or_none(path)
+    if multiscales is None:
+        return ()
+    axes = [a["name"] if isinstance(a, dict) else a for a in multiscales.get("axes", ())]
+    spatial = [i for i, a in enumerate(axes) if a in "zyx"]
+    found = [t["translation"] for t in multiscales["datasets"][0].get("coordinateTransformations", [])
+             if t["type"] == "translation"]
+    return tuple(float(found[0][i]) if found else 0.0 for i in spatial)
+
+
+def ome_voxel_sizes(path: str | os.PathLike) -> list[tuple[float, ...]]:
+    """Every level's voxel size (nm, spatial axes) of the OME-Zarr group at `path`, from its scales."""
+    multiscales = ome_multiscales(path)
+    return [open_volume(path, level=i).voxel_size for i in range(len(multiscales["datasets"]))]
+
+
+def set_ome_translation(path: str | os.PathLike, translation: Sequence[float]) -> None:
+    """Rewrites the multiscales of the OME-Zarr group at `path` (written by jaxem) so that level 0's
+    first voxel centre lies at `translation` (nm, spatial axes) and every level follows `ome_metadata`."""
+    multiscales = ome_multiscales(path)
+    axes = [a["name"] if isinstance(a, dict) else a for a in multiscales["axes"]]
+    entry = ome_metadata(axes, ome_voxel_sizes(path), multiscales.get("name", ""), translation)
+    write_attributes(path, {"multiscales": [entry]})
+
+
+def copy_ome_translation(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Gives the OME-Zarr group `target` the level-0 translation (nm) of `source` (a volume derived
+    from it on the same voxel grid); nothing when `source` is not an OME-Zarr group or has none."""
+    translation = ome_translation(source)
+    if any(translation):
+        set_ome_translation(target, translation)
+
+
+def _ome_or_none(path) -> dict | None:
+    try:
+        return ome_multiscales(path) if detect_format(path) == "ome-zarr" else None
+    except UserError:
+        return None
 
 
 def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:

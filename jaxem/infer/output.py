@@ -14,7 +14,10 @@ import os
 
 import tensorstore as ts
 
-from jaxem.data.volume import Volume, create_volume, is_local, kvstore_spec, local_path, open_volume, read_attributes, write_attributes
+from jaxem.data.volume import (
+    Volume, create_volume, is_local, kvstore_spec, local_path, open_volume, read_attributes, set_ome_translation,
+    write_attributes,
+)
 from jaxem.errors import UserError
 
 DONE_PREFIX = "jaxem_done/"
@@ -33,9 +36,8 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
             return open_volume(path, "r+", format="ome-zarr"), True
         clear_done(path)  # a remote store keeps keys create_volume does not know about
     volume = create_volume(path, shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True, format="ome-zarr")
-    attrs = read_attributes(path)
-    attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"].append(_translation(axes, voxel_size, offset))
-    write_attributes(path, {"multiscales": attrs["multiscales"], "offset": [int(o) for o in offset], "jaxem_job": job})
+    set_ome_translation(path, [float(o) * float(v) for o, v in zip(offset, voxel_size)])
+    write_attributes(path, {"offset": [int(o) for o in offset], "jaxem_job": job})
     return volume, False
 
 
@@ -43,11 +45,6 @@ def refuse_other_job(path, job: dict, overwrite: bool) -> None:
     """UserError when `path` holds the output of a different job and `overwrite` is off (read only)."""
     if exists(str(path)) and not overwrite and read_attributes(path).get("jaxem_job") != job:
         raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
-
-
-def _translation(axes, voxel_size, offset) -> dict:
-    lead = [0.0] * (len(axes) - len(voxel_size))
-    return {"type": "translation", "translation": lead + [float(o) * float(v) for o, v in zip(offset, voxel_size)]}
 
 
 def clear_done(path: str) -> None:

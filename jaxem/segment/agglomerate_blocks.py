@@ -26,7 +26,7 @@ from functools import partial
 
 import numpy as np
 
-from jaxem.data.volume import create_volume, open_volume
+from jaxem.data.volume import open_volume
 from jaxem.infer.executors import InProcess
 from jaxem.segment import stitch
 from jaxem.segment.agglomerate import RegionGraph, merge_ids, region_graph, sum_edges
@@ -52,8 +52,7 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
     source = open_volume(input_path)
     shape = source.shape[1:] if channel is not None or source.ndim == len(block) + 1 else source.shape
     shape, block = tuple(shape), tuple(block)
-    create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
-                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
+    stitch.create_labels(input_path, output_path, shape, block, overwrite)
     blocks = stitch.block_grid(shape, block)
     made = executor.map(partial(_fragments_block, input_path, output_path, shape, block, fragment_fn, overlap,
                                 channel), blocks, desc="fragments")

@@ -27,7 +27,7 @@ import tensorstore as ts
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from jaxem.data.volume import create_volume, kvstore_spec, open_volume
+from jaxem.data.volume import copy_ome_translation, create_volume, kvstore_spec, open_volume
 from jaxem.infer.executors import InProcess
 
 SHIFT = 32  # block-unique ids: (block number << 32) + local id
@@ -53,8 +53,7 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
     executor = executor or InProcess()
     source = open_volume(input_path)
     shape = source.shape[1:] if channel is not None or source.ndim == len(block) + 1 else source.shape
-    create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
-                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
+    create_labels(input_path, output_path, shape, block, overwrite)
     blocks = block_grid(shape, block)
     task = partial(_segment_block, input_path, output_path, tuple(shape), tuple(block), segment_fn, overlap, channel)
     results = dict(zip(blocks, executor.map(task, blocks, desc="segment blocks")))
@@ -65,6 +64,15 @@ def segment_blockwise(input_path, output_path, block, segment_fn, overlap=0, min
     relabel_blocks(executor, output_path, shape, block, ids, new_ids)
     _scratch(output_path).delete_range(ts.KvStore.KeyRange(SCRATCH, SCRATCH[:-1] + "0")).result()
     return {"objects": count, "blocks": len(blocks)}
+
+
+def create_labels(input_path, output_path, shape, block, overwrite=False) -> None:
+    """Creates the uint64 OME-Zarr label group for a segmentation of `input_path` (spatial `shape`,
+    chunks `block`): its voxel size, axes and translation (nm) are the input's."""
+    source = open_volume(input_path)
+    create_volume(output_path, shape, np.uint64, source.voxel_size, chunks=block,
+                  axes=tuple(a for a in source.axes if a in "zyx"), overwrite=overwrite, format="ome-zarr", labels=True)
+    copy_ome_translation(input_path, output_path)
 
 
 def _segment_block(input_path, output_path, shape, block, segment_fn, overlap, channel, index, store_faces=True):
