@@ -3,7 +3,8 @@
     jaxem demo                                  # generates data, trains, predicts, evaluates
     jaxem demo --config.train.steps=50          # any field can be overridden
 
-`jaxem demo` fills in data.train_images etc. with the synthetic volumes it writes.
+`jaxem demo` fills in data.train_images etc. with the synthetic volumes it writes, and so does
+`jaxem train --config configs/demo.py --workdir DIR` (in DIR/data) when no volumes are named.
 """
 
 from jaxem.train.defaults import base_config

@@ -1,8 +1,13 @@
-"""`jaxem train --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]`."""
+"""`jaxem train --config FILE[:ARG] --workdir DIR [--config.a.b=value ...]`.
+
+A config with a `demo` section (configs/demo.py) and neither data.train_images nor data.dataset
+trains on the demo's synthetic volumes, written once to DIR/data (as `jaxem demo` does).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from jaxem.config import apply_overrides, load_config
 
@@ -13,6 +18,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def needs_synthetic_data(config) -> bool:
+    """Whether `config` names no training volumes but has a `demo` section to generate them from."""
+    return "demo" in config and not config.data.train_images and not config.data.get("dataset", "")
+
+
+def with_synthetic_data(config, data_dir: Path):
+    """The config with data.{train,val}_{images,labels} set to the demo's synthetic volumes in
+    `data_dir` (written once, by process 0 of a multi-process run while the others wait)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxem.commands.demo import with_data_paths, write_synthetic_data
+
+    if jax.process_index() == 0:
+        paths = write_synthetic_data(config, data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxem train: synthetic volumes written")
+    if jax.process_index() != 0:
+        paths = write_synthetic_data(config, data_dir)  # already there: returns the paths only
+    return with_data_paths(config, paths)
+
+
 def run(args, overrides) -> int:
     from jaxem.train.parallel import initialize_distributed
 
@@ -20,6 +47,9 @@ def run(args, overrides) -> int:
     from jaxem.train.loop import train
 
     config = apply_overrides(load_config(args.config), overrides)
+    if needs_synthetic_data(config):
+        print(f"no data.train_images: training on the demo's synthetic volumes in {Path(args.workdir) / 'data'}")
+        config = with_synthetic_data(config, Path(args.workdir) / "data")
     summary = train(config, args.workdir, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     if "preempted_at" in summary:
