@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from jaxem.data.volume import refuse_nonfinite
 from jaxem.errors import UserError
 from jaxem.metrics import report
 
@@ -18,11 +19,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--boundary-is-zero", action="store_true",
                         help="boundary task: value 0 marks boundary (ISBI 2012 labels: 0 membrane, 255 cell)")
     parser.add_argument("--block-voxels", type=int, default=report.BLOCK_VOXELS, help="voxels read per block")
+    parser.add_argument("--allow-nan", action="store_true",
+                        help="score a float prediction holding NaN/Inf (refused otherwise): NaN counts as probability 0 "
+                             "(background), +Inf as 1, -Inf as 0")
 
 
 def run(args, overrides) -> int:
     if overrides:
         raise UserError(f"unknown arguments {' '.join(overrides)}; see `jaxem evaluate --help`.")
+    check_inputs(args)
     result = report.run_protocol(args.pred, args.gt, args.task, args.out, args.mask, threshold=args.threshold,
                                  boundary_is_zero=args.boundary_is_zero, block_voxels=args.block_voxels)
     keys = [k for k in ("dice", "adapted_rand_error", "vrand", "vinfo", "voi_split", "voi_merge",
@@ -30,3 +35,11 @@ def run(args, overrides) -> int:
     print(json.dumps({k: result[k] for k in keys}))
     print(f"wrote {args.out}/report.json and report.md")
     return 0
+
+
+def check_inputs(args) -> None:
+    """UserError for a --block-voxels below 1, or a float --pred holding NaN/Inf without --allow-nan
+    (with it, `_foreground`'s `p > threshold` reads NaN as background and +Inf as foreground)."""
+    if args.block_voxels < 1:
+        raise UserError(f"--block-voxels {args.block_voxels} must be at least 1 (voxels read per block).")
+    refuse_nonfinite(report.open_source(args.pred), args.pred, args.allow_nan, args.block_voxels)

@@ -19,6 +19,7 @@ import argparse
 import json
 from functools import partial
 
+from jaxem.data.volume import finite_probabilities
 from jaxem.errors import UserError
 
 # what a setting falls back to when neither the command line nor --params gives it
@@ -62,11 +63,14 @@ def add_arguments(parser) -> None:
                              "label image IMAGE/labels/NAME, placed at the input's translation")
     parser.add_argument("--labels-name", default="segmentation", metavar="NAME", help="label image name for --labels-of")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--allow-nan", action="store_true",
+                        help="segment a prediction holding NaN/Inf (refused otherwise): NaN is read as probability 0, "
+                             "+Inf as 1, -Inf as 0 (not with --method agglomerate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args, overrides) -> int:
-    from jaxem.data.volume import open_volume, read_attributes
+    from jaxem.data.volume import open_volume, read_attributes, refuse_nonfinite
     from jaxem.infer.executors import make_executor
     from jaxem.segment import instances
     from jaxem.segment.stitch import segment_blockwise
@@ -78,6 +82,8 @@ def run(args, overrides) -> int:
         raise UserError(f"--merge {args.merge} must lie in [0, 1]: it is a boundary probability.")
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
+    _check_axes(source, args.input)
+    nonfinite = refuse_nonfinite(source, args.input, args.allow_nan)
     _check_labels_of(args, source, spatial)
     # 1 nm (a fraction of a pixel) over-seeds EM: benchmarks/affinity_segmentation.py
     h = args.h if args.h is not None else 2.0 * min(source.voxel_size)
@@ -103,6 +109,11 @@ def run(args, overrides) -> int:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
     else:
         raise UserError(f"--method {args.method!r} is not one of {', '.join(instances.METHODS + ('mws',))}.")
+    if nonfinite:  # --allow-nan
+        if args.method == "agglomerate":
+            raise UserError(f"--allow-nan does not apply to --method agglomerate (its merge scores read {args.input} "
+                            "as it is); replace the NaN/Inf voxels first, or use another --method.")
+        fn = partial(_with_finite_input, fn)
     block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers, progress=not args.no_progress)
@@ -150,6 +161,20 @@ def resolve_settings(args) -> None:
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, tuned.get(key, default))
+
+
+def _check_axes(source, path) -> None:
+    """UserError unless the prediction at `path` is (y, x) or (z, y, x), optionally after a channel axis c."""
+    axes = tuple(source.axes)
+    spatial = sum(a in "zyx" for a in axes)
+    if spatial not in (2, 3) or axes[: len(axes) - spatial] not in ((), ("c",)):
+        raise UserError(f"--input {path} has axes ({', '.join(axes)}) of shape {source.shape}; segment takes "
+                        "(z, y, x) or (y, x) predictions, optionally after a channel axis c.")
+
+
+def _with_finite_input(segment_fn, data):
+    """`segment_fn` of a block whose NaN/Inf are read as probabilities (--allow-nan: NaN 0, +Inf 1, -Inf 0)."""
+    return segment_fn(finite_probabilities(data))
 
 
 def _parse_offsets(text: str) -> list:

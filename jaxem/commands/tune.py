@@ -30,12 +30,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--metric", default="vrand", choices=tuple(METRICS), help="what the best setting maximises or minimises")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods whose default-grid settings to try (default: all of the kind's)")
+    parser.add_argument("--allow-nan", action="store_true",
+                        help="tune on a prediction holding NaN/Inf (refused otherwise): NaN read as probability 0, "
+                             "+Inf as 1, -Inf as 0")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args, overrides) -> int:
-    from jaxem.data.volume import open_volume, read_attributes
+    from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite
     from jaxem.segment.tune import KINDS, default_grid, plot_tuning, tune
 
     if overrides:
@@ -50,7 +53,8 @@ def run(args, overrides) -> int:
     kind = args.kind or target.get("kind", "boundary")
     if kind not in KINDS:
         raise UserError(f"{args.input} holds {kind!r} predictions; pass --kind boundary, foreground or affinities.")
-    prediction, offsets = source.read(), target.get("offsets")
+    refuse_nonfinite(source, args.input, args.allow_nan)
+    prediction, offsets = finite_probabilities(source.read()), target.get("offsets")
     channel_first = source.axes[0] == "c"
     if kind == "affinities":
         if not channel_first or not offsets:

@@ -224,6 +224,15 @@ def downsample(block: np.ndarray, factors: Sequence[int], labels: bool) -> np.nd
     return np.take_along_axis(windows, votes.argmax(-1)[..., None], -1)[..., 0]
 
 
+def check_pyramid_sizes(levels: int | None, min_size: int) -> None:
+    """UserError for a non-positive --levels (adds nothing) or --min-size (halves down to 1 voxel,
+    about a thousand levels of one-voxel axes)."""
+    if levels is not None and levels < 1:
+        raise UserError(f"--levels {levels} must be at least 1 (leave it out to add levels until no axis can be halved).")
+    if min_size < 1:
+        raise UserError(f"--min-size {min_size} must be at least 1 voxel (the size below which an axis is not halved).")
+
+
 def pyramid(path: str | os.PathLike, levels: int | None = None, labels: bool | None = None,
             min_size: int = 32, overwrite: bool = False, factors: Sequence[Sequence[int]] | None = None,
             region: Sequence[tuple[int, int]] | None = None) -> list[dict]:
@@ -237,6 +246,7 @@ def pyramid(path: str | os.PathLike, levels: int | None = None, labels: bool | N
     is that plus (voxel_size_k - voxel_size_0) / 2 nm (`ome_metadata`).
     """
     path = str(path)
+    check_pyramid_sizes(levels, min_size)
     if detect_format(path) != "ome-zarr" or ome_multiscales(path) is None:
         raise UserError(f"{path} is not an OME-Zarr group; pyramids are written into groups made by `jaxem data import`.")
     attrs = read_attributes(path)

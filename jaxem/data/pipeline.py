@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxem.data import sampling
+from jaxem.data.volume import slab_boxes
 from jaxem.errors import UserError
 
 AXIS = "data"
@@ -68,6 +69,7 @@ def make_loader(data_cfg, *, mesh, ndim: int, seed: int, split: str = "train", l
     images, labels = tuple(data_cfg[f"{split}_images"]), tuple(data_cfg[f"{split}_labels"]) if labelled else ()
     masks = tuple(data_cfg.get(f"{split}_masks", ()))
     shapes = sampling.volume_shapes(images, labels, masks, crop_shape, split, labelled)
+    check_labels(labels)
     stats = [sampling.normalize_stats(sampling.open_volume(p), data_cfg.normalize, tuple(data_cfg.percentiles))
              for p in images]
     source = sampling.CropSource(
@@ -75,6 +77,38 @@ def make_loader(data_cfg, *, mesh, ndim: int, seed: int, split: str = "train", l
         foreground_min_fraction=float(data_cfg.foreground_min_fraction),
         max_retries=int(data_cfg.max_retries), renumber=bool(data_cfg.renumber))
     return BatchLoader(source, data_cfg, mesh=mesh, seed=seed, split=split)
+
+
+def check_labels(paths) -> None:
+    """UserError naming the first label volume whose values are not instance ids (integers >= 0).
+
+    Float labels whose values are all whole numbers (e.g. ids saved as float64) are accepted and
+    read as integer ids; any fractional, NaN or infinite value is refused, and so is a negative id.
+    Unsigned integer (and boolean) volumes are not read; signed and float ones are read block by block.
+    """
+    for path in paths:
+        volume = sampling.open_volume(path)
+        if volume.dtype.kind not in "buif":
+            raise UserError(f"{path} holds {volume.dtype.name} labels; label ids must be integers >= 0 (0 = background).")
+        problem = label_problem(volume) if volume.dtype.kind in "if" else ""
+        if problem:
+            raise UserError(f"{path} holds {problem}; label ids must be integers >= 0 (0 = background).")
+
+
+def label_problem(volume) -> str:
+    """What is wrong with the values of a signed or float label volume ('' when nothing)."""
+    fractional, lowest = 0, 0
+    for box in slab_boxes(volume.shape):
+        block = volume.read(box)
+        if volume.dtype.kind == "f":
+            fractional += int(np.count_nonzero(~np.isfinite(block) | (block != np.round(block))))
+            block = block[np.isfinite(block)]
+        lowest = min(lowest, block.min()) if block.size else lowest
+    if fractional:
+        return f"{fractional} {volume.dtype.name} label values that are not whole numbers (or are NaN/Inf)"
+    if lowest < 0:
+        return f"negative label ids (down to {lowest:g})"
+    return ""
 
 
 class TrainBatch:

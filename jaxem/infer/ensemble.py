@@ -74,14 +74,23 @@ def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
     return predictor(submit, getattr(predict_fn, "batch", 1))
 
 
+def check_reduction(reduce: str, models: int) -> None:
+    """UserError for a reduction not in REDUCTIONS, or for 'median'/'majority' of a single model
+    (`--reduce` combines an ensemble's models: with one model it would be ignored)."""
+    if reduce not in REDUCTIONS:
+        raise UserError(f"--reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}.")
+    if models == 1 and reduce != "mean":
+        raise UserError(f"--reduce {reduce} combines the models of an ensemble but one model was given; "
+                        "pass several --run/--checkpoint, or leave --reduce out.")
+
+
 def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
     """Combines predictors: 'mean', 'median', or 'majority' vote.
 
     Majority on sigmoid outputs gives 1.0 where more than half of the models predict > 0.5 (0.5
     on a tie); on softmax outputs the one-hot of the class most models choose (ties: lowest class).
     """
-    if reduce not in REDUCTIONS:
-        raise UserError(f"ensemble reduction {reduce!r} is not one of {', '.join(REDUCTIONS)}.")
+    check_reduction(reduce, len(predict_fns))
 
     starts = [submitter(f) for f in predict_fns]
 

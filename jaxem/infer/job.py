@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.blockwise import make_predict_fn, predict_volume
-from jaxem.infer.ensemble import ensemble, with_tta
+from jaxem.infer.ensemble import check_reduction, ensemble, with_tta
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.tiling import make_tiling
 from jaxem.train.supervised import output_activation
@@ -106,6 +106,7 @@ def run_prediction(
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    check_reduction(reduce, len(checkpoints))
     source = open_volume(input_path)
     shape = spatial_shape(source)
     region = parse_roi(roi, shape)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from jaxem import models
 from jaxem.config import fingerprint, save_config
 from jaxem.data import augment, pipeline, targets
+from jaxem.data.volume import nonfinite_count, open_volume
 from jaxem.errors import UserError
 from jaxem.models import convert
 from jaxem.semi import unlabelled
@@ -88,6 +89,26 @@ def has_checkpoints(workdir: Path) -> bool:
 def run_meta(config: ml_collections.ConfigDict, sections: tuple[str, ...] = SHAPE_SECTIONS) -> dict:
     """What each checkpoint records of its run: the fingerprint of every shape section present."""
     return {section: fingerprint(config[section]) for section in sections if section in config}
+
+
+# train.<field> -> the smallest value the loop can run with (eval_every 0 = no validation)
+LOOP_MINIMUMS = {"steps": 1, "log_every": 1, "checkpoint_every": 1, "eval_every": 0, "keep_checkpoints": 1}
+
+
+def check_loop_config(tc: ml_collections.ConfigDict) -> None:
+    """UserError naming the first `train` field below its minimum (LOOP_MINIMUMS)."""
+    for name, minimum in LOOP_MINIMUMS.items():
+        if name in tc and int(tc[name]) < minimum:
+            raise UserError(f"train.{name}={tc[name]} must be at least {minimum}.")
+
+
+def nonfinite_inputs(data_cfg: ml_collections.ConfigDict) -> str:
+    """'FILE holds N NaN or infinite voxels' for the first training image volume that has any, else ''."""
+    for path in data_cfg.get("train_images", ()):
+        count = nonfinite_count(open_volume(path))
+        if count:
+            return f"{path} holds {count} NaN or infinite voxels"
+    return ""
 
 
 def _mean_metrics(history: list[dict]) -> dict:
@@ -287,6 +308,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
     Returns (summary dict: steps, time, last validation metrics; the final state).
     """
     tc = config.train
+    check_loop_config(tc)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +351,10 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
                 if not np.isfinite(mean["loss"]):
                     ckpt.close()
                     loader.close()
+                    bad_input = nonfinite_inputs(config.data)  # the data, not the optimizer, when it holds NaN
                     raise TrainingDiverged(
+                        f"the training loss became {mean['loss']} at step {step}: {bad_input}; replace them in the "
+                        "data (the model cannot learn from NaN or Inf images)." if bad_input else
                         f"the training loss became {mean['loss']} at step {step}; the last good checkpoint is "
                         f"kept in {ckpt.directory} (lower optimizer.learning_rate or raise optimizer.grad_clip).")
                 writer.write(step, "train", mean)
