@@ -184,3 +184,45 @@ def test_written_metadata_validates_against_ome_zarr(tmp_path):
     assert len(label_nodes) == 1 and len(label_nodes[0].data) == 4
     assert label_nodes[0].data[0].shape == (4, 64, 64)
     assert "napari" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A demo:tiny run (6 steps) and its synthetic test volume (2, 64, 64) at 40x4x4 nm."""
+    from jaxem.commands.demo import with_data_paths, write_synthetic_data
+    from jaxem.config import load_config
+    from jaxem.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = load_config("demo:tiny")
+    config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))
+    train(config, workdir, progress=False)
+    return workdir
+
+
+@pytest.mark.slow
+def test_predict_roi_segment_pyramid_labels_of_from_a_run(tiny_run, tmp_path, capsys):
+    """The raw EM imported as an OME-Zarr image placed at `origin` nm, an ROI predicted by a real
+    run, segmented with --labels-of the raw, the segmentation's pyramid built: every output sits at
+    origin + ROI offset x voxel size, every level at the pixel-centre translation of its factor."""
+    raw = tmp_path / "raw.zarr"
+    assert main(["data", "import", str(tiny_run / "data" / "test_raw.zarr"), str(raw)]) == 0
+    origin = np.array([400.0, 80.0, 160.0])  # the raw's own translation: 10, 20, 40 voxels
+    set_ome_translation(raw, origin)
+    assert main(["data", "pyramid", str(raw), "--min-size", "8"]) == 0  # in-plane 64, 32, 16, 8
+    assert_levels(raw, VOXEL, origin, [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)])
+    offset = np.array([1, 8, 16])
+    pred, seg = tmp_path / "pred.zarr", tmp_path / "seg.zarr"
+    assert main(["predict", "--run", str(tiny_run), "--input", str(raw), "--output", str(pred),
+                 "--roi", "1:2,8:56,16:64", "--no-progress"]) == 0
+    expected = tuple(origin + offset * VOXEL)
+    assert ome_translation(pred) == expected
+    assert main(["segment", "--input", str(pred), "--output", str(seg), "--method", "watershed", "--per-slice",
+                 "--labels-of", str(raw), "--labels-name", "cells", "--no-progress"]) == 0
+    assert ome_translation(seg) == expected
+    assert main(["data", "pyramid", str(seg), "--min-size", "8"]) == 0  # 48 in-plane: 24, 12
+    assert_levels(seg, VOXEL, expected, [(1, 1, 1), (1, 2, 2), (1, 4, 4)])
+    label = raw / "labels" / "cells"
+    assert_levels(label, VOXEL, origin, [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)])
+    np.testing.assert_array_equal(open_volume(label).read()[1:2, 8:56, 16:64], open_volume(seg).read())
+    assert open_volume(seg).read().max() > 1

@@ -1,11 +1,11 @@
 """Prediction outputs: an OME-Zarr (NGFF v0.4) group written through `jaxem.data.volume`.
 
 The group at the output path holds the probabilities as its level `0` array, (c, z, y, x) or
-(c, y, x), with `multiscales` metadata (scale = voxel size in nm, translation = ROI offset in nm),
-so `open_volume(path)`, napari and neuroglancer open it directly. The group attributes also
-record the ROI `offset` (voxels) and the job that wrote it (`jaxem_job`): a rerun of the same job
-resumes, a different one is refused unless `overwrite`. The per-chunk done markers
-(`jaxem_done/...`, see `blockwise.DoneLog`) live inside the group.
+(c, y, x), with `multiscales` metadata (scale = voxel size in nm, translation = the input's own
+translation + the ROI offset, in nm), so `open_volume(path)`, napari and neuroglancer open it
+directly. The group attributes also record the ROI `offset` (voxels) and the job that wrote it
+(`jaxem_job`): a rerun of the same job resumes, a different one is refused unless `overwrite`.
+The per-chunk done markers (`jaxem_done/...`, see `blockwise.DoneLog`) live inside the group.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import tensorstore as ts
 
 from jaxem.data.volume import (
-    Volume, create_volume, is_local, kvstore_spec, local_path, open_volume, read_attributes, set_ome_translation,
-    write_attributes,
+    Volume, create_volume, is_local, kvstore_spec, local_path, open_volume, ome_translation, read_attributes,
+    set_ome_translation, write_attributes,
 )
 from jaxem.errors import UserError
 
@@ -27,7 +27,8 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
     """Creates (or reopens, for the same job) the output group; returns (level-0 volume, resumed).
 
     shape/chunks: (channels, *spatial) voxels; voxel_size: spatial nm; offset: the ROI start in
-    voxels of the input volume; job: a JSON-ready description compared on resume.
+    voxels of the input volume; job: a JSON-ready description compared on resume. The translation
+    (nm) is the input's own (job["input"], when an OME-Zarr group records one) + offset * voxel_size.
     """
     path = str(path)
     refuse_other_job(path, job, overwrite)
@@ -36,7 +37,8 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
             return open_volume(path, "r+", format="ome-zarr"), True
         clear_done(path)  # a remote store keeps keys create_volume does not know about
     volume = create_volume(path, shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True, format="ome-zarr")
-    set_ome_translation(path, [float(o) * float(v) for o, v in zip(offset, voxel_size)])
+    origin = (ome_translation(job["input"]) if job.get("input") else ()) or (0.0,) * len(voxel_size)
+    set_ome_translation(path, [t + float(o) * float(v) for t, o, v in zip(origin, offset, voxel_size)])
     write_attributes(path, {"offset": [int(o) for o in offset], "jaxem_job": job})
     return volume, False
 
