@@ -37,4 +37,18 @@ if [ "${JAXEM_TEST_EXTRAS:-0}" = 1 ] && [ "$(cat "$FOUNDATION_STAMP" 2>/dev/null
     echo "warning: torch / timm / segment-anything could not be installed: tests/test_foundation.py skips." >&2
   fi
 fi
+# tests/test_ome_zarr.py validates the OME-Zarr metadata jaxem writes (images, `labels`, image-label)
+# against ome-zarr-models (pydantic models of the NGFF 0.4 spec) and reads it back with ome-zarr's
+# reader (no napari needed). Test-only: jaxem never imports them (they bring zarr 3, s3fs, pydantic;
+# ~10 s from a local index). If the install fails, that test skips.
+OME_ZARR_SPEC="ome-zarr==0.18.0 ome-zarr-models==1.7"
+OME_ZARR_STAMP=.venv/.jaxem-test-ome-zarr
+if [ "${JAXEM_TEST_EXTRAS:-0}" = 1 ] && [ "$(cat "$OME_ZARR_STAMP" 2>/dev/null)" != "$OME_ZARR_SPEC" ]; then
+  # shellcheck disable=SC2086  # the spec is two requirements
+  if .venv/bin/python -m pip install --quiet $OME_ZARR_SPEC; then
+    echo "$OME_ZARR_SPEC" > "$OME_ZARR_STAMP"
+  else
+    echo "warning: ome-zarr could not be installed: tests/test_ome_zarr.py's schema check skips." >&2
+  fi
+fi
 export PATH="$ROOT/.venv/bin:$PATH"
