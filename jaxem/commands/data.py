@@ -71,11 +71,15 @@ def _info(args) -> int:
 
 def _import(args) -> int:
     from jaxem.data.formats import import_volume
+    from jaxem.data.guard import refuse_overlap, staged
+    from jaxem.data.volume import open_volume
 
-    volume = import_volume(args.src, args.dst, voxel_size=_numbers(args.voxel_size, "--voxel-size"),
-                           dataset=args.dataset, overwrite=args.overwrite, labels=args.labels,
-                           chunks=_numbers(args.chunks, "--chunks", int), format=args.format)
-    print(json.dumps(volume.info(), indent=2))
+    refuse_overlap("DST", args.dst, {"SRC": args.src})
+    with staged(args.dst, args.overwrite, "DST") as dst:  # a crash leaves no partial DST
+        import_volume(args.src, dst, voxel_size=_numbers(args.voxel_size, "--voxel-size"),
+                      dataset=args.dataset, overwrite=args.overwrite, labels=args.labels,
+                      chunks=_numbers(args.chunks, "--chunks", int), format=args.format)
+    print(json.dumps(open_volume(args.dst, format=args.format).info(), indent=2))
     return 0
 
 

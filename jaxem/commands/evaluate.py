@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from jaxem.data.guard import refuse_overlap, staged
 from jaxem.data.volume import refuse_nonfinite
 from jaxem.errors import UserError
 from jaxem.metrics import report
@@ -22,14 +24,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-nan", action="store_true",
                         help="score a float prediction holding NaN/Inf (refused otherwise): NaN counts as probability 0 "
                              "(background), +Inf as 1, -Inf as 0")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
 
 
 def run(args, overrides) -> int:
     if overrides:
         raise UserError(f"unknown arguments {' '.join(overrides)}; see `jaxem evaluate --help`.")
     check_inputs(args)
-    result = report.run_protocol(args.pred, args.gt, args.task, args.out, args.mask, threshold=args.threshold,
-                                 boundary_is_zero=args.boundary_is_zero, block_voxels=args.block_voxels)
+    check_out(args)
+    with staged(args.out, args.overwrite, "--out") as out:  # a crash leaves no partial report
+        result = report.run_protocol(args.pred, args.gt, args.task, out, args.mask, threshold=args.threshold,
+                                     boundary_is_zero=args.boundary_is_zero, block_voxels=args.block_voxels)
     keys = [k for k in ("dice", "adapted_rand_error", "vrand", "vinfo", "voi_split", "voi_merge",
                         "warping_error", "map", "pq") if k in result]
     print(json.dumps({k: result[k] for k in keys}))
@@ -43,3 +48,15 @@ def check_inputs(args) -> None:
     if args.block_voxels < 1:
         raise UserError(f"--block-voxels {args.block_voxels} must be at least 1 (voxels read per block).")
     refuse_nonfinite(report.open_source(args.pred), args.pred, args.allow_nan, args.block_voxels)
+
+
+def check_out(args) -> None:
+    """Refuses an --out that overlaps the inputs, is a file, or is a non-empty folder holding no
+    report (--overwrite replaces a previous report's folder, never some other folder)."""
+    refuse_overlap("--out", args.out, {"--pred": args.pred, "--gt": args.gt, "--mask": args.mask})
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; --out names the folder to write report.json and report.md into.")
+    if args.overwrite and out.is_dir() and any(out.iterdir()) and not (out / "report.json").exists():
+        raise UserError(f"--out {out} is a folder holding no report.json; --overwrite replaces only an earlier "
+                        "report, so choose a new or empty folder.")

@@ -10,6 +10,7 @@ Rerunning the same command after an interruption resumes: finished chunks are sk
 from __future__ import annotations
 
 import json
+import os
 
 from jaxem.errors import UserError
 
@@ -35,11 +36,15 @@ def run(args, overrides) -> int:
 
     initialize_distributed()  # several processes (JAXEM_COORDINATOR ...) share the volume's chunks
     from jaxem.config import apply_overrides
+    from jaxem.data.guard import refuse_overlap
     from jaxem.infer.job import run_prediction
 
     checkpoints = list(args.run) + list(args.checkpoint)
     if not checkpoints:
         raise UserError("jaxem predict needs a trained model: pass --run WORKDIR or --checkpoint CKPT.")
+    # an output inside a run's workdir is fine (the demo writes one there), inside its checkpoints not
+    refuse_overlap("--output", args.output, [("--input", args.input), *[("--checkpoint", c) for c in args.checkpoint],
+                                             *[("--run", os.path.join(r, "checkpoints")) for r in args.run]])
     apply = (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None
     stats = run_prediction(checkpoints, args.input, args.output, roi=args.roi, tta=args.tta, dtype=args.dtype,
                            overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress,

@@ -70,6 +70,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    from jaxem.data.guard import refuse_overlap, staged
     from jaxem.data.volume import open_volume, read_attributes, refuse_nonfinite
     from jaxem.infer.executors import make_executor
     from jaxem.segment import instances
@@ -80,6 +81,7 @@ def run(args, overrides) -> int:
     resolve_settings(args)
     if not 0.0 <= args.merge <= 1.0:
         raise UserError(f"--merge {args.merge} must lie in [0, 1]: it is a boundary probability.")
+    refuse_overlap("--output", args.output, {"--input": args.input, "--params": args.params})
     source = open_volume(args.input)
     spatial = tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
     _check_axes(source, args.input)
@@ -118,18 +120,19 @@ def run(args, overrides) -> int:
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers, progress=not args.no_progress)
     try:
-        if args.method == "agglomerate":  # one region graph over all blocks: agglomerate_blocks
-            from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
+        with staged(args.output, args.overwrite, "--output") as output:  # a crash leaves no partial output
+            if args.method == "agglomerate":  # one region graph over all blocks: agglomerate_blocks
+                from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
 
-            fragments = partial(fn.func, *fn.args, **dict(fn.keywords, method="watershed", min_size=0))
-            in_plane = (1, 2) if args.per_slice and len(spatial) == 3 else None
-            stats = agglomerate_blockwise(args.input, args.output, block, fragments, args.merge, kind,
-                                          offsets=fn.keywords.get("offsets"), axes=in_plane, overlap=overlap,
-                                          min_size=args.min_size, executor=executor, channel=channel,
-                                          overwrite=args.overwrite)
-        else:
-            stats = segment_blockwise(args.input, args.output, block, fn, overlap=overlap, min_size=args.min_size,
-                                      executor=executor, channel=channel, overwrite=args.overwrite)
+                fragments = partial(fn.func, *fn.args, **dict(fn.keywords, method="watershed", min_size=0))
+                in_plane = (1, 2) if args.per_slice and len(spatial) == 3 else None
+                stats = agglomerate_blockwise(args.input, output, block, fragments, args.merge, kind,
+                                              offsets=fn.keywords.get("offsets"), axes=in_plane, overlap=overlap,
+                                              min_size=args.min_size, executor=executor, channel=channel,
+                                              overwrite=args.overwrite)
+            else:
+                stats = segment_blockwise(args.input, output, block, fn, overlap=overlap, min_size=args.min_size,
+                                          executor=executor, channel=channel, overwrite=args.overwrite)
     finally:
         executor.close()
     if args.labels_of:

@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    from jaxem.data.guard import refuse_overlap
     from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite
     from jaxem.segment.tune import KINDS, default_grid, plot_tuning, tune
 
@@ -48,6 +49,8 @@ def run(args, overrides) -> int:
         raise UserError(f"--output {output} must be a .json file.")
     if output.exists() and not args.overwrite:
         raise UserError(f"--output {output} exists; pass --overwrite to replace it.")
+    for written in (output, output.with_suffix(".png")):
+        refuse_overlap("--output", written, {"--input": args.input, "--labels": args.labels})
     source = open_volume(args.input)
     target = read_attributes(args.input).get("jaxem_target", {})
     kind = args.kind or target.get("kind", "boundary")
@@ -72,6 +75,8 @@ def run(args, overrides) -> int:
             raise UserError(f"--methods {args.methods!r}: the {kind} grid's methods are {', '.join(known)}.")
         grid = [s for s in grid if s["method"] in methods]
     gt = open_volume(args.labels).read()
+    if not gt.any():
+        raise UserError(f"--labels {args.labels} holds no objects (every voxel is 0); tune needs labelled instances.")
     result = tune(prediction.astype("float32"), gt, kind, grid, metric=args.metric, per_slice=args.per_slice,
                   voxel_size=source.voxel_size, offsets=offsets, progress=not args.no_progress)
     result.update(input=str(Path(args.input).resolve()), labels=str(Path(args.labels).resolve()))

@@ -62,7 +62,7 @@ def subsample(volume: Volume, seed: int, voxels: int = STATS_VOXELS) -> np.ndarr
     side = tuple(min(s, 64 if len(shape) == 3 else 512) for s in shape)
     count = max(1, voxels // int(np.prod(side)))
     futures = [volume.store[_random_box(rng, shape, side)].read() for _ in range(count)]
-    return np.concatenate([f.result().ravel() for f in futures])
+    return np.concatenate([volume.wait(f).ravel() for f in futures])
 
 
 def _random_box(rng, shape, crop) -> tuple[slice, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -98,10 +99,18 @@ class Volume:
     def read(self, box: Sequence[slice] | None = None) -> np.ndarray:
         """Reads `box` (a tuple of slices, default everything) into a numpy array."""
         box = tuple(box) if box is not None else ()
-        return np.asarray(self.store[box].read().result())
+        return self.wait(self.store[box].read())
 
     def __getitem__(self, box) -> np.ndarray:
-        return np.asarray(self.store[box].read().result())
+        return self.wait(self.store[box].read())
+
+    def wait(self, future: ts.Future) -> np.ndarray:
+        """The array of a started read (`self.store[box].read()`); an unreadable chunk (corrupt,
+        truncated, unreachable) becomes a UserError naming the chunk and how to recover."""
+        try:
+            return np.asarray(future.result())
+        except ValueError as e:
+            raise UserError(read_error(self.path, e)) from None
 
     def write(self, array: np.ndarray, offset: Sequence[int] | None = None) -> None:
         """Writes `array` with its first voxel at `offset` (default the origin)."""
@@ -131,6 +140,31 @@ class Volume:
             "dtype": self.dtype.name, "chunks": list(self.chunks), "voxel_size": list(self.voxel_size),
             "axes": list(self.axes), "unit": "nanometer",
         }
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a tensorstore error without its JSON spec and transform."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r" \[(tensorstore_spec|transform|domain|source locations)=.*$", "", first)
+
+
+def read_error(path: str, error: BaseException) -> str:
+    """One sentence for a failed read of the volume at `path`: the chunk file tensorstore names
+    (when it names one), what is wrong with it and how to recover."""
+    text = _reason(error)
+    match = re.search(r'Error reading (?:local file )?"([^"]+)": (.*)', text)
+    if match is None:
+        return f"{path} could not be read ({text}); check that the volume is complete and reachable."
+    chunk, why = match.groups()
+    return (f"chunk {chunk} of {path} cannot be read ({why}); if jaxem wrote {path}, re-run that command "
+            f"with --overwrite, otherwise restore this chunk file from the original data.")
+
+
+def unwritable(path: str | os.PathLike, error: BaseException) -> UserError:
+    """The UserError for `error` raised while writing `path` (permission, read-only disk, a file
+    where a folder is needed)."""
+    reason = getattr(error, "strerror", None) or _reason(error)
+    return UserError(f"cannot write {path} ({reason}); choose a writable location or fix its permissions.")
 
 
 # ---------------------------------------------------------------- small key-value helpers
@@ -206,7 +240,10 @@ def open_volume(path: str | os.PathLike, mode: str = "r", format: str | None = N
     format = format or detect_format(path)
     opener = {"ome-zarr": _open_ome, "zarr": _open_zarr, "zarr3": _open_zarr, "n5": _open_n5,
               "precomputed": _open_precomputed}[format]
-    return opener(path, mode, format, level)
+    volume = opener(path, mode, format, level)
+    if 0 in volume.shape:
+        raise UserError(f"{path} has shape {volume.shape} with an empty axis; jaxem needs at least one voxel along every axis.")
+    return volume
 
 
 def _real_valued(store: ts.TensorStore, path: str) -> ts.TensorStore:
@@ -222,7 +259,7 @@ def _ts_open(spec: dict, path: str, mode: str, what: str) -> ts.TensorStore:
     try:
         return _real_valued(ts.open(spec, read=True, write=(mode != "r")).result(), path)
     except ValueError as e:
-        raise UserError(f"{path} is not a readable {what} volume ({str(e).splitlines()[0]}).") from None
+        raise UserError(f"{path} is not a readable {what} volume ({_reason(e)}).") from None
 
 
 def _open_zarr(path, mode, format, level) -> Volume:
@@ -330,7 +367,10 @@ def create_volume(
         jaxem_attrs["jaxem_kind"] = "labels"
     creator = {"ome-zarr": _create_ome, "zarr": _create_zarr, "zarr3": _create_zarr3, "n5": _create_n5,
                "precomputed": _create_precomputed}[format]
-    creator(path, shape, np.dtype(dtype), chunks, axes, jaxem_attrs, labels)
+    try:
+        creator(path, shape, np.dtype(dtype), chunks, axes, jaxem_attrs, labels)
+    except (OSError, ValueError) as e:
+        raise unwritable(path, e) from None
     return open_volume(path, mode="r+", format=format)
 
 

@@ -107,7 +107,7 @@ class TileReader:
 
     def read(self, start) -> np.ndarray:
         self.prefetch([start])
-        x = np.asarray(self.pending.pop(start).result(), dtype=self.dtype)
+        x = np.asarray(self.source.wait(self.pending.pop(start)), dtype=self.dtype)
         x = np.moveaxis(x, 0, -1) if self.channels else x[..., None]
         if self.normalize is not None:
             x = self.normalize(x)

@@ -51,6 +51,20 @@ def spatial_shape(source: Volume) -> tuple[int, ...]:
     return tuple(s for s, a in zip(source.shape, source.axes) if a in "zyx")
 
 
+def check_input(source: Volume) -> None:
+    """UserError unless `source` is (z, y, x) or (y, x), optionally after one leading channel axis
+    of size 1: the models are trained on one grey-value channel."""
+    axes = tuple(source.axes)
+    spatial = tuple(a for a in axes if a in "zyx")
+    leading = axes[: len(axes) - len(spatial)]
+    if len(spatial) < 2 or leading not in ((), ("c",)):
+        raise UserError(f"--input {source.path} has axes ({', '.join(axes)}) of shape {source.shape}; predict takes "
+                        "(z, y, x) or (y, x) grey values, optionally after a channel axis c of size 1.")
+    if leading and source.shape[0] != 1:
+        raise UserError(f"--input {source.path} has {source.shape[0]} channels (axes {', '.join(axes)}); the models "
+                        "are trained on one grey-value channel, so pass a single-channel volume.")
+
+
 def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Block and halo per volume axis; a 2D model on a 3D volume gets block 1 and halo 0 in z."""
     block, halo = tuple(predict_cfg.block_shape), tuple(predict_cfg.halo)
@@ -108,6 +122,7 @@ def run_prediction(
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     check_reduction(reduce, len(checkpoints))
     source = open_volume(input_path)
+    check_input(source)
     shape = spatial_shape(source)
     region = parse_roi(roi, shape)
     restored = [restore_for_inference(c) for c in checkpoints]

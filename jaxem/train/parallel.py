@@ -71,6 +71,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """Raises UserError unless the global batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
+    if global_batch_size < 1:
+        raise UserError(f"data.batch_size={global_batch_size} must be a positive multiple of the {n} devices of the mesh, such as {n}.")
     if global_batch_size % n:
         raise UserError(
             f"data.batch_size={global_batch_size} is not divisible by the {n} devices of the mesh; "
