@@ -1,9 +1,11 @@
 """Getting data into jaxem's on-disk layout: TIFF/HDF5/any-volume import, pyramids, info.
 
 The layout jaxem writes is an OME-Zarr (NGFF v0.4) group: a zarr v2 group whose `.zattrs` hold
-`multiscales` (axes z, y, x in nanometres, one scale per level) plus jaxem's own
-`voxel_size`/`axes`/`unit`; level `0` is the full-resolution array, `1`, `2`, ... are downsampled
-levels added by `pyramid`. napari (napari-ome-zarr) and neuroglancer open the group directly.
+`multiscales` (axes z, y, x in nanometres, one scale per level, a translation where it is not
+zero) plus jaxem's own `voxel_size`/`axes`/`unit`; level `0` is the full-resolution array, `1`, `2`,
+... are downsampled levels added by `pyramid`, each translated to the centre of the level-0 voxels it
+summarises. `write_labels_of` adds a segmentation to an image as its OME-Zarr label image
+IMAGE/labels/NAME. napari (napari-ome-zarr) and neuroglancer open the group directly.
 
 Import never holds the whole volume in memory: TIFF stacks are read a few pages at a time, HDF5
 datasets and tensorstore volumes one slab of chunk depth at a time.
