@@ -8,6 +8,7 @@ has scale voxel_size * f_k and translation t0 + (f_k - 1) / 2 * voxel_size.
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,6 +127,14 @@ def test_segment_and_labels_of_a_roi(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and str(target) in err, (target, err)
         assert not (tmp_path / "bad").exists()
+    # never over an input: --output inside IMAGE, a label image that is the prediction
+    assert main(base + ["--output", str(image / "seg"), "--labels-of", str(image), "--labels-name", "fresh"]) == 2
+    shutil.copytree(tmp_path / "pred", image / "labels" / "pred")
+    assert main(base[:2] + [str(image / "labels" / "pred")] + base[3:] + ["--output", str(tmp_path / "bad"),
+                "--labels-of", str(image), "--labels-name", "pred", "--overwrite"]) == 2
+    assert capsys.readouterr().err.count("never writes over its inputs") == 2
+    assert (image / "labels" / "pred" / "0" / ".zarray").is_file() and not (image / "seg").exists()
+    shutil.rmtree(image / "labels" / "pred")
     assert tree_digest(image) == before
     # --overwrite replaces the label image (and only it); a second name is listed beside the first
     assert main(base + ["--output", str(seg), "--labels-of", str(image), "--overwrite"]) == 0

@@ -148,11 +148,14 @@ def _check_labels_of(args, source, spatial) -> None:
     """Refuses --labels-of before any work when the result could not be written into that image."""
     if args.labels_of:
         from jaxem.data.formats import check_labels_of
-        from jaxem.data.volume import ome_translation
+        from jaxem.data.guard import refuse_overlap
+        from jaxem.data.volume import join, ome_translation
 
         check_labels_of(args.labels_of, args.labels_name, spatial, source.voxel_size,
                         ome_translation(args.input) or (0.0,) * len(spatial),
                         tuple(a for a in source.axes if a in "zyx"), args.overwrite)
+        refuse_overlap("--output", args.output, {"--labels-of": args.labels_of})
+        refuse_overlap("--labels-of", join(args.labels_of, "labels", args.labels_name), {"--input": args.input})
 
 
 def resolve_settings(args) -> None:
