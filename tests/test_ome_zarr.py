@@ -98,6 +98,7 @@ def test_segment_and_labels_of_a_roi(tmp_path, capsys):
     assert ome_translation(seg) == tuple(np.multiply(offset, VOXEL))
     label = image / "labels" / "segmentation"
     assert read_attributes(image / "labels") == {"labels": ["segmentation"]}
+    assert sorted(p.name for p in (image / "labels").iterdir()) == [".zattrs", ".zgroup", "segmentation"]
     assert read_attributes(label)["image-label"] == {"version": "0.4", "source": {"image": "../../"}}
     levels = [open_volume(label, level=k) for k in range(4)]
     assert [v.shape for v in levels] == [open_volume(image, level=k).shape for k in range(4)]

@@ -366,25 +366,30 @@ def write_labels_of(labels: str | os.PathLike, image: str | os.PathLike, name: s
     Level 0 has the image's spatial shape and voxel grid, the labels placed at their translation
     (zeros elsewhere, not stored); levels 1, 2, ... take the mode over the same windows as the
     image's own levels (or, for a single-level image, those `jaxem data pyramid` would add). The
-    image's arrays and metadata are untouched but for the `labels` group listing. Returns the
-    label image's levels (info dicts).
+    image's arrays and metadata are untouched but for the `labels` group listing; a local label
+    image is written beside its place and renamed into it when complete. Returns its levels' info.
     """
+    from jaxem.data.guard import staged
+
     image, source = str(image), open_volume(labels)
     offset = check_labels_of(image, name, source.shape, source.voxel_size, ome_translation(labels) or
                              (0.0,) * source.ndim, source.axes, overwrite)
     base = open_volume(image)
     shape = [s for s, a in zip(base.shape, base.axes) if a in "zyx"]
-    group = join(image, "labels", name)
-    out = create_volume(group, shape, source.dtype, source.voxel_size, axes=source.axes, overwrite=overwrite,
-                        format="ome-zarr", labels=True,
-                        chunks=default_import_chunks(shape, source.voxel_size, source.dtype))
-    set_ome_translation(group, ome_translation(image))
-    write_attributes(group, {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
     region = [(o, o + s) for o, s in zip(offset, source.shape)]
-    write_blocks(out, ((source.read(tuple(slice(a - o, b - o) for (a, b), o in zip(part, offset))),
-                        [a for a, _ in part]) for part in blocks(region, [2 * c for c in out.chunks])))
+    group = join(image, "labels", name)
+    with staged(group, overwrite, "--labels-name") as target:
+        out = create_volume(target, shape, source.dtype, source.voxel_size, axes=source.axes, overwrite=overwrite,
+                            format="ome-zarr", labels=True,
+                            chunks=default_import_chunks(shape, source.voxel_size, source.dtype))
+        set_ome_translation(target, ome_translation(image))
+        write_attributes(target, {"image-label": {"version": "0.4", "source": {"image": "../../"}}})
+        write_blocks(out, ((source.read(tuple(slice(a - o, b - o) for (a, b), o in zip(part, offset))),
+                            [a for a, _ in part]) for part in blocks(region, [2 * c for c in out.chunks])))
+        levels = pyramid(target, labels=True, min_size=min_size, overwrite=True, factors=_image_factors(image),
+                         region=region)
     _list_label(image, name)
-    return pyramid(group, labels=True, min_size=min_size, overwrite=True, factors=_image_factors(image), region=region)
+    return [open_volume(group, level=i).info() for i in range(len(levels))]
 
 
 def _list_label(image: str, name: str) -> None:
