@@ -7,6 +7,7 @@ that was there before unchanged.
 
 import hashlib
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import pytest
 from jaxem.cli import main
 from jaxem.commands.demo import with_data_paths, write_synthetic_data
 from jaxem.config import apply_overrides, load_config
-from jaxem.train.checkpoint import Checkpointer, inference_steps, restore_for_inference, restore_on_this_host
+from jaxem.data.volume import create_volume, open_volume
+from jaxem.train.checkpoint import (
+    Checkpointer,
+    inference_steps,
+    restore_for_inference,
+    restore_on_this_host,
+)
 from jaxem.train.loop import train
 
 # ---------------------------------------------------------------- checkpoints of a real tiny run
@@ -124,19 +131,163 @@ def test_resumed_training_rewrites_a_truncated_checkpoint(trained, tmp_path, cap
         restore_on_this_host(run / "checkpoints" / str(step) / "state")
 
 
-# ---------------------------------------------------------------- helpers of the CLI cases
+# ---------------------------------------------------------------- the CLI cases
+
+# (id, command line with {placeholders} of `world`, words the one stderr line must hold)
+TRAIN = ("train --config demo:tiny --workdir {w}/work --config.data.val_images=() --config.data.val_labels=() "
+         "--config.data.train_images=\"('{raw}',)\" ")
+CASES = [
+    ("segment-nan", "segment --input {nanpred} --output {w}/seg.zarr", "{nanpred} holds 4 NaN or infinite voxels"),
+    ("tune-nan", "tune --input {nanpred} --labels {labels} --output {w}/tuned.json", "{nanpred} holds 4 NaN or infinite"),
+    ("evaluate-nan", "evaluate --pred {nanpred} --gt {labels} --task semantic --out {w}/ev",
+     "{nanpred} holds 4 NaN or infinite voxels"),
+    ("evaluate-block-voxels-0", "evaluate --pred {pred} --gt {labels} --task semantic --out {w}/ev --block-voxels 0",
+     "--block-voxels 0 must be at least 1"),
+    ("train-steps-negative", TRAIN + "--config.data.train_labels=\"('{labels}',)\" --config.train.steps=-5",
+     "train.steps=-5 must be at least 1"),
+    ("train-float-labels", TRAIN + "--config.data.train_labels=\"('{floatlabels}',)\"",
+     "{floatlabels} holds 1 float64 label values that are not whole numbers"),
+    ("train-negative-labels", TRAIN + "--config.data.train_labels=\"('{neglabels}',)\"",
+     "{neglabels} holds negative label ids (down to -3)"),
+    ("predict-reduce-unknown", "predict --run {run} --input {raw} --output {w}/p.zarr --reduce max",
+     "--reduce 'max' is not one of mean, median, majority"),
+    ("predict-reduce-one-model", "predict --run {run} --input {raw} --output {w}/p.zarr --reduce median",
+     "one model was given"),
+    ("predict-complex", "predict --run {run} --input {complex} --output {w}/p.zarr",
+     "{complex} holds complex numbers (complex64)"),
+    ("segment-complex", "segment --input {complex} --output {w}/seg.zarr", "{complex} holds complex numbers (complex64)"),
+    ("pyramid-min-size-0", "data pyramid {ome} --min-size 0", "--min-size 0 must be at least 1"),
+    ("pyramid-levels-negative", "data pyramid {ome} --levels -1", "--levels -1 must be at least 1"),
+    ("segment-5d", "segment --input {five} --output {w}/seg.zarr", "--input {five} has axes (t, c, z, y, x)"),
+    ("info-truncated-zarray", "data info {badjson}", "{badjson}/.zarray is not valid JSON"),
+    ("segment-truncated-zarray", "segment --input {badjson} --output {w}/seg.zarr", "{badjson}/.zarray is not valid JSON"),
+]
+NO_PROGRESS = ("predict", "segment", "tune", "train")
 
 
-def main_error(capsys, expected: str) -> bool:
-    """Whether the last command printed exactly one stderr line, holding `expected`, and no traceback."""
+def _zarr(path, array, axes=None, format="zarr"):
+    volume = create_volume(path, array.shape, array.dtype, (40.0, 4.0, 4.0), axes=axes, format=format)
+    volume.write(array)
+    return volume
+
+
+def _complex_zarr(path, array):
+    """A zarr v2 array of complex numbers (create_volume's fill value 0 does not fit complex dtypes)."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+            "metadata": {"shape": list(array.shape), "chunks": list(array.shape), "dtype": array.dtype.str,
+                         "fill_value": None, "compressor": None}}
+    ts.open(spec, create=True).result().write(array).result()
+
+
+@pytest.fixture(scope="module")
+def world(trained, data_paths, tmp_path_factory):
+    """The trained run and small volumes, good and bad: {name: path} for CASES' placeholders."""
+    w = tmp_path_factory.mktemp("world")
+    raw, labels = data_paths["test"]
+    p = {"w": w, "run": trained[0], "raw": raw, "labels": labels}
+    for name in ("pred", "nanpred", "complex", "five", "ome", "badjson", "floatlabels", "neglabels", "nanraw"):
+        p[name] = w / f"{name}.zarr"
+    prob = np.zeros((2, 64, 64), np.float32)
+    prob[:, ::8], prob[:, :, ::8] = 1.0, 1.0
+    _zarr(p["pred"], prob)
+    bad = prob.copy()
+    bad[0, 1, 1:4], bad[1, 5, 5] = np.nan, np.inf
+    _zarr(p["nanpred"], bad)
+    _complex_zarr(p["complex"], prob.astype(np.complex64))
+    _zarr(p["five"], prob[None, None], axes=("t", "c", "z", "y", "x"))
+    _zarr(p["ome"], prob, format="ome-zarr")
+    shutil.copytree(raw, p["badjson"])
+    zarray = p["badjson"] / ".zarray"
+    zarray.write_text(zarray.read_text()[:40])
+    ids = np.asarray(open_volume(labels).read())
+    floats = ids.astype(np.float64)
+    floats[1, 2, 3] = 2.5
+    _zarr(p["floatlabels"], floats)
+    negative = ids.astype(np.int32)
+    negative[0, 0, 0] = -3
+    _zarr(p["neglabels"], negative)
+    image = np.asarray(open_volume(raw).read(), np.float32)
+    image[0, 10, 10:15] = np.nan
+    _zarr(p["nanraw"], image)
+    return {k: str(v) for k, v in p.items()}
+
+
+def command(line: str, world: dict) -> list[str]:
+    """The argv of a case's command line with `world`'s paths filled in (and --no-progress)."""
+    argv = shlex.split(line.format(**world))
+    return argv + ["--no-progress"] if argv[0] in NO_PROGRESS else argv
+
+
+def checksums(root) -> dict:
+    """{relative path: sha256} of every file under `root`."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    """The one non-empty stderr line of the last command (asserting there is one and no traceback)."""
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert expected in lines[0], lines[0]
+    return lines[0]
+
+
+def main_error(capsys, expected: str) -> bool:
+    """Whether the last command's one stderr line holds `expected`."""
+    line = one_error_line(capsys)
+    assert expected in line, line
     return True
 
 
-def checksums(root: Path) -> dict:
-    """{relative path: sha256} of every file under `root`."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_value_is_one_sentence_exit_2_and_nothing_changes(case, world, capsys):
+    _, line, expected = case
+    before = checksums(world["w"]), checksums(world["run"])
+    capsys.readouterr()
+    assert main(command(line, world)) == 2
+    assert main_error(capsys, expected.format(**world))
+    assert (checksums(world["w"]), checksums(world["run"])) == before
+
+
+def test_nan_in_training_images_names_the_file(world, capsys):
+    before = checksums(world["w"])
+    line = (TRAIN.replace("{raw}", "{nanraw}") + "--config.data.train_labels=\"('{labels}',)\" "
+            "--config.train.log_every=1 --config.train.steps=2 --config.train.eval_every=0")
+    line = line.replace("{w}/work", "{w}/nanwork")
+    assert main(command(line, world)) == 2
+    assert main_error(capsys, "{nanraw} holds 5 NaN or infinite voxels".format(**world))
+    after = checksums(world["w"])
+    assert {k: v for k, v in after.items() if not k.startswith("nanwork/")} == before
+
+
+def test_allow_nan_reads_nan_as_probability_0(world, tmp_path, capsys):
+    clean, nan = (["--input", world[k]] for k in ("pred", "nanpred"))
+    for name, inp in (("clean", clean), ("nan", nan)):
+        extra = ["--allow-nan"] if name == "nan" else []
+        assert main(["segment", *inp, "--output", str(tmp_path / f"{name}.zarr"), "--method", "cc", "--no-progress",
+                     *extra]) == 0
+    assert "4 NaN or infinite voxels; --allow-nan reads NaN as probability 0" in capsys.readouterr().err
+    segments = [np.asarray(open_volume(tmp_path / f"{n}.zarr").read()) for n in ("clean", "nan")]
+    assert (segments[0] > 0).sum() - 3 <= (segments[1] > 0).sum() <= (segments[0] > 0).sum() + 3
+    assert main(["evaluate", "--pred", world["nanpred"], "--gt", world["labels"], "--task", "semantic",
+                 "--out", str(tmp_path / "ev"), "--allow-nan"]) == 0
+    assert (tmp_path / "ev" / "report.json").exists()
+    assert main(["segment", *nan, "--output", str(tmp_path / "agg.zarr"), "--method", "agglomerate", "--allow-nan",
+                 "--no-progress"]) == 2
+    assert "--allow-nan does not apply to --method agglomerate" in capsys.readouterr().err
+
+
+def test_whole_valued_float_labels_are_accepted(world):
+    from jaxem.data.pipeline import check_labels, label_problem
+
+    check_labels([world["labels"]])
+    whole = Path(world["w"]) / "wholefloat.zarr"
+    _zarr(whole, np.asarray(open_volume(world["labels"]).read(), np.float64))
+    try:
+        assert label_problem(open_volume(whole)) == ""
+        check_labels([str(whole)])
+    finally:
+        shutil.rmtree(whole)
