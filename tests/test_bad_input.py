@@ -42,6 +42,11 @@ CASES = [
     ("evaluate-overwrite-other-folder", "evaluate --pred {pred} --gt {labels} --task boundary --out {nest} --overwrite",
      "holding no report.json"),
     ("tune-inside-input", "tune --input {pred} --labels {labels} --output {pred}/tuned.json", "is inside --input"),
+    ("train-workdir-is-data", "train --config demo:tiny --workdir {raw} --config.data.train_images=\"('{raw}',)\" "
+     "--config.data.train_labels=\"('{labels}',)\"", "--workdir {raw} is the same path as data.train_images"),
+    ("pretrain-workdir-inside-data", "pretrain --config pretrain:mim --workdir {raw}/run "
+     "--config.data.train_images=\"('{raw}',)\"", "is inside data.train_images"),
+    ("convert-weights-onto-input", "convert-weights {file} {file} --overwrite", "OUT {file} is the same path as IN"),
     # item 7: a sentence, not a traceback
     ("import-corrupt-chunk", "data import {bad} {w}/out.zarr", "chunk {bad}/0.0.0 of"),
     ("evaluate-corrupt-chunk", "evaluate --pred {badpred} --gt {labels} --task boundary --out {w}/ev", "chunk {badpred}/0.0.0 of"),
@@ -67,7 +72,7 @@ CASES = [
 OTHER_CASES: list[tuple[str, str, str]] = [
 ]
 
-NO_PROGRESS = ("predict", "segment", "tune", "train")
+NO_PROGRESS = ("predict", "segment", "tune", "train", "pretrain")
 
 
 def _zarr(path, array, axes=None, voxel_size=(40.0, 4.0, 4.0)) -> Volume:
@@ -281,3 +286,22 @@ def test_predict_crash_then_the_rerun_resumes(world, tmp_path, monkeypatch, caps
     assert '"resumed": true' in stats
     assert main(argv[:-3] + ["--output", str(tmp_path / "whole.zarr"), "--no-progress"]) == 0
     np.testing.assert_array_equal(open_volume(out).read(), open_volume(tmp_path / "whole.zarr").read())
+
+
+def test_predict_crash_before_any_chunk_does_not_block_another_job(world, tmp_path, monkeypatch, capsys):
+    """An output whose run finished no chunk holds nothing: a different job replaces it without
+    --overwrite; once a chunk is finished, a different job is refused."""
+    from jaxem.infer import blockwise
+
+    out = tmp_path / "p.zarr"
+    argv = ["predict", "--run", world["run"], "--input", world["raw"], "--output", str(out), "--no-progress"]
+    with monkeypatch.context() as patch:
+        _crash_on_write(patch, after=0, cls=blockwise.DoneLog, name="mark")
+        with pytest.raises(RuntimeError):
+            main(argv)
+    assert main(argv + ["--dtype", "uint8"]) == 0
+    assert open_volume(out).dtype == np.uint8
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "written by a different job" in capsys.readouterr().err
+

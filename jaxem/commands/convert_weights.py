@@ -50,6 +50,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def run(args, overrides) -> int:
     from pathlib import Path
 
+    from jaxem.data.guard import refuse_overlap
     from jaxem.errors import UserError
     from jaxem.models import convert
 
@@ -65,6 +66,7 @@ def run(args, overrides) -> int:
     window = _ints(args.window_size, "--window-size")
     global_blocks = _ints(args.global_blocks, "--global-blocks") if args.global_blocks.strip() else None
     out = Path(args.output)
+    refuse_overlap("OUT", out, {"IN": args.input})
     if out.exists() and not args.overwrite:  # before reading a large checkpoint
         raise UserError(f"{out} exists; choose a new output directory or pass --overwrite.")
     sd = convert.read_state_dict(args.input)

@@ -54,9 +54,11 @@ def run(args, overrides) -> int:
     from jaxem.train.parallel import initialize_distributed
 
     initialize_distributed()  # before the config touches any device
+    from jaxem.data.guard import refuse_overlap, volume_fields
     from jaxem.ssl.pretrain import pretrain
 
     config = apply_overrides(load_config(args.config), overrides)
+    refuse_overlap("--workdir", args.workdir, [(f"data.{k}", v) for k, v in volume_fields(config.data)], holding_ok=True)
     if "ssl" not in config:
         raise UserError(f"config {args.config} has no `ssl` section; pretrain from configs/pretrain.py or a copy of it.")
     if not config.data.train_images:

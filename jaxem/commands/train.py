@@ -44,9 +44,11 @@ def run(args, overrides) -> int:
     from jaxem.train.parallel import initialize_distributed
 
     initialize_distributed()  # before the config touches any device
+    from jaxem.data.guard import refuse_overlap, volume_fields
     from jaxem.train.loop import train
 
     config = apply_overrides(load_config(args.config), overrides)
+    refuse_overlap("--workdir", args.workdir, [(f"data.{k}", v) for k, v in volume_fields(config.data)], holding_ok=True)
     if needs_synthetic_data(config):
         print(f"no data.train_images: training on the demo's synthetic volumes in {Path(args.workdir) / 'data'}")
         config = with_synthetic_data(config, Path(args.workdir) / "data")

@@ -41,17 +41,29 @@ def _relation(output: str, other: str) -> str | None:
 
 
 def refuse_overlap(output_flag: str, output: str | os.PathLike,
-                   inputs: Mapping[str, str | os.PathLike | None] | Iterable[tuple[str, str | os.PathLike]]) -> None:
+                   inputs: Mapping[str, str | os.PathLike | None] | Iterable[tuple[str, str | os.PathLike]],
+                   holding_ok: bool = False) -> None:
     """UserError when `output` is, contains or lies inside one of `inputs` ({flag: path} or (flag,
-    path) pairs; None paths are skipped); call it before anything is written or removed."""
+    path) pairs; None paths are skipped); call it before anything is written or removed.
+    holding_ok: an output folder may hold inputs (a workdir with its data/ beside checkpoints)."""
     mine = real_path(output)
     for flag, path in (inputs.items() if isinstance(inputs, Mapping) else inputs):
         if path is None or str(path) == "":
             continue
         relation = _relation(mine, real_path(path))
-        if relation is not None:
+        if relation is not None and not (holding_ok and relation == "a folder holding"):
             raise UserError(f"{output_flag} {output} is {relation} {flag} {path}; jaxem never writes over its inputs, "
                             "so choose an output path outside them.")
+
+
+def volume_fields(section) -> list[tuple[str, str]]:
+    """(config field, path) of every volume a config section names in its `*_images`, `*_labels`
+    and `*_masks` fields (e.g. config.data), for `refuse_overlap`."""
+    pairs = []
+    for key, value in section.items():
+        if key.endswith(("_images", "_labels", "_masks")) and value:
+            pairs += [(key, str(v)) for v in ((value,) if isinstance(value, str) else value)]
+    return pairs
 
 
 def exists(path: str | os.PathLike) -> bool:

@@ -4,7 +4,8 @@ The group at the output path holds the probabilities as its level `0` array, (c,
 (c, y, x), with `multiscales` metadata (scale = voxel size in nm, translation = the input's own
 translation + the ROI offset, in nm), so `open_volume(path)`, napari and neuroglancer open it
 directly. The group attributes also record the ROI `offset` (voxels) and the job that wrote it
-(`jaxem_job`): a rerun of the same job resumes, a different one is refused unless `overwrite`.
+(`jaxem_job`): a rerun of the same job resumes, a different one is refused unless `overwrite`
+(or unless the earlier run finished no chunk).
 The per-chunk done markers (`jaxem_done/...`, see `blockwise.DoneLog`) live inside the group.
 """
 
@@ -33,7 +34,7 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
     path = str(path)
     refuse_other_job(path, job, overwrite)
     if exists(path):
-        if not overwrite:
+        if not overwrite and read_attributes(path).get("jaxem_job") == job:
             return open_volume(path, "r+", format="ome-zarr"), True
         clear_done(path)  # a remote store keeps keys create_volume does not know about
     volume = create_volume(path, shape, dtype, voxel_size, chunks=chunks, axes=axes, overwrite=True, format="ome-zarr")
@@ -44,9 +45,19 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
 
 
 def refuse_other_job(path, job: dict, overwrite: bool) -> None:
-    """UserError when `path` holds the output of a different job and `overwrite` is off (read only)."""
-    if exists(str(path)) and not overwrite and read_attributes(path).get("jaxem_job") != job:
+    """UserError when `path` holds the output of a different job and `overwrite` is off (read only).
+    A prediction output without one finished chunk (its run stopped first) holds nothing to keep
+    and is not refused: the next job replaces it."""
+    if exists(str(path)) and not overwrite and read_attributes(path).get("jaxem_job") != job and not unstarted(path):
         raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
+
+
+def unstarted(path) -> bool:
+    """True when `path` is a prediction output (it records its job) with no finished chunk."""
+    if "jaxem_job" not in read_attributes(path):
+        return False
+    kv = ts.KvStore.open(kvstore_spec(str(path))).result()
+    return not kv.list(ts.KvStore.KeyRange(DONE_PREFIX, DONE_PREFIX[:-1] + "0")).result()
 
 
 def clear_done(path: str) -> None:
