@@ -112,6 +112,10 @@ def test_segment_and_labels_of_a_roi(tmp_path, capsys):
     assert not full.any()
     np.testing.assert_array_equal(levels[1].read(), mode_2x(levels[0].read()))
     assert tree_digest(image) == before
+    assert main(["data", "info", str(seg)]) == 0
+    assert json.loads(capsys.readouterr().out)["translation"] == list(np.multiply(offset, VOXEL))
+    assert main(["data", "info", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == ["segmentation"]
 
     # refusals: one sentence naming the path, exit 2, nothing written
     base = ["segment", "--input", str(tmp_path / "pred"), "--method", "cc", "--no-progress"]

@@ -430,7 +430,8 @@ def _exists(path: str) -> bool:
 def describe(path: str | os.PathLike, dataset: str | None = None) -> dict:
     """Shape, dtype, chunks, voxel size (nm) and format of a volume, TIFF or HDF5 file, JSON-ready.
 
-    For an OME-Zarr group, also every level's shape and voxel size.
+    For an OME-Zarr group, also every level's shape and voxel size, level 0's translation (nm) and
+    the names of its label images (IMAGE/labels).
     """
     path = str(path)
     suffix = Path(local_path(path)).suffix.lower()
@@ -444,4 +445,6 @@ def describe(path: str | os.PathLike, dataset: str | None = None) -> dict:
         datasets = ome_multiscales(path)["datasets"]
         info["levels"] = [{"shape": list(v.shape), "voxel_size": list(v.voxel_size)}
                           for v in (open_volume(path, level=i) for i in range(len(datasets)))]
+        info["translation"] = list(ome_translation(path))
+        info["labels"] = read_attributes(join(path, "labels")).get("labels", [])
     return info
