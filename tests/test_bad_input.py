@@ -62,6 +62,7 @@ CASES = [
     ("segment-under-a-file", "segment --input {pred} --output {file}/seg.zarr", "cannot write {file}/seg.zarr"),
     ("evaluate-under-a-file", "evaluate --pred {pred} --gt {labels} --task boundary --out {file}/ev", "cannot write {file}/ev"),
     ("predict-under-a-file", "predict --run {run} --input {raw} --output {file}/p.zarr", "cannot write {file}/p.zarr"),
+    ("tune-under-a-file", "tune --input {pred} --labels {labels} --output {file}/t.json", "cannot write {file}/t.json"),
     ("tune-all-zero-labels", "tune --input {pred} --labels {zeros} --output {w}/tuned.json", "holds no objects"),
     ("train-batch-size-0", "train --config demo:tiny --workdir {w}/work --config.data.train_images=\"('{raw}',)\" "
      "--config.data.train_labels=\"('{labels}',)\" --config.data.batch_size=0", "data.batch_size=0 must be a positive"),

@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
 
 def run(args, overrides) -> int:
     from jaxem.data.guard import refuse_overlap
-    from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite
+    from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite, unwritable
     from jaxem.segment.tune import KINDS, default_grid, plot_tuning, tune
 
     if overrides:
@@ -77,10 +77,13 @@ def run(args, overrides) -> int:
     gt = open_volume(args.labels).read()
     if not gt.any():
         raise UserError(f"--labels {args.labels} holds no objects (every voxel is 0); tune needs labelled instances.")
+    try:  # before the sweep, not after it
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unwritable(output, e) from None
     result = tune(prediction.astype("float32"), gt, kind, grid, metric=args.metric, per_slice=args.per_slice,
                   voxel_size=source.voxel_size, offsets=offsets, progress=not args.no_progress)
     result.update(input=str(Path(args.input).resolve()), labels=str(Path(args.labels).resolve()))
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     plot_tuning(result, output.with_suffix(".png"))
     print(json.dumps({"best": result["best"], args.metric: result["best_score"], "settings_tried": len(result["table"])}))
