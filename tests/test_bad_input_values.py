@@ -65,9 +65,10 @@ def copy_run(run: Path, tmp_path: Path, best_metric: str | None = None) -> Path:
     return copy
 
 
-def truncate(step_dir: Path) -> None:
-    """Cuts every file of a checkpoint's saved state to half its length (a save torn by a crash)."""
-    for f in (step_dir / "state").rglob("*"):
+def truncate(step_dir: Path, part: str = "") -> None:
+    """Cuts every file of a checkpoint (or of its `part`, e.g. "state") to half its length: a save
+    torn by a crash."""
+    for f in (step_dir / part).rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
@@ -97,15 +98,20 @@ def test_without_best_metric_the_latest_checkpoint_is_used(trained, tmp_path):
     assert_same_params(variables, run / "checkpoints" / str(RUN_STEPS))
 
 
-def test_predict_falls_back_from_a_truncated_latest_checkpoint(trained, data_paths, tmp_path, capsys):
-    run = copy_run(trained[0], tmp_path, best_metric="")
-    truncate(run / "checkpoints" / str(RUN_STEPS))
+@pytest.mark.parametrize("best_metric", ["", "val_loss"])
+def test_predict_falls_back_from_an_unreadable_checkpoint(trained, data_paths, tmp_path, capsys, best_metric):
+    """Without best_metric the newest checkpoint is torn (all its files): predict uses the one
+    before. With it, the best checkpoint's state is torn: predict uses the newest instead."""
+    run = copy_run(trained[0], tmp_path, best_metric=best_metric)
+    ckpt = Checkpointer(run, best_metric="val_loss", best_mode="max", read_only=True)
+    torn, fallback = (ckpt.best_step(), RUN_STEPS) if best_metric else (RUN_STEPS, RUN_STEPS - 1)
+    truncate(run / "checkpoints" / str(torn), "state" if best_metric else "")
     out = tmp_path / "pred.zarr"
     assert main(["predict", "--run", str(run), "--input", data_paths["test"][0], "--output", str(out),
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert f"checkpoint {run / 'checkpoints' / str(RUN_STEPS)} could not be read" in err
-    assert f"using checkpoint {RUN_STEPS - 1} instead" in err and "Traceback" not in err
+    assert f"checkpoint {run / 'checkpoints' / str(torn)} could not be read" in err
+    assert f"using checkpoint {fallback} instead" in err and "Traceback" not in err
     assert (out / ".zattrs").exists()
 
 

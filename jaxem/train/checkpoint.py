@@ -13,7 +13,9 @@ written again, and by inference), so a crash during a save never costs more than
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxem.errors import UserError
@@ -41,24 +44,37 @@ def tree_to_state(template, tree: dict):
     return template.replace(**{name: tree[name] for name in _array_fields(template)})
 
 
+def metric_score(best_metric: str, best_mode: str):
+    """`fn(metrics) -> float`: the value of `best_metric`, the worst possible one for checkpoints
+    saved without it (by an earlier run of the workdir that ranked another metric)."""
+    worst = float("inf") if best_mode == "min" else float("-inf")
+    return lambda metrics: float(metrics.get(best_metric, worst))
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int = 3, best_metric: str = "",
-                 best_mode: str = "min", async_save: bool = True):
+                 best_mode: str = "min", async_save: bool = True, read_only: bool = False):
+        """`read_only` (inference): nothing on disk is changed and the saved metrics are read only
+        when asked for; otherwise step directories whose metrics file is torn are deleted first
+        (orbax reads every step's metrics when it opens and fails on a torn one)."""
         self.directory = Path(workdir).resolve() / "checkpoints"
+        if not read_only:
+            remove_torn_metrics(self.directory)
         self.best_metric, self.best_mode = best_metric, best_mode
         keep_policies = [policies.LatestN(n=keep)]
+        score = metric_score(best_metric, best_mode)
         if best_metric:
-            keep_policies.append(policies.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], reverse=(best_mode == "min"), n=1,
-                keep_checkpoints_without_metrics=False))
+            keep_policies.append(policies.BestN(get_metric_fn=score, reverse=(best_mode == "min"), n=1,
+                                                keep_checkpoints_without_metrics=False))
         # orbax writes a step's metrics only when best_fn is set; best_fn ranks, BestN keeps.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
-            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None, best_mode=best_mode,
+            best_fn=score if best_metric else None, best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            lightweight_initialize=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
@@ -104,12 +120,19 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The step with the best saved metric (None when no checkpoint has metrics)."""
-        scored = [(s, self.manager.metrics(s)) for s in self.steps()]
+        scored = [(s, self._metrics(s)) for s in self.steps()] if self.best_metric else []
         scored = [(s, m[self.best_metric]) for s, m in scored if m and self.best_metric in m]
         if not scored:
             return None
         pick = min if self.best_mode == "min" else max
         return pick(scored, key=lambda item: item[1])[0]
+
+    def _metrics(self, step: int) -> dict | None:
+        """The metrics saved with checkpoint `step` (None when it has none or they cannot be read)."""
+        try:
+            return self.manager.metrics(step)
+        except Exception:  # a torn checkpoint's metrics rank nothing; restoring it warns
+            return None
 
     def wait(self) -> None:
         """Blocks until the checkpoints being saved are written."""
@@ -119,6 +142,21 @@ class Checkpointer:
         """Waits for the saves in flight and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def remove_torn_metrics(directory: Path) -> None:
+    """Deletes (with a warning) the step directories under `directory` whose saved metrics are not
+    valid JSON: checkpoints torn during their save. Process 0 deletes, every process waits for it."""
+    if jax.process_index() == 0 and directory.is_dir():
+        for step_dir in sorted(p for p in directory.iterdir() if p.name.isdigit()):
+            metrics = step_dir / "metrics" / "metrics"
+            try:
+                json.loads(metrics.read_text()) if metrics.is_file() else None
+            except ValueError as e:
+                warn_unreadable(step_dir, e, "deleted; resuming from the previous one")
+                shutil.rmtree(step_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxem checkpoints: torn steps removed")
 
 
 def warn_unreadable(directory: Path, error: Exception, action: str) -> None:
@@ -152,7 +190,7 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
                         f"fine-tune it first: jaxem train ... --config.train.init_encoder={run_dir}")
     train_cfg = config.train
     ckpt = Checkpointer(run_dir, best_metric=train_cfg.get("best_metric", ""), best_mode=train_cfg.get("best_mode", "min"),
-                        async_save=False)
+                        async_save=False, read_only=True)
     if not ckpt.steps():
         raise UserError(f"{run_dir} holds no checkpoints yet (train first, or point at another run).")
     if step is not None and step not in ckpt.steps():
