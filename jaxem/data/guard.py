@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
-from jaxem.data.volume import is_local, local_path, unwritable
+from jaxem.data.volume import is_local, local_path, stored, unwritable
 from jaxem.errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
@@ -66,12 +66,6 @@ def volume_fields(section) -> list[tuple[str, str]]:
     return pairs
 
 
-def exists(path: str | os.PathLike) -> bool:
-    """True when a local `path` is a file or a non-empty folder."""
-    local = local_path(str(path))
-    return os.path.exists(local) and (not os.path.isdir(local) or bool(os.listdir(local)))
-
-
 @contextlib.contextmanager
 def staged(path: str | os.PathLike, overwrite: bool, flag: str = "output") -> Iterator[str]:
     """Yields where to write the output `path`: a local output goes to `.NAME.partial/NAME` beside
@@ -82,7 +76,7 @@ def staged(path: str | os.PathLike, overwrite: bool, flag: str = "output") -> It
         yield path
         return
     final = local_path(path).rstrip(os.sep) or os.sep
-    if exists(final) and not overwrite:
+    if stored(final) and not overwrite:
         raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it.")
     parent, name = os.path.split(os.path.abspath(final))
     holder = os.path.join(parent, f".{name}{PARTIAL_SUFFIX}")

@@ -374,10 +374,20 @@ def create_volume(
     return open_volume(path, mode="r+", format=format)
 
 
+def stored(path: str | os.PathLike) -> bool:
+    """True when something is stored at `path`: a file or a non-empty folder locally, zarr array
+    or group metadata under a URL."""
+    if is_local(path):
+        local = local_path(path)
+        return os.path.exists(local) and (not os.path.isdir(local) or bool(os.listdir(local)))
+    kv = ts.KvStore.open(kvstore_spec(path)).result()
+    return any(kv.read(key).result().state == "value" for key in (".zgroup", ".zarray", "zarr.json"))
+
+
 def _refuse_existing(path: str, overwrite: bool) -> None:
     if is_local(path):
         local = local_path(path)
-        if os.path.exists(local) and (not os.path.isdir(local) or os.listdir(local)):
+        if stored(path):
             if not overwrite:
                 raise UserError(f"{path} already exists; pass --overwrite to replace it.")
             import shutil

@@ -17,7 +17,7 @@ import tensorstore as ts
 
 from jaxem.data.volume import (
     Volume, create_volume, is_local, kvstore_spec, local_path, open_volume, ome_translation, read_attributes,
-    set_ome_translation, write_attributes,
+    set_ome_translation, stored, write_attributes,
 )
 from jaxem.errors import UserError
 
@@ -33,7 +33,7 @@ def create_output(path, shape, dtype, voxel_size, chunks, axes, offset, job: dic
     """
     path = str(path)
     refuse_other_job(path, job, overwrite)
-    if exists(path):
+    if stored(path):
         if not overwrite and read_attributes(path).get("jaxem_job") == job:
             return open_volume(path, "r+", format="ome-zarr"), True
         clear_done(path)  # a remote store keeps keys create_volume does not know about
@@ -48,7 +48,7 @@ def refuse_other_job(path, job: dict, overwrite: bool) -> None:
     """UserError when `path` holds the output of a different job and `overwrite` is off (read only).
     A prediction output without one finished chunk (its run stopped first) holds nothing to keep
     and is not refused: the next job replaces it."""
-    if exists(str(path)) and not overwrite and read_attributes(path).get("jaxem_job") != job and not unstarted(path):
+    if stored(path) and not overwrite and read_attributes(path).get("jaxem_job") != job and not unstarted(path):
         raise UserError(f"output {path} already exists and was written by a different job; pass --overwrite to replace it.")
 
 
@@ -66,12 +66,3 @@ def clear_done(path: str) -> None:
         return
     kv = ts.KvStore.open(kvstore_spec(path)).result()
     kv.delete_range(ts.KvStore.KeyRange(DONE_PREFIX, DONE_PREFIX[:-1] + "0")).result()
-
-
-def exists(path: str) -> bool:
-    """True when something is stored at `path` (a non-empty folder, or zarr metadata remotely)."""
-    if is_local(path):
-        p = local_path(path)
-        return os.path.exists(p) and (not os.path.isdir(p) or bool(os.listdir(p)))
-    kv = ts.KvStore.open(kvstore_spec(path)).result()
-    return any(kv.read(key).result().state == "value" for key in (".zgroup", ".zarray", "zarr.json"))
