@@ -111,6 +111,16 @@ def nonfinite_inputs(data_cfg: ml_collections.ConfigDict) -> str:
     return ""
 
 
+def divergence_message(loss: float, step: int, data_cfg: ml_collections.ConfigDict, checkpoints: Path) -> str:
+    """Why the loss became `loss` at `step`: a training image holding NaN/Inf (named), else the optimizer."""
+    bad_input = nonfinite_inputs(data_cfg)
+    if bad_input:
+        return (f"the training loss became {loss} at step {step}: {bad_input}; replace them in the data "
+                "(the model cannot learn from NaN or Inf images).")
+    return (f"the training loss became {loss} at step {step}; the last good checkpoint is kept in {checkpoints} "
+            "(lower optimizer.learning_rate or raise optimizer.grad_clip).")
+
+
 def _mean_metrics(history: list[dict]) -> dict:
     fetched = jax.device_get(history)
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -258,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
     check_workdir(config, workdir)
+    check_loop_config(config.train)  # before compiling (run_loop checks again, for every kind of training)
     semi = unlabelled.enabled(config.get("semi"))
     if semi:
         unlabelled.check_semi_config(config)
@@ -351,12 +362,7 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
                 if not np.isfinite(mean["loss"]):
                     ckpt.close()
                     loader.close()
-                    bad_input = nonfinite_inputs(config.data)  # the data, not the optimizer, when it holds NaN
-                    raise TrainingDiverged(
-                        f"the training loss became {mean['loss']} at step {step}: {bad_input}; replace them in the "
-                        "data (the model cannot learn from NaN or Inf images)." if bad_input else
-                        f"the training loss became {mean['loss']} at step {step}; the last good checkpoint is "
-                        f"kept in {ckpt.directory} (lower optimizer.learning_rate or raise optimizer.grad_clip).")
+                    raise TrainingDiverged(divergence_message(mean["loss"], step, config.data, ckpt.directory))
                 writer.write(step, "train", mean)
                 bar.set_postfix(loss=f"{mean['loss']:.4f}", **({"val_dice": f"{last_val['dice']:.3f}"} if "dice" in last_val else {}))
             if at_eval:
