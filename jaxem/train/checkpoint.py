@@ -1,13 +1,14 @@
 """Orbax checkpoints of a run: train state, data-iterator state and run metadata.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Kept: the last `keep` checkpoints plus the
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta,metrics}`. Kept: the last `keep` checkpoints plus the
 best one by the chosen validation metric (`train.best_metric`, e.g. "val_loss" with best_mode
 "min"): the validation metrics of a step are saved with its checkpoint (orbax's `metrics`, kept
 only when `best_fn` is set), and inference loads the best step, or the newest when best_metric is
 "" or no checkpoint has metrics. Saves are asynchronous (training continues while the previous
 checkpoint is written). A checkpoint that cannot be read is skipped with a warning on stderr and
 the one before it is used (by training, which also deletes the unreadable one so that it is
-written again, and by inference), so a crash during a save never costs more than one interval.
+written again, and by inference, which changes nothing on disk), so a crash during a save never
+costs more than one interval.
 """
 
 from __future__ import annotations
