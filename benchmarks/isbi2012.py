@@ -35,15 +35,19 @@ def prepare_isbi() -> None:
         datasets.download("isbi2012", url_base=LOCAL_COPY.as_uri() + "/")
 
 
-def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: bool = True) -> dict:
+def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: bool = True,
+                    tune_on: tuple[str, str] | None = None) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19,
-    with settings tuned on slices 0-15 as well unless `tune` is False."""
+    with settings tuned on `tune_on` = (image, labels) (default slices 0-15) as well unless `tune`
+    is False."""
     from jaxem.data import datasets
     from jaxem.metrics.heldout import score_run, train_to_completion
 
     summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths("isbi2012", "val")
-    tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train")) if tune else None
+    if tune_on is None:
+        tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train"))
+    tune_on = tune_on if tune else None
     out_dir = run / ("heldout_tta" if tta else "heldout")
     scores = score_run(run, images[0], labels[0], out_dir=out_dir, progress=progress, tta=tta, tune_on=tune_on)
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}

@@ -11,12 +11,17 @@
 2. For every number of labelled slices n (the first n of slices 0-15) and seed, fine-tunes the
    recipe from random init ("scratch") and from each pretraining, with the same budget, seed and
    data order (RUN/<arm>_<n>/seed<s>, reused when finished).
-3. Scores every run on the held-out slices 16-19 with the fixed watershed setting (VRand, VInfo,
-   cell-interior IoU and Dice: jaxem.metrics.heldout), so arms differ in their networks only.
+3. Scores every run on the held-out slices 16-19 (jaxem.metrics.heldout) in two protocols:
+   - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
+     so arms differ in their networks only;
+   - tuned: the segmentation setting tuned (jaxem.segment.tune) on the run's own labelled slices,
+     which is what a user holding those n labelled slices would do (VRand, VInfo: "*_tuned");
+   and the membrane map's average precision, which no threshold or setting affects.
 
 Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each pretrained
 arm's gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
-(at 1 and 2 slices the best pretrained arm beats scratch by >= 0.03 VRand or >= 5 IoU points),
+per protocol (at 1 and 2 slices the best pretrained arm beats scratch by >= 0.03 VRand or >= 5
+IoU points),
 times and the machine. --plot draws VRand and IoU against n. Needs the ISBI data
 (../shared/data/isbi2012 or $JAXEM_DATA).
 """
@@ -37,7 +42,8 @@ from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
 from benchmarks import ssl_transfer  # noqa: E402
 from benchmarks.ssl_transfer import labelled_subset, split_overrides  # noqa: E402
 
-METRICS = ("vrand", "vinfo", "iou", "dice")
+METRICS = ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned", "vinfo_tuned")
+PROTOCOLS = {"fixed": "vrand", "tuned": "vrand_tuned"}  # protocol -> its VRand key (IoU: thresholded, the same in both)
 GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
 # The fine-tuning budget of every arm: short enough for 2 CPU cores x (arms x slices x seeds) runs.
 FINETUNE_DEFAULTS = ("--config.train.steps=300", "--config.data.crop_shape=(128, 128)",
@@ -57,11 +63,15 @@ def pretrain_network(method: str, model, overrides: list[str], run: Path, progre
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
                        seed: int, progress: bool) -> dict:
     """Trains the recipe with this benchmark's budget on the labelled `subset` (with `overrides`)
-    into `run` and scores slices 16-19 with the fixed watershed setting."""
+    into `run` and scores slices 16-19 with the fixed watershed setting and with the setting tuned
+    on `subset` (keys "*_tuned")."""
     start = time.time()
     result = ssl_transfer.finetune_and_score(finetune_config, [*FINETUNE_DEFAULTS, *overrides], subset, run, seed,
-                                             progress)
-    return {"scores": {k: result["scores"]["model"][k] for k in METRICS},
+                                             progress, tune_on_subset=True)
+    fixed, tuned = result["scores"]["model"], result["scores"]["model_tuned"]
+    return {"scores": {**{k: fixed[k] for k in ("vrand", "vinfo", "iou", "dice", "membrane_ap")},
+                       "vrand_tuned": tuned["vrand"], "vinfo_tuned": tuned["vinfo"]},
+            "tuned_setting": result["scores"]["tuned_settings"]["model"],
             "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
 
 
@@ -89,45 +99,59 @@ def _stats(values: list[float]) -> dict:
 
 
 def goal_met(table: dict, arms: list[str]) -> dict:
-    """Per goal slice count: the best pretrained arm by mean VRand gain, its gains, and whether it
-    beats scratch by >= 0.03 VRand or >= 0.05 IoU (means over seeds)."""
+    """{protocol: {n: verdict}} per goal slice count: the best pretrained arm by mean gain, its VRand
+    (that protocol's) and IoU gains, and whether it beats scratch by >= 0.03 VRand or >= 0.05 IoU
+    (means over seeds)."""
     verdict = {}
-    for n in GOAL["slices"]:
-        if n not in table or len(arms) < 2:
-            continue
-        gains = {arm: table[n][f"gain_{arm}"] for arm in arms[1:]}
-        best = max(gains, key=lambda a: max(gains[a]["vrand"]["mean"] / GOAL["vrand"], gains[a]["iou"]["mean"] / GOAL["iou"]))
-        vrand, iou = gains[best]["vrand"]["mean"], gains[best]["iou"]["mean"]
-        verdict[n] = {"best_arm": best, "vrand_gain": vrand, "iou_gain": iou,
-                      "met": bool(vrand >= GOAL["vrand"] or iou >= GOAL["iou"])}
+    for protocol, vrand_key in PROTOCOLS.items():
+        verdict[protocol] = {}
+        for n in GOAL["slices"]:
+            if n not in table or len(arms) < 2:
+                continue
+            gains = {arm: table[n][f"gain_{arm}"] for arm in arms[1:]}
+            best = max(gains, key=lambda a: max(gains[a][vrand_key]["mean"] / GOAL["vrand"],
+                                                gains[a]["iou"]["mean"] / GOAL["iou"]))
+            vrand, iou = gains[best][vrand_key]["mean"], gains[best]["iou"]["mean"]
+            verdict[protocol][n] = {"best_arm": best, "vrand_gain": vrand, "iou_gain": iou,
+                                    "met": bool(vrand >= GOAL["vrand"] or iou >= GOAL["iou"])}
     return verdict
 
 
 def format_table(table: dict, arms: list[str]) -> str:
-    """Markdown: one row per (n, arm), mean ± std over seeds, and each arm's gain over scratch."""
-    lines = ["| labelled slices | arm | VRand | VInfo | IoU | VRand gain | IoU gain |", "|---|---|---|---|---|---|---|"]
+    """Markdown: one row per (n, arm), mean ± std over seeds, and each arm's gain over scratch
+    (VRand with the fixed and the tuned setting, IoU, membrane AP)."""
+    columns = (("vrand", "VRand fixed", 1, ".3f"), ("vrand_tuned", "VRand tuned", 1, ".3f"),
+               ("iou", "IoU", 1, ".3f"), ("membrane_ap", "membrane AP", 1, ".3f"))
+    gain_columns = (("vrand", "VRand fixed gain", 1, "+.3f"), ("vrand_tuned", "VRand tuned gain", 1, "+.3f"),
+                    ("iou", "IoU gain (pts)", 100, "+.1f"), ("membrane_ap", "AP gain (pts)", 100, "+.1f"))
+    head = ["labelled slices", "arm", *(c[1] for c in columns), *(c[1] for c in gain_columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(stats: dict, scale: float, fmt: str) -> str:
+        return f"{scale * stats['mean']:{fmt}} ± {scale * stats['std']:.{fmt[-2]}f}"
+
     for n, row in table.items():
         for arm in arms:
-            s = row[arm]
             gain = row.get(f"gain_{arm}")
-            g = (f"{gain['vrand']['mean']:+.3f} ± {gain['vrand']['std']:.3f} | {100 * gain['iou']['mean']:+.1f} ± "
-                 f"{100 * gain['iou']['std']:.1f} pts") if gain else " | "
-            lines.append(f"| {n} | {arm} | {s['vrand']['mean']:.3f} ± {s['vrand']['std']:.3f} | "
-                         f"{s['vinfo']['mean']:.3f} ± {s['vinfo']['std']:.3f} | {s['iou']['mean']:.3f} ± "
-                         f"{s['iou']['std']:.3f} | {g} |")
+            cells = [cell(row[arm][k], sc, f) for k, _, sc, f in columns]
+            cells += [cell(gain[k], sc, f) if gain else "" for k, _, sc, f in gain_columns]
+            lines.append(f"| {n} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
-    """VRand and IoU (mean ± std over seeds) against the number of labelled slices, one line per arm."""
+    """VRand (fixed and tuned setting) and membrane AP on slices 16-19 (mean ± std over seeds) against
+    the number of labelled slices, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     slices = sorted(table)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, label in zip(axes, ("vrand", "iou"), ("VRand (held-out slices 16-19)", "cell-interior IoU")):
+    panels = (("vrand", "VRand, fixed setting"), ("vrand_tuned", "VRand, setting tuned on the labelled slices"),
+              ("membrane_ap", "membrane average precision"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    for ax, (metric, label) in zip(axes, panels):
         for i, arm in enumerate(arms):
             mean = [table[n][arm][metric]["mean"] for n in slices]
             std = [table[n][arm][metric]["std"] for n in slices]
@@ -137,7 +161,7 @@ def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
         ax.minorticks_off()
         ax.set_xticks(slices, [str(n) for n in slices])
         ax.set_xlabel("labelled training slices")
-        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title, fontsize=9)

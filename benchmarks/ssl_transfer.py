@@ -94,9 +94,10 @@ def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Pat
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
-                       progress: bool) -> dict:
+                       progress: bool, tune_on_subset: bool = False) -> dict:
     """Trains `finetune_config` on the labelled subset (with `overrides`) into `run` and scores
-    slices 16-19 with the fixed watershed setting (benchmarks.isbi2012.train_and_score's result)."""
+    slices 16-19 with the fixed watershed setting, and with `tune_on_subset` also with the setting
+    tuned on the labelled subset itself (benchmarks.isbi2012.train_and_score's result)."""
     from benchmarks.isbi2012 import train_and_score
     from jaxem.config import apply_overrides, load_config
 
@@ -108,7 +109,7 @@ def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple
     from jaxem.data import datasets
 
     config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
-    return train_and_score(config, run, progress, tune=False)
+    return train_and_score(config, run, progress, tune=tune_on_subset, tune_on=subset)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from jaxem.metrics.clustering import clustering_scores
-from jaxem.metrics.pixel import binary_scores, class_scores
+from jaxem.metrics.pixel import average_precision, binary_scores, class_scores
 
 
 def test_clustering_hand_case():
@@ -75,3 +75,21 @@ def test_class_scores_hand_case():
     assert [s["per_class"][c]["dice"] for c in range(3)] == pytest.approx([1.0, 0.0, 0.5])
     assert s["macro"]["dice"] == pytest.approx(0.5)
     assert s["micro"]["precision"] == pytest.approx(0.5)  # 2 of 4 voxels right
+
+
+def test_average_precision_hand_case_mask_and_definition():
+    # ranks 1..4 hold positive, negative, positive, negative: precisions at the hits 1/1 and 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0], bool)) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(np.array([[0.1, 0.9], [0.2, 0.3]]), np.array([[0, 1], [0, 1]], bool)) == 1.0
+    mask = np.array([True, False, True, True])  # drops the negative ranked second: a perfect ranking remains
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0], bool), mask) == 1.0
+    assert average_precision(np.ones(3), np.zeros(3, bool)) == 0.0
+    # against the definition, threshold by threshold, on distinct random scores
+    rng = np.random.default_rng(0)
+    scores, gt = rng.random(200), rng.random(200) < 0.3
+    ranked = gt[np.argsort(-scores)]
+    expected = np.mean([ranked[:k + 1].mean() for k in range(200) if ranked[k]])
+    assert average_precision(scores, gt) == pytest.approx(expected)
+    # a map that is better than chance scores above the positive fraction, the inverted one below
+    noisy = gt + rng.normal(0, 0.5, 200)
+    assert average_precision(noisy, gt) > 0.6 > gt.mean() > average_precision(-noisy, gt)

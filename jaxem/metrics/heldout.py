@@ -2,7 +2,8 @@
 
 predict blockwise -> membrane probabilities -> seeded watershed per z-slice -> ISBI-2012-style
 scores averaged over slices (VRand, VInfo, adapted Rand error, VOI split/merge; Dice/IoU of the
-predicted cell interior), beside a baseline that thresholds the raw image (Otsu) and runs the same
+predicted cell interior; average precision of the membrane map, which no threshold or watershed
+setting affects), beside a baseline that thresholds the raw image (Otsu) and runs the same
 watershed, plus an overlay PNG of predictions on the EM.
 
 With `tune_on` (a labelled volume the scores are not taken on, e.g. the training slices) the
@@ -17,23 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
-SCORE_KEYS = ("vrand", "vinfo", "adapted_rand_error", "voi_split", "voi_merge", "dice", "iou")
+SCORE_KEYS = ("vrand", "vinfo", "adapted_rand_error", "voi_split", "voi_merge", "dice", "iou", "membrane_ap")
 ROWS = ("model", "model_tuned", "threshold_baseline", "threshold_baseline_tuned")
 BETTER = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi_split": "lower",
-          "voi_merge": "lower", "dice": "higher", "iou": "higher"}
+          "voi_merge": "lower", "dice": "higher", "iou": "higher", "membrane_ap": "higher"}
 
 
 def score_slices(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray) -> dict:
     """Scores averaged over z-slices (z, y, x): clustering scores of `instances` against `gt`
     (gt 0 = membrane, ignored where the definitions say so; the same per-slice mean that tuning
     maximises, `jaxem.segment.tune.score`), and Dice/IoU of the predicted interior (boundary
-    probability < 0.5) against the ground-truth interior (gt > 0)."""
-    from jaxem.metrics.pixel import binary_scores
+    probability < 0.5) against the ground-truth interior (gt > 0), and the average precision of
+    `boundary` ranking the membrane pixels (gt == 0)."""
+    from jaxem.metrics.pixel import average_precision, binary_scores
     from jaxem.segment.tune import score
 
     pixel = [binary_scores(b < 0.5, g > 0) for b, g in zip(boundary, gt)]
     return {**score(instances, gt, per_slice=True),
-            **{k: float(np.mean([p[k] for p in pixel])) for k in ("dice", "iou")}}
+            **{k: float(np.mean([p[k] for p in pixel])) for k in ("dice", "iou")},
+            "membrane_ap": float(np.mean([average_precision(b, g == 0) for b, g in zip(boundary, gt)]))}
 
 
 def threshold_baseline(raw: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ dice (F1) = 2TP/(2TP+FP+FN), iou (Jaccard) = TP/(TP+FP+FN), pixel_error = (FP+FN
 (the ISBI 2012 pixel error, 1 - accuracy), conformity = 1 - (FP+FN)/TP (Chang et al. 2009,
 "Performance measure characterization for evaluating neuroimage segmentation algorithms",
 NeuroImage 47:122), which is -inf when TP = 0 and errors exist.
+`average_precision` ranks voxels by a probability instead of thresholding it: the area under the
+precision-recall curve, independent of any threshold (so of the map's calibration).
 A ratio whose denominator is 0 (e.g. precision with no positive prediction) is 1 when pred and
 gt agree perfectly and 0 otherwise.
 """
@@ -70,6 +72,24 @@ def binary_scores(pred_bool, gt_bool, mask=None) -> dict:
     keyed accuracy, precision, recall, dice, iou, pixel_error, conformity (module docstring).
     """
     return scores_from_counts(**confusion_counts(pred_bool, gt_bool, mask))
+
+
+def average_precision(scores, gt_bool, mask=None) -> float:
+    """Average precision of `scores` (float, any shape) ranking the True voxels of `gt_bool` (same
+    shape) first: sum over the positives, in descending score order, of the precision at each one's
+    rank, divided by the number of positives (step-wise area under the precision-recall curve; ties
+    keep voxel order). `mask` (bool, same shape) restricts the ranking. 0.0 with no positive voxel."""
+    scores, gt_bool = np.asarray(scores), np.asarray(gt_bool, bool)
+    if scores.shape != gt_bool.shape:
+        raise UserError(f"scores of shape {scores.shape} and ground truth of shape {gt_bool.shape} differ; expected the same shape.")
+    if mask is not None:
+        scores, gt_bool = scores[np.asarray(mask, bool)], gt_bool[np.asarray(mask, bool)]
+    hits = gt_bool.ravel()[np.argsort(-scores.ravel(), kind="stable")]
+    positives = int(hits.sum())
+    if positives == 0:
+        return 0.0
+    precision_at_hits = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+    return float(precision_at_hits.sum() / positives)
 
 
 def confusion_matrix(pred, gt, num_classes: int, mask=None) -> np.ndarray:
