@@ -281,6 +281,9 @@ def test_allow_nan_reads_nan_as_probability_0(world, tmp_path, capsys):
     assert main(["evaluate", "--pred", world["nanpred"], "--gt", world["labels"], "--task", "semantic",
                  "--out", str(tmp_path / "ev"), "--allow-nan"]) == 0
     assert (tmp_path / "ev" / "report.json").exists()
+    assert main(["tune", "--input", world["nanpred"], "--labels", world["labels"], "--output", str(tmp_path / "t.json"),
+                 "--methods", "cc", "--allow-nan", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["best"]["method"] == "cc"
     assert main(["segment", *nan, "--output", str(tmp_path / "agg.zarr"), "--method", "agglomerate", "--allow-nan",
                  "--no-progress"]) == 2
     assert "--allow-nan does not apply to --method agglomerate" in capsys.readouterr().err
