@@ -108,3 +108,47 @@ def cell_batch(batch_size=8, size=32, seed=0):
     image = np.where(labels > 0, 0.7, 0.1) + 0.1 * rng.standard_normal(labels.shape)
     image = ((image - image.mean()) / image.std()).astype(np.float32)[..., None]
     return {"image": image, "labels": labels, "mask": np.ones(labels.shape, np.float32)}
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+# (tests/test_bad_input.py and tests/test_bad_input_values.py share these)
+
+NO_PROGRESS = ("predict", "segment", "tune", "train", "pretrain")  # commands that take --no-progress
+
+
+def cli_argv(line: str, paths: dict) -> list[str]:
+    """The argv of a case's command line with `paths`' {placeholders} filled in (and --no-progress)."""
+    import shlex
+
+    argv = shlex.split(line.format(**paths))
+    return argv + ["--no-progress"] if argv[0] in NO_PROGRESS else argv
+
+
+def checksums(root) -> dict[str, str]:
+    """sha256 of every file under `root` (symlinks by their target's path), by relative path."""
+    import hashlib
+
+    sums = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            data = os.readlink(path).encode() if os.path.islink(path) else Path(path).read_bytes()
+            sums[os.path.relpath(path, root)] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def one_error_line(capsys) -> str:
+    """The one non-empty stderr line of the last command (asserting there is one and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def write_zarr(path, array, axes=None, voxel_size=(40.0, 4.0, 4.0), format="zarr"):
+    """`array` written as a new volume at `path` (jaxem.data.volume.create_volume); returns it."""
+    from jaxem.data.volume import create_volume
+
+    volume = create_volume(path, array.shape, array.dtype, voxel_size, axes=axes, format=format)
+    volume.write(array)
+    return volume

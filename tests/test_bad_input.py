@@ -7,10 +7,8 @@ file left behind. The crash tests kill a write midway and check that the rerun, 
 --overwrite, finishes.
 """
 
-import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import grid_boundaries
+from conftest import checksums, cli_argv, grid_boundaries, one_error_line, write_zarr
 from jaxem.cli import main
 from jaxem.data.volume import Volume, create_volume, open_volume
 
@@ -76,13 +74,6 @@ CASES = [
 OTHER_CASES: list[tuple[str, str, str]] = [
 ]
 
-NO_PROGRESS = ("predict", "segment", "tune", "train", "pretrain")
-
-
-def _zarr(path, array, axes=None, voxel_size=(40.0, 4.0, 4.0)) -> Volume:
-    volume = create_volume(path, array.shape, array.dtype, voxel_size, axes=axes)
-    volume.write(array)
-    return volume
 
 
 def _edit_zarray(path, **fields) -> None:
@@ -113,7 +104,7 @@ def world(tmp_path_factory):
          "badpred": w / "badpred.zarr", "empty": w / "empty.zarr", "zerochunk": w / "zerochunk.zarr",
          "rgb": w / "rgb.zarr", "five": w / "five.zarr", "zeros": w / "zeros.zarr"}
     prob = grid_boundaries((2, 64, 64), 8)
-    _zarr(p["pred"], prob)
+    write_zarr(p["pred"], prob)
     os.symlink(raw, p["link"])
     shutil.copytree(raw, p["nest"] / "raw.zarr")
     p["report"].mkdir()
@@ -123,27 +114,10 @@ def world(tmp_path_factory):
     _corrupt(shutil.copytree(p["pred"], p["badpred"]))
     _edit_zarray(create_volume(p["empty"], (1, 64, 64), np.uint8, (40.0, 4.0, 4.0)).path, shape=[0, 64, 64])
     _edit_zarray(shutil.copytree(raw, p["zerochunk"]), chunks=[0, 64, 64])
-    _zarr(p["rgb"], np.zeros((3, 2, 64, 64), np.uint8))
-    _zarr(p["five"], np.zeros((1, 1, 2, 64, 64), np.uint8), axes=("t", "c", "z", "y", "x"))
-    _zarr(p["zeros"], np.zeros((2, 64, 64), np.uint32))
+    write_zarr(p["rgb"], np.zeros((3, 2, 64, 64), np.uint8))
+    write_zarr(p["five"], np.zeros((1, 1, 2, 64, 64), np.uint8), axes=("t", "c", "z", "y", "x"))
+    write_zarr(p["zeros"], np.zeros((2, 64, 64), np.uint32))
     return {k: str(v) for k, v in p.items()}
-
-
-def checksums(root) -> dict[str, str]:
-    """sha256 of every file under `root` (symlinks by their target's path), by relative path."""
-    sums = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            data = os.readlink(path).encode() if os.path.islink(path) else Path(path).read_bytes()
-            sums[os.path.relpath(path, root)] = hashlib.sha256(data).hexdigest()
-    return sums
-
-
-def command(line: str, world: dict) -> list[str]:
-    """The argv of a case's command line with `world`'s paths filled in (and --no-progress)."""
-    argv = shlex.split(line.format(**world))
-    return argv + ["--no-progress"] if argv[0] in NO_PROGRESS else argv
 
 
 def test_the_fixture_volumes_are_what_the_cases_expect(world):
@@ -157,11 +131,9 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_changes(case, world, capsy
     _, line, expected = case
     before = checksums(world["w"])
     capsys.readouterr()
-    assert main(command(line, world)) == 2
-    err = capsys.readouterr().err
-    lines = [text for text in err.splitlines() if text.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert expected.format(**world) in lines[0], lines[0]
+    assert main(cli_argv(line, world)) == 2
+    line = one_error_line(capsys)
+    assert expected.format(**world) in line, line
     assert checksums(world["w"]) == before
 
 
@@ -176,7 +148,7 @@ def test_unwritable_folder(world, tmp_path, capsys):
         for line in ("data import {raw} %s/out.zarr", "segment --input {pred} --output %s/seg.zarr",
                      "evaluate --pred {pred} --gt {labels} --task boundary --out %s/ev",
                      "predict --run {run} --input {raw} --output %s/p.zarr"):
-            assert main(command(line % locked, world)) == 2
+            assert main(cli_argv(line % locked, world)) == 2
             assert "cannot write" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)
@@ -189,7 +161,7 @@ def test_subprocess_prints_one_line_without_traceback(world):
     before = checksums(world["w"])
     for line, expected in (("data import {raw} {raw} --overwrite", "is the same path as SRC"),
                            ("segment --input {badpred} --output {w}/seg.zarr", "0.0.0")):
-        proc = subprocess.run([sys.executable, "-m", "jaxem.cli", *command(line, world)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "jaxem.cli", *cli_argv(line, world)], env=env,
                               capture_output=True, text=True, timeout=120, check=False)
         lines = [text for text in proc.stderr.splitlines() if text.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
@@ -277,7 +249,7 @@ def test_predict_crash_then_the_rerun_resumes(world, tmp_path, monkeypatch, caps
 
     raw = open_volume(world["raw"]).read()
     big = tmp_path / "big.zarr"
-    _zarr(big, np.tile(raw, (1, 2, 2)))  # (2, 128, 128): 4 output chunks
+    write_zarr(big, np.tile(raw, (1, 2, 2)))  # (2, 128, 128): 4 output chunks
     out = tmp_path / "p.zarr"
     argv = ["predict", "--run", world["run"], "--input", str(big), "--output", str(out), "--no-progress"]
     with monkeypatch.context() as patch:

@@ -5,9 +5,7 @@ Each CLI case exits 2 with one stderr line naming the culprit, no traceback, and
 that was there before unchanged.
 """
 
-import hashlib
 import json
-import shlex
 import shutil
 from pathlib import Path
 
@@ -15,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import checksums, cli_argv, one_error_line, write_zarr
 from jaxem.cli import main
 from jaxem.commands.demo import with_data_paths, write_synthetic_data
 from jaxem.config import apply_overrides, load_config
-from jaxem.data.volume import create_volume, open_volume
+from jaxem.data.volume import open_volume
 from jaxem.train.checkpoint import (
     Checkpointer,
     inference_steps,
@@ -168,13 +167,6 @@ CASES = [
     ("info-truncated-zarray", "data info {badjson}", "{badjson}/.zarray is not valid JSON"),
     ("segment-truncated-zarray", "segment --input {badjson} --output {w}/seg.zarr", "{badjson}/.zarray is not valid JSON"),
 ]
-NO_PROGRESS = ("predict", "segment", "tune", "train")
-
-
-def _zarr(path, array, axes=None, format="zarr"):
-    volume = create_volume(path, array.shape, array.dtype, (40.0, 4.0, 4.0), axes=axes, format=format)
-    volume.write(array)
-    return volume
 
 
 def _complex_zarr(path, array):
@@ -197,48 +189,27 @@ def world(trained, data_paths, tmp_path_factory):
         p[name] = w / f"{name}.zarr"
     prob = np.zeros((2, 64, 64), np.float32)
     prob[:, ::8], prob[:, :, ::8] = 1.0, 1.0
-    _zarr(p["pred"], prob)
+    write_zarr(p["pred"], prob)
     bad = prob.copy()
     bad[0, 1, 1:4], bad[1, 5, 5] = np.nan, np.inf
-    _zarr(p["nanpred"], bad)
+    write_zarr(p["nanpred"], bad)
     _complex_zarr(p["complex"], prob.astype(np.complex64))
-    _zarr(p["five"], prob[None, None], axes=("t", "c", "z", "y", "x"))
-    _zarr(p["ome"], prob, format="ome-zarr")
+    write_zarr(p["five"], prob[None, None], axes=("t", "c", "z", "y", "x"))
+    write_zarr(p["ome"], prob, format="ome-zarr")
     shutil.copytree(raw, p["badjson"])
     zarray = p["badjson"] / ".zarray"
     zarray.write_text(zarray.read_text()[:40])
     ids = np.asarray(open_volume(labels).read())
     floats = ids.astype(np.float64)
     floats[1, 2, 3] = 2.5
-    _zarr(p["floatlabels"], floats)
+    write_zarr(p["floatlabels"], floats)
     negative = ids.astype(np.int32)
     negative[0, 0, 0] = -3
-    _zarr(p["neglabels"], negative)
+    write_zarr(p["neglabels"], negative)
     image = np.asarray(open_volume(raw).read(), np.float32)
     image[0, 10, 10:15] = np.nan
-    _zarr(p["nanraw"], image)
+    write_zarr(p["nanraw"], image)
     return {k: str(v) for k, v in p.items()}
-
-
-def command(line: str, world: dict) -> list[str]:
-    """The argv of a case's command line with `world`'s paths filled in (and --no-progress)."""
-    argv = shlex.split(line.format(**world))
-    return argv + ["--no-progress"] if argv[0] in NO_PROGRESS else argv
-
-
-def checksums(root) -> dict:
-    """{relative path: sha256} of every file under `root`."""
-    root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    """The one non-empty stderr line of the last command (asserting there is one and no traceback)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def main_error(capsys, expected: str) -> bool:
@@ -253,7 +224,7 @@ def test_bad_value_is_one_sentence_exit_2_and_nothing_changes(case, world, capsy
     _, line, expected = case
     before = checksums(world["w"]), checksums(world["run"])
     capsys.readouterr()
-    assert main(command(line, world)) == 2
+    assert main(cli_argv(line, world)) == 2
     assert main_error(capsys, expected.format(**world))
     assert (checksums(world["w"]), checksums(world["run"])) == before
 
@@ -263,7 +234,7 @@ def test_nan_in_training_images_names_the_file(world, capsys):
     line = (TRAIN.replace("{raw}", "{nanraw}") + "--config.data.train_labels=\"('{labels}',)\" "
             "--config.train.log_every=1 --config.train.steps=2 --config.train.eval_every=0")
     line = line.replace("{w}/work", "{w}/nanwork")
-    assert main(command(line, world)) == 2
+    assert main(cli_argv(line, world)) == 2
     assert main_error(capsys, "{nanraw} holds 5 NaN or infinite voxels".format(**world))
     after = checksums(world["w"])
     assert {k: v for k, v in after.items() if not k.startswith("nanwork/")} == before
@@ -294,7 +265,7 @@ def test_whole_valued_float_labels_are_accepted(world):
 
     check_labels([world["labels"]])
     whole = Path(world["w"]) / "wholefloat.zarr"
-    _zarr(whole, np.asarray(open_volume(world["labels"]).read(), np.float64))
+    write_zarr(whole, np.asarray(open_volume(world["labels"]).read(), np.float64))
     try:
         assert label_problem(open_volume(whole)) == ""
         check_labels([str(whole)])
