@@ -142,6 +142,32 @@ def jaxem_executable() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "jaxem.cli"]
 
 
+def test_train_demo_config_without_volumes_uses_synthetic_data(tmp_path):
+    """`jaxem train` of the demo config naming no volumes writes the demo's synthetic ones into
+    WORKDIR/data and trains on them."""
+    from jaxem import cli
+
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", "demo:tiny", "--workdir", str(workdir), "--config.train.steps=2",
+                     "--no-progress"]) == 0
+    assert (workdir / "data" / "train_raw.zarr").is_dir() and (workdir / "checkpoints" / "2").is_dir()
+    trained_on = json.loads((workdir / "config.json").read_text())["data"]["train_images"]
+    assert trained_on == [str(workdir / "data" / "train_raw.zarr")]
+
+
+def test_train_without_volumes_or_demo_section_is_refused(tmp_path, capsys):
+    """A config naming no volumes and without a `demo` section: one sentence, exit 2, no workdir."""
+    from jaxem import cli
+
+    config = tmp_path / "bare.py"
+    config.write_text("from jaxem.train.defaults import base_config\n\n\ndef get_config(arg=''):\n    return base_config(ndim=2)\n")
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir), "--config.train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_images is empty" in err and "Traceback" not in err
+    assert not workdir.exists()
+
+
 def test_readme_lists_commands():
     commands = readme_commands(README.read_text())
     assert len(commands) >= 10 and commands[0].startswith("jaxem train --config configs/demo.py")
