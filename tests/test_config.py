@@ -88,11 +88,3 @@ def test_demo_config_loads_with_every_section():
     for section in ("data", "augment", "target", "model", "loss", "optimizer", "train", "predict"):
         assert section in cfg
     assert cfg.model.ndim == 2 and len(cfg.data.crop_shape) == 2
-
-
-def test_train_with_no_data_leaves_no_workdir(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    assert cli.main(["train", "--config", "demo", "--workdir", str(workdir), "--config.train.steps=2"]) == 2
-    err = capsys.readouterr().err
-    assert "data.train_images is empty" in err and "Traceback" not in err
-    assert not workdir.exists()

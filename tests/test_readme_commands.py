@@ -188,3 +188,14 @@ def test_readme_commands_run(tmp_path):
         print(f"{time.perf_counter() - start:6.1f} s  {command}")  # shown with pytest -s
         assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
         assert_wrote(argv, done.stdout, tmp_path)
+
+
+def test_a_refused_demo_training_leaves_no_workdir(tmp_path, capsys):
+    """The demo's synthetic data is written before train() checks the config: a refusal removes it."""
+    from jaxem import cli
+
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", "demo", "--workdir", str(workdir), "--no-progress",
+                     "--config.data.batch_size=0"]) == 2
+    assert "data.batch_size=0" in capsys.readouterr().err
+    assert not workdir.exists()

@@ -7,9 +7,11 @@ trains on the demo's synthetic volumes, written once to DIR/data (as `jaxem demo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from jaxem.config import apply_overrides, load_config
+from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
@@ -45,14 +47,20 @@ def run(args, overrides) -> int:
 
     initialize_distributed()  # before the config touches any device
     from jaxem.data.guard import refuse_overlap, volume_fields
-    from jaxem.train.loop import train
+    from jaxem.train.loop import has_checkpoints, train
 
     config = apply_overrides(load_config(args.config), overrides)
     refuse_overlap("--workdir", args.workdir, [(f"data.{k}", v) for k, v in volume_fields(config.data)], holding_ok=True)
-    if needs_synthetic_data(config):
-        print(f"no data.train_images: training on the demo's synthetic volumes in {Path(args.workdir) / 'data'}")
-        config = with_synthetic_data(config, Path(args.workdir) / "data")
-    summary = train(config, args.workdir, progress=not args.no_progress)
+    workdir, fresh = Path(args.workdir), not Path(args.workdir).exists()
+    try:
+        if needs_synthetic_data(config):
+            print(f"no data.train_images: training on the demo's synthetic volumes in {workdir / 'data'}")
+            config = with_synthetic_data(config, workdir / "data")
+        summary = train(config, workdir, progress=not args.no_progress)
+    except UserError:
+        if fresh and workdir.exists() and not has_checkpoints(workdir):
+            shutil.rmtree(workdir)  # this command made it (synthetic data, logs) and trained nothing: leave no trace
+        raise
     print(json.dumps(summary, indent=2))
     if "preempted_at" in summary:
         print(f"preempted at step {summary['preempted_at']}: run the same command to resume.")
