@@ -56,23 +56,13 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
     (`model_ndim=2`) on 3D tiles (B, 1, y, x, C) runs on the squeezed (B, y, x, C) slices.
     """
     import jax
-    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
     sharding = NamedSharding(mesh, P("data"))
     total = batch_size * len(devices)
-
-    def forward(x):
-        x = x.astype(jnp.float32)
-        if normalize is not None:
-            x = (x - jnp.float32(normalize[0])) / jnp.float32(normalize[1])
-        squeeze = model_ndim is not None and x.ndim - 2 > model_ndim
-        y = apply(x[:, 0] if squeeze else x)
-        y = jax.nn.softmax(y, axis=-1) if activation == "softmax" else jax.nn.sigmoid(y) if activation == "sigmoid" else y
-        return (y[:, None] if squeeze else y).astype(jnp.float32)
-
+    forward = forward_fn(apply, activation, model_ndim, normalize)
     jitted = jax.jit(forward, in_shardings=sharding, out_shardings=sharding)
 
     def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
@@ -84,6 +74,26 @@ def make_predict_fn(apply: Callable, batch_size: int, activation: str = "sigmoid
         return lambda: np.asarray(y)[:n]
 
     return predictor(submit, total)
+
+
+def forward_fn(apply: Callable, activation: str = "sigmoid", model_ndim: int | None = None,
+               normalize: tuple[float, float] | None = None) -> Callable:
+    """The traceable forward `f(x) -> probabilities`: x (B, *block, C) of any real dtype is cast
+    to float32 and normalised, (x - a) / b, when `normalize` = (a, b); returns (B, *block, K)
+    float32. A 2D model (`model_ndim=2`) on 3D tiles (B, 1, y, x, C) runs on the (B, y, x, C) slices."""
+    import jax
+    import jax.numpy as jnp
+
+    def forward(x):
+        x = x.astype(jnp.float32)
+        if normalize is not None:
+            x = (x - jnp.float32(normalize[0])) / jnp.float32(normalize[1])
+        squeeze = model_ndim is not None and x.ndim - 2 > model_ndim
+        y = apply(x[:, 0] if squeeze else x)
+        y = jax.nn.softmax(y, axis=-1) if activation == "softmax" else jax.nn.sigmoid(y) if activation == "sigmoid" else y
+        return (y[:, None] if squeeze else y).astype(jnp.float32)
+
+    return forward
 
 
 class TileReader:

@@ -1,0 +1,113 @@
+"""Sliding window on the device: one jitted function per block of output chunks (issue #24).
+
+The host reads one raw region (the union of the block's tiles, in the source dtype, e.g. uint8)
+and moves it to the device once; `make_block_fn`'s jitted function cuts the tiles out of it
+(dynamic_slice), normalises them, runs the forwards batch by batch (lax.map), weights each tile
+by its share (`Tiling.share_factors`, so the shares of a voxel add up to 1) and adds it into a
+device buffer, crops the block and converts it to the output dtype: only the raw region goes in
+and the finished output comes back. Tiles are added in the order of `Tiling.tiles_for_chunk`
+with the same float32 arithmetic as `blockwise._blend_chunk`, so the output equals the host
+path's up to the forward pass itself (tested to 1e-6 for float32 output).
+
+Not yet wired into `predict_volume` (see docs/inference.md, "Device-side sliding window").
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from jaxem.infer.tiling import Tiling
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Where a block of chunks lies and which tiles it needs; all in voxels, absolute unless said.
+
+    out_box: the block's output box relative to the ROI (chunk-aligned slices).
+    region: the absolute input box to read (the union of its tiles).
+    tiles: (n, ndim) int32 tile starts relative to `region`.
+    place: (n, ndim) int32 tile starts relative to the output box, plus `block` (so >= 0).
+    first: (n, block[0]) float32 share profile along axis 0; rest: (n, *block[1:]) float32.
+    """
+
+    out_box: tuple[slice, ...]
+    region: tuple[slice, ...]
+    tiles: np.ndarray
+    place: np.ndarray
+    first: np.ndarray
+    rest: np.ndarray
+
+
+def block_geometry(tiling: Tiling, lo: tuple[int, ...], hi: tuple[int, ...]) -> BlockGeometry:
+    """The geometry of the block of chunks with indices lo <= index < hi (per axis)."""
+    per_axis = [sorted({t for i in range(a, b) for t in tiling._tiles_along(axis, i)})
+                for axis, (a, b) in enumerate(zip(lo, hi))]
+    starts = np.array(list(itertools.product(*per_axis)), np.int32).reshape(-1, tiling.ndim)
+    out_box = tuple(slice(a * c, min(b * c, s)) for a, b, c, s in zip(lo, hi, tiling.chunk, tiling.roi_shape))
+    region = tuple(slice(int(p[0]), int(p[-1]) + k) for p, k in zip(per_axis, tiling.block))
+    origin = np.array([b.start + r[0] for b, r in zip(out_box, tiling.roi)], np.int32)
+    factors = [tiling.share_factors(tuple(int(v) for v in t)) for t in starts]
+    return BlockGeometry(out_box, region, starts - np.array([r.start for r in region], np.int32),
+                         starts - origin + np.array(tiling.block, np.int32),
+                         np.stack([f for f, _ in factors]), np.stack([r for _, r in factors]))
+
+
+def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dtype=np.float32) -> Callable:
+    """A jitted `fn(region, tiles, place, first, rest, out_shape) -> (K, *out_shape)` in `out_dtype`.
+
+    forward: jax function (B, *block, C) raw tiles -> (B, *block, K) float32 probabilities (it
+    casts and normalises, see `blockwise.forward_fn`). region: (*R) or (C, *R) raw input on the
+    device; the other arguments as in `BlockGeometry` (out_shape static: its shape of out_box).
+    Tiles run `batch` per forward (the last batch padded with the first tile, results dropped).
+    """
+    import jax
+
+    return jax.jit(partial(_blend_block, forward, tuple(block), int(batch), np.dtype(out_dtype)),
+                   static_argnames="out_shape")
+
+
+def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, rest, out_shape):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    x = region[..., None] if region.ndim == len(block) else jnp.moveaxis(region, 0, -1)
+    n = tiles.shape[0]
+    padded = jnp.concatenate([tiles, jnp.zeros((-n % batch, len(block)), tiles.dtype)])
+
+    def predict(starts):  # (batch, ndim) -> (batch, *block, K)
+        cut = jax.vmap(lambda s: lax.dynamic_slice(x, (*s, 0), (*block, x.shape[-1])))(starts)
+        return forward(cut)
+
+    probs = lax.map(predict, padded.reshape(-1, batch, len(block)))
+    probs = probs.reshape(-1, *probs.shape[2:])
+    k = probs.shape[-1]
+    acc = jnp.zeros((*(o + 2 * b for o, b in zip(out_shape, block)), k), jnp.float32)
+
+    def add(i, acc):  # the same float32 products, in the same order, as blockwise._blend_chunk
+        part = probs[i] * rest[i][..., None]
+        part = part * first[i].reshape(-1, *(1,) * (len(block)))
+        at = (*place[i], 0)
+        return lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, at, part.shape) + part, at)
+
+    acc = lax.fori_loop(0, n, add, acc)
+    out = jnp.moveaxis(acc[tuple(slice(b, b + o) for b, o in zip(block, out_shape))], -1, 0)
+    if out_dtype == np.uint8:
+        return jnp.clip(jnp.rint(out * 255.0), 0, 255).astype(jnp.uint8)
+    return out.astype(out_dtype)
+
+
+def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
+    """Reads the block's raw region from `source` (a Volume, channels first if it has them),
+    runs `block_fn` on the device and returns the block (K, *out_shape) on the host."""
+    channels = source.ndim > len(geometry.region)
+    box = ((slice(None),) + geometry.region) if channels else geometry.region
+    region = np.asarray(source.store[box].read().result())
+    shape = tuple(b.stop - b.start for b in geometry.out_box)
+    return np.asarray(block_fn(region, geometry.tiles, geometry.place, geometry.first, geometry.rest,
+                               out_shape=shape))
