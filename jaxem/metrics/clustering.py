@@ -62,9 +62,14 @@ def _block_pairs(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarr
     np.not_equal(pred[1:], pred[:-1], out=change[1:])
     change[1:] |= gt[1:] != gt[:-1]
     starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=pred.size)
-    p, pmap = fastremap.renumber(pred[starts], preserve_zero=False, in_place=False)  # ids 1..n_p
-    g, gmap = fastremap.renumber(gt[starts], preserve_zero=False, in_place=False)
+    return _run_pairs(pred[starts], gt[starts], np.diff(starts, append=pred.size))
+
+
+def _run_pairs(pred: np.ndarray, gt: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pred id, gt id, count) of each distinct pair among runs with ids `pred`, `gt` (k,) and
+    `lengths` (k,) voxels."""
+    p, pmap = fastremap.renumber(pred, preserve_zero=False, in_place=False)  # ids 1..n_p
+    g, gmap = fastremap.renumber(gt, preserve_zero=False, in_place=False)
     n_g = len(gmap) + 1
     # hash-renumber the packed pairs (linear time, no sort), then count run lengths per pair
     pair, pair_map = fastremap.renumber(p.astype(np.int64) * n_g + g, preserve_zero=False, in_place=True)
@@ -104,9 +109,17 @@ class ContingencyAccumulator:
         check_labels(gt, "ground truth")
         pred, gt = pred.reshape(-1), gt.reshape(-1)
         for start in range(0, pred.size, CHUNK_VOXELS):
-            part = _block_pairs(pred[start:start + CHUNK_VOXELS], gt[start:start + CHUNK_VOXELS])
-            self._parts.append(part)
-            self._pending += part[2].size
+            self._append(_block_pairs(pred[start:start + CHUNK_VOXELS], gt[start:start + CHUNK_VOXELS]))
+
+    def add_runs(self, pred: np.ndarray, gt: np.ndarray, lengths: np.ndarray) -> None:
+        """Adds runs of voxels: run r has pred id `pred[r]`, gt id `gt[r]` and `lengths[r]` voxels
+        (all (k,); ids non-negative integers, as `runs.run_starts` finds them)."""
+        if len(pred):
+            self._append(_run_pairs(pred, gt, lengths))
+
+    def _append(self, part) -> None:
+        self._parts.append(part)
+        self._pending += part[2].size
         if self._pending > 4 * CHUNK_VOXELS:  # bound memory on huge volumes
             self._parts = [self._consolidate()]
             self._pending = self._parts[0][2].size

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxem.errors import UserError
-from jaxem.metrics import clustering, detection, pixel, topology
+from jaxem.metrics import clustering, detection, pixel, runs, topology
 from jaxem.segment import morphology
 
 TASKS = ("semantic", "instance", "boundary")
@@ -143,7 +143,8 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     """
     _check_inputs(pred, gt, mask, task)
     counts, table = _Counts(), clustering.ContingencyAccumulator()
-    shapes = {"pred": morphology.MorphologyAccumulator(len(gt.shape)), "gt": morphology.MorphologyAccumulator(len(gt.shape))}
+    accumulator = runs.RunMorphology if task == "instance" else morphology.MorphologyAccumulator
+    shapes = {"pred": accumulator(len(gt.shape)), "gt": accumulator(len(gt.shape))}
     components = {"pred": morphology.SlabComponents(), "gt": morphology.SlabComponents()}  # semantic objects
     warp_mismatch, warp_voxels, classes, n_cells = 0, 0, None, 0
     for box in tqdm(blocks(gt.shape, block_voxels), desc=f"evaluate {task}", disable=None if progress else True):
@@ -152,13 +153,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
         if task == "instance":
             clustering.check_labels(p, f"prediction {pred.path}")
             clustering.check_labels(g, f"ground truth {gt.path}")
-            offset = [b.start for b in box] + [0] * (g.ndim - 1)
-            shapes["pred"].add(p, offset)
-            shapes["gt"].add(g, offset)
-            if m is not None:
-                p, g = p[m], g[m]
-            table.add(p, g)
-            counts.add(p != 0, g != 0)
+            _add_instances(table, shapes, p, g, m, [b.start for b in box] + [0] * (g.ndim - 1))
             continue
         pb, gb = _foreground(p, threshold), _foreground(g, threshold)
         if task == "semantic":  # objects = connected voxels of one class, joined across slabs
@@ -187,6 +182,31 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     return _finish(task, counts, table, classes, warp_mismatch / max(warp_voxels, 1), gt), shapes
 
 
+def _add_instances(table, shapes, p, g, m, offset) -> None:
+    """Adds a block of instance ids `p`, `g` (same shape) at `offset` (voxel indices) in one pass
+    over its runs: the contingency table (inside the mask `m`, when given) and the morphology of
+    both (the whole block)."""
+    p_flat, g_flat = p.reshape(-1), g.reshape(-1)
+    row = p.shape[-1] if p.ndim else 1
+    p_starts, g_starts = runs.run_starts(p_flat, row), runs.run_starts(g_flat, row)
+    shapes["pred"].add_runs(p_flat[p_starts], np.flatnonzero(p_starts), p.shape, offset)
+    shapes["gt"].add_runs(g_flat[g_starts], np.flatnonzero(g_starts), g.shape, offset)
+    if m is not None:
+        table.add(p[m], g[m])
+        return
+    p_starts |= g_starts  # runs of equal (pred, gt)
+    starts = np.flatnonzero(p_starts)
+    table.add_runs(p_flat[starts], g_flat[starts], runs.run_lengths(starts, p_flat.size))
+
+
+def _instance_counts(t: clustering.Contingency) -> _Counts:
+    """Foreground (id != 0) confusion counts from the contingency table."""
+    counts, p, g = _Counts(), t.pred_ids != 0, t.gt_ids != 0
+    counts.tp, counts.fp = int(t.counts[p & g].sum()), int(t.counts[p & ~g].sum())
+    counts.fn, counts.tn = int(t.counts[~p & g].sum()), int(t.counts[~p & ~g].sum())
+    return counts
+
+
 def _add_cells(table, pb, gb, m, n_cells: int) -> int:
     """Adds the cells of each 2D slice of boundary maps to `table`; returns the ids used so far."""
     plane = pb.shape[-2:]
@@ -212,11 +232,13 @@ def _add_confusion(running, p, g):
 
 
 def _finish(task, counts, table, classes, warping_error, gt) -> dict:
+    t = table.table() if task in ("instance", "boundary") else None
+    if task == "instance":
+        counts = _instance_counts(t)
     scores = counts.scores()
     if counts.tp + counts.fn == 0:
         raise UserError(f"ground truth {gt.path} is empty: no foreground voxels to evaluate against.")
-    if task in ("instance", "boundary"):
-        t = table.table()
+    if t is not None:
         if not (t.gt_ids != 0).any():
             raise UserError(f"ground truth {gt.path} has no labelled objects to evaluate against.")
         scores.update(clustering.scores_from_table(t))
