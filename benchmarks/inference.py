@@ -3,7 +3,9 @@
     python benchmarks/inference.py --small          # seconds
     python benchmarks/inference.py --gib 0.02       # a few minutes on a 2-core CPU
     python benchmarks/inference.py --gib 1.0        # >= 1 GiB of float32 input (GPU machines)
-    python benchmarks/inference.py --monai          # GPU: MONAI sliding_window_inference side by side (optional)
+    python benchmarks/inference.py --monai          # MONAI sliding_window_inference side by side (optional):
+                                                    # (a) volume in device memory, (b) zarr -> zarr by blocks
+    python benchmarks/inference.py --device-blocks 4  # also jaxem.infer.device (one jitted window per block)
 
 Prints JSON: the blockwise wall time; the forward time on the same number of tiles (measured
 separately on pre-loaded in-memory batches, so it is the model's cost alone); the overhead
@@ -19,6 +21,7 @@ voxels/s; and two factors that multiply the model cost but are not overhead:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -37,6 +40,11 @@ def main() -> None:
     parser.add_argument("--halo", type=int, nargs=3, default=None, help="halo (default block / 8)")
     parser.add_argument("--batch", type=int, default=2, help="tiles per device per forward")
     parser.add_argument("--monai", action="store_true", help="also MONAI sliding_window_inference on the same volume")
+    parser.add_argument("--repeat", type=int, default=1, help="time each zarr -> zarr variant N times, keep the best")
+    parser.add_argument("--monai-block", type=int, nargs=3, default=(128, 256, 256),
+                        help="(b) MONAI zarr -> zarr: the block core read (with the halo around it) per sliding window")
+    parser.add_argument("--device-blocks", type=int, default=0,
+                        help="also time jaxem.infer.device zarr -> zarr with blocks of N^3 output chunks (0: off)")
     parser.add_argument("--xla-conv", action="store_true", help="XLA's own 3D conv (slow on CPUs) instead of jaxem's")
     parser.add_argument("--uint8", action="store_true",
                         help="a uint8 input (as EM is), sent to the device raw and normalised there, as `jaxem predict` does")
@@ -48,7 +56,6 @@ def main() -> None:
 
     from jaxem.data.volume import create_volume
     from jaxem.infer.blockwise import make_predict_fn, predict_volume
-    from jaxem.infer.output import create_output
     from jaxem.infer.tiling import make_tiling
     from jaxem.models import layers
 
@@ -81,33 +88,43 @@ def main() -> None:
             slab = np.random.default_rng(z).random((min(32, shape[0] - z), *shape[1:]), dtype=np.float32)
             src.write((slab * 255).astype(dtype) if args.uint8 else slab, (z, 0, 0))
         tiling = make_tiling(shape, None, block, halo, blend="gaussian")
-        out, _ = create_output(f"{tmp}/out.zarr", (1, *shape), np.float16, (1.0,) * 3, (1, *tiling.chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)
         x = np.random.default_rng(0).random((fn.batch, *block, 1), dtype=np.float32)
         x = (x * 255).astype(dtype) if args.uint8 else x
         fn(x)  # compile
         batches = -(-tiling.tile_count() // fn.batch)
         before = time_forward(fn, x, batches // 2)  # half before and half after the blockwise run,
-        t0 = time.perf_counter()                    # so slow drifts of the machine cancel
-        stats = predict_volume(fn, src, out, tiling, out_dtype=np.float16, cache_tiles=args.cache_tiles,
-                               read_cache_bytes=args.read_cache_mib << 20, progress=False, raw_tiles=args.uint8)
-        wall = time.perf_counter() - t0
+        stats = {}                                  # so slow drifts of the machine cancel
+
+        def blockwise() -> float:
+            out = zarr_output(f"{tmp}/out.zarr", shape, tiling.chunk)  # a fresh output: nothing done
+            t0 = time.perf_counter()
+            stats.update(predict_volume(fn, src, out, tiling, out_dtype=np.float16, cache_tiles=args.cache_tiles,
+                                        read_cache_bytes=args.read_cache_mib << 20, progress=False, raw_tiles=args.uint8))
+            return time.perf_counter() - t0
+
+        wall = best(blockwise, args.repeat)
         tiles = stats["tiles_predicted"]
         after = time_forward(fn, x, batches - batches // 2)
         forward = (before + after) * (-(-tiles // fn.batch)) / batches  # per batch, times the batches run
-    result = {
-        "shape": shape, "gib_input": float(np.prod(shape) * 4 / 2**30), "block": block, "halo": halo, "tiles": tiles,
-        "blockwise_s": round(wall, 3), "forward_same_tiles_s": round(forward, 3),
-        "forward_s_per_batch_before_after": [round(before / max(batches // 2, 1), 4), round(after / max(batches - batches // 2, 1), 4)],
-        "overhead": round(wall / forward - 1, 4), "halo_factor": stats["halo_factor"],
-        "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
-        "model_wait_in_loop_s": round(stats["forward_s"], 3),
-        "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
-        "input_dtype": np.dtype(dtype).name,
-        "device": str(jax.devices()[0].platform),
-        "devices": jax.device_count(),
-    }
-    if args.monai:
-        result["monai"] = monai_side_by_side(width, shape, block, halo, fn.batch, result["voxels_per_s"])
+        result = {
+            "shape": shape, "gib_input": float(np.prod(shape) * 4 / 2**30), "block": block, "halo": halo, "tiles": tiles,
+            "blockwise_s": round(wall, 3), "forward_same_tiles_s": round(forward, 3),
+            "forward_s_per_batch_before_after": [round(before / max(batches // 2, 1), 4), round(after / max(batches - batches // 2, 1), 4)],
+            "overhead": round(wall / forward - 1, 4), "halo_factor": stats["halo_factor"],
+            "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
+            "model_wait_in_loop_s": round(stats["forward_s"], 3),
+            "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
+            "input_dtype": np.dtype(dtype).name,
+            "device": str(jax.devices()[0].platform),
+            "devices": jax.device_count(),
+        }
+        if args.device_blocks:
+            result["device_block"] = time_device_blocks(net, variables, src, tiling, fn.batch, args.uint8,
+                                                        args.device_blocks, f"{tmp}/out_device.zarr", args.repeat)
+        if args.monai:
+            result["monai"] = monai_side_by_side(width, shape, block, halo, fn.batch, result["voxels_per_s"], src,
+                                                 tiling.chunk, args.monai_block, args.uint8, f"{tmp}/out_monai.zarr",
+                                                 args.repeat)
     print(json.dumps(result))
 
 
@@ -119,16 +136,59 @@ def time_forward(fn, x, batches: int) -> float:
     return time.perf_counter() - t0
 
 
-def monai_side_by_side(width, shape, block, halo, batch, jaxem_voxels_per_s) -> dict | str:
+def best(timed, repeat: int) -> float:
+    """The least of `repeat` calls of `timed() -> seconds` (the machine is shared: noise only adds)."""
+    return min(timed() for _ in range(max(repeat, 1)))
+
+
+def zarr_output(path, shape, chunk):
+    """A float16 (1, *shape) OME-Zarr output with chunks (1, *chunk), as jaxem predict writes."""
+    from jaxem.infer.output import create_output
+
+    return create_output(path, (1, *shape), np.float16, (1.0,) * 3, (1, *chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)[0]
+
+
+def time_device_blocks(net, variables, src, tiling, batch, uint8, n, path, repeat=1) -> dict:
+    """jaxem.infer.device zarr -> zarr: blocks of n^3 output chunks, each one raw region read,
+    one jitted sliding window (tiling, forwards, blending, crop, float16) and one write; raster
+    order, synchronous (no overlap yet). Tiles at block borders run once per block touching them."""
+    from jaxem.infer.blockwise import forward_fn
+    from jaxem.infer.device import block_geometry, make_block_fn, predict_block
+
+    fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x), normalize=(127.5, 64.0) if uint8 else None),
+                       tiling.block, batch, np.float16)
+    blocks = list(itertools.product(*(range(0, g, n) for g in tiling.grid())))
+    geometries = [block_geometry(tiling, lo, tuple(min(a + n, g) for a, g in zip(lo, tiling.grid()))) for lo in blocks]
+    predict_block(fn, src, geometries[0])  # compile the interior shape (edge blocks compile in the loop)
+
+    def timed() -> float:
+        out = zarr_output(path, tiling.shape, tiling.chunk)
+        t0 = time.perf_counter()
+        for g in geometries:
+            out.write(predict_block(fn, src, g), (0,) + tuple(b.start for b in g.out_box))
+        return time.perf_counter() - t0
+
+    seconds = best(timed, repeat)
+    tiles = sum(len(g.tiles) for g in geometries)
+    return {"seconds": round(seconds, 3), "blocks": len(blocks), "chunks_per_block": n ** 3, "tiles": tiles,
+            "recompute_factor": round(tiles / tiling.tile_count(), 3),
+            "voxels_per_s": round(float(np.prod(tiling.shape)) / seconds)}
+
+
+def monai_side_by_side(width, shape, block, halo, batch, jaxem_voxels_per_s, src=None, chunk=None,
+                       monai_block=(128, 256, 256), uint8=False, path=None, repeat=1) -> dict | str:
     """MONAI's sliding_window_inference with the same net (3 convs of `width`, 1x1 conv, sigmoid),
-    tile, overlap (2 * halo / block), tiles per forward and Gaussian blend (sigma = block / 8), on
-    the same volume held in (GPU or CPU) memory: no reading or writing, unlike jaxem's zarr-to-zarr
-    run. Needs torch and monai (not jaxem dependencies: pip install torch monai)."""
+    tile, overlap (2 * halo / block), tiles per forward and Gaussian blend (sigma = block / 8):
+    (a) on the volume already in (GPU or CPU) memory, output left there: no reading or writing;
+    (b) as a user runs it on a volume that does not fit: blocks of `monai_block` (+ `halo` of
+    context, clamped to the volume) read from the same zarr `src`, sent to the device, slid over,
+    cropped and written as float16 to a zarr with jaxem's output chunks (`chunk`), one after the
+    other. Needs torch and monai (not jaxem dependencies: pip install torch monai)."""
     try:
         import torch
         from monai.inferers import sliding_window_inference
     except ImportError:
-        return "not measured: torch/monai not installed (optional)"
+        return "not measured: torch/monai not installed (optional; pip install torch monai)"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cudnn.benchmark = True
     layers = []
@@ -146,13 +206,46 @@ def monai_side_by_side(width, shape, block, halo, batch, jaxem_voxels_per_s) -> 
     with torch.inference_mode():
         run(torch.rand(1, 1, *(2 * b for b in block), device=device))  # warm-up (cudnn autotuning)
         x = torch.rand(1, 1, *shape, device=device)
-        t0 = time.perf_counter()
-        run(x)
-        seconds = time.perf_counter() - t0
+
+        def in_memory() -> float:
+            t0 = time.perf_counter()
+            run(x)
+            return time.perf_counter() - t0
+
+        seconds = best(in_memory, repeat)
+        del x
+        blockwise = (best(lambda: monai_zarr_to_zarr(run, src, chunk, monai_block, halo, uint8, path, device), repeat)
+                     if src is not None else None)
     voxels_per_s = float(np.prod(shape)) / seconds
-    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "monai_s": round(seconds, 3), "monai_voxels_per_s": round(voxels_per_s),
-            "jaxem_over_monai": round(jaxem_voxels_per_s / voxels_per_s, 3), "monai_in_memory": True}
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "monai_s": round(seconds, 3), "monai_voxels_per_s": round(voxels_per_s),
+              "jaxem_over_monai": round(jaxem_voxels_per_s / voxels_per_s, 3), "monai_in_memory": True}
+    if blockwise is not None:
+        result.update({"monai_zarr_s": round(blockwise, 3), "monai_zarr_block": list(monai_block),
+                       "monai_zarr_voxels_per_s": round(float(np.prod(shape)) / blockwise),
+                       "jaxem_over_monai_zarr": round(jaxem_voxels_per_s * blockwise / float(np.prod(shape)), 3)})
+    return result
+
+
+def monai_zarr_to_zarr(run, src, chunk, core, halo, uint8, path, device) -> float:
+    """Seconds for (b): per block core (raster order) read core + halo from `src`, normalise
+    like jaxem (uint8: (x - 127.5) / 64), slide `run` over it, crop the core, write float16."""
+    import torch
+
+    shape = src.shape
+    out = zarr_output(path, shape, chunk)
+    t0 = time.perf_counter()
+    for lo in itertools.product(*(range(0, n, c) for n, c in zip(shape, core))):
+        hi = [min(a + c, n) for a, c, n in zip(lo, core, shape)]
+        r0 = [max(a - h, 0) for a, h in zip(lo, halo)]
+        r1 = [min(b + h, n) for b, h, n in zip(hi, halo, shape)]
+        x = np.asarray(src.store[tuple(slice(a, b) for a, b in zip(r0, r1))].read().result())
+        x = torch.from_numpy(x).to(device)[None, None].float()
+        if uint8:
+            x = (x - 127.5) / 64.0
+        y = run(x)[0][(slice(None),) + tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, r0))]
+        out.write(y.half().cpu().numpy(), (0, *lo))
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
