@@ -9,6 +9,10 @@
 #            precision, 1 GiB blockwise inference against MONAI (and from uint8, normalised on the
 #            device, as `jaxem predict` runs it), and the MoCo/SimCLR pretraining
 #            step beside the supervised one (ssl.json; never yet measured on a GPU).
+# STAGE=inference writes $OUT/{gpu.txt,inference.json,errors.log}: issue #24's table, best of 3, from
+#            uint8 then float32 input: jaxem predict's path, jaxem.infer.device by blocks of 4^3
+#            chunks and of 9^3 (the whole 1 GiB volume: no tile runs twice), MONAI (a) with the volume in GPU memory and (b) zarr -> zarr by 128x512x512
+#            blocks ("STAGE=inference BUDGET=480 bash benchmarks/gpu_checks.sh", timeout_s 540).
 # STAGE=profile writes $OUT/{gpu.txt,profile.json,conv.json,models.json,errors.log}: where the 3D
 #            U-Net step's time goes (kernels by HLO op), the convolution library's ceiling per
 #            U-Net level, and the step without norm layers and with batch norm.
@@ -71,7 +75,7 @@ for path in sys.argv[1:]:
                  for k, v in r.items()}
             keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                     if k in ("model", "method", "convs", "input", "set", "step_s", "mfu", "tflops", "seconds", "level")
-                    or "overhead" in k or "monai" in k or k.endswith("_s") or k.startswith(("jaxem_", "torch"))}
+                    or "overhead" in k or "monai" in k or k.endswith("_s") or k.startswith(("jaxem_", "torch", "device_block"))}
             print(path.rsplit("/", 1)[-1], json.dumps(keep))
 PY
 }
@@ -84,13 +88,16 @@ if [ "$STAGE" = next ]; then
   run inference.json 200 $PYTHON benchmarks/inference.py $I --monai
   run inference.json 120 $PYTHON benchmarks/inference.py $I --uint8
   run ssl.json 90 $PYTHON benchmarks/ssl_step.py $S
+elif [ "$STAGE" = inference ]; then  # issue #24: jaxem zarr -> zarr vs MONAI (a) in memory, (b) zarr -> zarr
+  run inference.json 300 $PYTHON benchmarks/inference.py $I --uint8 --monai --monai-block 128 512 512 --device-blocks 4 9 --repeat 3
+  run inference.json 200 $PYTHON benchmarks/inference.py $I --monai --monai-block 128 512 512 --device-blocks 4 9 --repeat 3
 elif [ "$STAGE" = profile ]; then
   run profile.json 90 $PYTHON benchmarks/profile_step.py --model unet3d $P --top 30
   run conv.json 60 $PYTHON benchmarks/conv_ceiling.py $C
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=none
   run models.json 90 $PYTHON benchmarks/models.py --models unet3d $M --set norm=batch
 else
-  echo "STAGE must be next or profile, got $STAGE" >&2
+  echo "STAGE must be next, inference or profile, got $STAGE" >&2
   exit 2
 fi
 echo "== stage $STAGE done in $((SECONDS - START))s"

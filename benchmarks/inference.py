@@ -5,7 +5,7 @@
     python benchmarks/inference.py --gib 1.0        # >= 1 GiB of float32 input (GPU machines)
     python benchmarks/inference.py --monai          # MONAI sliding_window_inference side by side (optional):
                                                     # (a) volume in device memory, (b) zarr -> zarr by blocks
-    python benchmarks/inference.py --device-blocks 4  # also jaxem.infer.device (one jitted window per block)
+    python benchmarks/inference.py --device-blocks 4 9  # also jaxem.infer.device (one jitted window per block)
 
 Prints JSON: the blockwise wall time; the forward time on the same number of tiles (measured
 separately on pre-loaded in-memory batches, so it is the model's cost alone); the overhead
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="time each zarr -> zarr variant N times, keep the best")
     parser.add_argument("--monai-block", type=int, nargs=3, default=(128, 256, 256),
                         help="(b) MONAI zarr -> zarr: the block core read (with the halo around it) per sliding window")
-    parser.add_argument("--device-blocks", type=int, default=0,
-                        help="also time jaxem.infer.device zarr -> zarr with blocks of N^3 output chunks (0: off)")
+    parser.add_argument("--device-blocks", type=int, nargs="*", default=(),
+                        help="also time jaxem.infer.device zarr -> zarr with blocks of N^3 output chunks, per N given")
     parser.add_argument("--xla-conv", action="store_true", help="XLA's own 3D conv (slow on CPUs) instead of jaxem's")
     parser.add_argument("--uint8", action="store_true",
                         help="a uint8 input (as EM is), sent to the device raw and normalised there, as `jaxem predict` does")
@@ -119,8 +119,8 @@ def main() -> None:
             "devices": jax.device_count(),
         }
         if args.device_blocks:
-            result["device_block"] = time_device_blocks(net, variables, src, tiling, fn.batch, args.uint8,
-                                                        args.device_blocks, f"{tmp}/out_device.zarr", args.repeat)
+            result["device_block"] = [time_device_blocks(net, variables, src, tiling, fn.batch, args.uint8, n,
+                                                         f"{tmp}/out_device.zarr", args.repeat) for n in args.device_blocks]
         if args.monai:
             result["monai"] = monai_side_by_side(width, shape, block, halo, fn.batch, result["voxels_per_s"], src,
                                                  tiling.chunk, args.monai_block, args.uint8, f"{tmp}/out_monai.zarr",

@@ -63,7 +63,9 @@ def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dty
     forward: jax function (B, *block, C) raw tiles -> (B, *block, K) float32 probabilities (it
     casts and normalises, see `blockwise.forward_fn`). region: (*R) or (C, *R) raw input on the
     device; the other arguments as in `BlockGeometry` (out_shape static: its shape of out_box).
-    Tiles run `batch` per forward (the last batch padded with the first tile, results dropped).
+    Tiles run `batch` per forward (the last batch padded, its padding adding nothing), each batch
+    blended into the accumulator before the next runs: device memory is the region, the
+    accumulator ((*out_shape + 2 * block, K) float32) and one batch, whatever the tile count.
     """
     import jax
 
@@ -78,24 +80,25 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
 
     x = region[..., None] if region.ndim == len(block) else jnp.moveaxis(region, 0, -1)
     n = tiles.shape[0]
-    padded = jnp.concatenate([tiles, jnp.zeros((-n % batch, len(block)), tiles.dtype)])
-
-    def predict(starts):  # (batch, ndim) -> (batch, *block, K)
-        cut = jax.vmap(lambda s: lax.dynamic_slice(x, (*s, 0), (*block, x.shape[-1])))(starts)
-        return forward(cut)
-
-    probs = lax.map(predict, padded.reshape(-1, batch, len(block)))
-    probs = probs.reshape(-1, *probs.shape[2:])
-    k = probs.shape[-1]
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((-n % batch, *a.shape[1:]), a.dtype)])
+    tiles, place, first, rest = (pad(a) for a in (tiles, place, first, rest))
+    k = jax.eval_shape(forward, jax.ShapeDtypeStruct((batch, *block, x.shape[-1]), x.dtype)).shape[-1]
     acc = jnp.zeros((*(o + 2 * b for o, b in zip(out_shape, block)), k), jnp.float32)
 
-    def add(i, acc):  # the same float32 products, in the same order, as blockwise._blend_chunk
-        part = probs[i] * rest[i][..., None]
-        part = part * first[i].reshape(-1, *(1,) * (len(block)))
+    def add(i, acc, probs, j):  # the same float32 products, in the same order, as blockwise._blend_chunk
+        part = probs[j] * rest[i][..., None]
+        part = part * first[i].reshape(-1, *(1,) * len(block))
+        part = jnp.where(i < n, part, 0.0)  # a padded tile adds nothing (acc + 0.0 == acc)
         at = (*place[i], 0)
         return lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, at, part.shape) + part, at)
 
-    acc = lax.fori_loop(0, n, add, acc)
+    def step(b, acc):  # one forward of `batch` tiles cut from the region, then their blending
+        starts = lax.dynamic_slice_in_dim(tiles, b * batch, batch)
+        cut = jax.vmap(lambda s: lax.dynamic_slice(x, (*s, 0), (*block, x.shape[-1])))(starts)
+        probs = forward(cut)
+        return lax.fori_loop(0, batch, lambda j, acc: add(b * batch + j, acc, probs, j), acc)
+
+    acc = lax.fori_loop(0, tiles.shape[0] // batch, step, acc)
     out = jnp.moveaxis(acc[tuple(slice(b, b + o) for b, o in zip(block, out_shape))], -1, 0)
     if out_dtype == np.uint8:
         return jnp.clip(jnp.rint(out * 255.0), 0, 255).astype(jnp.uint8)
