@@ -87,3 +87,15 @@ def test_benchmark_json_shape(tmp_path):
     assert {"platform", "processor", "cores"} <= set(record["machine"])
     assert {"numpy", "scikit-image", "fastremap"} <= set(record["versions"])
     assert set(record["scores"]) == {"adapted_rand_error", "voi_split", "voi_merge"}
+
+
+def test_uncompressed_tiff_is_memory_mapped_and_compressed_tiff_read(tmp_path):
+    """The protocol pages an uncompressed TIFF in slab by slab instead of reading it whole."""
+    import tifffile
+
+    array = np.arange(2 * 3 * 4, dtype=np.uint32).reshape(2, 3, 4)
+    tifffile.imwrite(tmp_path / "plain.tif", array)
+    tifffile.imwrite(tmp_path / "zlib.tif", array, compression="zlib")
+    plain, packed = report.open_source(str(tmp_path / "plain.tif")), report.open_source(str(tmp_path / "zlib.tif"))
+    assert isinstance(plain.array, np.memmap) and not isinstance(packed.array, np.memmap)
+    np.testing.assert_array_equal(plain.read((slice(1, 2),)), packed.read((slice(1, 2),)))

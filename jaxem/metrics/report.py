@@ -68,13 +68,18 @@ class ArraySource:
 
 
 def open_source(path: str):
-    """Opens a TIFF (.tif/.tiff) into memory, anything else as a tensorstore volume."""
+    """Opens a TIFF (.tif/.tiff), anything else as a tensorstore volume (read blockwise). An
+    uncompressed contiguous TIFF is memory-mapped (slabs are paged in as they are read); any other
+    TIFF is read into memory."""
     if str(path).lower().endswith((".tif", ".tiff")):
         if not os.path.exists(path):
             raise UserError(f"volume {path} does not exist.")
         import tifffile
 
-        array = tifffile.imread(path)
+        try:
+            array = tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or scattered pages
+            array = tifffile.imread(path)
         return ArraySource(array, str(path), (1.0,) * array.ndim)
     from jaxem.data.volume import open_volume
 

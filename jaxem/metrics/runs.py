@@ -33,24 +33,22 @@ def run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
     return np.diff(starts, append=n).astype(np.int64)
 
 
-def _run_moments(starts: np.ndarray, lengths: np.ndarray, shape, offset) -> dict:
-    """Per run (k,): count, first (k, ndim), second (k, ndim*ndim) moments and lo/hi (k, ndim) of
-    its voxel coordinates (volume voxel indices: block coordinates + `offset`), all exact int64."""
-    coords = [c.astype(np.int64) + o for c, o in zip(np.unravel_index(starts, shape), offset)]
-    ndim, n = len(shape), lengths
+def _run_moments(starts: np.ndarray, lengths: np.ndarray, shape, offset) -> tuple[list, list, list, list]:
+    """Per run (k,): the voxel coordinates' sums (first moments, ndim arrays), sums of products
+    (second moments, ndim*ndim arrays, row-major (a, b); symmetric ones shared) and lo/hi (ndim
+    arrays each; volume voxel indices: block coordinates + `offset`). float64, exact below 2^53."""
+    coords = [c.astype(np.float64) + o for c, o in zip(np.unravel_index(starts, shape), offset)]
+    ndim, n = len(shape), lengths.astype(np.float64)
     x0 = coords[-1]
-    sum_x = n * x0 + n * (n - 1) // 2
-    sum_xx = n * x0 * x0 + x0 * n * (n - 1) + (n - 1) * n * (2 * n - 1) // 6
-    first = [c * n for c in coords[:-1]] + [sum_x]
-    second = np.empty((len(n), ndim, ndim), np.int64)
+    tri = n * (n - 1) / 2  # sum of 0..n-1
+    first = [c * n for c in coords[:-1]] + [n * x0 + tri]
+    sum_xx = (n * x0 + 2 * tri) * x0 + tri * (2 * n - 1) / 3  # sum of (x0 + i)^2, i < n
+    second = [[None] * ndim for _ in range(ndim)]
     for a in range(ndim):
         for b in range(a, ndim):
-            value = sum_xx if a == b == ndim - 1 else coords[a] * first[b]  # first[b] = c_b n or sum_x
-            second[:, a, b] = second[:, b, a] = value
-    lo = np.stack(coords, 1)
-    hi = lo.copy()
-    hi[:, -1] += n - 1
-    return dict(count=n, first=np.stack(first, 1), second=second.reshape(len(n), -1), lo=lo, hi=hi)
+            second[a][b] = second[b][a] = sum_xx if a == b == ndim - 1 else coords[a] * first[b]
+    hi = coords[:-1] + [x0 + (n - 1)]
+    return first, [v for row in second for v in row], coords, hi
 
 
 class RunMorphology(morphology.MorphologyAccumulator):
@@ -61,22 +59,24 @@ class RunMorphology(morphology.MorphologyAccumulator):
         """Adds the runs of a block of `shape` (voxels) at `offset` (voxel indices): `starts` (k,)
         flat start index of each run in the block, `values` (k,) the id of each run (0 is skipped)."""
         offset = (0,) * len(shape) if offset is None else tuple(int(o) for o in offset)
-        runs = _run_moments(starts, run_lengths(starts, int(np.prod(shape))), shape, offset)
+        lengths = run_lengths(starts, int(np.prod(shape)))
+        first, second, lo, hi = _run_moments(starts, lengths, shape, offset)
         local, mapping = fastremap.renumber(values, preserve_zero=True, in_place=False)
         k = int(local.max(initial=0)) + 1
         ids = np.zeros(k, np.uint64)
         ids[np.fromiter(mapping.values(), np.int64, len(mapping))] = np.fromiter(mapping.keys(), np.uint64, len(mapping))
         local = local.astype(np.intp)
-
-        def total(x):
-            return np.stack([np.bincount(local, x[:, j].astype(np.float64), k) for j in range(x.shape[1])], 1)
-
-        lo = np.full((k, len(shape)), np.iinfo(np.int64).max)
-        hi = np.full((k, len(shape)), -1, np.int64)
+        sums = {}  # one bincount per distinct array (the symmetric second moments share theirs)
+        for x in first + second:
+            if id(x) not in sums:
+                sums[id(x)] = np.bincount(local, x, k)
+        total = [sums[id(x)] for x in first + second]
+        box = [np.full((k, len(shape)), np.inf), np.full((k, len(shape)), -np.inf)]
         for a in range(len(shape)):
-            np.minimum.at(lo[:, a], local, runs["lo"][:, a])
-            np.maximum.at(hi[:, a], local, runs["hi"][:, a])
-        count = np.bincount(local, runs["count"].astype(np.float64), k).astype(np.int64)
+            np.minimum.at(box[0][:, a], local, lo[a])
+            np.maximum.at(box[1][:, a], local, hi[a])
+        count = np.bincount(local, lengths, k).astype(np.int64)
         keep = (ids != 0) & (count > 0)
-        self._parts.append(dict(ids=ids[keep], count=count[keep], first=total(runs["first"])[keep],
-                                second=total(runs["second"])[keep], lo=lo[keep], hi=hi[keep] + 1))
+        self._parts.append(dict(ids=ids[keep], count=count[keep], first=np.stack(total[:len(shape)], 1)[keep],
+                                second=np.stack(total[len(shape):], 1)[keep], lo=box[0][keep].astype(np.int64),
+                                hi=box[1][keep].astype(np.int64) + 1))
