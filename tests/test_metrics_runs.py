@@ -27,7 +27,7 @@ def test_run_morphology_equals_voxel_morphology(shape, kind):
         pytest.skip("cells are 3D")
     labels = _volumes(kind, shape)[1]
     voxel_size = (40.0, 4.0, 5.0)[-len(shape):]
-    voxels, by_runs = morphology.MorphologyAccumulator(len(shape)), runs.RunMorphology(len(shape))
+    voxels, by_runs = morphology.MorphologyAccumulator(len(shape)), report.RunMorphology(len(shape))
     for start in range(0, shape[0], 4):
         block, offset = labels[start:start + 4], [start] + [0] * (len(shape) - 1)
         voxels.add(block, offset)

@@ -67,6 +67,16 @@ class ArraySource:
         return self.array[tuple(box) if box is not None else ()]
 
 
+class RunMorphology(morphology.MorphologyAccumulator):
+    """`morphology.MorphologyAccumulator` fed with runs of ids (`add_runs`) instead of voxels: the
+    same table (`table(voxel_size)`), its moments summed per run (`runs.label_moments`)."""
+
+    def add_runs(self, values: np.ndarray, starts: np.ndarray, shape, offset=None) -> None:
+        """Adds the runs (`starts` (k,) flat start indices, `values` (k,) ids) of a block of `shape`
+        voxels whose first voxel sits at `offset` (voxel indices) in the volume."""
+        self._parts.append(runs.label_moments(values, starts, shape, offset))
+
+
 def open_source(path: str):
     """Opens a TIFF (.tif/.tiff), anything else as a tensorstore volume (read blockwise). An
     uncompressed contiguous TIFF is memory-mapped (slabs are paged in as they are read); any other
@@ -148,7 +158,7 @@ def evaluate(pred, gt, task: str, mask=None, threshold: float = 0.5, boundary_is
     """
     _check_inputs(pred, gt, mask, task)
     counts, table = _Counts(), clustering.ContingencyAccumulator()
-    accumulator = runs.RunMorphology if task == "instance" else morphology.MorphologyAccumulator
+    accumulator = RunMorphology if task == "instance" else morphology.MorphologyAccumulator
     shapes = {"pred": accumulator(len(gt.shape)), "gt": accumulator(len(gt.shape))}
     components = {"pred": morphology.SlabComponents(), "gt": morphology.SlabComponents()}  # semantic objects
     warp_mismatch, warp_voxels, classes, n_cells = 0, 0, None, 0

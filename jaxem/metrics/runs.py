@@ -6,17 +6,16 @@ runs, never from per-voxel arrays:
 
 - the contingency table (`clustering.ContingencyAccumulator.add_runs`): runs of equal
   (pred, gt) pairs are the union of the run starts of both volumes;
-- per-object morphology (`RunMorphology`): voxel count, first and second moments of the voxel
-  coordinates and bounding boxes in closed form per run (a run is an arithmetic sequence along
-  the last axis), summed per id.
+- per-object morphology (`label_moments`, fed to `report.RunMorphology`): voxel count, first and
+  second moments of the voxel coordinates and bounding boxes in closed form per run (a run is an
+  arithmetic sequence along the last axis), summed per id.
+Pure numpy (+ fastremap).
 """
 
 from __future__ import annotations
 
 import fastremap
 import numpy as np
-
-from jaxem.segment import morphology
 
 
 def run_starts(flat: np.ndarray, row: int) -> np.ndarray:
@@ -51,32 +50,33 @@ def _run_moments(starts: np.ndarray, lengths: np.ndarray, shape, offset) -> tupl
     return first, [v for row in second for v in row], coords, hi
 
 
-class RunMorphology(morphology.MorphologyAccumulator):
-    """`morphology.MorphologyAccumulator` fed with runs (`add_runs`) instead of voxels: the same
-    table (`table(voxel_size)`), with moments summed exactly in integers."""
+def label_moments(values: np.ndarray, starts: np.ndarray, shape, offset=None) -> dict:
+    """Per-id sums over the runs of a block of `shape` (voxels) at `offset` (voxel indices):
+    `starts` (k,) flat start index of each run in the block, `values` (k,) the id of each run.
 
-    def add_runs(self, values: np.ndarray, starts: np.ndarray, shape, offset=None) -> None:
-        """Adds the runs of a block of `shape` (voxels) at `offset` (voxel indices): `starts` (k,)
-        flat start index of each run in the block, `values` (k,) the id of each run (0 is skipped)."""
-        offset = (0,) * len(shape) if offset is None else tuple(int(o) for o in offset)
-        lengths = run_lengths(starts, int(np.prod(shape)))
-        first, second, lo, hi = _run_moments(starts, lengths, shape, offset)
-        local, mapping = fastremap.renumber(values, preserve_zero=True, in_place=False)
-        k = int(local.max(initial=0)) + 1
-        ids = np.zeros(k, np.uint64)
-        ids[np.fromiter(mapping.values(), np.int64, len(mapping))] = np.fromiter(mapping.keys(), np.uint64, len(mapping))
-        local = local.astype(np.intp)
-        sums = {}  # one bincount per distinct array (the symmetric second moments share theirs)
-        for x in first + second:
-            if id(x) not in sums:
-                sums[id(x)] = np.bincount(local, x, k)
-        total = [sums[id(x)] for x in first + second]
-        box = [np.full((k, len(shape)), np.inf), np.full((k, len(shape)), -np.inf)]
-        for a in range(len(shape)):
-            np.minimum.at(box[0][:, a], local, lo[a])
-            np.maximum.at(box[1][:, a], local, hi[a])
-        count = np.bincount(local, lengths, k).astype(np.int64)
-        keep = (ids != 0) & (count > 0)
-        self._parts.append(dict(ids=ids[keep], count=count[keep], first=np.stack(total[:len(shape)], 1)[keep],
-                                second=np.stack(total[len(shape):], 1)[keep], lo=box[0][keep].astype(np.int64),
-                                hi=box[1][keep].astype(np.int64) + 1))
+    Returns ids (m,) uint64 (nonzero ids present), count (m,) int64 voxels, first (m, ndim) and
+    second (m, ndim*ndim) float64 coordinate moments, lo and hi (m, ndim) int64 bounding box
+    (hi exclusive), in volume voxel indices: `morphology.MorphologyAccumulator`'s parts.
+    """
+    offset = (0,) * len(shape) if offset is None else tuple(int(o) for o in offset)
+    lengths = run_lengths(starts, int(np.prod(shape)))
+    first, second, lo, hi = _run_moments(starts, lengths, shape, offset)
+    local, mapping = fastremap.renumber(values, preserve_zero=True, in_place=False)
+    k = int(local.max(initial=0)) + 1
+    ids = np.zeros(k, np.uint64)
+    ids[np.fromiter(mapping.values(), np.int64, len(mapping))] = np.fromiter(mapping.keys(), np.uint64, len(mapping))
+    local = local.astype(np.intp)
+    sums = {}  # one bincount per distinct array (the symmetric second moments share theirs)
+    for x in first + second:
+        if id(x) not in sums:
+            sums[id(x)] = np.bincount(local, x, k)
+    total = [sums[id(x)] for x in first + second]
+    box = [np.full((k, len(shape)), np.inf), np.full((k, len(shape)), -np.inf)]
+    for a in range(len(shape)):
+        np.minimum.at(box[0][:, a], local, lo[a])
+        np.maximum.at(box[1][:, a], local, hi[a])
+    count = np.bincount(local, lengths, k).astype(np.int64)
+    keep = (ids != 0) & (count > 0)
+    return dict(ids=ids[keep], count=count[keep], first=np.stack(total[:len(shape)], 1)[keep],
+                second=np.stack(total[len(shape):], 1)[keep], lo=box[0][keep].astype(np.int64),
+                hi=box[1][keep].astype(np.int64) + 1)
