@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxem.infer.ensemble import tta_transforms
 from jaxem.infer.tiling import Tiling
 
 
@@ -103,6 +104,27 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
     if out_dtype == np.uint8:
         return jnp.clip(jnp.rint(out * 255.0), 0, 255).astype(jnp.uint8)
     return out.astype(out_dtype)
+
+
+def tta_forward(forward: Callable, block: tuple[int, ...], rotations: bool = True) -> Callable:
+    """`forward` averaged over `ensemble.tta_transforms(block)` inside the jitted function: the
+    (B, *block, C) tiles are flipped / turned in y-x, predicted, turned back and averaged, in
+    the order and with the float32 sums of `ensemble.with_tta` (which does it on the host)."""
+    import jax.numpy as jnp
+
+    transforms = tta_transforms(block, rotations)
+    ndim = len(block)
+
+    def averaged(x):
+        total = None
+        for flips, turns in transforms:
+            axes = tuple(1 + a for a in flips)
+            y = forward(jnp.rot90(jnp.flip(x, axes), turns, axes=(ndim - 1, ndim)))
+            y = jnp.flip(jnp.rot90(y, -turns, axes=(ndim - 1, ndim)), axes)
+            total = y if total is None else total + y
+        return total / len(transforms)
+
+    return averaged
 
 
 def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
