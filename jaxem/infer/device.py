@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxem.infer.ensemble import tta_transforms
+from jaxem.infer.ensemble import transform, tta_transforms
 from jaxem.infer.tiling import Tiling
 
 
@@ -113,14 +113,11 @@ def tta_forward(forward: Callable, block: tuple[int, ...], rotations: bool = Tru
     import jax.numpy as jnp
 
     transforms = tta_transforms(block, rotations)
-    ndim = len(block)
 
     def averaged(x):
         total = None
-        for flips, turns in transforms:
-            axes = tuple(1 + a for a in flips)
-            y = forward(jnp.rot90(jnp.flip(x, axes), turns, axes=(ndim - 1, ndim)))
-            y = jnp.flip(jnp.rot90(y, -turns, axes=(ndim - 1, ndim)), axes)
+        for t in transforms:
+            y = transform(jnp, forward(transform(jnp, x, t)), t, inverse=True)
             total = y if total is None else total + y
         return total / len(transforms)
 

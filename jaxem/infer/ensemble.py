@@ -33,6 +33,16 @@ def tta_transforms(spatial_shape: Sequence[int], rotations: bool = True) -> list
     return [(f, k) for f in flips for k in turns]
 
 
+def transform(xp, x, flip_turns: tuple[tuple[int, ...], int], inverse: bool = False):
+    """One of `tta_transforms` on a batch x (B, *spatial, C) (or its inverse), with `xp` = numpy
+    or jax.numpy: flips of the spatial axes, then quarter turns in the last two spatial axes."""
+    flips, turns = flip_turns
+    axes, plane = tuple(1 + a for a in flips), (x.ndim - 3, x.ndim - 2)
+    if inverse:
+        return xp.flip(xp.rot90(x, -turns, axes=plane), axes)
+    return xp.rot90(xp.flip(x, axes), turns, axes=plane)
+
+
 def submitter(predict_fn: Callable) -> Callable:
     """`predict_fn.submit` (start a forward, return a function that waits for it), or the same
     interface around a synchronous predictor."""
@@ -55,18 +65,13 @@ def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
     start = submitter(predict_fn)
 
     def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
-        spatial = x.shape[1:-1]
-        ndim = len(spatial)
-        transforms = tta_transforms(spatial, rotations)
-        waits = []
-        for flips, turns in transforms:
-            axes = tuple(1 + a for a in flips)
-            waits.append(start(np.ascontiguousarray(np.rot90(np.flip(x, axes), turns, axes=(ndim - 1, ndim)))))
+        transforms = tta_transforms(x.shape[1:-1], rotations)
+        waits = [start(np.ascontiguousarray(transform(np, x, t))) for t in transforms]
 
         def wait() -> np.ndarray:
             total = None
-            for (flips, turns), result in zip(transforms, waits):
-                y = np.flip(np.rot90(result(), -turns, axes=(ndim - 1, ndim)), tuple(1 + a for a in flips))
+            for t, result in zip(transforms, waits):
+                y = transform(np, result(), t, inverse=True)
                 total = y if total is None else total + y
             return total / len(transforms)
         return wait
