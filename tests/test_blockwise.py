@@ -341,19 +341,20 @@ def test_bad_tiling_settings_are_clear_errors(block, halo, chunk, message):
         make_tiling((16, 64, 64), None, block, halo, chunk)
 
 
-@pytest.mark.parametrize("shape,block,halo,roi,dtype,tta", [
-    ((21, 37, 30), (8, 16, 16), (2, 4, 4), None, np.float32, False),
-    ((21, 37, 30), (8, 16, 16), (2, 4, 4), ((3, 20), (5, 36), (0, 17)), np.uint8, False),
-    ((45, 70), (16, 16), (3, 3), None, np.float32, False),
-    ((45, 70), (16, 16), (3, 3), None, np.float32, True),
+@pytest.mark.parametrize("shape,block,halo,roi,dtype,wrap", [
+    ((21, 37, 30), (8, 16, 16), (2, 4, 4), None, np.float32, None),
+    ((21, 37, 30), (8, 16, 16), (2, 4, 4), ((3, 20), (5, 36), (0, 17)), np.uint8, None),
+    ((45, 70), (16, 16), (3, 3), None, np.float32, None),
+    ((45, 70), (16, 16), (3, 3), None, np.float32, "tta"),
+    ((45, 70), (16, 16), (3, 3), None, np.float32, "median"),
 ])
-def test_device_block_equals_the_host_path(tmp_path, shape, block, halo, roi, dtype, tta):
-    """`infer.device`: tiles cut, predicted (with TTA: averaged over flips and turns), blended
-    and cropped inside one jitted function per block of chunks, from a raw uint8 region
-    normalised on the device, equal `predict_volume`'s chunks (float32 within 1e-6; uint8 output
-    within 1 level where the float is on a .5 edge)."""
+def test_device_block_equals_the_host_path(tmp_path, shape, block, halo, roi, dtype, wrap):
+    """`infer.device`: tiles cut, predicted (TTA: averaged over flips and turns; an ensemble of
+    2 nets: their median), blended and cropped inside one jitted function per block of chunks,
+    from a raw uint8 region normalised on the device, equal `predict_volume`'s chunks (float32
+    within 1e-6; uint8 output within 1 level where the float is on a .5 edge)."""
     from jaxem.infer.blockwise import forward_fn
-    from jaxem.infer.device import block_geometry, make_block_fn, predict_block, tta_forward
+    from jaxem.infer.device import block_geometry, ensemble_forward, make_block_fn, predict_block, tta_forward
 
     vol = (np.random.default_rng(9).random(shape) * 255).astype(np.uint8)
     src = create_volume(tmp_path / "in8", vol.shape, np.uint8, (1.0,) * len(shape))
@@ -364,11 +365,16 @@ def test_device_block_equals_the_host_path(tmp_path, shape, block, halo, roi, dt
     chunk = tuple(2 * (b - 2 * h) for b, h in zip(block, halo))
     tiling = make_tiling(vol.shape, roi, block, halo, chunk, blend="gaussian")
     assert min(tiling.grid()) >= 2
-    on_host = make_predict_fn(apply, 2, normalize=stats)
-    host, _ = run(tmp_path, src, with_tta(on_host) if tta else on_host, tiling, raw_tiles=True)
+    other = net.init(jax.random.PRNGKey(1), jnp.zeros((1,) + (8,) * len(shape) + (1,)))
+    applies = [apply, lambda x: net.apply(other, x)]
+    on_host = [make_predict_fn(a, 2, normalize=stats) for a in applies]
+    forwards = [forward_fn(a, normalize=stats) for a in applies]
+    host_fn = {None: on_host[0], "tta": with_tta(on_host[0]), "median": ensemble(on_host, "median")}[wrap]
+    host, _ = run(tmp_path, src, host_fn, tiling, raw_tiles=True)
     expected = to_dtype(host.read(), dtype)
-    forward = forward_fn(apply, normalize=stats)
-    fn = make_block_fn(tta_forward(forward, tiling.block) if tta else forward, tiling.block, 3, dtype)
+    forward = {None: forwards[0], "tta": tta_forward(forwards[0], tiling.block),
+               "median": ensemble_forward(forwards, "median")}[wrap]
+    fn = make_block_fn(forward, tiling.block, 3, dtype)
     halves = [((0, max(n // 2, 1)), (max(n // 2, 1), n)) for n in tiling.grid()]  # blocks of chunks
     for corner in itertools.product(*halves):
         lo, hi = zip(*corner)

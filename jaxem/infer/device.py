@@ -17,11 +17,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxem.infer.ensemble import transform, tta_transforms
+from jaxem.infer.ensemble import check_reduction, combine, transform, tta_transforms
 from jaxem.infer.tiling import Tiling
 
 
@@ -122,6 +122,15 @@ def tta_forward(forward: Callable, block: tuple[int, ...], rotations: bool = Tru
         return total / len(transforms)
 
     return averaged
+
+
+def ensemble_forward(forwards: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
+    """The models' forwards combined inside the jitted function by `ensemble.combine` ('mean',
+    'median' or 'majority', as `ensemble.ensemble` does on the host)."""
+    import jax.numpy as jnp
+
+    check_reduction(reduce, len(forwards))
+    return lambda x: combine(jnp, jnp.stack([f(x) for f in forwards]), reduce, multiclass)
 
 
 def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:

@@ -89,6 +89,20 @@ def check_reduction(reduce: str, models: int) -> None:
                         "pass several --run/--checkpoint, or leave --reduce out.")
 
 
+def combine(xp, ys, reduce: str, multiclass: bool):
+    """The models' probabilities ys (M, B, *spatial, K) reduced over M, with `xp` = numpy or
+    jax.numpy: see `ensemble`."""
+    if reduce == "mean":
+        return ys.mean(0)
+    if reduce == "median":
+        return xp.median(ys, axis=0)
+    if multiclass:
+        votes = xp.eye(ys.shape[-1], dtype=np.float32)[ys.argmax(-1)].sum(0)
+        return xp.eye(ys.shape[-1], dtype=np.float32)[votes.argmax(-1)]
+    frac = (ys > 0.5).mean(0)
+    return xp.where(frac > 0.5, 1.0, xp.where(frac == 0.5, 0.5, 0.0)).astype(np.float32)
+
+
 def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
     """Combines predictors: 'mean', 'median', or 'majority' vote.
 
@@ -99,19 +113,8 @@ def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: 
 
     starts = [submitter(f) for f in predict_fns]
 
-    def combine(ys: np.ndarray) -> np.ndarray:
-        if reduce == "mean":
-            return ys.mean(0)
-        if reduce == "median":
-            return np.median(ys, axis=0)
-        if multiclass:
-            votes = np.eye(ys.shape[-1], dtype=np.float32)[ys.argmax(-1)].sum(0)
-            return np.eye(ys.shape[-1], dtype=np.float32)[votes.argmax(-1)]
-        frac = (ys > 0.5).mean(0)
-        return np.where(frac > 0.5, 1.0, np.where(frac == 0.5, 0.5, 0.0)).astype(np.float32)
-
     def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
         waits = [start(x) for start in starts]  # every model's forward is dispatched first
-        return lambda: combine(np.stack([w() for w in waits]))
+        return lambda: combine(np, np.stack([w() for w in waits]), reduce, multiclass)
 
     return predictor(submit, min(getattr(f, "batch", 1) for f in predict_fns))
