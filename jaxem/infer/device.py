@@ -9,12 +9,16 @@ and the finished output comes back. Tiles are added in the order of `Tiling.tile
 with the same float32 arithmetic as `blockwise._blend_chunk`, so the output equals the host
 path's up to the forward pass itself (tested to 1e-6 for float32 output).
 
-Not yet wired into `predict_volume` (see docs/inference.md, "Device-side sliding window").
+`predict_blocks` drives it over a volume (Morton order of blocks, next region read during the
+device work, per-chunk writes and done markers, resume); it is not yet what `jaxem predict`
+runs (see docs/inference.md, "What remains of issue #24").
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -22,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxem.infer.ensemble import check_reduction, combine, transform, tta_transforms
-from jaxem.infer.tiling import Tiling
+from jaxem.infer.tiling import Tiling, morton_key
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,68 @@ def ensemble_forward(forwards: Sequence[Callable], reduce: str = "mean", multicl
     return lambda x: combine(jnp, jnp.stack([f(x) for f in forwards]), reduce, multiclass)
 
 
-def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
-    """Reads the block's raw region from `source` (a Volume, channels first if it has them),
-    runs `block_fn` on the device and returns the block (K, *out_shape) on the host."""
+def read_region(source, geometry: BlockGeometry):
+    """Starts reading the block's raw region from `source` (a Volume, channels first if it has
+    them) in its own dtype; returns the tensorstore future (`source.wait` it)."""
     channels = source.ndim > len(geometry.region)
-    box = ((slice(None),) + geometry.region) if channels else geometry.region
-    region = np.asarray(source.store[box].read().result())
+    return source.store[((slice(None),) + geometry.region) if channels else geometry.region].read()
+
+
+def run_block(block_fn: Callable, region: np.ndarray, geometry: BlockGeometry):
+    """Dispatches `block_fn` on a read region; returns the device array (K, *out_shape)."""
     shape = tuple(b.stop - b.start for b in geometry.out_box)
-    return np.asarray(block_fn(region, geometry.tiles, geometry.place, geometry.first, geometry.rest,
-                               out_shape=shape))
+    return block_fn(region, geometry.tiles, geometry.place, geometry.first, geometry.rest, out_shape=shape)
+
+
+def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
+    """Reads the block's raw region, runs `block_fn` on the device and returns the block
+    (K, *out_shape) on the host."""
+    return np.asarray(run_block(block_fn, source.wait(read_region(source, geometry)), geometry))
+
+
+def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, chunks_per_block: tuple[int, ...],
+                   chunk_filter: Callable | None = None) -> dict:
+    """Predicts every not-yet-done chunk of `target` (K, *roi_shape) block by block: blocks of
+    `chunks_per_block` chunks in Morton order, the next block's region read while the device
+    runs this one, each chunk written alone and marked done (`blockwise.DoneLog`) once its write
+    lands, at most two blocks' writes in flight. A block with some chunks done is recomputed and
+    writes only the others; `chunk_filter(index) -> bool` selects this process's chunks. Host
+    memory: two regions and two blocks' outputs, whatever the volume's shape. Returns
+    {"blocks", "chunks", "tiles_predicted", "recompute_factor"}."""
+    from jaxem.infer.blockwise import DoneLog
+
+    log, work = DoneLog(target.path), []
+    done = log.done()
+    for lo in sorted(itertools.product(*(range(0, g, n) for g, n in zip(tiling.grid(), chunks_per_block))),
+                     key=lambda lo: morton_key(tuple(a // n for a, n in zip(lo, chunks_per_block)))):
+        hi = tuple(min(a + n, g) for a, n, g in zip(lo, chunks_per_block, tiling.grid()))
+        todo = [c for c in itertools.product(*map(range, lo, hi))
+                if c not in done and (chunk_filter is None or chunk_filter(c))]
+        if todo:
+            work.append((block_geometry(tiling, lo, hi), todo))
+    stats = {"blocks": len(work), "chunks": sum(len(t) for _, t in work),
+             "tiles_predicted": sum(len(g.tiles) for g, _ in work)}
+    stats["recompute_factor"] = round(stats["tiles_predicted"] / max(tiling.tile_count(), 1), 3)
+    with ThreadPoolExecutor(1) as marker:
+        marks: collections.deque = collections.deque()
+        reads = [read_region(source, g) for g, _ in work[:1]]
+        for k, (geometry, todo) in enumerate(work):
+            out = run_block(block_fn, source.wait(reads[k]), geometry)  # dispatched: runs on the device
+            reads.append(read_region(source, work[k + 1][0]) if k + 1 < len(work) else None)
+            reads[k] = None
+            out = np.asarray(out)
+            for c in todo:
+                marks.append(marker.submit(_write_chunk, target, tiling, geometry, out, c, log))
+            while len(marks) > 2 * len(todo):  # bounds the blocks held by writes in flight
+                marks.popleft().result()
+        for mark in marks:
+            mark.result()
+    return stats
+
+
+def _write_chunk(target, tiling: Tiling, geometry: BlockGeometry, out: np.ndarray, index, log) -> None:
+    """Writes chunk `index` of a block's output and marks it done once the write has landed."""
+    box = tiling.chunk_box(index)
+    part = out[(slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, geometry.out_box))]
+    target.write_async(part, (0,) + tuple(b.start for b in box)).result()
+    log.mark(index)
