@@ -149,29 +149,27 @@ def zarr_output(path, shape, chunk):
 
 
 def time_device_blocks(net, variables, src, tiling, batch, uint8, n, path, repeat=1) -> dict:
-    """jaxem.infer.device zarr -> zarr: blocks of n^3 output chunks, each one raw region read,
-    one jitted sliding window (tiling, forwards, blending, crop, float16) and one write; raster
-    order, synchronous (no overlap yet). Tiles at block borders run once per block touching them."""
+    """jaxem.infer.device.predict_blocks zarr -> zarr: blocks of n^3 output chunks, each one raw
+    region read (the next one's during the device work), one jitted sliding window (tiling,
+    forwards, blending, crop, float16) and per-chunk writes. Tiles at block borders run once per
+    block touching them (recompute_factor)."""
     from jaxem.infer.blockwise import forward_fn
-    from jaxem.infer.device import block_geometry, make_block_fn, predict_block
+    from jaxem.infer.device import make_block_fn, predict_blocks
 
     fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x), normalize=(127.5, 64.0) if uint8 else None),
                        tiling.block, batch, np.float16)
-    blocks = list(itertools.product(*(range(0, g, n) for g in tiling.grid())))
-    geometries = [block_geometry(tiling, lo, tuple(min(a + n, g) for a, g in zip(lo, tiling.grid()))) for lo in blocks]
-    predict_block(fn, src, geometries[0])  # compile the interior shape (edge blocks compile in the loop)
+    stats = {}
+    predict_blocks(fn, src, zarr_output(path, tiling.shape, tiling.chunk), tiling, (n,) * 3)  # compiles
 
     def timed() -> float:
         out = zarr_output(path, tiling.shape, tiling.chunk)
         t0 = time.perf_counter()
-        for g in geometries:
-            out.write(predict_block(fn, src, g), (0,) + tuple(b.start for b in g.out_box))
+        stats.update(predict_blocks(fn, src, out, tiling, (n,) * 3))
         return time.perf_counter() - t0
 
     seconds = best(timed, repeat)
-    tiles = sum(len(g.tiles) for g in geometries)
-    return {"seconds": round(seconds, 3), "blocks": len(blocks), "chunks_per_block": n ** 3, "tiles": tiles,
-            "recompute_factor": round(tiles / tiling.tile_count(), 3),
+    return {"seconds": round(seconds, 3), "blocks": stats["blocks"], "chunks_per_block": n ** 3,
+            "tiles": stats["tiles_predicted"], "recompute_factor": stats["recompute_factor"],
             "voxels_per_s": round(float(np.prod(tiling.shape)) / seconds)}
 
 
