@@ -267,10 +267,10 @@ RSS_SCRIPT = textwrap.dedent("""
     fn = make_predict_fn(lambda x: jnp.concatenate([x] * 8, -1), 2)  # 8 channels: 512 KiB per cached tile
     t = make_tiling(src.shape, None, (16, 32, 32), (2, 4, 4), chunk=(12, 24, 24), blend="gaussian")
     out, _ = create_output(path + "/out", (8, *src.shape), np.float16, (1.0,) * 3, (8, *t.chunk), ("c", "z", "y", "x"), (0, 0, 0), {{}}, True)
-    if sys.argv[3] == "device":  # blocks of 2x2x2 chunks, one jitted window each
+    if sys.argv[3] == "device":  # blocks of one chunk (interior ones already in the smallest volume)
         from jaxem.infer.device import make_block_fn, predict_blocks
         block_fn = make_block_fn(lambda x: jnp.concatenate([x.astype(jnp.float32)] * 8, -1), t.block, 2, np.float16)
-        stats = predict_blocks(block_fn, src, out, t, (2, 2, 2))
+        stats = predict_blocks(block_fn, src, out, t, (1, 1, 1))
     else:
         stats = predict_volume(fn, src, out, t, cache_tiles=32, read_cache_bytes=1 << 20, progress=False)
     print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, stats]))
@@ -280,7 +280,8 @@ RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("path", ["host", "device"])
 def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path, path):
     """4x the voxels along z or along y and x: same peak RSS (within 10 %) and cached tiles, for
-    `predict_volume` ("host") and `device.predict_blocks` (blocks of 2x2x2 chunks).
+    `predict_volume` ("host") and `device.predict_blocks` (blocks of one chunk, padded to one
+    shape: the device's working set is the largest block's, which the smallest volume has).
 
     Chunks of one stride (12, 24, 24) make each chunk share tiles with all 26 neighbours, so
     keeping every tile until its last use would need a y*x-sized cache; the cache is capped (here

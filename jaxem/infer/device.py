@@ -63,11 +63,12 @@ def block_geometry(tiling: Tiling, lo: tuple[int, ...], hi: tuple[int, ...]) -> 
 
 
 def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dtype=np.float32) -> Callable:
-    """A jitted `fn(region, tiles, place, first, rest, out_shape) -> (K, *out_shape)` in `out_dtype`.
+    """A jitted `fn(region, tiles, place, first, rest, count, out_shape) -> (K, *out_shape)` in `out_dtype`.
 
     forward: jax function (B, *block, C) raw tiles -> (B, *block, K) float32 probabilities (it
     casts and normalises, see `blockwise.forward_fn`). region: (*R) or (C, *R) raw input on the
-    device; the other arguments as in `BlockGeometry` (out_shape static: its shape of out_box).
+    device; the other arguments as in `BlockGeometry`, of which the first `count` tiles are used
+    (the rest pad them to a fixed count, see `run_block`; out_shape is static).
     Tiles run `batch` per forward (the last batch padded, its padding adding nothing), each batch
     blended into the accumulator before the next runs: device memory is the region, the
     accumulator ((*out_shape + 2 * block, K) float32) and one batch, whatever the tile count.
@@ -78,7 +79,7 @@ def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dty
                    static_argnames="out_shape")
 
 
-def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, rest, out_shape):
+def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, rest, count, out_shape):
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -93,7 +94,7 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
     def add(i, acc, probs, j):  # the same float32 products, in the same order, as blockwise._blend_chunk
         part = probs[j] * rest[i][..., None]
         part = part * first[i].reshape(-1, *(1,) * len(block))
-        part = jnp.where(i < n, part, 0.0)  # a padded tile adds nothing (acc + 0.0 == acc)
+        part = jnp.where(i < count, part, 0.0)  # a padded tile adds nothing (acc + 0.0 == acc)
         at = (*place[i], 0)
         return lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, at, part.shape) + part, at)
 
@@ -144,10 +145,30 @@ def read_region(source, geometry: BlockGeometry):
     return source.store[((slice(None),) + geometry.region) if channels else geometry.region].read()
 
 
-def run_block(block_fn: Callable, region: np.ndarray, geometry: BlockGeometry):
-    """Dispatches `block_fn` on a read region; returns the device array (K, *out_shape)."""
+def fixed_shapes(shapes) -> tuple:
+    """(region shape, tile count, output shape), each the largest of `shapes` = [(geometry.region,
+    tile count, geometry.out_box)]: padding every block to them compiles `block_fn` once for a
+    whole volume (edge blocks are smaller)."""
+    size = lambda boxes: tuple(max(b.stop - b.start for b in axis) for axis in zip(*boxes))
+    return size([r for r, _, _ in shapes]), max(n for _, n, _ in shapes), size([o for _, _, o in shapes])
+
+
+def run_block(block_fn: Callable, region: np.ndarray, geometry: BlockGeometry, fixed: tuple | None = None):
+    """Dispatches `block_fn` on a read region (zero-padded to `fixed` = `fixed_shapes(...)` if
+    given); returns the device array (K, *out shape), larger than the block's if padded (`crop`)."""
     shape = tuple(b.stop - b.start for b in geometry.out_box)
-    return block_fn(region, geometry.tiles, geometry.place, geometry.first, geometry.rest, out_shape=shape)
+    arrays = [geometry.tiles, geometry.place, geometry.first, geometry.rest]
+    if fixed is not None:
+        grow, n, shape = fixed
+        region = np.pad(region, [(0, 0)] * (region.ndim - len(grow)) + [(0, g - r) for g, r in
+                                                                         zip(grow, region.shape[-len(grow):])])
+        arrays = [np.pad(a, [(0, n - len(a))] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    return block_fn(region, *arrays, np.int32(len(geometry.tiles)), out_shape=shape)
+
+
+def crop(out: np.ndarray, geometry: BlockGeometry) -> np.ndarray:
+    """A block's output (K, *out shape) without the padding `run_block` may have added."""
+    return out[(slice(None),) + tuple(slice(0, b.stop - b.start) for b in geometry.out_box)]
 
 
 def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
@@ -162,7 +183,8 @@ def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, chunks_pe
     `chunks_per_block` chunks in Morton order, the next block's region read while the device
     runs this one, each chunk written alone and marked done (`blockwise.DoneLog`) once its write
     lands, at most two blocks' writes in flight. A block with some chunks done is recomputed and
-    writes only the others; `chunk_filter(index) -> bool` selects this process's chunks. Host
+    writes only the others; `chunk_filter(index) -> bool` selects this process's chunks. Every
+    block is padded to the largest block's shapes, so `block_fn` compiles once per volume. Host
     memory: two regions and two blocks' outputs, whatever the volume's shape. Returns
     {"blocks", "chunks", "tiles_predicted", "recompute_factor"}."""
     from jaxem.infer.blockwise import DoneLog
@@ -175,20 +197,25 @@ def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, chunks_pe
         todo = [c for c in itertools.product(*map(range, lo, hi))
                 if c not in done and (chunk_filter is None or chunk_filter(c))]
         if todo:
-            work.append((block_geometry(tiling, lo, hi), todo))
-    stats = {"blocks": len(work), "chunks": sum(len(t) for _, t in work),
-             "tiles_predicted": sum(len(g.tiles) for g, _ in work)}
+            work.append((lo, hi, todo))
+    geometry = lambda k: block_geometry(tiling, *work[k][:2])  # built when needed: O(1 block) memory
+    shapes = [(g.region, len(g.tiles), g.out_box) for g in map(geometry, range(len(work)))]
+    stats = {"blocks": len(work), "chunks": sum(len(w[2]) for w in work),
+             "tiles_predicted": sum(n for _, n, _ in shapes)}
     stats["recompute_factor"] = round(stats["tiles_predicted"] / max(tiling.tile_count(), 1), 3)
+    fixed = fixed_shapes(shapes) if work else None
     with ThreadPoolExecutor(1) as marker:
         marks: collections.deque = collections.deque()
-        reads = [read_region(source, g) for g, _ in work[:1]]
-        for k, (geometry, todo) in enumerate(work):
-            out = run_block(block_fn, source.wait(reads[k]), geometry)  # dispatched: runs on the device
-            reads.append(read_region(source, work[k + 1][0]) if k + 1 < len(work) else None)
-            reads[k] = None
-            out = np.asarray(out)
+        following = geometry(0) if work else None
+        read = read_region(source, following) if work else None
+        for k, (_, _, todo) in enumerate(work):
+            current = following
+            out = run_block(block_fn, source.wait(read), current, fixed)  # dispatched: runs on the device
+            following = geometry(k + 1) if k + 1 < len(work) else None
+            read = read_region(source, following) if following is not None else None
+            out = crop(np.asarray(out), current)
             for c in todo:
-                marks.append(marker.submit(_write_chunk, target, tiling, geometry, out, c, log))
+                marks.append(marker.submit(_write_chunk, target, tiling, current, out, c, log))
             while len(marks) > 2 * len(todo):  # bounds the blocks held by writes in flight
                 marks.popleft().result()
         for mark in marks:
