@@ -294,11 +294,20 @@ def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path, path)
     script = tmp_path / "rss.py"
     script.write_text(RSS_SCRIPT.format(root=root))
     peak, stats = {}, {}
-    for shape in ((48, 96, 96), (192, 96, 96), (48, 192, 192)):  # input 1.7 MiB -> 6.8 MiB, output 8 channels
-        res = subprocess.run([sys.executable, str(script), json.dumps(shape), str(tmp_path / "x".join(map(str, shape))), path],
+
+    def measure(shape, attempt):
+        res = subprocess.run([sys.executable, str(script), json.dumps(shape),
+                              str(tmp_path / f"{attempt}_{'x'.join(map(str, shape))}"), path],
                              capture_output=True, text=True, check=True)
-        peak[shape], stats[shape] = json.loads(res.stdout.strip().splitlines()[-1])
-    base = (48, 96, 96)
+        rss, stats[shape] = json.loads(res.stdout.strip().splitlines()[-1])
+        peak[shape] = min(rss, peak.get(shape, rss))
+
+    base, shapes = (48, 96, 96), ((48, 96, 96), (192, 96, 96), (48, 192, 192))  # input 1.7 -> 6.8 MiB, 8 channels out
+    for shape in shapes:
+        measure(shape, 0)
+    if any(peak[s] > 1.10 * peak[base] for s in shapes):  # subprocess RSS varies by ~10 % on a loaded host:
+        for shape in shapes:                                # the least of two runs (a leak shows in both)
+            measure(shape, 1)
     for shape in peak:
         assert peak[shape] <= 1.10 * peak[base], peak
         # cap + the tiles of the chunk being blended + the next chunk's tiles in flight + batch - 1
