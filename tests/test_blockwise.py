@@ -305,9 +305,11 @@ def test_peak_memory_is_flat_as_the_volume_grows_in_z_and_in_y_x(tmp_path, path)
     base, shapes = (48, 96, 96), ((48, 96, 96), (192, 96, 96), (48, 192, 192))  # input 1.7 -> 6.8 MiB, 8 channels out
     for shape in shapes:
         measure(shape, 0)
-    if any(peak[s] > 1.10 * peak[base] for s in shapes):  # subprocess RSS varies by ~10 % on a loaded host:
-        for shape in shapes:                                # the least of two runs (a leak shows in both)
-            measure(shape, 1)
+    for attempt in (1, 2):  # subprocess RSS varies by ~10 % on a loaded host: the least of up to 3 runs
+        if all(peak[s] <= 1.10 * peak[base] for s in shapes):  # (a leak shows in every run)
+            break
+        for shape in shapes:
+            measure(shape, attempt)
     for shape in peak:
         assert peak[shape] <= 1.10 * peak[base], peak
         # cap + the tiles of the chunk being blended + the next chunk's tiles in flight + batch - 1
