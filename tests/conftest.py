@@ -152,3 +152,15 @@ def write_zarr(path, array, axes=None, voxel_size=(40.0, 4.0, 4.0), format="zarr
     volume = create_volume(path, array.shape, array.dtype, voxel_size, axes=axes, format=format)
     volume.write(array)
     return volume
+
+
+def train_tiny_demo(workdir):
+    """Trains demo:tiny (6 steps) on its synthetic volumes written to `workdir`/data; returns `workdir`."""
+    from jaxem.commands.demo import with_data_paths, write_synthetic_data
+    from jaxem.config import load_config
+    from jaxem.train.loop import train
+
+    config = load_config("demo:tiny")
+    config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))
+    train(config, workdir, progress=False)
+    return workdir

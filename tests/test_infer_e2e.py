@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import train_tiny_demo
+
 from jaxem.cli import main
 from jaxem.data.volume import create_volume, open_volume, read_attributes
 
@@ -21,15 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A demo:tiny run (6 steps, checkpoints at 3 and 6) and its synthetic test volume."""
-    from jaxem.commands.demo import with_data_paths, write_synthetic_data
-    from jaxem.config import load_config
-    from jaxem.train.loop import train
-
-    workdir = tmp_path_factory.mktemp("run")
-    config = load_config("demo:tiny")
-    config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))
-    train(config, workdir, progress=False)
-    return workdir
+    return train_tiny_demo(tmp_path_factory.mktemp("run"))
 
 
 def predict(*args) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import train_tiny_demo
+
 from jaxem.cli import main
 from jaxem.data.formats import check_labels_of, pyramid, write_labels_of
 from jaxem.data.volume import (
@@ -203,15 +205,7 @@ def test_written_metadata_validates_against_ome_zarr(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A demo:tiny run (6 steps) and its synthetic test volume (2, 64, 64) at 40x4x4 nm."""
-    from jaxem.commands.demo import with_data_paths, write_synthetic_data
-    from jaxem.config import load_config
-    from jaxem.train.loop import train
-
-    workdir = tmp_path_factory.mktemp("run")
-    config = load_config("demo:tiny")
-    config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))
-    train(config, workdir, progress=False)
-    return workdir
+    return train_tiny_demo(tmp_path_factory.mktemp("run"))
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxem.infer.blockwise import DoneLog
 from jaxem.infer.ensemble import check_reduction, combine, transform, tta_transforms
 from jaxem.infer.tiling import Tiling, morton_key
 
@@ -187,7 +188,6 @@ def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, chunks_pe
     block is padded to the largest block's shapes, so `block_fn` compiles once per volume. Host
     memory: two regions and two blocks' outputs, whatever the volume's shape. Returns
     {"blocks", "chunks", "tiles_predicted", "recompute_factor"}."""
-    from jaxem.infer.blockwise import DoneLog
 
     log, work = DoneLog(target.path), []
     done = log.done()
