@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from jaxem.data.volume import create_volume, open_volume
-from jaxem.infer.executors import make_executor
+from jaxem.segment.executors import InProcess, make_executor
 from jaxem.segment.instances import instances_from_boundaries
 from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
 from jaxem.segment.stitch import segment_blockwise
@@ -82,8 +82,6 @@ def test_the_driver_receives_ids_and_joins_never_voxels_and_the_strips_are_remov
     through the driver: what tasks return and what relabel tasks get is per-block id tables and
     joins, far smaller than one face strip; after the run no strip remains."""
     import os
-
-    from jaxem.infer.executors import InProcess
 
     class Recording(InProcess):
         def __init__(self):

@@ -11,6 +11,7 @@ from jaxem.cli import main
 from jaxem.data.volume import create_volume, open_volume
 from jaxem.errors import UserError
 from jaxem.segment import tune as tuning
+from jaxem.segment.setting import SegmentSetting, segment_volume
 
 
 def weak_membrane_case():
@@ -45,8 +46,8 @@ def test_tune_picks_the_threshold_that_keeps_the_weak_membrane():
 
 def test_per_slice_scores_are_the_mean_over_slices():
     prob, gt = weak_membrane_case()
-    labels = tuning.segment(prob, {"method": "cc", "threshold": 0.6}, per_slice=True)
-    labels[0] = tuning.segment(prob[0], {"method": "cc", "threshold": 0.3})  # one good slice of three
+    labels = segment_volume(prob, SegmentSetting("cc", threshold=0.6), per_slice=True)
+    labels[0] = segment_volume(prob[0], SegmentSetting("cc", threshold=0.3))  # one good slice of three
     per_slice = tuning.score(labels, gt, per_slice=True)
     from jaxem.metrics.clustering import clustering_scores
 
@@ -113,7 +114,7 @@ def test_tune_cli_then_segment_with_params(tmp_path, capsys):
 
     seg = tmp_path / "seg"
     assert main(["segment", "--input", str(tmp_path / "pred"), "--output", str(seg), "--params", str(out)]) == 0
-    expected = tuning.segment(prob, tuned["best"], per_slice=True, voxel_size=(40.0, 4.0, 4.0))
+    expected = segment_volume(prob, SegmentSetting.from_dict(tuned["best"]), per_slice=True, voxel_size=(40.0, 4.0, 4.0))
     labels = open_volume(seg).read()
     assert labels.max() == expected.max() == 3 * 16
     assert tuning.score(labels, gt, per_slice=True)["vrand"] == pytest.approx(1.0)

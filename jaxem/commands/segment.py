@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from functools import partial
 
 from jaxem.data.volume import finite_probabilities
@@ -70,10 +71,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.guard import refuse_overlap, staged
     from jaxem.data.volume import open_volume, read_attributes, refuse_nonfinite
-    from jaxem.infer.executors import make_executor
     from jaxem.segment import instances
+    from jaxem.segment.executors import make_executor
+    from jaxem.segment.setting import SegmentSetting, segment_volume
     from jaxem.segment.stitch import segment_blockwise
 
     if overrides:
@@ -89,6 +92,7 @@ def run(args, overrides) -> int:
     _check_labels_of(args, source, spatial)
     # 1 nm (a fraction of a pixel) over-seeds EM: benchmarks/affinity_segmentation.py
     h = args.h if args.h is not None else 2.0 * min(source.voxel_size)
+    setting = dict(method=args.method, threshold=args.threshold, seeds=args.seeds, h=h, merge=args.merge)
     if args.method == "mws" or args.kind == "affinities":
         if args.method not in instances.AFFINITY_METHODS:
             raise UserError(f"--method {args.method!r} does not take affinities; use {', '.join(instances.AFFINITY_METHODS)}.")
@@ -97,20 +101,21 @@ def run(args, overrides) -> int:
             raise UserError(f"--method {args.method} on affinities needs --offsets, a JSON list with one offset per "
                             f"affinity channel ({args.input} records none: `jaxem predict` records them for affinity models).")
         strides = _parse_per_axis(args.strides, spatial, "--strides") if args.strides else None
-        fn = partial(instances.instances_from_affinities, offsets=offsets, method=args.method, min_size=args.min_size,
-                     strides=strides, threshold=args.threshold, h=h, anisotropy=source.voxel_size, merge=args.merge)
-        channel, kind = "all", "affinities"
+        # on affinities min_size floods small fragments within each block
+        setting = SegmentSetting(**setting, min_size=args.min_size, strides=strides)
+        where = dict(kind="affinities", per_slice=False, offsets=offsets)
+        channel = "all"
     elif args.method in instances.METHODS:
         if args.kind not in ("boundary", "foreground"):
             raise UserError(f"--kind {args.kind!r} is not boundary, foreground or affinities.")
-        impl = instances.instances_from_boundaries if args.kind == "boundary" else instances.instances_from_foreground
-        fn = partial(impl, method=args.method, threshold=args.threshold, per_slice=args.per_slice,
-                     anisotropy=source.voxel_size, h=h, seeds=args.seeds, merge=args.merge)
-        channel, kind = (args.channel if source.ndim > len(spatial) else None), args.kind
+        setting = SegmentSetting(**setting)  # min_size applies after stitching (segment_blockwise)
+        where = dict(kind=args.kind, per_slice=args.per_slice, offsets=None)
+        channel = args.channel if source.ndim > len(spatial) else None
         if channel is not None and not 0 <= channel < source.shape[0]:
             raise UserError(f"--channel {channel} is outside the {source.shape[0]} channels of {args.input}.")
     else:
         raise UserError(f"--method {args.method!r} is not one of {', '.join(instances.METHODS + ('mws',))}.")
+    fn = partial(segment_volume, setting=setting, voxel_size=source.voxel_size, **where)
     if nonfinite:  # --allow-nan
         if args.method == "agglomerate":
             raise UserError(f"--allow-nan does not apply to --method agglomerate (its merge scores read {args.input} "
@@ -122,12 +127,13 @@ def run(args, overrides) -> int:
     try:
         with staged(args.output, args.overwrite, "--output") as output:  # a crash leaves no partial output
             if args.method == "agglomerate":  # one region graph over all blocks: agglomerate_blocks
+                # deferred: keeps CLI start-up light
                 from jaxem.segment.agglomerate_blocks import agglomerate_blockwise
 
-                fragments = partial(fn.func, *fn.args, **dict(fn.keywords, method="watershed", min_size=0))
+                fragments = partial(fn, setting=replace(setting, method="watershed", min_size=0))
                 in_plane = (1, 2) if args.per_slice and len(spatial) == 3 else None
-                stats = agglomerate_blockwise(args.input, output, block, fragments, args.merge, kind,
-                                              offsets=fn.keywords.get("offsets"), axes=in_plane, overlap=overlap,
+                stats = agglomerate_blockwise(args.input, output, block, fragments, args.merge, where["kind"],
+                                              offsets=where["offsets"], axes=in_plane, overlap=overlap,
                                               min_size=args.min_size, executor=executor, channel=channel,
                                               overwrite=args.overwrite)
             else:
@@ -136,6 +142,7 @@ def run(args, overrides) -> int:
     finally:
         executor.close()
     if args.labels_of:
+        # deferred: keeps CLI start-up light
         from jaxem.data.formats import write_labels_of
 
         levels = write_labels_of(args.output, args.labels_of, args.labels_name, overwrite=args.overwrite)
@@ -147,6 +154,7 @@ def run(args, overrides) -> int:
 def _check_labels_of(args, source, spatial) -> None:
     """Refuses --labels-of before any work when the result could not be written into that image."""
     if args.labels_of:
+        # deferred: keeps CLI start-up light
         from jaxem.data.formats import check_labels_of
         from jaxem.data.guard import refuse_overlap
         from jaxem.data.volume import join, ome_translation
@@ -161,6 +169,7 @@ def _check_labels_of(args, source, spatial) -> None:
 def resolve_settings(args) -> None:
     """Fills every segmentation setting of `args` left unset on the command line from --params (a
     `jaxem tune` file), else from DEFAULTS."""
+    # deferred: keeps CLI start-up light
     from jaxem.segment.tune import read_setting
 
     tuned = read_setting(args.params) if args.params else {}

@@ -18,7 +18,9 @@ from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    from jaxem.segment.tune import KINDS, METRICS
+    # deferred: keeps CLI start-up light
+    from jaxem.segment.setting import KINDS
+    from jaxem.segment.tune import METRICS
 
     parser.add_argument("--input", required=True, help="prediction volume of `jaxem predict` ((c, *spatial) or (*spatial))")
     parser.add_argument("--labels", required=True, help="ground-truth instance ids of the same region (0 = boundary / unlabelled)")
@@ -38,9 +40,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.guard import refuse_overlap
     from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite, unwritable
-    from jaxem.segment.tune import KINDS, default_grid, plot_tuning, tune
+    from jaxem.segment.setting import KINDS
+    from jaxem.segment.tune import default_grid, plot_tuning, tune
 
     if overrides:
         raise UserError(f"unexpected arguments {' '.join(overrides)}.")

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxem.errors import UserError
+from jaxem.segment.labels import relabel
 
 
 class RegionGraph(NamedTuple):
@@ -197,8 +198,6 @@ def agglomerate(fragments: np.ndarray, merge: float, boundary: np.ndarray | None
     """Merges `fragments` (*spatial) whose shared faces have a mean boundary value below `merge`
     (in [0, 1]; 0 merges nothing), by a boundary map (*spatial) or by affinities (K, *spatial) with
     their offsets -> uint64 labels 1..N (0 stays 0)."""
-    from jaxem.segment.instances import relabel
-
     if not 0.0 <= merge <= 1.0:
         raise UserError(f"the merge threshold must lie in [0, 1] (a boundary probability), got {merge}.")
     fragments = relabel(fragments)

@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 
 from jaxem.data.volume import open_volume
-from jaxem.infer.executors import InProcess
+from jaxem.segment.executors import InProcess
 from jaxem.segment import stitch
 from jaxem.segment.agglomerate import RegionGraph, merge_ids, region_graph, sum_edges
 

@@ -17,9 +17,7 @@ over-seeded watershed followed by agglomeration repairs the splits a fixed `h` l
 
 from __future__ import annotations
 
-import cc3d
 import edt
-import fastremap
 import mwatershed
 import numpy as np
 from skimage.morphology import h_maxima
@@ -27,6 +25,7 @@ from skimage.segmentation import watershed
 
 from jaxem.errors import UserError
 from jaxem.segment.agglomerate import agglomerate
+from jaxem.segment.labels import connected_components, relabel, stack_unique
 
 METHODS = ("cc", "watershed", "agglomerate")
 AFFINITY_METHODS = ("mws", "watershed", "agglomerate")
@@ -104,13 +103,6 @@ def _segment(interior, elevation, mask, method, threshold, min_size, per_slice, 
     return relabel(labels, min_size)
 
 
-def connected_components(mask: np.ndarray) -> np.ndarray:
-    """Face-connected components (4 in 2D, 6 in 3D) of a boolean mask, or of each nonzero value
-    of an integer class map -> uint64 labels."""
-    connectivity = 4 if mask.ndim == 2 else 6
-    return cc3d.connected_components(np.ascontiguousarray(mask), connectivity=connectivity, out_dtype=np.uint64)
-
-
 def watershed_seeds(interior, elevation, threshold, seeds="distance", h=1.0, anisotropy=None) -> np.ndarray:
     """Watershed markers (uint64, 0 = no seed) from the interior mask or a stricter threshold.
 
@@ -128,28 +120,6 @@ def watershed_seeds(interior, elevation, threshold, seeds="distance", h=1.0, ani
     dist = edt.edt(np.ascontiguousarray(interior), anisotropy=aniso, black_border=False)
     peaks = h_maxima(dist.astype(np.float32), h) > 0
     return connected_components(peaks & interior)
-
-
-def stack_unique(slices: list[np.ndarray]) -> np.ndarray:
-    """Stacks per-slice labels (y, x) into (z, y, x), offsetting ids so they are unique."""
-    out, offset = [], 0
-    for labels in slices:
-        labels = labels.astype(np.uint64)
-        out.append(np.where(labels > 0, labels + np.uint64(offset), np.uint64(0)))
-        offset += int(labels.max(initial=0))
-    return np.stack(out)
-
-
-def relabel(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
-    """Zeroes objects smaller than `min_size` voxels, then renumbers ids to 1..N (uint64)."""
-    labels = np.asarray(labels, dtype=np.uint64)
-    if min_size > 0:
-        ids, counts = fastremap.unique(labels, return_counts=True)
-        small = [int(i) for i, c in zip(ids, counts) if i != 0 and c < min_size]
-        if small:
-            labels = fastremap.mask(labels, small)
-    labels, _ = fastremap.renumber(labels, start=1, preserve_zero=True)
-    return labels.astype(np.uint64, copy=False)
 
 
 def _check_map(prob, name: str) -> np.ndarray:

@@ -20,6 +20,8 @@ import os
 import fastremap
 import numpy as np
 
+from jaxem.segment.labels import connected_components
+
 AXES = "zyx"
 
 
@@ -130,8 +132,6 @@ class SlabComponents:
 
     def add(self, classes: np.ndarray) -> np.ndarray:
         """Labels of `classes` (uint64, 0 = background), unique across all slabs added so far."""
-        from jaxem.segment.instances import connected_components
-
         classes = np.asarray(classes).astype(np.int64)
         labels = connected_components(classes)
         found = int(labels.max(initial=0))

@@ -28,7 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from jaxem.data.volume import copy_ome_translation, create_volume, kvstore_spec, open_volume
-from jaxem.infer.executors import InProcess
+from jaxem.segment.executors import InProcess
 
 SHIFT = 32  # block-unique ids: (block number << 32) + local id
 

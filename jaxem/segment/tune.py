@@ -9,15 +9,17 @@ metric and returns the best; `jaxem tune` writes it to a JSON file that `jaxem s
 applies. Tune on labelled data that is not the data you report (the training volume, or a
 validation volume), as nnU-Net chooses its post-processing.
 
-A setting is a dict of `segment`'s keyword arguments: method ('cc', 'watershed', 'agglomerate',
-'mws'), threshold, seeds ('distance' or 'threshold'), h (nm when a voxel size is given, else
-voxels), merge (the mean boundary value below which 'agglomerate' joins two fragments) and
-min_size (voxels).
+A grid holds settings in their JSON form (`jaxem.segment.setting.SegmentSetting.from_dict`):
+method ('cc', 'watershed', 'agglomerate', 'mws'), threshold, seeds ('distance' or 'threshold'), h
+(nm when a voxel size is given, else voxels), merge (the mean boundary value below which
+'agglomerate' joins two fragments) and min_size (voxels); each is applied by
+`jaxem.segment.setting.segment_volume`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from jaxem.errors import UserError
+from jaxem.metrics.clustering import clustering_scores
+from jaxem.segment.setting import SegmentSetting, check_kind, segment_volume
 
-KINDS = ("boundary", "foreground", "affinities")
 METRICS = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi": "lower",
            "rand_error": "lower"}
-SETTING_KEYS = ("method", "threshold", "seeds", "h", "merge", "min_size")
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 H_STEPS = (1, 2, 3, 5, 8)  # h-maxima depths in multiples of the finest voxel size
 FRAGMENT_THRESHOLDS = (0.3, 0.5)  # of the over-seeded (h = 1 voxel) watershed that agglomeration merges
@@ -61,33 +63,9 @@ def default_grid(kind: str, voxel_size: Sequence[float] | None = None) -> list[d
             + [{"method": "cc", "threshold": t} for t in THRESHOLDS] + merged)
 
 
-def segment(prediction: np.ndarray, setting: dict, kind: str = "boundary", per_slice: bool = False,
-            voxel_size: Sequence[float] | None = None, offsets=None) -> np.ndarray:
-    """Instances (uint64, *spatial) of `prediction` with one `setting` (see module docstring).
-
-    prediction: boundary or foreground map (*spatial), or affinities (K, *spatial) with their
-    `offsets`. `per_slice` segments each z-slice alone (boundary and foreground only);
-    `voxel_size` (nm, z-y-x) makes the distance transform, and so h, metric.
-    """
-    from jaxem.segment import instances
-
-    check_kind(kind)
-    check_setting(setting)
-    args = {k: v for k, v in setting.items() if k != "method"}
-    if kind == "affinities":
-        if per_slice:
-            raise UserError("per-slice segmentation takes boundary or foreground maps, not affinities.")
-        args.pop("seeds", None)
-        return instances.instances_from_affinities(prediction, offsets, setting["method"], anisotropy=voxel_size, **args)
-    impl = instances.instances_from_boundaries if kind == "boundary" else instances.instances_from_foreground
-    return impl(prediction, setting["method"], per_slice=per_slice, anisotropy=voxel_size, **args)
-
-
 def score(labels: np.ndarray, gt: np.ndarray, per_slice: bool = False) -> dict:
     """Clustering scores (jaxem.metrics.clustering) of `labels` against `gt`: over the whole volume,
     or averaged over z-slices with `per_slice` (the ISBI 2012 way)."""
-    from jaxem.metrics.clustering import clustering_scores
-
     if not per_slice or labels.ndim == 2:
         return clustering_scores(labels, gt)
     rows = [clustering_scores(s, g) for s, g in zip(labels, gt)]
@@ -114,13 +92,18 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
     grid = default_grid(kind, voxel_size) if grid is None else grid
     if not grid:
         raise UserError("the tuning grid has no settings.")
-    def try_setting(setting: dict) -> dict:
-        scores = score(segment(prediction, setting, kind, per_slice, voxel_size, offsets), gt, per_slice)
-        return {"setting": dict(setting), "scores": {k: float(scores[k]) for k in METRICS}}
+    check_kind(kind)
+    settings = [SegmentSetting.from_dict(setting) for setting in grid]  # every bad setting fails before the sweep
+
+    def try_setting(i: int) -> dict:
+        labels = segment_volume(prediction, settings[i], kind, per_slice, voxel_size, offsets)
+        scores = score(labels, gt, per_slice)
+        return {"setting": dict(grid[i]), "scores": {k: float(scores[k]) for k in METRICS}}
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        table = list(tqdm(pool.map(try_setting, grid), total=len(grid), desc="tune", unit="setting", disable=not progress))
+        table = list(tqdm(pool.map(try_setting, range(len(grid))), total=len(grid), desc="tune", unit="setting",
+                          disable=not progress))
     sign = 1.0 if METRICS[metric] == "higher" else -1.0
     values = [sign * row["scores"][metric] for row in table]
     best = int(np.nanargmax(values))
@@ -130,24 +113,10 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
             "offsets": offsets, "table": table}
 
 
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise UserError(f"prediction kind {kind!r} is not one of {', '.join(KINDS)}.")
-
-
-def check_setting(setting: dict, where: str = "segmentation setting") -> None:
-    """UserError naming `where` unless `setting` is a dict of SETTING_KEYS with a method."""
-    if not isinstance(setting, dict) or "method" not in setting:
-        raise UserError(f"{where} must be a JSON object with a 'method' (and any of {', '.join(SETTING_KEYS[1:])}), got {setting!r}.")
-    unknown = sorted(set(setting) - set(SETTING_KEYS))
-    if unknown:
-        raise UserError(f"{where} has unknown keys {unknown}; expected any of {', '.join(SETTING_KEYS)}.")
-
-
 def read_setting(path: str | Path) -> dict:
-    """The best setting of a `jaxem tune` JSON file, with its kind and per_slice:
-    {"method", ... , "kind", "per_slice"}; UserError naming the file when it is not one."""
-    import json
+    """The best setting of a `jaxem tune` JSON file in its JSON form (`SegmentSetting.from_dict`
+    reads it), with its kind and per_slice: {"method", ... , "kind", "per_slice"}; UserError naming
+    the file when it is not one."""
 
     path = Path(path)
     if not path.is_file():
@@ -158,7 +127,7 @@ def read_setting(path: str | Path) -> dict:
         raise UserError(f"--params {path} is not JSON ({e.msg} at line {e.lineno}).") from None
     if not isinstance(tuned, dict) or "best" not in tuned:
         raise UserError(f"--params {path} has no 'best' setting; expected the JSON that `jaxem tune` writes.")
-    check_setting(tuned["best"], f"'best' in {path}")
+    SegmentSetting.from_dict(tuned["best"], f"'best' in {path}")  # UserError when it is not a setting
     return dict(tuned["best"], kind=tuned.get("kind", "boundary"), per_slice=bool(tuned.get("per_slice", False)))
 
 
