@@ -25,7 +25,7 @@ target EM in training, source_only and adabn, in <run>/seed<N>/<arm>, shared by 
 - oracle: trained on target labels instead (the bound adaptation aims at).
 
 Every arm is scored on a held-out target volume (VRand/VInfo etc. of watershed cells, per slice,
-jaxem.metrics.heldout.score_run); source_only also on a held-out source volume (the in-domain
+jaxem.protocols.isbi2012.score_run); source_only also on a held-out source volume (the in-domain
 score the shift costs). Finished runs are reused. Prints JSON with per-seed scores, mean ± std
 over seeds and the machine.
 """
@@ -82,7 +82,8 @@ def run_arm(arm: str, config, run: Path, source: dict, target: dict, domain: str
             adabn_crops: int) -> dict:
     """Trains one arm into `run` (reusing a finished run) and scores it on the held-out volumes
     (into <run>/<domain>_test, <run>/source_test)."""
-    from jaxem.metrics.heldout import score_run, train_to_completion
+    from jaxem.protocols.common import train_to_completion
+    from jaxem.protocols.isbi2012 import score_run
 
     summary, seconds = train_to_completion(config, run, progress)
     adapt = adabn_crops if arm == "adabn" else 0
@@ -113,7 +114,7 @@ def main() -> None:
 
     from jaxem.commands.demo import write_synthetic_data
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.heldout import over_seeds
+    from jaxem.protocols.common import over_seeds
 
     run = Path(args.run)
     base = apply_overrides(load_config(args.config), overrides)

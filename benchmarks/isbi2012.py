@@ -41,7 +41,8 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
     with settings tuned on `tune_on` = (image, labels) (default slices 0-15) as well unless `tune`
     is False."""
     from jaxem.data import datasets
-    from jaxem.metrics.heldout import score_run, train_to_completion
+    from jaxem.protocols.common import train_to_completion
+    from jaxem.protocols.isbi2012 import score_run
 
     summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths("isbi2012", "val")
@@ -55,9 +56,9 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
     """{row: {metric: {"mean", "std", "values"}}} over the seeds' runs, for the rows of
-    jaxem.metrics.heldout.ROWS that were scored."""
-    from jaxem.metrics.heldout import over_seeds as scores_over_seeds
-    from jaxem.metrics.heldout import rows_of
+    jaxem.protocols.isbi2012.ROWS that were scored."""
+    from jaxem.protocols.common import over_seeds as scores_over_seeds
+    from jaxem.protocols.isbi2012 import rows_of
 
     first = next(iter(per_seed.values()))["scores"]
     return scores_over_seeds({s: r["scores"] for s, r in per_seed.items()}, rows=rows_of(first))
@@ -77,7 +78,7 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.heldout import SCORE_KEYS, format_table
+    from jaxem.protocols.isbi2012 import SCORE_KEYS, format_table
 
     prepare_isbi()
     config = apply_overrides(load_config(args.config), overrides)

@@ -11,7 +11,7 @@
 2. For every number of labelled slices n (the first n of slices 0-15) and seed, fine-tunes the
    recipe from random init ("scratch") and from each pretraining, with the same budget, seed and
    data order (RUN/<arm>_<n>/seed<s>, reused when finished).
-3. Scores every run on the held-out slices 16-19 (jaxem.metrics.heldout) in two protocols:
+3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in two protocols:
    - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
      so arms differ in their networks only;
    - tuned: the segmentation setting tuned (jaxem.segment.tune) on the run's own labelled slices,

@@ -8,7 +8,7 @@
 else from the official download, when it is not yet in $JAXEM_DATA; --dataset synthetic_mito (the
 default with the config's `synthetic` argument) is generated on first use. The config trains on
 the dataset's train split; the test split is predicted blockwise, thresholded at 0.5 and scored
-over the whole volume (jaxem.metrics.semantic_heldout): foreground Jaccard/Dice, and the
+over the whole volume (jaxem.protocols.lucchi): foreground Jaccard/Dice, and the
 mitochondria as 3D connected components (AP@0.5/0.75, PQ, AJI), beside an Otsu threshold of the
 raw image. Writes <run>/heldout/{predictions.zarr,results.json,overlay.png}; prints a table and JSON.
 """
@@ -58,8 +58,8 @@ def prepare_dataset(name: str, local_copy: str | None, progress: bool) -> None:
 def train_and_score(config, run: Path, threshold: float, progress: bool, min_size: int = 0) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the test split."""
     from jaxem.data import datasets
-    from jaxem.metrics.heldout import train_to_completion
-    from jaxem.metrics.semantic_heldout import score_run
+    from jaxem.protocols.common import train_to_completion
+    from jaxem.protocols.lucchi import score_run
 
     summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths(config.data.dataset, "test")
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.semantic_heldout import format_table
+    from jaxem.protocols.lucchi import format_table
 
     config = apply_overrides(load_config(args.config), overrides)
     if args.dataset:

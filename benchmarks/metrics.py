@@ -6,7 +6,7 @@ Voronoi-like tessellation (nearest of random seeds, computed at size/4 and upsam
 neighbouring cells merged and some cut in two (splits).
 
 Measured in one process, interleaved, best of `--repeats`, both including reading the files:
-- jaxem: `jaxem.metrics.report.run_protocol(pred, gt, "instance", out)`, the function the CLI
+- jaxem: `jaxem.protocols.report.run_protocol(pred, gt, "instance", out)`, the function the CLI
   runs: the whole default protocol (pixel, Rand, adapted Rand, VRand/VInfo, VOI, AP/AJI/PQ,
   morphology CSVs and plots, report.json/.md).
 - skimage: read both files, then `adapted_rand_error(gt, pred)` and
@@ -93,7 +93,7 @@ def read_file(path: str) -> np.ndarray:
 
 def run_jaxem(pred_path: str, gt_path: str, out: str) -> dict:
     """The instance task's whole protocol, as `jaxem evaluate` runs it; the scores compared."""
-    from jaxem.metrics.report import run_protocol
+    from jaxem.protocols.report import run_protocol
 
     shutil.rmtree(out, ignore_errors=True)
     report = run_protocol(pred_path, gt_path, "instance", out, progress=False)

@@ -8,7 +8,7 @@ Scores the config's dataset's `val` split (SNEMI3D: slices 80-99 of the labelled
 synthetic neuropil: its own held-out volume) the SNEMI3D / CREMI way over the whole 3D volume:
 adapted Rand error, VOI split/merge, VRand/VInfo, interior Dice, for mutex watershed and the
 affinity watershed on the model's affinities and for the raw-threshold baseline
-(jaxem/metrics/heldout_affinities.py); a split of several parts (CREMI's samples) is scored part
+(jaxem/protocols/neurons.py); a split of several parts (CREMI's samples) is scored part
 by part and averaged (`score_split`). Prints JSON with training time and the machine. With
 --seeds, one run per seed in <run>/seed<N> and the mean and std of every score.
 benchmarks/cremi.py runs `main` with CREMI's config and protocol.
@@ -32,8 +32,8 @@ def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float
     results}, each written to <run>/heldout/<name>.
     """
     from jaxem.data import datasets
-    from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import rows_of, score_affinity_run
+    from jaxem.protocols.common import over_seeds
+    from jaxem.protocols.neurons import rows_of, score_affinity_run
 
     images, labels = datasets.split_paths(dataset, "val")
     tune_on = tuple(paths[0] for paths in datasets.split_paths(dataset, "train")) if tune else None
@@ -53,7 +53,7 @@ def score_split(run: Path, dataset: str, progress: bool, min_size: int, h: float
 def train_and_score(config, run: Path, progress: bool, min_size: int, h: float, protocol: str = "snemi3d",
                     tune: bool = False) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores the val split."""
-    from jaxem.metrics.heldout import train_to_completion
+    from jaxem.protocols.common import train_to_completion
 
     summary, train_seconds = train_to_completion(config, run, progress)
     scores = score_split(run, config.data.dataset, progress, min_size, h, protocol, tune)
@@ -77,8 +77,8 @@ def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.heldout import over_seeds
-    from jaxem.metrics.heldout_affinities import format_table, protocol_keys, rows_of
+    from jaxem.protocols.common import over_seeds
+    from jaxem.protocols.neurons import format_table, protocol_keys, rows_of
 
     keys = protocol_keys(protocol)
     config = apply_overrides(load_config(args.config), overrides)

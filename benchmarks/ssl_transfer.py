@@ -128,7 +128,7 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
-    from jaxem.metrics.heldout import SCORE_KEYS
+    from jaxem.protocols.isbi2012 import SCORE_KEYS
 
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress

@@ -228,7 +228,7 @@ def test_segment_crash_leaves_nothing_and_the_rerun_finishes(world, tmp_path, mo
 
 
 def test_evaluate_crash_leaves_no_report_and_the_rerun_finishes(world, tmp_path, monkeypatch):
-    from jaxem.metrics import report
+    from jaxem.protocols import report
 
     out = tmp_path / "ev"
     argv = ["evaluate", "--pred", world["pred"], "--gt", world["labels"], "--task", "boundary", "--out", str(out)]

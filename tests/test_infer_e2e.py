@@ -87,8 +87,9 @@ def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
     """score_run(tune_on=...) predicts the tuning volume the same way (here with TTA), picks each
     row's best setting there and scores the held-out volume with it: the tuned rows are exactly the
     scores of that setting, and the tuning table's best is its argmax."""
-    from jaxem.metrics.heldout import prediction_channel, score_run, score_slices, threshold_baseline
-    from jaxem.segment.tune import segment
+    from jaxem.protocols.common import UINT8_RANGE, otsu_dark, prediction_channel
+    from jaxem.protocols.isbi2012 import score_run, score_slices
+    from jaxem.segment.setting import SegmentSetting, segment_volume
 
     data = run_dir / "data"
     test = (str(data / "test_raw.zarr"), str(data / "test_instances.zarr"))
@@ -102,8 +103,9 @@ def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
     assert read_attributes(tmp_path / "predictions.zarr")["jaxem_job"]["tta"]
     assert read_attributes(tmp_path / "tune_predictions.zarr")["jaxem_job"]["tta"]
     raw, gt = open_volume(test[0]).read(), open_volume(test[1]).read()
-    for row, boundary in (("model", prediction_channel(tmp_path / "predictions.zarr")), ("threshold_baseline", threshold_baseline(raw))):
-        labels = segment(boundary, results["tuned_settings"][row], per_slice=True, voxel_size=(40.0, 4.0, 4.0))
+    for row, boundary in (("model", prediction_channel(tmp_path / "predictions.zarr")), ("threshold_baseline", otsu_dark(raw, UINT8_RANGE))):
+        setting = SegmentSetting.from_dict(results["tuned_settings"][row])
+        labels = segment_volume(boundary, setting, per_slice=True, voxel_size=(40.0, 4.0, 4.0))
         assert score_slices(labels, boundary, gt) == pytest.approx(results[f"{row}_tuned"])
     assert (tmp_path / "tuning.png").stat().st_size > 0
 

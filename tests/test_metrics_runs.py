@@ -6,7 +6,8 @@ import pytest
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from benchmarks import metrics as metrics_bench
-from jaxem.metrics import report, runs
+from jaxem.metrics import runs
+from jaxem.protocols import report
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.metrics.detection import detection_scores
 from jaxem.segment import morphology

@@ -254,7 +254,7 @@ def test_config_arguments_dataset_and_in_plane_levels():
 
 
 def test_score_volume_adds_cremi_keys_only_for_the_cremi_protocol():
-    from jaxem.metrics.heldout_affinities import CREMI_KEYS, SCORE_KEYS, score_volume
+    from jaxem.protocols.neurons import CREMI_KEYS, SCORE_KEYS, score_volume
 
     gt = halves((2, 4, 20))
     boundary = np.zeros(gt.shape, np.float32)
@@ -269,7 +269,7 @@ def test_score_volume_adds_cremi_keys_only_for_the_cremi_protocol():
 def test_benchmark_averages_the_parts_of_the_val_split(tmp_path, monkeypatch):
     """CREMI's val split has samples A, B, C: each is scored into heldout/<sample>, the rows averaged."""
     from benchmarks import snemi3d
-    from jaxem.metrics import heldout_affinities
+    from jaxem.protocols import neurons
 
     paths = ([f"/d/val/{s}/image.zarr" for s in "ABC"], [f"/d/val/{s}/labels.zarr" for s in "ABC"])
     monkeypatch.setattr(datasets, "split_paths", lambda name, split: paths)
@@ -278,9 +278,9 @@ def test_benchmark_averages_the_parts_of_the_val_split(tmp_path, monkeypatch):
     def fake_score(run, image, labels, out_dir, **kwargs):
         calls.append((out_dir.name, kwargs["protocol"]))
         value = {"A": 0.1, "B": 0.2, "C": 0.6}[out_dir.name]
-        return {row: {"cremi_score": value} for row in heldout_affinities.ROWS} | {"settings": {}}
+        return {row: {"cremi_score": value} for row in neurons.ROWS} | {"settings": {}}
 
-    monkeypatch.setattr(heldout_affinities, "score_affinity_run", fake_score)
+    monkeypatch.setattr(neurons, "score_affinity_run", fake_score)
     scores = snemi3d.score_split(tmp_path, "cremi", False, 100, 16.0, "cremi")
     assert calls == [("A", "cremi"), ("B", "cremi"), ("C", "cremi")]
     assert scores["mws"]["cremi_score"] == pytest.approx(0.3)

@@ -1,5 +1,5 @@
 """The Lucchi mitochondria recipe: the synthetic_mito dataset, configs/lucchi_mito.py, the scoring of
-jaxem.metrics.semantic_heldout and benchmarks/lucchi.py end to end at the `tiny` size."""
+jaxem.protocols.lucchi and benchmarks/lucchi.py end to end at the `tiny` size."""
 
 import json
 
@@ -11,8 +11,8 @@ from jaxem.config import load_config
 from jaxem.data import datasets, synthetic
 from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
-from jaxem.metrics import semantic_heldout as sh
-from jaxem.metrics.heldout import prediction_channel
+from jaxem.protocols import lucchi as sh
+from jaxem.protocols.common import otsu_dark, prediction_channel
 
 SMALL = {"train": (24, 96, 96), "val": (16, 64, 64), "test": (24, 96, 96)}
 
@@ -176,7 +176,7 @@ def test_remove_small_drops_only_objects_below_the_size():
 def test_otsu_dark_marks_the_dark_mode():
     raw = np.full((2, 8, 8), 200, np.uint8)
     raw[:, :3] = 50
-    prob = sh.otsu_dark(raw)
+    prob = otsu_dark(raw)
     assert prob.dtype == np.float32 and prob.min() >= 0 and prob.max() <= 1
     np.testing.assert_array_equal(prob > 0.5, raw == 50)
 

@@ -174,7 +174,7 @@ def test_snemi3d_benchmark_trains_and_scores_in_3d(tmp_path, monkeypatch):
 
 
 def test_over_seeds_gives_mean_sample_std_and_values_per_row_and_metric():
-    from jaxem.metrics.heldout import over_seeds
+    from jaxem.protocols.common import over_seeds
 
     per_seed = {0: {"mws": {"voi_split": 0.2, "note": "x"}, "watershed": {"voi_split": 1.0}, "settings": 3},
                 1: {"mws": {"voi_split": 0.4, "note": "y"}, "watershed": {"voi_split": 3.0}, "settings": 3}}

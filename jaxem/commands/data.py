@@ -63,6 +63,7 @@ def _numbers(text: str | None, flag: str, kind=float) -> tuple | None:
 
 
 def _info(args) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.formats import describe
 
     print(json.dumps(describe(args.path, args.dataset), indent=2))
@@ -70,6 +71,7 @@ def _info(args) -> int:
 
 
 def _import(args) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.formats import import_volume
     from jaxem.data.guard import refuse_overlap, staged
     from jaxem.data.volume import open_volume
@@ -84,6 +86,7 @@ def _import(args) -> int:
 
 
 def _pyramid(args) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.formats import pyramid
 
     levels = pyramid(args.path, levels=args.levels, labels=args.labels, min_size=args.min_size, overwrite=args.overwrite)
@@ -92,6 +95,7 @@ def _pyramid(args) -> int:
 
 
 def _list(args) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.datasets import data_root, list_datasets
 
     print(f"datasets in {data_root(args.root)}:")
@@ -103,6 +107,7 @@ def _list(args) -> int:
 
 
 def _download(args) -> int:
+    # deferred: keeps CLI start-up light
     from jaxem.data.datasets import download
 
     folder = download(args.name, root=args.root, url_base=args.url_base, verify=not args.no_verify, overwrite=args.overwrite)

@@ -25,6 +25,7 @@ def write_synthetic_data(config, data_dir: Path, first_seed: int | None = None, 
     zarr, once; returns split -> (raw, labels) paths. Split k uses seed `first_seed` + k (default
     config.seed * 1000); `generate_args` go to jaxem.data.synthetic.generate (another "microscope":
     noise, blur, membrane_thickness...) and `raw_transform(uint8 raw) -> uint8 raw` runs last."""
+    # deferred: keeps CLI start-up light
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume
 
@@ -55,7 +56,8 @@ def with_data_paths(config, paths):
 
 
 def run(args, overrides) -> int:
-    from jaxem.metrics.heldout import format_table, score_run
+    # deferred: keeps CLI start-up light
+    from jaxem.protocols.isbi2012 import format_table, score_run
     from jaxem.train.loop import train
 
     workdir = Path(args.workdir)

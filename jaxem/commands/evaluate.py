@@ -1,4 +1,4 @@
-"""`jaxem evaluate`: the standard evaluation protocol (jaxem.metrics.report) from the command line."""
+"""`jaxem evaluate`: the standard evaluation protocol (jaxem.protocols.report) from the command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from jaxem.data.guard import refuse_overlap, staged
 from jaxem.data.volume import refuse_nonfinite
 from jaxem.errors import UserError
-from jaxem.metrics import report
+from jaxem.protocols import report
 
 
 def add_arguments(parser) -> None:

@@ -27,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxem.data import synthetic
+from jaxem.data.formats import default_import_chunks, open_source
 from jaxem.data.volume import Volume, create_volume, open_volume
 from jaxem.errors import UserError
 
+SPECIAL_ID_MIN = np.uint64(2**64 - 10)  # CREMI: ids above this (uint64(-9) .. uint64(-1)) mean "no label"
 
 @dataclass(frozen=True)
 class File:
@@ -308,8 +311,6 @@ def prepare(name: str, root=None, overwrite: bool = False, checksums: dict | Non
 
 def _write_generated(name: str, split: str, out: Path, seed: int, voxel_size) -> None:
     """Generates one part of a GENERATED dataset into out/{image,labels}.zarr."""
-    from jaxem.data import synthetic
-
     if name == "synthetic":
         em = synthetic.generate((16, 256, 256), voxel_size=voxel_size, seed=seed)
         labels = em.instances
@@ -322,8 +323,6 @@ def _write_generated(name: str, split: str, out: Path, seed: int, voxel_size) ->
 
 
 def _write_ref(downloads: Path, ref: Ref, dest: Path, voxel_size, labels: bool) -> None:
-    from jaxem.data.formats import default_import_chunks, open_source
-
     path = downloads / ref.file
     if not path.is_file():
         raise UserError(f"{path} is missing; run `jaxem data download` for this dataset.")
@@ -356,11 +355,17 @@ def _check_unpadded(path: Path, dataset: str) -> None:
                         "volume); use the unpadded sample_<X>_20160501.hdf, whose raw and labels align.")
 
 
+def clear_special_ids(labels: np.ndarray) -> np.ndarray:
+    """`labels` with CREMI's "no label" ids (uint64 above SPECIAL_ID_MIN, e.g. uint64(-1)) set to
+    0, in place for a uint64 array (other dtypes cannot hold them and are returned as they are)."""
+    if labels.dtype == np.uint64:
+        labels[labels > SPECIAL_ID_MIN] = 0
+    return labels
+
+
 def _convert(slab: np.ndarray, how: str, next_id: int) -> tuple[np.ndarray, int]:
     """Applies a label conversion to a (k, y, x) slab; ids stay unique across slabs via `next_id`."""
     if how == "cremi_neuron_ids":
-        from jaxem.metrics.cremi import clear_special_ids
-
         return clear_special_ids(np.array(slab)), next_id
     if how == "mask":
         return (slab > 0).astype(np.uint8), next_id

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxem.data.guard import staged
 from jaxem.data.volume import (
     Volume, copy_ome_translation, create_volume, detect_format, is_local, join, local_path, ome_metadata,
     ome_multiscales, ome_translation, ome_voxel_sizes, open_volume, read_attributes, read_json,
@@ -369,8 +370,6 @@ def write_labels_of(labels: str | os.PathLike, image: str | os.PathLike, name: s
     image's arrays and metadata are untouched but for the `labels` group listing; a local label
     image is written beside its place and renamed into it when complete. Returns its levels' info.
     """
-    from jaxem.data.guard import staged
-
     image, source = str(image), open_volume(labels)
     offset = check_labels_of(image, name, source.shape, source.voxel_size, ome_translation(labels) or
                              (0.0,) * source.ndim, source.axes, overwrite)

@@ -40,14 +40,15 @@ import math
 
 import numpy as np
 
+from jaxem.data.datasets import clear_special_ids
 from jaxem.errors import UserError
+from jaxem.metrics.clustering import _f_score, _marginal, _sum_sq, contingency_table, voi_scores
 
 # cremi_python has no default threshold (its example_evaluation.py passes 200 nm, the variable it
 # also uses for clefts); 25 nm is what evaluation scripts built on cremi_python and waterz call
 # "in nm, equivalent to CREMI metric" (found by code search, repository not identified). cremi.org's
 # metrics page says only "within a threshold distance". Corroborated, not confirmed: docs/recipes.md.
 BORDER_THRESHOLD_NM = 25.0
-SPECIAL_ID_MIN = np.uint64(2**64 - 10)  # ids above this (uint64(-9) .. uint64(-1)) mean "no label"
 KEYS = ("voi_split", "voi_merge", "adapted_rand_error", "cremi_score")
 
 
@@ -104,8 +105,6 @@ def cremi_adapted_rand(table) -> dict:
     """cremi_python's adapted Rand error, precision and recall from a contingency table
     (`jaxem.metrics.clustering.Contingency` of (pred, gt) over all voxels; gt 0 is ignored; formula
     in the module docstring). NaN when gt has no foreground."""
-    from jaxem.metrics.clustering import _f_score, _marginal, _sum_sq
-
     n = float(table.counts.sum())
     fg = table.restrict(table.gt_ids != 0)
     objects = fg.restrict(fg.pred_ids != 0)
@@ -119,14 +118,6 @@ def cremi_adapted_rand(table) -> dict:
     precision, recall = sum_ab / sum_b, sum_ab / sum_a
     return {"adapted_rand_error": 1.0 - _f_score(precision, recall),
             "adapted_rand_precision": precision, "adapted_rand_recall": recall}
-
-
-def clear_special_ids(labels: np.ndarray) -> np.ndarray:
-    """`labels` with CREMI's "no label" ids (uint64 above uint64(-10), e.g. uint64(-1)) set to 0, in
-    place for a uint64 array (other dtypes cannot hold them and are returned as they are)."""
-    if labels.dtype == np.uint64:
-        labels[labels > SPECIAL_ID_MIN] = 0
-    return labels
 
 
 def mask_ground_truth(gt: np.ndarray, voxel_size, threshold_nm: float | None = BORDER_THRESHOLD_NM) -> np.ndarray:
@@ -147,8 +138,6 @@ def cremi_scores(pred: np.ndarray, gt: np.ndarray, voxel_size,
     recall; cremi_python's variant), cremi_score = sqrt(adapted_rand_error x (voi_split +
     voi_merge)), and masked_fraction (voxels ignored / all). NaN scores when nothing is left.
     """
-    from jaxem.metrics.clustering import contingency_table, voi_scores
-
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise UserError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}.")

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository
 from benchmarks.label_efficiency import labelled_subset
 from jaxem.data import datasets
 from jaxem.data.volume import open_volume
-from jaxem.metrics.heldout import prediction_channel, score_run
+from jaxem.protocols.common import prediction_channel
+from jaxem.protocols.isbi2012 import score_run
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:

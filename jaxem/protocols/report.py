@@ -1,4 +1,4 @@
-"""The evaluation protocol: one call scores a prediction volume against ground truth, blockwise,
+"""The `jaxem evaluate` protocol: one call scores a prediction volume against ground truth, blockwise,
 and writes report.json (flat metric keys), report.md, and per-object morphology (CSV + plots).
 
 Tasks:
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
 from jaxem.metrics import clustering, detection, pixel, runs, topology
 from jaxem.segment import morphology
+from jaxem.segment.labels import connected_components
 
 TASKS = ("semantic", "instance", "boundary")
 BLOCK_VOXELS = 1 << 24
@@ -91,8 +93,6 @@ def open_source(path: str):
         except ValueError:  # compressed or scattered pages
             array = tifffile.imread(path)
         return ArraySource(array, str(path), (1.0,) * array.ndim)
-    from jaxem.data.volume import open_volume
-
     return open_volume(path)
 
 
@@ -143,9 +143,7 @@ def _check_inputs(pred, gt, mask, task):
 
 def _cells(boundary: np.ndarray, start: int) -> np.ndarray:
     """4-connected non-boundary regions of a 2D map, ids from start + 1 (0 on the boundary)."""
-    import cc3d
-
-    cells = cc3d.connected_components(~boundary, connectivity=4).astype(np.uint64)
+    cells = connected_components(~boundary, 4)
     cells[cells > 0] += start
     return cells
 

@@ -1,4 +1,4 @@
-"""Score a trained affinity run on a held-out labelled 3D volume, the SNEMI3D / CREMI way.
+"""Neurons in 3D (SNEMI3D, CREMI): score a trained affinity run on a held-out labelled volume.
 
 predict blockwise -> affinities (K, z, y, x) -> 3D instances by mutex watershed ('mws') and by the
 classic affinity watershed ('watershed': seeded watershed of the nearest-neighbour boundary map)
@@ -25,6 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxem.data.volume import open_volume, read_attributes
+from jaxem.errors import UserError
+from jaxem.metrics.clustering import clustering_scores
+from jaxem.metrics.cremi import BORDER_THRESHOLD_NM, cremi_scores
+from jaxem.metrics.pixel import binary_scores
+from jaxem.protocols import common
+from jaxem.segment.instances import boundary_from_affinities, fill_small
+from jaxem.segment.setting import SegmentSetting, segment_volume
+from jaxem.segment.tune import default_grid, plot_tuning, tune
+
 SCORE_KEYS = ("adapted_rand_error", "voi_split", "voi_merge", "vrand", "vinfo", "dice")
 BETTER = {"adapted_rand_error": "lower", "voi_split": "lower", "voi_merge": "lower", "vrand": "higher",
           "vinfo": "higher", "dice": "higher"}
@@ -35,12 +45,12 @@ TUNE_METRIC = {"snemi3d": "adapted_rand_error", "cremi": "voi"}  # protocol -> w
 CREMI_KEYS = ("cremi_voi_split", "cremi_voi_merge", "cremi_adapted_rand_error", "cremi_score")
 BETTER.update({k: "lower" for k in CREMI_KEYS})
 PROTOCOLS = {"snemi3d": SCORE_KEYS, "cremi": SCORE_KEYS + CREMI_KEYS}  # protocol -> its score keys
+TITLES = {"mws": "mws", "watershed": "watershed", "threshold_baseline": "threshold",
+          "mws_tuned": "mws tuned", "watershed_tuned": "ws tuned", "agglomerate_tuned": "agglo tuned"}
 
 
 def protocol_keys(protocol: str) -> tuple[str, ...]:
     """The score keys of `protocol` ('snemi3d' or 'cremi'); UserError for any other."""
-    from jaxem.errors import UserError
-
     if protocol not in PROTOCOLS:
         raise UserError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}.")
     return PROTOCOLS[protocol]
@@ -51,16 +61,11 @@ def score_volume(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray, vo
     """Scores of 3D `instances` against `gt` (z, y, x) over the whole volume (not per slice), and
     Dice of the predicted interior (boundary < 0.5) against the ground-truth interior (gt > 0).
     protocol="cremi" adds `CREMI_KEYS` (border mask from `voxel_size`, nm (z, y, x))."""
-    from jaxem.metrics.clustering import clustering_scores
-    from jaxem.metrics.pixel import binary_scores
-
     protocol_keys(protocol)  # UserError for an unknown protocol
     scores = clustering_scores(instances, gt)
     out = {**{k: float(scores[k]) for k in SCORE_KEYS if k != "dice"},
            "dice": float(binary_scores(boundary < 0.5, gt > 0)["dice"])}
     if protocol == "cremi":
-        from jaxem.metrics.cremi import cremi_scores
-
         cremi = cremi_scores(instances, gt, voxel_size)
         out.update({f"cremi_{k}": float(cremi[k]) for k in ("voi_split", "voi_merge", "adapted_rand_error")},
                    cremi_score=float(cremi["cremi_score"]), cremi_masked_fraction=float(cremi["masked_fraction"]))
@@ -69,9 +74,6 @@ def score_volume(instances: np.ndarray, boundary: np.ndarray, gt: np.ndarray, vo
 
 def read_affinities(path: str | Path) -> tuple[np.ndarray, list[list[int]]]:
     """A `jaxem predict` affinity volume -> ((K, z, y, x) float32, the K offsets it records)."""
-    from jaxem.data.volume import open_volume, read_attributes
-    from jaxem.errors import UserError
-
     volume = open_volume(str(path))
     target = read_attributes(str(path)).get("jaxem_target", {})
     if target.get("kind") != "affinities" or volume.axes[0] != "c":
@@ -87,19 +89,15 @@ def segment_all(affinities, offsets, raw, voxel_size, min_size: int, h: float) -
     `h` (nm) is the watershed seeds' h-maxima depth on the distance transform in nm; `min_size`
     (voxels): smaller fragments are flooded from their neighbours.
     """
-    from jaxem.metrics.heldout import threshold_baseline
-    from jaxem.segment.instances import (boundary_from_affinities, fill_small, instances_from_affinities,
-                                         instances_from_boundaries)
-
     boundary = boundary_from_affinities(affinities, offsets)
     out, seconds = {}, {}
     for method in ("mws", "watershed"):
         start = time.time()
-        out[method] = (instances_from_affinities(affinities, offsets, method, min_size=min_size, h=h,
-                                                 anisotropy=voxel_size), boundary)
+        setting = SegmentSetting(method, min_size=min_size, h=h)
+        out[method] = (segment_volume(affinities, setting, "affinities", voxel_size=voxel_size, offsets=offsets), boundary)
         seconds[method] = time.time() - start
-    baseline_boundary = threshold_baseline(raw)
-    baseline = instances_from_boundaries(baseline_boundary, "watershed", h=h, anisotropy=voxel_size)
+    baseline_boundary = common.otsu_dark(raw, common.UINT8_RANGE)
+    baseline = segment_volume(baseline_boundary, SegmentSetting("watershed", h=h), "boundary", voxel_size=voxel_size)
     out["threshold_baseline"] = (fill_small(baseline, baseline_boundary, min_size), baseline_boundary)
     return out, seconds
 
@@ -115,57 +113,44 @@ def score_affinity_run(run_dir: str | Path, image_path: str, labels_path: str, o
     "settings": {...}}. `tune_on` = (image, labels) adds TUNED_ROWS and "tuned_settings" (module
     docstring; the sweeps in tuning.json).
     """
-    from jaxem.data.volume import open_volume
-    from jaxem.metrics.heldout import predict_heldout, write_overlay
-
     protocol_keys(protocol)  # a bad protocol fails before the prediction
-    out_dir, predictions = predict_heldout(run_dir, image_path, out_dir, progress)
-    affinities, offsets = read_affinities(predictions)
-    image = open_volume(image_path)
-    raw, gt = image.read(), open_volume(labels_path).read()
-    segmentations, seconds = segment_all(affinities, offsets, raw, image.voxel_size, min_size, h)
-    results = {row: score_volume(seg, boundary, gt, image.voxel_size, protocol)
+    heldout = common.read_heldout(run_dir, image_path, labels_path, out_dir, progress)
+    affinities, offsets = read_affinities(heldout.predictions)
+    gt, voxel_size = heldout.gt, heldout.voxel_size
+    segmentations, seconds = segment_all(affinities, offsets, heldout.raw, voxel_size, min_size, h)
+    results = {row: score_volume(seg, boundary, gt, voxel_size, protocol)
                for row, (seg, boundary) in segmentations.items()}
     if tune_on is not None:
-        from jaxem.segment.tune import segment
-
-        settings = tune_affinity_settings(run_dir, tune_on, out_dir, progress, TUNE_METRIC[protocol])
+        settings = tune_affinity_settings(run_dir, tune_on, heldout.out_dir, progress, TUNE_METRIC[protocol])
         boundary = segmentations["watershed"][1]  # every method's nearest-neighbour boundary map
         for method, setting in settings.items():
-            labels = segment(affinities, setting, "affinities", voxel_size=image.voxel_size, offsets=offsets)
-            results[f"{method}_tuned"] = score_volume(labels, boundary, gt, image.voxel_size, protocol)
+            labels = segment_volume(affinities, SegmentSetting.from_dict(setting), "affinities", voxel_size=voxel_size,
+                                    offsets=offsets)
+            results[f"{method}_tuned"] = score_volume(labels, boundary, gt, voxel_size, protocol)
         results["tuned_settings"] = settings
     results["segment_seconds"] = seconds
     results["settings"] = {"min_size_voxels": min_size, "h_nm": h, "offsets": offsets,
-                           "voxel_size_nm": list(image.voxel_size), "protocol": protocol}
+                           "voxel_size_nm": list(voxel_size), "protocol": protocol}
     if protocol == "cremi":
-        from jaxem.metrics.cremi import BORDER_THRESHOLD_NM
-
         results["settings"]["cremi_border_threshold_nm"] = BORDER_THRESHOLD_NM
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    common.write_results(heldout.out_dir, results)
     mws, boundary = segmentations["mws"]
     baseline, baseline_boundary = segmentations["threshold_baseline"]
-    write_overlay(raw, boundary, mws, baseline, gt, out_dir / "overlay.png")
+    common.write_instances_overlay(heldout.raw, boundary, mws, baseline, gt, heldout.out_dir / "overlay.png")
     return results
 
 
 def tune_affinity_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
                            metric: str = "adapted_rand_error") -> dict:
-    """{method: setting} for TUNED_METHODS: each method's best default-grid setting by `metric`
-    on the labelled volume `tune_on` = (image, labels), predicted into `out_dir`/tune_predictions.zarr;
-    the sweeps go to tuning.json, the plot of both to tuning.png."""
-    from jaxem.data.volume import open_volume
-    from jaxem.metrics.heldout import predict_heldout
-    from jaxem.segment.tune import default_grid, plot_tuning, tune
-
+    """{method: setting (JSON form)} for TUNED_METHODS: each method's best default-grid setting by
+    `metric` on the labelled volume `tune_on` = (image, labels), predicted into
+    `out_dir`/tune_predictions.zarr; the sweeps go to tuning.json, the plot of both to tuning.png."""
     image_path, labels_path = tune_on
-    _, predictions = predict_heldout(run_dir, image_path, out_dir, progress, name="tune_predictions.zarr")
-    affinities, offsets = read_affinities(predictions)
-    image = open_volume(image_path)
-    gt = open_volume(labels_path).read()
-    grid = default_grid("affinities", image.voxel_size)
-    sweeps = {method: tune(affinities, gt, "affinities", [s for s in grid if s["method"] == method], metric,
-                           voxel_size=image.voxel_size, offsets=offsets, progress=progress)
+    tuning = common.read_heldout(run_dir, image_path, labels_path, out_dir, progress, name="tune_predictions.zarr")
+    affinities, offsets = read_affinities(tuning.predictions)
+    grid = default_grid("affinities", tuning.voxel_size)
+    sweeps = {method: tune(affinities, tuning.gt, "affinities", [s for s in grid if s["method"] == method], metric,
+                           voxel_size=tuning.voxel_size, offsets=offsets, progress=progress)
               for method in TUNED_METHODS}
     (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
     best = min(sweeps.values(), key=lambda sweep: sweep["best_score"])  # lower is better for both metrics
@@ -182,10 +167,4 @@ def rows_of(results: dict) -> tuple[str, ...]:
 def format_table(results: dict, keys=SCORE_KEYS) -> str:
     """One metric of `keys` per line: mutex watershed, affinity watershed, the threshold baseline,
     and the tuned rows when present."""
-    rows = rows_of(results)
-    titles = {"mws": "mws", "watershed": "watershed", "threshold_baseline": "threshold",
-              "mws_tuned": "mws tuned", "watershed_tuned": "ws tuned", "agglomerate_tuned": "agglo tuned"}
-    lines = [f"{'metric':<26}" + "".join(f"{titles[r]:>11}" for r in rows) + "   better"]
-    for k in keys:
-        lines.append(f"{k:<26}" + "".join(f"{results[r][k]:>11.4f}" for r in rows) + f"   {BETTER[k]}")
-    return "\n".join(lines)
+    return common.format_table(results, rows_of(results), keys, BETTER, TITLES, key_width=26)
