@@ -80,7 +80,7 @@ def main() -> None:
     net = Net(width, args.xla_conv)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *block, 1)))
     dtype = np.uint8 if args.uint8 else np.float32
-    fn = make_predict_fn(lambda x: net.apply(variables, x), batch_size=args.batch,
+    fn = make_predict_fn(lambda x: net.apply(variables, x)[0], batch_size=args.batch,
                          normalize=(127.5, 64.0) if args.uint8 else None)
     with tempfile.TemporaryDirectory() as tmp:
         src = create_volume(f"{tmp}/in", shape, dtype, (1.0, 1.0, 1.0), chunks=(32, 128, 128))
@@ -156,7 +156,7 @@ def time_device_blocks(net, variables, src, tiling, batch, uint8, n, path, repea
     from jaxem.infer.blockwise import forward_fn
     from jaxem.infer.device import make_block_fn, predict_blocks
 
-    fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x), normalize=(127.5, 64.0) if uint8 else None),
+    fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x)[0], normalize=(127.5, 64.0) if uint8 else None),
                        tiling.block, batch, np.float16)
     stats = {}
     predict_blocks(fn, src, zarr_output(path, tiling.shape, tiling.chunk), tiling, (n,) * 3)  # compiles

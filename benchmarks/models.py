@@ -102,7 +102,7 @@ def make_step(model, tx):
     def loss_fn(params, stats, x, y):
         variables = {"params": params, **({"batch_stats": stats} if stats else {})}
         out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        logits = out[0] if isinstance(out, tuple) else out
+        logits, _ = out
         return optax.sigmoid_binary_cross_entropy(logits, y).mean(), updates.get("batch_stats", stats)
 
     def step(params, stats, opt_state, x, y):
@@ -120,7 +120,7 @@ def training_setup(cfg, spatial: tuple[int, ...], batch: int):
     x = jax.random.normal(key, (batch, *spatial, 1), jnp.float32)
     variables = jax.jit(lambda x: model.init(key, x, train=False))(x)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    out = out[0] if isinstance(out, tuple) else out  # targets shaped like the (main) output
+    out = out[0]  # targets shaped like the main output
     y = (jax.random.uniform(key, out.shape) > 0.5).astype(jnp.float32)
     params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.sgd(1e-3, momentum=0.9)

@@ -44,7 +44,7 @@ def test_adapted_unet_is_blind_to_a_contrast_change_the_unadapted_one_sees():
     model = models.build(cfg)
     crops = np.random.default_rng(1).normal(size=(8, 32, 32, 1)).astype(np.float32)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-    predict = lambda v, x: np.asarray(model.apply(v, jnp.asarray(x), train=False))  # noqa: E731
+    predict = lambda v, x: np.asarray(model.apply(v, jnp.asarray(x), train=False)[0])  # noqa: E731
     on_original = predict(adapted_batch_stats(model, variables, crops), crops)
     on_contrast = predict(adapted_batch_stats(model, variables, 3 * crops), 3 * crops)
     np.testing.assert_allclose(on_contrast, on_original, atol=2e-3 * np.abs(on_original).max())

@@ -100,7 +100,7 @@ def test_torch_twin_computes_the_jaxem_unet(ndim, fields):
     torch_unet.load_flax_variables(twin, variables)
     x_torch = torch.from_numpy(np.moveaxis(np.asarray(x), -1, 1).copy())
     for train in (False, True):
-        ours = model.apply(variables, x, train=train, mutable=["batch_stats"])[0]
+        ours = model.apply(variables, x, train=train, mutable=["batch_stats"])[0][0]
         theirs = twin.train(train)(x_torch).detach().numpy()
         np.testing.assert_allclose(np.moveaxis(theirs, 1, -1), ours, rtol=2e-4, atol=2e-4)
 

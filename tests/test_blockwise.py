@@ -21,14 +21,14 @@ from jaxem.infer.tiling import make_tiling
 
 
 class SmallNet(nn.Module):
-    """Two 3-wide convs: receptive radius 2 (<= halo in the tests)."""
+    """Two 3-wide convs: receptive radius 2 (<= halo in the tests); (logits, aux) as every jaxem model."""
 
     kernel: int = 3
 
     @nn.compact
     def __call__(self, x, train=False):
         k = (self.kernel,) * (x.ndim - 2)
-        return nn.Conv(2, k)(nn.relu(nn.Conv(4, k)(x)))
+        return nn.Conv(2, k)(nn.relu(nn.Conv(4, k)(x))), {}
 
 
 def setup(tmp_path, vol, net=SmallNet(), ndim=None, batch=2, voxel=None):
@@ -36,8 +36,8 @@ def setup(tmp_path, vol, net=SmallNet(), ndim=None, batch=2, voxel=None):
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + (8,) * ndim + (1,)))
     src = create_volume(tmp_path / "in", vol.shape, np.float32, voxel or (1.0,) * vol.ndim)
     src.write(vol)
-    fn = make_predict_fn(lambda x: net.apply(variables, x), batch, model_ndim=ndim)
-    whole = lambda v: np.moveaxis(np.asarray(jax.nn.sigmoid(net.apply(variables, v[None, ..., None])))[0], -1, 0)
+    fn = make_predict_fn(lambda x: net.apply(variables, x)[0], batch, model_ndim=ndim)
+    whole = lambda v: np.moveaxis(np.asarray(jax.nn.sigmoid(net.apply(variables, v[None, ..., None])[0]))[0], -1, 0)
     return src, fn, whole
 
 
@@ -185,8 +185,8 @@ def test_raw_uint8_tiles_normalised_on_the_device_equal_host_normalisation(tmp_p
     src.write(vol)
     net, stats = SmallNet(), (117.5, 41.0)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 8, 1)))
-    on_host = make_predict_fn(lambda x: net.apply(variables, x), 2)
-    on_device = make_predict_fn(lambda x: net.apply(variables, x), 2, normalize=stats)
+    on_host = make_predict_fn(lambda x: net.apply(variables, x)[0], 2)
+    on_device = make_predict_fn(lambda x: net.apply(variables, x)[0], 2, normalize=stats)
     dtypes = set()
     recording = predictor(lambda x: (dtypes.add(x.dtype), on_device.submit(x))[1], on_device.batch)
     tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), blend="gaussian")
@@ -380,12 +380,12 @@ def test_device_block_equals_the_host_path(tmp_path, shape, block, halo, roi, dt
     src.write(vol)
     net, stats = SmallNet(), (117.5, 41.0)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1,) + (8,) * len(shape) + (1,)))
-    apply = lambda x: net.apply(variables, x)
+    apply = lambda x: net.apply(variables, x)[0]
     chunk = tuple(2 * (b - 2 * h) for b, h in zip(block, halo))
     tiling = make_tiling(vol.shape, roi, block, halo, chunk, blend="gaussian")
     assert min(tiling.grid()) >= 2
     other = net.init(jax.random.PRNGKey(1), jnp.zeros((1,) + (8,) * len(shape) + (1,)))
-    applies = [apply, lambda x: net.apply(other, x)]
+    applies = [apply, lambda x: net.apply(other, x)[0]]
     on_host = [make_predict_fn(a, 2, normalize=stats) for a in applies]
     forwards = [forward_fn(a, normalize=stats) for a in applies]
     host_fn = {None: on_host[0], "tta": with_tta(on_host[0]), "median": ensemble(on_host, "median")}[wrap]
@@ -424,7 +424,7 @@ def test_device_blocks_resume_and_equal_the_host_path(tmp_path):
     host, _ = run(tmp_path, src, fn, tiling, name="host")
     out, _ = create_output(str(tmp_path / "dev"), (2, *tiling.roi_shape), np.float32, (1.0,) * 3,
                            (2, *tiling.chunk), ("c", "z", "y", "x"), (0, 0, 0), {"t": "dev"}, True)
-    block_fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x)), tiling.block, 2)
+    block_fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x)[0]), tiling.block, 2)
     first = predict_blocks(block_fn, src, out, tiling, (2, 2, 2), chunk_filter=lambda c: sum(c) % 2 == 0)
     rest = predict_blocks(block_fn, src, out, tiling, (2, 2, 2))
     assert first["chunks"] + rest["chunks"] == len(tiling.chunks())

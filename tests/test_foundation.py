@@ -454,7 +454,7 @@ def test_foundation_variants_from_scratch_train_in_any_dtype(variant):
     if variant == "sam":  # SAM's relative-position tables start at zero, which hides their gradient path
         variables = jax.tree_util.tree_map_with_path(
             lambda p, v: v + 0.1 if "rel_pos" in jax.tree_util.keystr(p) else v, variables)
-    grads = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2)))(variables)
+    grads = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x)[0] ** 2)))(variables)
     flat = jax.tree_util.tree_flatten_with_path(grads["params"]["encoder"])[0]
     assert all(float(jnp.abs(g).max()) > 0 for _, g in flat), [jax.tree_util.keystr(p) for p, g in flat if not g.any()]
     out = jax.jit(model.apply)(variables, x)

@@ -29,8 +29,8 @@ def blockwise_error(tmp_path, norm, block, halo, blend="gaussian", shape=(96, 80
     cfg.widths, cfg.groups, cfg.norm = (4, 8, 16), 2, norm  # 3 levels: sizes multiple of 4
     net = build(cfg)
     variables = net.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 1)), train=False)
-    whole = np.asarray(net.apply(variables, img[None, ..., None], train=False))[0, ..., 0]
-    fn = make_predict_fn(lambda x: net.apply(variables, x, train=False), 2, activation="linear")
+    whole = np.asarray(net.apply(variables, img[None, ..., None], train=False)[0])[0, ..., 0]
+    fn = make_predict_fn(lambda x: net.apply(variables, x, train=False)[0], 2, activation="linear")
     name = f"{norm}_{block}_{halo}_{blend}"
     src = create_volume(tmp_path / f"in_{name}", shape, np.float32, (1.0, 1.0))
     src.write(img)

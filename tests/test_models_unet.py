@@ -56,8 +56,9 @@ def test_output_shape_every_norm(ndim, shape, norm):
     cfg = small_cfg(ndim, norm=norm, out_channels=3)
     model = models.build(cfg)
     x = jax.random.normal(jax.random.key(1), (2, *shape, 1))
-    out, _ = jit(lambda x: model.apply(model.init(jax.random.key(0), x, train=False), x, train=True,
-                                           mutable=["batch_stats"]))(x)
+    (out, aux), _ = jit(lambda x: model.apply(model.init(jax.random.key(0), x, train=False), x, train=True,
+                                                  mutable=["batch_stats"]))(x)
+    assert aux == {}
     assert out.shape == (2, *shape, 3) and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
 
@@ -67,6 +68,7 @@ def test_anisotropic_hybrid_3d_with_deep_supervision_and_aspp():
                     pool_factors=((1, 2, 2), (1, 2, 2), 2), deep_supervision=True,
                     bottleneck="aspp", block="residual", out_channels=3)
     _, variables, _, (logits, aux) = init_apply(cfg, (4, 32, 32))
+    aux = aux["deep_supervision"]
     assert logits.shape == (2, 4, 32, 32, 3)
     assert [a.shape for a in aux] == [(2, 4, 16, 16, 3), (2, 4, 8, 8, 3)]
     kernel = variables["params"]["encoder"]["level0"]["ConvNormAct_0"]["Conv_0"]["kernel"]
@@ -109,9 +111,8 @@ def test_gradients_reach_every_parameter(overrides):
     model, variables, x = init_only(cfg, (16, 16))
 
     def loss(params):
-        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
-        if isinstance(out, tuple):
-            out = out[0] + sum(jnp.mean(a) for a in out[1])
+        (out, aux), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        out = out + sum(jnp.mean(a) for a in aux.get("deep_supervision", []))
         return jnp.mean(jnp.sin(3 * out) * x)
 
     grads = jit(jax.grad(loss))(variables["params"])

@@ -66,7 +66,8 @@ def abstract_variables(cfg, channels=1):
 @pytest.mark.parametrize("name,ndim,out_channels", [("unetr", 2, 3), ("unetr", 3, 1), ("resnet", 2, 0),
                                                     ("resnet", 3, 0), ("vit", 2, 5), ("vit", 3, 5)])
 def test_output_shapes(name, ndim, out_channels):
-    out = outputs(tiny_cfg(name, ndim, out_channels=out_channels))
+    out, aux = outputs(tiny_cfg(name, ndim, out_channels=out_channels))  # every model: (output, aux)
+    assert aux == {}
     if name == "unetr":
         assert out.shape == (2, *SHAPES[ndim], out_channels)
     else:
@@ -88,7 +89,7 @@ def test_vit_features_are_token_grids():
 @pytest.mark.parametrize("depth", [18, pytest.param(50, marks=pytest.mark.slow)])
 def test_unet_with_resnet_encoder_shapes(depth):
     cfg = tiny_cfg("unet", 3, encoder="resnet", resnet_depth=depth, resnet_blocks=(1, 1, 1), out_channels=2)
-    assert outputs(cfg).shape == (2, *SHAPES[3], 2)
+    assert outputs(cfg)[0].shape == (2, *SHAPES[3], 2)
 
 
 def resnet_count(c, widths, kv, bottleneck, norm=2):
@@ -172,8 +173,8 @@ def test_bfloat16_close_to_float32(name, ndim):
     cfg32 = tiny_cfg(name, ndim, out_channels=2)
     cfg16 = tiny_cfg(name, ndim, out_channels=2, dtype="bfloat16")
     model32, variables, x = run(cfg32)
-    out32 = jit(model32.apply)(variables, x)
-    out16 = jit(models.build(cfg16).apply)(variables, x)
+    out32 = jit(model32.apply)(variables, x)[0]
+    out16 = jit(models.build(cfg16).apply)(variables, x)[0]
     assert out16.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(abstract_variables(cfg16)))
     scale = float(jnp.max(jnp.abs(out32)))
@@ -192,7 +193,7 @@ def test_remat_same_outputs_and_gradients(name, ndim, overrides):
         model, variables, x = run(cfg)
 
         def loss(params):
-            out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            (out, _), _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return jnp.mean(jnp.sin(out)), out
 
         results.append(jit(jax.value_and_grad(loss, has_aux=True))(variables["params"]))

@@ -21,7 +21,7 @@ from jaxem.infer.blockwise import make_predict_fn, predict_volume
 from jaxem.infer.ensemble import check_reduction, ensemble, with_tta
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.tiling import make_tiling
-from jaxem.train.supervised import output_activation
+from jaxem.models.heads import output_activation
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
 
@@ -93,7 +93,7 @@ def model_predictor(config, model, variables, tta: bool = False, normalize: tupl
     """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass);
     with `normalize` = (a, b) it takes raw tiles and normalises them on the device."""
     kind = str(config.target.get("kind", "boundary"))
-    fn = make_predict_fn(lambda x: model.apply(variables, x, train=False), int(config.predict.get("batch_size", 4)),
+    fn = make_predict_fn(lambda x: model.apply(variables, x, train=False)[0], int(config.predict.get("batch_size", 4)),
                          activation=output_activation(kind), model_ndim=int(config.model.ndim), normalize=normalize)
     return with_tta(fn) if tta else fn
 

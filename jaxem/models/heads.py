@@ -11,6 +11,18 @@ import jax.numpy as jnp
 from jaxem.models import layers
 
 
+def output_activation(target_kind: str) -> str:
+    """'softmax' over channels for multiclass targets, otherwise 'sigmoid' per channel."""
+    return "softmax" if target_kind == "multiclass" else "sigmoid"
+
+
+def probabilities(target_kind: str, logits: jax.Array) -> jax.Array:
+    """Model outputs as probabilities, with the activation of `output_activation(target_kind)`."""
+    if output_activation(target_kind) == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.sigmoid(logits)
+
+
 class SegmentationHead(nn.Module):
     """1x1 conv to `out_channels` logits. (B, *S, C) any dtype -> (B, *S, out_channels) float32.
 
@@ -69,7 +81,7 @@ class DenseProjectionHead(nn.Module):
 class PooledEncoder(nn.Module):
     """An encoder model ('resnet', 'vit'): encoder + global mean over space (+ optional linear head).
 
-    __call__(x (B, *S, C_in), train) -> (B, D) float32, D = out_channels if out_channels > 0, else
+    __call__(x (B, *S, C_in), train) -> ((B, D) float32, {}), D = out_channels if out_channels > 0, else
     the channels of the encoder's last feature map (the embedding SSL heads build on).
     `apply(..., method='features')` returns the encoder's list of feature maps.
     """
@@ -78,9 +90,9 @@ class PooledEncoder(nn.Module):
     out_channels: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
         pooled = global_mean_pool(self.encoder(x, train)[-1])
-        return nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled
+        return (nn.Dense(self.out_channels, name="head")(pooled) if self.out_channels > 0 else pooled), {}
 
     def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
         return self.encoder(x, train)

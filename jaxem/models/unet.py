@@ -55,9 +55,9 @@ class ConvEncoder(nn.Module):
 class UNet(nn.Module):
     """U-Net: encoder -> optional dilated/ASPP bottleneck -> decoder with skips -> 1x1 head.
 
-    __call__(x (B, *S, C_in) float32, train) -> logits (B, *S, out_channels) float32, or with
-    deep_supervision a tuple (logits, [aux logits at decoder levels 1..n-2, fine to coarse]);
-    aux logits have the spatial shape of their level. S must be divisible by the product of
+    __call__(x (B, *S, C_in) float32, train) -> (logits (B, *S, out_channels) float32, aux dict);
+    with deep_supervision aux["deep_supervision"] lists the aux logits at decoder levels 1..n-2,
+    fine to coarse, each of the spatial shape of its level; otherwise aux is {}. S must be divisible by the product of
     pool_factors per axis (see jaxem.models.check_input_shape).
     """
 
@@ -93,7 +93,7 @@ class UNet(nn.Module):
             if self.deep_supervision and 0 < i:
                 aux.append(SegmentationHead(self.out_channels, self.dtype, name=f"aux{i}")(y))
         logits = SegmentationHead(self.out_channels, self.dtype, name="head")(y)
-        return (logits, aux[::-1]) if self.deep_supervision else logits
+        return logits, ({"deep_supervision": aux[::-1]} if self.deep_supervision else {})
 
     def _bottleneck(self, y: jax.Array, train: bool, kw: dict) -> jax.Array:
         kernel = self.kernel_sizes[-1]

@@ -44,7 +44,7 @@ class UNETR(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
         x = x.astype(self.dtype)
         states = self.encoder(x, train)
         factors = up_factors(self.encoder.patch_size)
@@ -65,7 +65,7 @@ class UNETR(nn.Module):
             y = layers.UpConv(width(level), factors[level], dtype=self.dtype, name=f"up{level}")(y)
             y = jnp.concatenate([skips[level], y], axis=-1)
             y = block(width(level), self.kernel, 2, True, **kw, name=f"dec{level}")(y, train)
-        return SegmentationHead(self.out_channels, name="head")(y)
+        return SegmentationHead(self.out_channels, name="head")(y), {}
 
 
 def default_config(ndim: int) -> ml_collections.ConfigDict:

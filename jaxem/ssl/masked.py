@@ -131,7 +131,7 @@ def make_masked_step(model: nn.Module, cfg: ml_collections.ConfigDict, augment_f
     """
 
     def loss_fn(params, state, inputs, target, mask):
-        prediction, batch_stats = train_mode_apply(model, params, state.batch_stats, inputs)
+        (prediction, _), batch_stats = train_mode_apply(model, params, state.batch_stats, inputs)
         loss, metrics = reconstruction_loss(prediction.astype(jnp.float32), target, mask, cfg.mask_loss)
         return loss, (metrics, batch_stats)
 

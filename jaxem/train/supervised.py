@@ -14,28 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxem.models.heads import probabilities
 from jaxem.train.losses import segmentation_loss
 from jaxem.train.state import ENCODER, TrainState, encoder_frozen
 
 Batch = dict[str, jax.Array]
-
-
-def output_activation(target_kind: str) -> str:
-    """'softmax' over channels for multiclass targets, otherwise 'sigmoid' per channel."""
-    return "softmax" if target_kind == "multiclass" else "sigmoid"
-
-
-def probabilities(target_kind: str, logits: jax.Array) -> jax.Array:
-    """Model outputs as probabilities, with the activation of `output_activation(target_kind)`."""
-    if output_activation(target_kind) == "softmax":
-        return jax.nn.softmax(logits, axis=-1)
-    return jax.nn.sigmoid(logits)
-
-
-def _main_and_aux(outputs) -> tuple[jax.Array, list[jax.Array]]:
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0], list(outputs[1])
-    return outputs, []
 
 
 def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
@@ -82,7 +65,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     def loss_fn(params, batch_stats, image, target, target_mask, rng, semi_inputs=None):
         """(loss, (loss parts, batch_stats, (source, target) probabilities when semi else ()))."""
         outputs, batch_stats = forward(params, batch_stats, image, rng)
-        logits, aux = _main_and_aux(outputs)
+        logits, aux = outputs
+        aux = aux.get("deep_supervision", [])
         loss, parts = segmentation_loss(loss_cfg, logits, target, target_mask)
         if aux:
             parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, target, target_mask)
@@ -91,7 +75,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             return loss, (parts, batch_stats, ())
         student_in, teacher_probs, weights, adversary_params = semi_inputs
         student, batch_stats = forward(params, batch_stats, student_in, rng)
-        student_probs = probabilities(target_kind, _main_and_aux(student)[0])
+        student_probs = probabilities(target_kind, student[0])
         if teacher_on:
             parts["consistency"] = mean_teacher.consistency(student_probs, teacher_probs)
             loss = loss + weights["consistency_weight"] * parts["consistency"]
@@ -132,7 +116,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         teacher_probs = None
         if teacher_on:
             crops, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
-            teacher_logits, _ = _main_and_aux(model.apply(state.variables(use_ema=True), teacher_in, train=False))
+            teacher_logits, _ = model.apply(state.variables(use_ema=True), teacher_in, train=False)
             teacher_probs = probabilities(target_kind, teacher_logits)
         ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
         weights = {**({"consistency_weight": semi_cfg.weight * ramp} if teacher_on else {}),
@@ -185,7 +169,7 @@ def make_eval_step(model, loss_cfg: ml_collections.ConfigDict, target_fn: Callab
     """
 
     def eval_step(state: TrainState, batch: Batch):
-        logits, _ = _main_and_aux(model.apply(state.variables(use_ema), batch["image"], train=False))
+        logits, _ = model.apply(state.variables(use_ema), batch["image"], train=False)
         target, target_mask = target_fn(batch["labels"], batch["mask"])
         loss, _ = segmentation_loss(loss_cfg, logits, target, target_mask)
         probs = probabilities(target_kind, logits)
