@@ -6,9 +6,9 @@ runs, never from per-voxel arrays:
 
 - the contingency table (`clustering.ContingencyAccumulator.add_runs`): runs of equal
   (pred, gt) pairs are the union of the run starts of both volumes;
-- per-object morphology (`label_moments`, fed to `report.RunMorphology`): voxel count, first and
-  second moments of the voxel coordinates and bounding boxes in closed form per run (a run is an
-  arithmetic sequence along the last axis), summed per id.
+- per-object morphology (`label_moments`, fed to `jaxem.protocols.report.RunMorphology`): voxel
+  count, first and second moments of the voxel coordinates and bounding boxes in closed form per
+  run (a run is an arithmetic sequence along the last axis), summed per id.
 Pure numpy (+ fastremap).
 """
 
