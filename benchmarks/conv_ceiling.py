@@ -20,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-import jaxem  # noqa: F401  (its XLA flags: cuDNN in channels-last layouts)
+from jaxem import xla
 from benchmarks.models import peak_flops
 
 
@@ -68,4 +68,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

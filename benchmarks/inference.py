@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from jaxem import xla
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -247,4 +249,5 @@ def monai_zarr_to_zarr(run, src, chunk, core, halo, uint8, path, device) -> floa
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

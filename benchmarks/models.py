@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxem import xla
 from jaxem import models
 from jaxem.models import flops, layers
 
@@ -201,4 +202,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the bench
 import jax
 
 from benchmarks.models import CONVS, MODELS, config_for, parse_field, training_setup
+from jaxem import xla
 from jaxem.models import layers
 
 
@@ -95,4 +96,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

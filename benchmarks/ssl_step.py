@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jaxem import xla  # noqa: E402
 
 
 def time_steps(step, state, batch, steps: int) -> tuple[float, object]:
@@ -91,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the bench
 import numpy as np
 
 from benchmarks import models as jaxem_bench
+from jaxem import xla
 from jaxem.models import layers, unet
 
 
@@ -242,4 +243,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla.set_default_flags()  # the XLA flags `jaxem` commands run with, before JAX starts
     main()

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from jaxem import xla
 from jaxem.errors import UserError
 
 # name -> (module, one-line help). Add a command by adding a line here.
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    xla.set_default_flags()  # before the command imports JAX
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"jaxem {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

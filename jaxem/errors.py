@@ -6,5 +6,8 @@ it without a traceback and exits with code 2.
 """
 
 
-class UserError(Exception):
-    """Bad input from the user: one clear sentence, exit code 2 from the CLI."""
+class UserError(ValueError):
+    """Bad input from the user: one clear sentence, exit code 2 from the CLI.
+
+    A ValueError, so library callers below the CLI catch it as the bad value it is; only
+    `jaxem.cli.main` turns it into the one-line message and exit code 2."""

@@ -118,18 +118,29 @@ def test_max_pool_propagates_nan_like_reduce_window():
     np.testing.assert_array_equal(ours[~np.isnan(ours)], ref[~np.isnan(ref)])
 
 
-def test_import_sets_channels_last_cudnn_flag_unless_the_user_did():
+def test_import_leaves_xla_flags_and_the_cli_adds_the_cudnn_layout_flag_unless_the_user_did():
     import os
     import subprocess
     import sys
 
-    code = "import os, jaxem; print(os.environ['XLA_FLAGS'])"
+    from jaxem import xla
+
+    code = "import os, jaxem, jaxem.cli, jaxem.models, jaxem.train; print(os.environ.get('XLA_FLAGS', 'unset'))"
+    for before in ("", "--xla_cpu_use_onednn=true"):
+        env = {**os.environ, "XLA_FLAGS": before}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == (before or "")
     for before, after in [("", "--xla_gpu_force_conv_nhwc=true"),
                           ("--xla_cpu_use_onednn=true", "--xla_cpu_use_onednn=true --xla_gpu_force_conv_nhwc=true"),
                           ("--xla_gpu_force_conv_nhwc=false", "--xla_gpu_force_conv_nhwc=false")]:
-        env = {**os.environ, "XLA_FLAGS": before}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == after
+        env = {"XLA_FLAGS": before}
+        assert xla.set_default_flags(env) == after and env["XLA_FLAGS"] == after
+    # `jaxem <command>` sets them before the command module imports JAX
+    code = ("import os, sys, jaxem.cli; from unittest import mock\n"
+            "with mock.patch('importlib.import_module', side_effect=lambda name: sys.exit(os.environ['XLA_FLAGS'])):\n"
+            "    jaxem.cli.main(['predict'])")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True)
+    assert out.stderr.strip() == "--xla_gpu_force_conv_nhwc=true"
 
 
 def _reference_ops(monkeypatch):

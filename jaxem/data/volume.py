@@ -257,9 +257,10 @@ def _real_valued(store: ts.TensorStore, path: str) -> ts.TensorStore:
 
 def _ts_open(spec: dict, path: str, mode: str, what: str) -> ts.TensorStore:
     try:
-        return _real_valued(ts.open(spec, read=True, write=(mode != "r")).result(), path)
+        store = ts.open(spec, read=True, write=(mode != "r")).result()
     except ValueError as e:
         raise UserError(f"{path} is not a readable {what} volume ({_reason(e)}).") from None
+    return _real_valued(store, path)
 
 
 def _open_zarr(path, mode, format, level) -> Volume:
