@@ -26,7 +26,7 @@ import optax
 
 from jaxem import xla
 from jaxem import models
-from jaxem.models import flops, layers
+from jaxem.models import flops
 
 # Peak dense (no sparsity) bf16 FLOP/s by device_kind substring, from vendor spec sheets.
 PEAK_BF16 = {
@@ -72,7 +72,7 @@ SMALL = {  # fields and input sizes for --small
 
 
 # --convs: how 3D convolutions run. auto: XLA's (cuDNN) on accelerators, 2D slices on CPUs.
-CONVS = {"auto": None, "xla": False, "slices": True}
+CONVS = {"auto": None, "xla": "xla", "slices": "slices"}  # -> models.build(cfg, conv_form)
 
 
 def peak_flops(device) -> float | None:
@@ -113,10 +113,11 @@ def make_step(model, tx):
     return step
 
 
-def training_setup(cfg, spatial: tuple[int, ...], batch: int):
-    """(jitted step, step function, args): the jitted training step of `cfg`'s model and its arguments
-    (params, stats, opt_state, x (batch, *spatial, 1), y random 0/1 targets shaped like the output)."""
-    model = models.build(cfg)
+def training_setup(cfg, spatial: tuple[int, ...], batch: int, conv_form: str | None = None):
+    """(jitted step, step function, args): the jitted training step of `cfg`'s model (3D convs in
+    `conv_form`; None: the backend's default) and its arguments (params, stats, opt_state,
+    x (batch, *spatial, 1), y random 0/1 targets shaped like the output)."""
+    model = models.build(cfg, conv_form)
     key = jax.random.key(0)
     x = jax.random.normal(key, (batch, *spatial, 1), jnp.float32)
     variables = jax.jit(lambda x: model.init(key, x, train=False))(x)
@@ -133,13 +134,13 @@ def bench(name: str, small: bool, dtype: str, remat: bool, steps: int, batch: in
           convs: str = "auto") -> dict:
     cfg, spatial, default_batch = config_for(name, small, dtype, remat, fields)
     batch = batch or default_batch
-    step, step_fn, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, batch)
-    model_flops = flops.matmul_flops(step_fn, params, stats, opt_state, x, y)
+    step, _, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, batch, CONVS[convs])
+    xla_step_fn = make_step(models.build(cfg, conv_form="xla"), optax.sgd(1e-3, momentum=0.9))
+    model_flops = flops.matmul_flops(xla_step_fn, params, stats, opt_state, x, y)  # the model's own convs
     t0 = time.perf_counter()
     # --small is a smoke run: XLA's CPU backend would spend minutes optimising 8 tiny models.
     options = {"xla_backend_optimization_level": 0} if small and jax.devices()[0].platform == "cpu" else None
-    with layers.slice_convs(CONVS[convs]):
-        lowered = step.lower(params, stats, opt_state, x, y)
+    lowered = step.lower(params, stats, opt_state, x, y)
     compiled = lowered.compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     step_flops = flops.cost_flops(compiled.cost_analysis())

@@ -28,7 +28,6 @@ import jax
 
 from benchmarks.models import CONVS, MODELS, config_for, parse_field, training_setup
 from jaxem import xla
-from jaxem.models import layers
 
 
 def kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:
@@ -71,9 +70,8 @@ def main() -> None:
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg, spatial, batch = config_for(args.model, args.small, dtype, False, dict(parse_field(f) for f in args.set))
-    step, _, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, args.batch or batch)
-    with layers.slice_convs(CONVS[args.convs]):
-        compiled = step.lower(params, stats, opt_state, x, y).compile()
+    step, _, (params, stats, opt_state, x, y) = training_setup(cfg, spatial, args.batch or batch, CONVS[args.convs])
+    compiled = step.lower(params, stats, opt_state, x, y).compile()
     hlo_text = compiled.as_text()
     for _ in range(2):  # warm up
         params, stats, opt_state, loss = compiled(params, stats, opt_state, x, y)

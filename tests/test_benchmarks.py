@@ -24,7 +24,7 @@ def test_models_benchmark_counts_three_forwards_per_step():
     record's rates follow from them."""
     record = models_bench.bench("unet3d", small=True, dtype="float32", remat=False, steps=1, batch=None)
     cfg, spatial, _ = models_bench.config_for("unet3d", True, "float32", False)
-    model = models.build(cfg)
+    model = models.build(cfg, conv_form="xla")
     x = jnp.zeros((2, *spatial, 1))
     variables = model.init(jax.random.key(0), x, train=False)
     forward = flops.matmul_flops(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x)

@@ -28,7 +28,7 @@ def test_3d_conv_as_2d_slices_equals_xla_conv(kernel, strides, dilation, padding
 
     def ours(x, w):  # called as flax's nn.Conv calls it, with channels-last dimension numbers
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
-        return layers.conv_general_dilated(x, w, strides, padding, None, dilation, dn, groups)
+        return layers.conv_general_dilated(x, w, strides, padding, None, dilation, dn, groups, slices=True)
 
     def xla(x, w):
         dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, DN)
@@ -56,22 +56,26 @@ def test_upconv_equals_flax_conv_transpose(factors):
     np.testing.assert_allclose(y, flax_.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
-def test_flop_counts_use_xla_convs():
-    """FLOP counts come from the model's own 3D convs, not the CPU's 2D-slice form (whose z
-    padding taps XLA would count)."""
+def test_conv_form_is_a_module_field_and_flop_counts_use_xla_convs():
+    """The conv form is fixed when the model is built (CPU default: 'slices'), not read while tracing;
+    FLOP counts come from the model's own 3D convs, not the 2D-slice form (whose z padding taps
+    XLA would count); both forms compute the same logits."""
     from jaxem import models
     from jaxem.models import flops
 
     cfg = models.default_config("unet", 3)
     cfg.update(widths=(4, 8), norm="none")
     counted = flops.model_cost(cfg, (8, 16, 16))["flops"]
-    model = models.build(cfg)
-    x = jax.ShapeDtypeStruct((1, 8, 16, 16, 1), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    sliced = flops.xla_flops(lambda v, x: model.apply(v, x), variables, x)
-    with layers.xla_convs():
-        assert flops.xla_flops(lambda v, x: model.apply(v, x), variables, x) == counted
-    assert sliced != counted
+    built = {form: models.build(cfg, conv_form=form) for form in ("xla", "slices")}
+    assert models.build(cfg).conv_form == "slices" == built["slices"].encoder.conv_form  # on this CPU
+    x = jax.random.normal(jax.random.key(0), (1, 8, 16, 16, 1))
+    variables = built["xla"].init(jax.random.key(0), x)
+    count = {form: flops.xla_flops(lambda v, x, m=m: m.apply(v, x), variables, x) for form, m in built.items()}
+    assert count["xla"] == counted != count["slices"]
+    np.testing.assert_allclose(built["slices"].apply(variables, x)[0], built["xla"].apply(variables, x)[0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="conv_form"):
+        models.build(cfg, conv_form="cudnn")
 
 
 @pytest.mark.parametrize("shape,factors", [((2, 4, 8, 8, 3), (1, 2, 2)), ((1, 6, 8, 10, 2), (2, 2, 2)),
@@ -145,7 +149,7 @@ def test_import_leaves_xla_flags_and_the_cli_adds_the_cudnn_layout_flag_unless_t
 
 def _reference_ops(monkeypatch):
     """Swap every fast form in layers for the flax/lax op it replaces."""
-    monkeypatch.setattr(layers, "conv_general_dilated", jax.lax.conv_general_dilated)
+    monkeypatch.setattr(layers, "conv_general_dilated", lambda *a, slices=False, **k: jax.lax.conv_general_dilated(*a, **k))
     monkeypatch.setattr(layers, "max_pool", lambda x, f: nn.max_pool(x, f, strides=f) if any(v > 1 for v in f) else x)
     monkeypatch.setattr(layers, "_paint_blocks", lambda x, k: jax.lax.conv_transpose(x, k, k.shape[:-2], "SAME"))
 

@@ -310,7 +310,7 @@ def test_unetr_runs_on_converted_encoder(tmp_path, kind):
     model = models.build(cfg)
     x = jnp.asarray(_grey((1, 32, 32)))[..., None]
     seg = models.transfer_encoder_params(jax.jit(model.init)(jax.random.key(0), x), enc_vars)
-    out = jax.jit(model.apply)(seg, x)
+    out, _ = jax.jit(model.apply)(seg, x)
     assert out.shape == (1, 32, 32, 2) and np.isfinite(np.asarray(out)).all()
 
 
@@ -331,9 +331,9 @@ def test_convert_weights_cli_then_finetune_config_builds(tmp_path, dinov2_checkp
     """`jaxem convert-weights` writes OUT; `--config finetune_foundation:OUT` (a UNETR with the
     encoder fields of OUT/model.json and train.init_encoder=OUT) builds with the converted weights."""
     from jaxem.config import apply_overrides, load_config
-    from jaxem.ssl.pretrain import load_encoder
+    from jaxem.train.checkpoint import load_encoder
     from jaxem.train import parallel
-    from jaxem.train.loop import build_training
+    from jaxem.train.trainer import build_training
 
     path, _ = dinov2_checkpoint
     out = tmp_path / "enc"
@@ -355,7 +355,7 @@ def test_init_encoder_takes_a_checkpoint_file_directly(tmp_path, dinov2_checkpoi
     patch 4 -> 4 and a 4x4 table resampled from 8x8), the same weights `convert` gives."""
     from jaxem.config import apply_overrides, load_config
     from jaxem.train import parallel
-    from jaxem.train.loop import build_training
+    from jaxem.train.trainer import build_training
 
     path, _ = dinov2_checkpoint
     config = apply_overrides(load_config(f"finetune_foundation:{path}"),
@@ -457,9 +457,9 @@ def test_foundation_variants_from_scratch_train_in_any_dtype(variant):
     grads = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x)[0] ** 2)))(variables)
     flat = jax.tree_util.tree_flatten_with_path(grads["params"]["encoder"])[0]
     assert all(float(jnp.abs(g).max()) > 0 for _, g in flat), [jax.tree_util.keystr(p) for p, g in flat if not g.any()]
-    out = jax.jit(model.apply)(variables, x)
+    out = jax.jit(model.apply)(variables, x)[0]
     cfg.remat = True
-    np.testing.assert_allclose(jax.jit(models.build(cfg).apply)(variables, x), out, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(jax.jit(models.build(cfg).apply)(variables, x)[0], out, atol=1e-5, rtol=0)
     cfg.remat, cfg.dtype = False, "bfloat16"
-    low = jax.jit(models.build(cfg).apply)(variables, x)
+    low = jax.jit(models.build(cfg).apply)(variables, x)[0]
     assert low.dtype == jnp.float32 and float(jnp.abs(low - out).max()) < 0.05 * float(jnp.abs(out).max()) + 0.05

@@ -36,7 +36,7 @@ def test_matmul_flops_counts_training_convs_exactly():
     cfg = models.default_config("unet", 3)
     a, b, s = 4, 8, 8
     cfg.update(widths=(a, b), norm="none")
-    model = models.build(cfg)
+    model = models.build(cfg, conv_form="xla")
     x = jnp.ones((2, s, s, s, 1))
     variables = model.init(jax.random.key(0), x, train=False)
 

@@ -3,8 +3,12 @@
     cfg = default_config('unet', 2); cfg.out_channels = 2
     model = build(cfg)
     variables = model.init(jax.random.key(0), x, train=False)      # x (B, *S, C_in) float32
-    logits = model.apply(variables, x, train=False)                # (B, *S, out_channels) float32
-    logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    logits, aux = model.apply(variables, x, train=False)           # (B, *S, out_channels) float32, {}
+    (logits, aux), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+Every model returns `(output, aux)`: the logits (or pooled features of an encoder model) and a
+dict of auxiliary outputs, `{}` unless the U-Net has deep supervision (aux["deep_supervision"]:
+the coarser levels' logits, fine to coarse).
 
 Models: 'unet' (2D/3D, conv or ResNet encoder), 'resnet' (encoder; pooled features), 'vit'
 (encoder; pooled features), 'unetr' (ViT encoder + conv decoder). Every model that has an encoder
@@ -20,8 +24,10 @@ import flax.linen as nn
 import ml_collections
 
 from jaxem.errors import UserError
+from jaxem.models import layers
+from jaxem.models.transfer import transfer_encoder
 
-# name -> module defining default_config(ndim), from_config(cfg) and input_divisor(cfg).
+# name -> module defining default_config(ndim), from_config(cfg, conv_form) and input_divisor(cfg).
 MODELS = {
     "unet": "jaxem.models.unet",
     "resnet": "jaxem.models.resnet",
@@ -43,9 +49,12 @@ def default_config(name: str, ndim: int = 2) -> ml_collections.ConfigDict:
     return _module(name).default_config(ndim)
 
 
-def build(cfg: ml_collections.ConfigDict) -> nn.Module:
-    """The flax.linen Module that `cfg` (a model config section) describes."""
-    return _module(cfg.name).from_config(cfg)
+def build(cfg: ml_collections.ConfigDict, conv_form: str | None = None) -> nn.Module:
+    """The flax.linen Module that `cfg` (a model config section) describes. Its 3D convolutions take
+    `conv_form` ('xla' or 'slices', layers.CONV_FORMS; None: `layers.default_conv_form()`, 'slices'
+    on the CPU), a field of the modules fixed here, not read when the model is traced."""
+    form = layers.check_conv_form(conv_form or layers.default_conv_form())
+    return _module(cfg.name).from_config(cfg, form)
 
 
 def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -93,5 +102,4 @@ def transfer_encoder_params(seg_variables: dict, encoder_variables: dict) -> dic
     in both is copied; every leaf must exist in the target with the same shape, otherwise a
     UserError names the first mismatching path. Returns new variables; inputs are unchanged.
     """
-    from jaxem.models.transfer import transfer_encoder
     return transfer_encoder(seg_variables, encoder_variables)

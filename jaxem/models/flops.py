@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from jaxem import models
-from jaxem.models import layers
 
 
 def count_params(variables: Any) -> int:
@@ -47,10 +46,10 @@ def matmul_flops(fn, *args) -> float:
     Unlike XLA's cost analysis this is the same on every backend (on GPUs XLA hands convolutions to
     cuDNN and its cost analysis leaves them out). Only taps that meet a real input element count:
     not those on zero padding, nor on zeros inserted by input dilation (gradients of strided and
-    transposed convolutions).
+    transposed convolutions). Count a model built with conv_form='xla' (`models.build(cfg, 'xla')`):
+    the 'slices' form pads z explicitly, and taps on that padding would count.
     """
-    with layers.xla_convs():  # the model's convolutions, not the CPU's 2D-slice form
-        return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _jaxpr_flops(jaxpr) -> float:
@@ -87,11 +86,10 @@ def _conv_flops(eqn) -> float:
 def model_cost(cfg: ml_collections.ConfigDict, spatial: Sequence[int], batch: int = 1,
                in_channels: int = 1) -> dict:
     """{'params', 'flops', 'flops_per_voxel'} of the inference forward pass at (batch, *spatial)."""
-    model = models.build(cfg)
+    model = models.build(cfg, conv_form="xla")  # the model's own convolutions, not the CPU's 2D-slice form
     x = jax.ShapeDtypeStruct((batch, *spatial, in_channels), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    with layers.xla_convs():  # the model's own convolutions, not the CPU's 2D-slice form
-        flops = xla_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
+    flops = xla_flops(lambda v, x: model.apply(v, x, train=False), variables, x)
     voxels = batch * int(np.prod(spatial))
     return {"params": count_params(variables), "flops": flops, "flops_per_voxel": flops / voxels}
 

@@ -8,7 +8,6 @@ are float32; `dtype` is the compute dtype (float32 or bfloat16).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -83,34 +82,26 @@ def group_count(channels: int, groups: int) -> int:
 # ---------------------------------------------------------------- CPU fast paths for 3D convolutions
 # XLA's CPU backend has fast 2D convolutions but a slow generic path for 3D ones (a 3x3x3 conv of
 # 2 x 32x64x64 x 4 channels: 172 ms vs 14 ms as 2D convs; a 2x2x2 transposed conv of 16 channels:
-# 550 ms vs 14 ms as a matmul). On the CPU only, 3D convs therefore run as a sum of 2D convs over
-# z slices (one per z tap) and transposed convs with kernel == stride as a matmul plus a reshape.
-# Same parameters and the same results up to float rounding; accelerators keep XLA's own convs.
+# 550 ms vs 14 ms as a matmul). Transposed convs with kernel == stride run as a matmul plus a
+# reshape everywhere; 3D convs of a model in conv form 'slices' run as a sum of 2D convs over z
+# slices (one per z tap). `jaxem.models.build` picks the form once (`default_conv_form`: 'slices'
+# on the CPU) and stores it in the modules' `conv_form` field. Same parameters and the same results
+# up to float rounding.
 
 
-_SLICE_CONVS = [None]  # None: on the CPU only; True / False: everywhere / nowhere
+CONV_FORMS = ("xla", "slices")  # how 3D convolutions run: XLA's own, or 2D convs per z tap
 
 
-def _slice_form() -> bool:
-    """Whether 3D convolutions take the 2D-slice form."""
-    forced = _SLICE_CONVS[-1]
-    return jax.default_backend() == "cpu" if forced is None else forced
+def default_conv_form() -> str:
+    """'slices' on the CPU, 'xla' on accelerators: what `jaxem.models.build` gives a model."""
+    return "slices" if jax.default_backend() == "cpu" else "xla"
 
 
-@contextlib.contextmanager
-def slice_convs(enabled: bool):
-    """Models traced inside this block run 3D convolutions as 2D convolutions per z tap (True) or as
-    XLA's own convolutions (False) on every backend; `xla_convs()` is `slice_convs(False)`."""
-    _SLICE_CONVS.append(enabled)
-    try:
-        yield
-    finally:
-        _SLICE_CONVS.pop()
-
-
-def xla_convs():
-    """Models traced inside this block use XLA's own convolutions on the CPU too (FLOP counts)."""
-    return slice_convs(False)
+def check_conv_form(form: str) -> str:
+    """`form` when it is one of CONV_FORMS, else ValueError."""
+    if form not in CONV_FORMS:
+        raise ValueError(f"conv_form must be one of {', '.join(CONV_FORMS)}, got {form!r}")
+    return form
 
 
 def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -121,17 +112,17 @@ def _same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int,
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None):
+                         dimension_numbers=None, feature_group_count=1, precision=None, slices: bool = False):
     """`lax.conv_general_dilated` for flax's channels-last nn.Conv (lhs (B, *S, C), rhs (*K, C / groups, F)).
 
     A 1x1 convolution runs as a matmul on every backend (no layout changes around cuDNN on GPUs);
-    on the CPU a 3D convolution runs as kz 2D convolutions over z slices (see `slice_convs`)."""
+    with `slices` a 3D convolution runs as kz 2D convolutions over z slices (conv form 'slices')."""
     dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     plain = lhs_dilation is None or all(d == 1 for d in lhs_dilation)
     pointwise = all(k == 1 for k in rhs.shape[:-2]) and all(s == 1 for s in window_strides)
     if pointwise and plain and feature_group_count == 1 and padding in ("SAME", "VALID"):
         return jnp.einsum("...c,cf->...f", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
-    if lhs.ndim != 5 or not plain or not _slice_form() or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
+    if lhs.ndim != 5 or not plain or not slices or (isinstance(padding, str) and padding not in ("SAME", "VALID")):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision)
     kz, sz, dz = rhs.shape[0], window_strides[0], dilation[0]
@@ -145,25 +136,24 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if out_z <= 0:  # the kernel does not fit: XLA's empty result
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision)
-    # Accumulate the taps in float32 whatever the compute dtype. XLA's CPU convs can output float32
-    # from bfloat16 directly; cuDNN cannot (XLA would run them in float32), so on GPUs each tap is
-    # a bfloat16 conv converted before the sum.
-    on_cpu = jax.default_backend() == "cpu"
+    # Accumulate the taps in float32 whatever the compute dtype (XLA's CPU convs, the form's home,
+    # output float32 from bfloat16 directly).
     total = None
     for i in range(kz):
         taps = x[:, i * dz: i * dz + (out_z - 1) * sz + 1: sz]
         y = jax.lax.conv_general_dilated(taps.reshape(-1, *taps.shape[2:]), rhs[i], window_strides[1:], yx_pad,
                                          rhs_dilation=dilation[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                          feature_group_count=feature_group_count, precision=precision,
-                                         preferred_element_type=jnp.float32 if on_cpu else None)
+                                         preferred_element_type=jnp.float32)
         y = y.astype(jnp.float32)
         total = y if total is None else total + y
     return total.astype(lhs.dtype).reshape(lhs.shape[0], out_z, *total.shape[1:])
 
 
-def Conv(*args, **kwargs) -> nn.Conv:
-    """flax nn.Conv that takes the CPU fast path for 3D inputs (same parameters)."""
-    return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+def Conv(*args, conv_form: str = "xla", **kwargs) -> nn.Conv:
+    """flax nn.Conv (same parameters) whose 3D convolutions take `conv_form` (CONV_FORMS)."""
+    slices = check_conv_form(conv_form) == "slices"
+    return nn.Conv(*args, conv_general_dilated=functools.partial(conv_general_dilated, slices=slices), **kwargs)
 
 
 class UpConv(nn.Module):
@@ -239,11 +229,12 @@ class ConvNormAct(nn.Module):
     act: str = "relu"
     use_act: bool = True
     dtype: Any = jnp.float32
+    conv_form: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv(self.features, self.kernel, strides=self.strides, kernel_dilation=self.dilation,
-                 padding="SAME", use_bias=self.norm == "none", dtype=self.dtype)(x)
+                 padding="SAME", use_bias=self.norm == "none", dtype=self.dtype, conv_form=self.conv_form)(x)
         x = Norm(self.norm, self.groups, self.dtype)(x, train)
         return activation(self.act)(x) if self.use_act else x
 
@@ -264,6 +255,7 @@ class ConvBlock(nn.Module):
     groups: int = 8
     act: str = "relu"
     dtype: Any = jnp.float32
+    conv_form: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -272,12 +264,12 @@ class ConvBlock(nn.Module):
             last = i == self.convs - 1
             y = ConvNormAct(self.features, self.kernel, dilation=self.dilation, norm=self.norm,
                             groups=self.groups, act=self.act, use_act=not (self.residual and last),
-                            dtype=self.dtype)(y, train)
+                            dtype=self.dtype, conv_form=self.conv_form)(y, train)
         if not self.residual:
             return y
         if x.shape[-1] != self.features:
             x = ConvNormAct(self.features, (1,) * (x.ndim - 2), norm=self.norm, groups=self.groups,
-                            use_act=False, dtype=self.dtype)(x, train)
+                            use_act=False, dtype=self.dtype, conv_form=self.conv_form)(x, train)
         return activation(self.act)(x + y)
 
 
@@ -295,12 +287,13 @@ class DilatedBottleneck(nn.Module):
     groups: int = 8
     act: str = "relu"
     dtype: Any = jnp.float32
+    conv_form: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for rate in self.rates:
             x = x + ConvNormAct(x.shape[-1], self.kernel, dilation=dilate(self.kernel, rate), norm=self.norm,
-                                groups=self.groups, act=self.act, dtype=self.dtype)(x, train)
+                                groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)(x, train)
         return x
 
 
@@ -314,11 +307,12 @@ class ASPP(nn.Module):
     groups: int = 8
     act: str = "relu"
     dtype: Any = jnp.float32
+    conv_form: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         width, ones = x.shape[-1], (1,) * (x.ndim - 2)
-        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)
         branches = [ConvNormAct(width, ones, **kw)(x, train)]
         for rate in self.rates:
             branches.append(ConvNormAct(width, self.kernel, dilation=dilate(self.kernel, rate), **kw)(x, train))
@@ -398,3 +392,38 @@ def maybe_remat(module_cls, remat: bool):
 
 def prod(values: Sequence[int]) -> int:
     return math.prod(values)
+
+
+# ---------------------------------------------------------------- geometry of pooled encoders (U-Net, ResNet)
+
+
+def check_ndim(ndim: int) -> int:
+    """`ndim` when it is 2 or 3, else UserError naming model.ndim."""
+    if ndim not in (2, 3):
+        raise UserError(f"model.ndim must be 2 or 3, got {ndim!r}.")
+    return ndim
+
+
+def pool_factors(cfg) -> tuple[tuple[int, ...], ...]:
+    """The resolved per-transition pooling factors of a model config with `widths`, `pool_factors`
+    and `ndim`: len(widths) - 1 tuples of ndim ints."""
+    n = len(cfg.widths) - 1
+    if n == 0:
+        return ()
+    return per_level(cfg.pool_factors, n, check_ndim(cfg.ndim), 2, "pool_factors")
+
+
+def pooled_input_divisor(cfg) -> tuple[int, ...]:
+    """Per axis, the product of the pooling factors: every input size must be a multiple."""
+    divisor = [1] * check_ndim(cfg.ndim)
+    for factors in pool_factors(cfg):
+        divisor = [d * f for d, f in zip(divisor, factors)]
+    return tuple(divisor)
+
+
+def pooling_reason(cfg) -> str:
+    """Why input sizes must be multiples of `pooled_input_divisor(cfg)`, for error messages."""
+    pools, divisor = pool_factors(cfg), pooled_input_divisor(cfg)
+    if len(set(pools)) == 1:
+        return f"cannot pass {len(pools)} poolings by {pools[0]}"
+    return f"cannot pass poolings {', '.join(map(str, pools))} (sizes must be multiples of {divisor})"

@@ -21,7 +21,6 @@ import ml_collections
 from jaxem.errors import UserError
 from jaxem.models.heads import PooledEncoder
 from jaxem.models import layers
-from jaxem.models.unet import pooling_reason
 
 DEPTHS = {  # depth -> (bottleneck blocks?, blocks per level)
     18: (False, (2, 2, 2, 2)),
@@ -46,10 +45,11 @@ class ResidualBlock(nn.Module):
     groups: int = 8
     act: str = "relu"
     dtype: Any = jnp.float32
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)
         ones = (1,) * len(self.kernel)
         if self.bottleneck:
             out = self.width * EXPANSION
@@ -82,10 +82,11 @@ class ResNet(nn.Module):
     act: str = "relu"
     dtype: Any = jnp.float32
     remat: bool = False
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)
         block = layers.maybe_remat(ResidualBlock, self.remat)
         x = layers.ConvNormAct(self.widths[0], self.kernel_sizes[0], name="stem", **kw)(x.astype(self.dtype), train)
         features = []
@@ -116,7 +117,7 @@ def default_config(ndim: int) -> ml_collections.ConfigDict:
     ))
 
 
-def build_resnet(cfg: ml_collections.ConfigDict, depth: int, blocks: tuple[int, ...]) -> ResNet:
+def build_resnet(cfg: ml_collections.ConfigDict, depth: int, blocks: tuple[int, ...], conv_form: str = "xla") -> ResNet:
     """The ResNet encoder that `cfg` describes, with `depth`/`blocks` from the caller's field names."""
     if depth not in DEPTHS:
         raise UserError(f"ResNet depth must be one of {', '.join(map(str, DEPTHS))}, got {depth!r}.")
@@ -132,26 +133,19 @@ def build_resnet(cfg: ml_collections.ConfigDict, depth: int, blocks: tuple[int, 
     kernels = layers.per_level(cfg.kernel_sizes, len(widths), cfg.ndim, 3, "kernel_sizes")
     pools = layers.per_level(cfg.pool_factors, len(widths) - 1, cfg.ndim, 2, "pool_factors") if len(widths) > 1 else ()
     return ResNet(widths, kernels, pools, blocks, bottleneck, norm=cfg.norm, groups=cfg.groups,
-                  act=cfg.activation, dtype=layers.compute_dtype(cfg.dtype), remat=cfg.remat)
+                  act=cfg.activation, dtype=layers.compute_dtype(cfg.dtype), remat=cfg.remat, conv_form=conv_form)
 
 
-def encoder_from_config(unet_cfg: ml_collections.ConfigDict) -> ResNet:
+def encoder_from_config(unet_cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> ResNet:
     """The U-Net's ResNet encoder (fields resnet_depth, resnet_blocks)."""
-    return build_resnet(unet_cfg, unet_cfg.resnet_depth, unet_cfg.resnet_blocks)
+    return build_resnet(unet_cfg, unet_cfg.resnet_depth, unet_cfg.resnet_blocks, conv_form)
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> PooledEncoder:
+def from_config(cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> PooledEncoder:
     if cfg.ndim not in (2, 3):
         raise UserError(f"model.ndim must be 2 or 3, got {cfg.ndim!r}.")
-    return PooledEncoder(build_resnet(cfg, cfg.depth, cfg.blocks), cfg.out_channels)
+    return PooledEncoder(build_resnet(cfg, cfg.depth, cfg.blocks, conv_form), cfg.out_channels)
 
 
-def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Per axis, the product of the strides (sizes must be multiples so U-Net skips line up)."""
-    from jaxem.models.unet import input_divisor as unet_divisor
-    return unet_divisor(cfg)
-
-
-def divisor_reason(cfg: ml_collections.ConfigDict) -> str:
-    from jaxem.models.unet import pool_factors
-    return pooling_reason(pool_factors(cfg), input_divisor(cfg))
+input_divisor = layers.pooled_input_divisor  # strides, as the U-Net's poolings: sizes must be multiples
+divisor_reason = layers.pooling_reason

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxem.errors import UserError
-from jaxem.models import layers
+from jaxem.models import layers, resnet
 from jaxem.models.heads import SegmentationHead
 
 
@@ -38,6 +38,7 @@ class ConvEncoder(nn.Module):
     act: str = "relu"
     dtype: Any = jnp.float32
     remat: bool = False
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
@@ -47,7 +48,7 @@ class ConvEncoder(nn.Module):
             if i > 0:
                 x = layers.max_pool(x, self.pool_factors[i - 1])
             x = block(width, kernel, self.convs, self.residual, norm=self.norm, groups=self.groups,
-                      act=self.act, dtype=self.dtype, name=f"level{i}")(x, train)
+                      act=self.act, dtype=self.dtype, conv_form=self.conv_form, name=f"level{i}")(x, train)
             features.append(x)
         return features
 
@@ -77,11 +78,12 @@ class UNet(nn.Module):
     deep_supervision: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         features = self.encoder(x.astype(self.dtype), train)
-        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)
         y = self._bottleneck(features[-1], train, kw)
         block = layers.maybe_remat(layers.ConvBlock, self.remat)
         aux = []
@@ -129,9 +131,9 @@ def default_config(ndim: int) -> ml_collections.ConfigDict:
     ))
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> UNet:
-    """Builds the UNet (and its encoder) from a model config."""
-    ndim, widths = _check_ndim(cfg.ndim), tuple(int(w) for w in cfg.widths)
+def from_config(cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> UNet:
+    """Builds the UNet (and its encoder) from a model config, its 3D convs in `conv_form`."""
+    ndim, widths = layers.check_ndim(cfg.ndim), tuple(int(w) for w in cfg.widths)
     if not widths:
         raise UserError("model.widths must list at least one level width.")
     if cfg.block not in ("plain", "residual"):
@@ -141,7 +143,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
     kernels = layers.per_level(cfg.kernel_sizes, len(widths), ndim, 3, "kernel_sizes")
     pools = pool_factors(cfg)
     dtype = layers.compute_dtype(cfg.dtype)
-    common = dict(norm=cfg.norm, groups=cfg.groups, act=cfg.activation, dtype=dtype)
+    common = dict(norm=cfg.norm, groups=cfg.groups, act=cfg.activation, dtype=dtype, conv_form=conv_form)
     layers.activation(cfg.activation)
     if cfg.norm not in layers.NORMS:
         raise UserError(f"model.norm must be one of {', '.join(layers.NORMS)}, got {cfg.norm!r}.")
@@ -149,8 +151,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
         encoder = ConvEncoder(widths, kernels, pools, cfg.convs_per_block, cfg.block == "residual",
                               remat=cfg.remat, **common)
     elif cfg.encoder == "resnet":
-        from jaxem.models import resnet
-        encoder = resnet.encoder_from_config(cfg)
+        encoder = resnet.encoder_from_config(cfg, conv_form)
     else:
         raise UserError(f"model.encoder must be 'conv' or 'resnet', got {cfg.encoder!r}.")
     return UNet(encoder, ndim, cfg.out_channels, widths, kernels, pools, cfg.convs_per_block,
@@ -158,34 +159,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNet:
                 deep_supervision=cfg.deep_supervision, remat=cfg.remat, **common)
 
 
-def pool_factors(cfg: ml_collections.ConfigDict) -> tuple[tuple[int, ...], ...]:
-    """The resolved per-transition pooling factors: len(widths) - 1 tuples of ndim ints."""
-    n = len(cfg.widths) - 1
-    if n == 0:
-        return ()
-    return layers.per_level(cfg.pool_factors, n, _check_ndim(cfg.ndim), 2, "pool_factors")
-
-
-def _check_ndim(ndim: int) -> int:
-    if ndim not in (2, 3):
-        raise UserError(f"model.ndim must be 2 or 3, got {ndim!r}.")
-    return ndim
-
-
-def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Per axis, the product of the pooling factors: every input size must be a multiple."""
-    divisor = [1] * _check_ndim(cfg.ndim)
-    for factors in pool_factors(cfg):
-        divisor = [d * f for d, f in zip(divisor, factors)]
-    return tuple(divisor)
-
-
-def divisor_reason(cfg: ml_collections.ConfigDict) -> str:
-    """Why sizes must be multiples of input_divisor, for error messages."""
-    return pooling_reason(pool_factors(cfg), input_divisor(cfg))
-
-
-def pooling_reason(pools: tuple[tuple[int, ...], ...], divisor: tuple[int, ...]) -> str:
-    if len(set(pools)) == 1:
-        return f"cannot pass {len(pools)} poolings by {pools[0]}"
-    return f"cannot pass poolings {', '.join(map(str, pools))} (sizes must be multiples of {divisor})"
+pool_factors = layers.pool_factors
+input_divisor = layers.pooled_input_divisor
+divisor_reason = layers.pooling_reason

@@ -42,6 +42,7 @@ class UNETR(nn.Module):
     act: str = "relu"
     dtype: Any = jnp.float32
     remat: bool = False
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
@@ -50,7 +51,7 @@ class UNETR(nn.Module):
         factors = up_factors(self.encoder.patch_size)
         levels = len(factors)
         width = lambda level: self.feature_size * 2 ** level  # noqa: E731
-        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype)
+        kw = dict(norm=self.norm, groups=self.groups, act=self.act, dtype=self.dtype, conv_form=self.conv_form)
         block = layers.maybe_remat(layers.ConvBlock, self.remat)
         skips = [block(width(0), self.kernel, 2, True, **kw, name="skip0")(x, train)]
         depth = len(states)
@@ -77,8 +78,8 @@ def default_config(ndim: int) -> ml_collections.ConfigDict:
     return cfg
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> UNETR:
-    encoder = vit.encoder_from_config(cfg)
+def from_config(cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> UNETR:
+    encoder = vit.encoder_from_config(cfg, conv_form)
     for p in encoder.patch_size:
         if p < 2 or p & (p - 1):
             raise UserError(f"UNETR needs a power-of-two patch size per axis (>= 2), got {encoder.patch_size} "
@@ -89,7 +90,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> UNETR:
     if cfg.out_channels < 1:
         raise UserError(f"model.out_channels must be >= 1 for UNETR, got {cfg.out_channels}.")
     return UNETR(encoder, cfg.out_channels, cfg.feature_size, layers.per_axis(cfg.kernel_size, cfg.ndim, "kernel_size"),
-                 cfg.norm, cfg.groups, cfg.activation, layers.compute_dtype(cfg.dtype), cfg.remat)
+                 cfg.norm, cfg.groups, cfg.activation, layers.compute_dtype(cfg.dtype), cfg.remat, conv_form)
 
 
 input_divisor = vit.input_divisor

@@ -262,15 +262,17 @@ class Neck(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n = x.ndim - 2
         norm = dict(epsilon=1e-6, dtype=self.dtype, use_fast_variance=False)
-        x = layers.Conv(self.features, (1,) * n, use_bias=False, dtype=self.dtype, name="conv1")(x)
+        x = layers.Conv(self.features, (1,) * n, use_bias=False, dtype=self.dtype, conv_form=self.conv_form,
+                        name="conv1")(x)
         x = nn.LayerNorm(**norm, name="norm1")(x)
         x = layers.Conv(self.features, (1,) * (n - 2) + (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                        name="conv2")(x)
+                        conv_form=self.conv_form, name="conv2")(x)
         return nn.LayerNorm(**norm, name="norm2")(x)
 
 
@@ -306,6 +308,7 @@ class ViT(nn.Module):
     global_blocks: tuple[int, ...] = ()
     rel_pos: bool = False
     neck_dim: int = 0
+    conv_form: str = "xla"  # how 3D convs run (layers.CONV_FORMS); models.build picks it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, keep: jax.Array | None = None) -> list[jax.Array]:
@@ -313,7 +316,7 @@ class ViT(nn.Module):
         patch grid, after patch and position embedding; class/register tokens stay), as MAE's
         encoder does, and the states are (B, N_visible, hidden) token lists instead of grids."""
         x = layers.Conv(self.hidden, self.patch_size, strides=self.patch_size, padding="VALID",
-                        dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
+                        dtype=self.dtype, conv_form=self.conv_form, name="patch_embed")(x.astype(self.dtype))
         batch, grid = x.shape[0], x.shape[1:-1]
         tokens = x.reshape(batch, -1, self.hidden)
         if self.pos_embed == "sincos":
@@ -351,7 +354,7 @@ class ViT(nn.Module):
             return [s[:, n_prefix:] for s in states]
         states = [s[:, n_prefix:].reshape(batch, *grid, self.hidden) for s in states]
         if self.variant == "sam" and self.neck_dim:
-            states[-1] = Neck(self.neck_dim, self.dtype, name="neck")(states[-1])
+            states[-1] = Neck(self.neck_dim, self.dtype, self.conv_form, name="neck")(states[-1])
         return states
 
 
@@ -406,7 +409,7 @@ def default_config(ndim: int) -> ml_collections.ConfigDict:
     ))
 
 
-def encoder_from_config(cfg: ml_collections.ConfigDict) -> ViT:
+def encoder_from_config(cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> ViT:
     """The ViT that `cfg` describes (also used by UNETR)."""
     if cfg.ndim not in (2, 3):
         raise UserError(f"model.ndim must be 2 or 3, got {cfg.ndim!r}.")
@@ -429,7 +432,7 @@ def encoder_from_config(cfg: ml_collections.ConfigDict) -> ViT:
                class_token=bool(f["class_token"]), reg_tokens=int(f["reg_tokens"]), prefix_pos=bool(f["prefix_pos"]),
                layer_scale=float(f["layer_scale"]), qkv_bias=bool(f["qkv_bias"]), window_size=window,
                global_blocks=tuple(int(b) for b in f["global_blocks"]), rel_pos=bool(f["rel_pos"]),
-               neck_dim=int(f["neck_dim"]))
+               neck_dim=int(f["neck_dim"]), conv_form=conv_form)
 
 
 def _check_foundation_fields(f: dict, ndim: int, depth: int) -> None:
@@ -466,8 +469,8 @@ def _check_foundation_fields(f: dict, ndim: int, depth: int) -> None:
         raise UserError(f"model.global_blocks {tuple(f['global_blocks'])} must index blocks 0..{depth - 1}.")
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> PooledEncoder:
-    return PooledEncoder(encoder_from_config(cfg), cfg.out_channels)
+def from_config(cfg: ml_collections.ConfigDict, conv_form: str = "xla") -> PooledEncoder:
+    return PooledEncoder(encoder_from_config(cfg, conv_form), cfg.out_channels)
 
 
 def input_divisor(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
