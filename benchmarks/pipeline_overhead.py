@@ -44,7 +44,7 @@ def main() -> None:
     from jaxem.config import apply_overrides, load_config
     from jaxem.data import pipeline
     from jaxem.train import parallel
-    from jaxem.train.loop import build_training
+    from jaxem.train.trainer import build_training
 
     config = apply_overrides(load_config(args.config), overrides + [f"--config.data.num_workers={args.workers}"])
     with tempfile.TemporaryDirectory() as tmp:

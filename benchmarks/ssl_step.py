@@ -59,7 +59,7 @@ def main() -> None:
     from jaxem.config import apply_overrides, load_config
     from jaxem.ssl.pretrain import build_pretraining
     from jaxem.train import parallel
-    from jaxem.train.loop import build_training
+    from jaxem.train.trainer import build_training
 
     mesh = parallel.make_mesh(0)
     sharding = parallel.data_sharding(mesh)

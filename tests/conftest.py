@@ -80,7 +80,7 @@ def assert_resume_is_exact(config, run_dir, field: str, logged: str):
     import jax
 
     from jaxem.train.checkpoint import restore_on_this_host
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     run_dir = Path(run_dir)
     assert train(config, run_dir, progress=False)["final_step"] == 6
@@ -158,7 +158,7 @@ def train_tiny_demo(workdir):
     """Trains demo:tiny (6 steps) on its synthetic volumes written to `workdir`/data; returns `workdir`."""
     from jaxem.commands.demo import with_data_paths, write_synthetic_data
     from jaxem.config import load_config
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     config = load_config("demo:tiny")
     config = with_data_paths(config, write_synthetic_data(config, workdir / "data"))

@@ -65,7 +65,7 @@ def test_predict_cli_adapts_batch_norm_and_records_it(tmp_path, capsys):
     from jaxem.commands.demo import with_data_paths, write_synthetic_data
     from jaxem.config import apply_overrides, load_config
     from jaxem.infer.job import make_normalizer
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     config = apply_overrides(load_config("demo:tiny"), ["--config.model.norm=batch"])
     paths = write_synthetic_data(config, tmp_path / "data")

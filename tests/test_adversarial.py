@@ -12,7 +12,8 @@ from jaxem.config import apply_overrides, load_config
 from jaxem.errors import UserError
 from jaxem.semi import adversarial
 from jaxem.train import parallel
-from jaxem.train.loop import build_training, train
+from jaxem.train.state import AdversarialState
+from jaxem.train.trainer import build_training, train
 
 
 def test_discriminator_halves_every_axis_long_enough_in_2d_and_3d():
@@ -79,7 +80,7 @@ def test_step_adds_the_adversarial_term_and_updates_the_discriminator(tmp_path):
     config = _adv_config(tmp_path)
     mesh = parallel.make_mesh(1)
     _, state, step, _ = build_training(config, mesh)
-    assert isinstance(state, adversarial.AdversarialState)
+    assert isinstance(state, AdversarialState)
     before = jax.device_get(state.adversary["params"])
     new_state, metrics = step(state, _batch(config, mesh))
     m = jax.device_get(metrics)

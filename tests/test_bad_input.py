@@ -91,7 +91,7 @@ def world(tmp_path_factory):
     """A tiny trained run and small volumes, good and bad; {name: path} for CASES' placeholders."""
     from jaxem.commands.demo import with_data_paths, write_synthetic_data
     from jaxem.config import load_config
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     w = tmp_path_factory.mktemp("world")
     run = w / "run"

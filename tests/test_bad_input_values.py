@@ -24,7 +24,7 @@ from jaxem.train.checkpoint import (
     restore_for_inference,
     restore_on_this_host,
 )
-from jaxem.train.loop import train
+from jaxem.train.trainer import train
 
 # ---------------------------------------------------------------- checkpoints of a real tiny run
 

@@ -11,7 +11,7 @@ from jaxem.errors import UserError
 from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
 from jaxem.train.defaults import base_config
-from jaxem.train.loop import build_training
+from jaxem.train.trainer import build_training
 from jaxem.train.state import encoder_layers, make_optimizer
 
 
@@ -260,7 +260,7 @@ def test_checkpoint_with_controls_restores_into_any_setting(tmp_path):
 
 def test_command_line_fields_and_refusal_before_the_workdir_is_written(tmp_path):
     from jaxem.config import apply_overrides, load_config
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
     from jaxem.train.state import encoder_controls
 
     cfg = apply_overrides(load_config("isbi2012_unet:cpu"), [  # the example of docs/training.md

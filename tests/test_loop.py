@@ -12,7 +12,8 @@ import pytest
 from jaxem.commands.demo import with_data_paths, write_synthetic_data
 from jaxem.config import apply_overrides, load_config
 from jaxem.train.checkpoint import Checkpointer, restore_for_inference
-from jaxem.train.loop import TrainingDiverged, train
+from jaxem.train.loop import TrainingDiverged
+from jaxem.train.trainer import train
 
 
 @pytest.fixture(scope="module")

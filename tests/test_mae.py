@@ -14,9 +14,10 @@ from jaxem.config import apply_overrides, load_config
 from jaxem.errors import UserError
 from jaxem.models import vit
 from jaxem.ssl.mae import MAE, check_mae_config, mae_loss, normalise_patches, patchify, random_keep
-from jaxem.ssl.pretrain import load_encoder, pretrain
+from jaxem.ssl.pretrain import pretrain
 from jaxem.train import parallel
-from jaxem.train.loop import build_training
+from jaxem.train.checkpoint import load_encoder
+from jaxem.train.trainer import build_training
 
 
 def _tiny_vit(ndim=2, **fields):

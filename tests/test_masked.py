@@ -13,9 +13,10 @@ from jaxem.config import apply_overrides, load_config
 from jaxem.errors import UserError
 from jaxem.ssl.contrastive import default_ssl_config
 from jaxem.ssl.masked import check_masked_config, masked_inputs, random_patch_mask, reconstruction_loss
-from jaxem.ssl.pretrain import load_encoder, pretrain
+from jaxem.ssl.pretrain import pretrain
 from jaxem.train import parallel
-from jaxem.train.loop import build_training
+from jaxem.train.checkpoint import load_encoder
+from jaxem.train.trainer import build_training
 
 
 @pytest.mark.parametrize("spatial,patch", [((64, 48), (16, 16)), ((4, 32, 32), (1, 8, 8)), ((4, 32, 32), (2, 8, 16))])

@@ -89,7 +89,7 @@ def test_predict_with_2_processes_equals_1_process(tmp_path):
     trained here on 4 devices: inference restores it on 2 (another topology)."""
     from jaxem.commands.demo import with_data_paths
     from jaxem.data.volume import open_volume, read_attributes
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     cfg = load_config("demo:tiny")
     paths = write_synthetic_data(cfg, tmp_path / "data")
@@ -123,7 +123,7 @@ def test_pretrain_with_2_processes_equals_1_process(tmp_path):
     """`jaxem pretrain` (MoCo) over 2 processes x 2 devices: process 0 writes the synthetic volume
     while the other waits, both read their halves of each batch, the queue takes the global batch's
     keys, and loss curve and exported encoder equal a 4-device single process's."""
-    from jaxem.ssl.pretrain import load_encoder
+    from jaxem.train.checkpoint import load_encoder
 
     args = ["-m", "jaxem.cli", "pretrain", "--config", "pretrain:tiny", "--no-progress", "--config.train.log_every=1"]
     run_one_and_two_processes(args, tmp_path)

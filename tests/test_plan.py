@@ -117,7 +117,7 @@ def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     assert config.data.train_images == (images,)
     config = apply_overrides(config, ["--config.train.steps=2", "--config.train.eval_every=0",
                                       "--config.train.checkpoint_every=2", "--config.train.num_devices=1"])
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
     assert train(config, tmp_path / "run", progress=False)["final_step"] == 2
 
     before = out.read_text()

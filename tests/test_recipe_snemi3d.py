@@ -114,7 +114,7 @@ def test_segment_cli_on_3d_affinities_floods_small_fragments(tmp_path):
 
 
 def test_crop_segmenter_scores_mws_on_affinity_crops():
-    from jaxem.train.loop import crop_segmenter
+    from jaxem.train.trainer import crop_segmenter
 
     config = load_config("snemi3d_affinities:tiny")
     gt = cells_3d()

@@ -13,7 +13,7 @@ from jaxem.config import apply_overrides
 from jaxem.errors import UserError
 from jaxem.semi import mean_teacher
 from jaxem.train import parallel
-from jaxem.train.loop import build_training, train
+from jaxem.train.trainer import build_training, train
 
 
 def test_rampup_goes_from_exp_minus_5_to_1():
@@ -66,7 +66,8 @@ def test_semi_supervised_run_resumes_exactly_and_scores(tmp_path):
 def test_semi_settings_that_cannot_work_are_named(tmp_path, capsys):
     config = _semi_config(tmp_path)
     for fields, message in (({"train.ema_decay": 0.0}, "set train.ema_decay > 0"),
-                            ({"train.accumulate_steps": 2}, "accumulate_steps=1"),
+                            ({"train.accumulate_steps": 2, "data.batch_size": 8},
+                             "semi.batch_size=4 must split into train.accumulate_steps=2 micro-batches on each of 4"),
                             ({"semi.unlabelled_images": "()"}, "needs semi.unlabelled_images")):
         with pytest.raises(UserError, match=message.replace("(", r"\(")):
             train(apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()]), tmp_path / "x", progress=False)
@@ -74,3 +75,26 @@ def test_semi_settings_that_cannot_work_are_named(tmp_path, capsys):
     assert main(["demo", "--config", "demo:tiny", "--workdir", str(tmp_path / "d"), "--no-progress",
                  "--config.semi.weight=1"]) == 2
     assert "needs semi.unlabelled_images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields", [{"semi.noise_std": 0.5},
+                                    {"semi.weight": 0.0, "semi.adversarial_weight": 0.5, "semi.discriminator_widths": "(4, 8)"}],
+                         ids=["mean_teacher", "adversarial"])
+def test_accumulated_semi_step_makes_the_whole_batch_update(tmp_path, fields):
+    """train.accumulate_steps=2 splits the labelled and the unlabelled crops into 2 micro-batches
+    through the one loss: with group norm (no batch statistics) and terms that are means over
+    voxels (BCE; consistency; the adversarial BCE), the update, the EMA teacher, the discriminator's
+    step and the logged metrics equal those of the whole batch in one pass."""
+    base = _semi_config(tmp_path, **{"model.norm": "group", "loss.terms.dice": 0.0, **fields})
+    mesh = parallel.make_mesh(1)
+    results = []
+    for k in (1, 2):
+        config = apply_overrides(base, [f"--config.train.accumulate_steps={k}"])
+        _, state, step, _ = build_training(config, mesh)
+        new_state, metrics = step(state, _batch(config, mesh))
+        results.append(jax.device_get((new_state.params, new_state.ema_params, getattr(new_state, "adversary", {}), metrics)))
+    (whole, accumulated) = results
+    assert whole[3].keys() == accumulated[3].keys()
+    assert ("consistency" in whole[3]) == ("adversarial" not in whole[3])
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

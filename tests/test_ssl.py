@@ -18,10 +18,11 @@ from jaxem.data import augment, pipeline
 from jaxem.errors import UserError
 from jaxem.ssl.contrastive import (build_contrastive_model, check_ssl_config, create_contrastive_state,
                                    default_ssl_config, make_contrastive_step)
-from jaxem.ssl.pretrain import build_pretraining, load_encoder, pretrain
+from jaxem.ssl.pretrain import build_pretraining, pretrain
 from jaxem.train import parallel
+from jaxem.train.checkpoint import load_encoder
 from jaxem.train.losses import moco_infonce, nt_xent
-from jaxem.train.loop import build_training
+from jaxem.train.trainer import build_training
 
 
 def _unit(x):

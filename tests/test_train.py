@@ -161,12 +161,13 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
 
 def test_workdir_of_other_experiment_is_refused(tmp_path):
     from jaxem.errors import UserError
-    from jaxem.train.loop import check_workdir
     from jaxem.config import save_config
+    from jaxem.train.loop import check_workdir
+    from jaxem.train.trainer import run_shape
 
     cfg = load_config("demo:tiny")
     save_config(cfg, tmp_path)
-    check_workdir(cfg, tmp_path)  # same experiment: fine
+    check_workdir(cfg, tmp_path, run_shape)  # same experiment: fine
     other = apply_overrides(cfg, ["--config.model.widths=(8, 16)"])
     with pytest.raises(UserError, match="different `model` config"):
-        check_workdir(other, tmp_path)
+        check_workdir(other, tmp_path, run_shape)

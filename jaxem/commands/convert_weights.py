@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import ast
 import json
+from pathlib import Path
+
+from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
@@ -33,8 +36,6 @@ def add_arguments(parser) -> None:
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
     """'16', '4,16,16' or '(4, 16, 16)' -> a tuple of ints; UserError naming the flag otherwise."""
-    from jaxem.errors import UserError
-
     if not text.strip():
         return ()
     try:
@@ -48,10 +49,8 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def run(args, overrides) -> int:
-    from pathlib import Path
-
+    # deferred: keeps CLI start-up light (the converters use jax; volumes read zarr)
     from jaxem.data.guard import refuse_overlap
-    from jaxem.errors import UserError
     from jaxem.models import convert
 
     if overrides:

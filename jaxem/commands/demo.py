@@ -58,7 +58,7 @@ def with_data_paths(config, paths):
 def run(args, overrides) -> int:
     # deferred: keeps CLI start-up light
     from jaxem.protocols.isbi2012 import format_table, score_run
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     workdir = Path(args.workdir)
     config = apply_overrides(load_config(args.config), overrides)

@@ -5,6 +5,9 @@ nnU-Net-style planning of a U-Net training config from the data and a per-device
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
@@ -20,9 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
-    from pathlib import Path
-
-    from jaxem.errors import UserError
+    # deferred: keeps CLI start-up light (the planner compiles training steps with jax)
     from jaxem.plan.planner import fingerprint, plan, write_config
 
     if overrides:

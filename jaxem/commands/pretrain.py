@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from jaxem.config import apply_overrides, load_config
+from jaxem.errors import UserError
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +30,7 @@ def with_synthetic_images(config, data_dir: Path):
     import ml_collections
     from jax.experimental import multihost_utils
 
+    # deferred: keeps CLI start-up light
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume
 
@@ -50,10 +52,11 @@ def with_synthetic_images(config, data_dir: Path):
 
 
 def run(args, overrides) -> int:
-    from jaxem.errors import UserError
+    # deferred: keeps CLI start-up light (and runs before the imports below touch any device)
     from jaxem.train.parallel import initialize_distributed
 
     initialize_distributed()  # before the config touches any device
+    # deferred: keeps CLI start-up light
     from jaxem.data.guard import refuse_overlap, volume_fields
     from jaxem.ssl.pretrain import pretrain
 

@@ -31,6 +31,7 @@ def with_synthetic_data(config, data_dir: Path):
     import jax
     from jax.experimental import multihost_utils
 
+    # deferred: keeps CLI start-up light
     from jaxem.commands.demo import with_data_paths, write_synthetic_data
 
     if jax.process_index() == 0:
@@ -43,11 +44,14 @@ def with_synthetic_data(config, data_dir: Path):
 
 
 def run(args, overrides) -> int:
+    # deferred: keeps CLI start-up light (and runs before the imports below touch any device)
     from jaxem.train.parallel import initialize_distributed
 
     initialize_distributed()  # before the config touches any device
+    # deferred: keeps CLI start-up light
     from jaxem.data.guard import refuse_overlap, volume_fields
-    from jaxem.train.loop import has_checkpoints, train
+    from jaxem.train.loop import has_checkpoints
+    from jaxem.train.trainer import train
 
     config = apply_overrides(load_config(args.config), overrides)
     refuse_overlap("--workdir", args.workdir, [(f"data.{k}", v) for k, v in volume_fields(config.data)], holding_ok=True)

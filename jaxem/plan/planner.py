@@ -27,9 +27,17 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxem.data.sampling import subsample
+from jaxem.data.targets import num_target_channels
+from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
+from jaxem.train import parallel
+from jaxem.train.defaults import base_config
+from jaxem.train.trainer import build_training
 
 GIB = 2 ** 30
 
@@ -39,9 +47,6 @@ def fingerprint(images: Sequence[str], labels: Sequence[str] = (), samples_voxel
     """What planning needs to know of a dataset: per volume shape and voxel size (nm, z-y-x),
     intensity statistics of a random subsample (mean, std, 0.5/99.5 percentiles, in the volumes'
     own units), and with `labels` the fraction of labelled (> 0) voxels."""
-    from jaxem.data.sampling import subsample
-    from jaxem.data.volume import open_volume
-
     if not images:
         raise UserError("name at least one image volume to plan for.")
     if labels and len(labels) != len(images):
@@ -107,12 +112,6 @@ def initial_patch(shape: Sequence[int], spacing: Sequence[float], start_size: in
 def measure_step_memory(config, batch_size: int) -> int:
     """Peak bytes of one training step of `config` at `batch_size`, from XLA's memory analysis of
     the compiled step on this process's first device (arguments + temporaries + outputs - aliased)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxem.train import parallel
-    from jaxem.train.loop import build_training
-
     mesh = parallel.make_mesh(1)
     _, state, train_step, _ = build_training(config, mesh)
     spatial, sharding = tuple(config.data.crop_shape), parallel.data_sharding(mesh)
@@ -190,9 +189,6 @@ def _shrink(patch, spacing, pools, min_feature, target_voxels: float) -> tuple[i
 
 def _config(fp, ndim, patch, pools, kernels, widths, batch, target):
     """The training config these choices make (data paths from the fingerprint)."""
-    from jaxem.data.targets import num_target_channels
-    from jaxem.train.defaults import base_config
-
     config = base_config(ndim=ndim, model="unet")
     config.target.kind = target
     config.model.out_channels = num_target_channels(config.target, ndim)

@@ -74,7 +74,7 @@ def train_to_completion(config, run_dir: str | Path, progress: bool = True) -> t
     """Trains `config` in `run_dir` (resuming; a finished run returns at once) -> (summary, seconds).
     Exits when SIGTERM stopped the training: a half-trained model is not scored."""
     # deferred: jaxem.train pulls in optax/orbax, which scoring an existing run never needs
-    from jaxem.train.loop import train
+    from jaxem.train.trainer import train
 
     start = time.time()
     summary = train(config, run_dir, progress=progress)

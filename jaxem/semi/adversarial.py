@@ -16,16 +16,13 @@ kind (it only sees outputs) and combines with the mean teacher (both read the sa
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
-from jaxem.train.state import TrainState
 
 
 class Discriminator(nn.Module):
@@ -48,13 +45,6 @@ class Discriminator(nn.Module):
         return nn.Conv(1, kernel, padding="SAME")(x)
 
 
-@flax.struct.dataclass
-class AdversarialState(TrainState):
-    """TrainState plus the discriminator: adversary = {"params": ..., "opt_state": its Adam state}."""
-
-    adversary: Any
-
-
 def discriminator(semi_cfg: ml_collections.ConfigDict) -> Discriminator:
     """The discriminator `semi.discriminator_widths` describes."""
     return Discriminator(tuple(int(w) for w in semi_cfg.discriminator_widths))
@@ -65,14 +55,11 @@ def optimizer(semi_cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     return optax.adam(semi_cfg.discriminator_lr, b1=0.9, b2=0.99)
 
 
-def with_adversary(state: TrainState, semi_cfg: ml_collections.ConfigDict, rng: jax.Array,
-                   probs_shape: tuple[int, ...]) -> AdversarialState:
-    """`state` with a freshly initialised discriminator for probability maps of `probs_shape`
-    (B, *S, K) and its optimizer state."""
+def init_adversary(semi_cfg: ml_collections.ConfigDict, rng: jax.Array, probs_shape: tuple[int, ...]) -> dict:
+    """{"params", "opt_state"}: a freshly initialised discriminator for probability maps of
+    `probs_shape` (B, *S, K) and its optimizer state (the trainer keeps it in its train state)."""
     params = discriminator(semi_cfg).init(rng, jnp.zeros(probs_shape, jnp.float32))["params"]
-    adversary = {"params": params, "opt_state": optimizer(semi_cfg).init(params)}
-    fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
-    return AdversarialState(**fields, adversary=adversary)
+    return {"params": params, "opt_state": optimizer(semi_cfg).init(params)}
 
 
 def bce(logits: jax.Array, label: float) -> jax.Array:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxem.config import fingerprint
+from jaxem.data import pipeline
 from jaxem.errors import UserError
+
+# How a workdir check names the discriminator (the one add-on with parameters of its own).
+DISCRIMINATOR = "domain discriminator (semi.adversarial_weight > 0, semi.discriminator_widths)"
 
 
 def default_semi_config() -> ml_collections.ConfigDict:
@@ -48,14 +53,21 @@ def check_semi_config(config: ml_collections.ConfigDict) -> None:
         raise UserError("semi.weight or semi.adversarial_weight > 0 needs semi.unlabelled_images (volumes without labels).")
     if mean_teacher_on(semi) and config.train.ema_decay <= 0:
         raise UserError("the mean teacher is the EMA of the trained weights: set train.ema_decay > 0 (e.g. 0.99).")
-    if config.train.accumulate_steps != 1:
-        raise UserError("semi-supervised training runs with train.accumulate_steps=1.")
     if semi.rampup_steps < 0 or semi.noise_std < 0:
         raise UserError("semi.rampup_steps and semi.noise_std must be >= 0.")
     if adversarial_on(semi) and (not semi.discriminator_widths or min(semi.discriminator_widths) < 1
                                  or semi.discriminator_lr <= 0):
         raise UserError(f"semi.discriminator_widths={tuple(semi.discriminator_widths)} must be positive feature "
                         f"counts and semi.discriminator_lr={semi.discriminator_lr} > 0.")
+
+
+def checkpoint_shape(cfg: ml_collections.ConfigDict | None) -> dict[str, str]:
+    """What the add-ons of a `semi` section add to a run's checkpoints: {what: fingerprint} of the
+    discriminator with adversarial adaptation on, else {} (the mean teacher is the EMA the train
+    state always holds)."""
+    if not adversarial_on(cfg):
+        return {}
+    return {DISCRIMINATOR: fingerprint(ml_collections.ConfigDict({"widths": tuple(cfg.discriminator_widths)}))}
 
 
 class PairedLoader:
@@ -88,8 +100,6 @@ class PairedLoader:
 
 def make_unlabelled_loader(config: ml_collections.ConfigDict, mesh):
     """The loader of `semi.unlabelled_images` crops (crop shape and normalisation of `config.data`)."""
-    from jaxem.data import pipeline
-
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.train_images, data.train_masks = tuple(config.semi.unlabelled_images), ()
     data.batch_size = int(config.semi.batch_size)

@@ -1,7 +1,7 @@
-"""Self-supervised pretraining runs, encoder export and loading for fine-tuning.
+"""Self-supervised pretraining runs and what of their network is exported for fine-tuning.
 
     summary = pretrain(config, workdir)     # config.ssl says how; config.model names the encoder
-    variables = load_encoder(workdir)       # {"params": ..., ["batch_stats": ...]} of the encoder
+    variables = jaxem.train.checkpoint.load_encoder(workdir)   # {"params": ..., ["batch_stats": ...]}
 
 `config.model` is the segmentation model the encoder will serve (a U-Net, or a 'resnet'/'vit'
 encoder model): its 'encoder' is pretrained, so the result copies into the same config's model.
@@ -14,7 +14,6 @@ as the run's validation metrics every `train.eval_every` steps, from the random 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -22,18 +21,35 @@ import ml_collections
 
 from jaxem import models
 from jaxem.data import augment, pipeline
-from jaxem.errors import UserError
-from jaxem.models.transfer import ENCODER_DIR, MODEL_FILE, VARIABLES_DIR, exported_encoder_dir, network_parts
+from jaxem.models.transfer import ENCODER_DIR, network_parts
 from jaxem.ssl import mae, masked
 from jaxem.ssl.contrastive import (MOMENTUM_METHODS, build_contrastive_model, check_ssl_config,
                                    create_contrastive_state, make_contrastive_step)
 from jaxem.ssl.probe import PROBE_FIELDS, encoder_variables, make_probe
-from jaxem.train import parallel
-from jaxem.train.checkpoint import restore_on_this_host, save_tree
-from jaxem.train.loop import check_workdir, run_loop, run_meta
+from jaxem.train import checkpoint, parallel
+from jaxem.train.loop import RunShape, check_loop_config, check_workdir, run_loop, section_shape
 from jaxem.train.state import create_train_state, make_optimizer
 
 SECTIONS = ("model", "ssl")  # a change here makes the workdir's checkpoints unusable
+
+
+def run_shape(config: ml_collections.ConfigDict) -> RunShape:
+    """What a pretraining run's checkpoints depend on: `model` and `ssl` but the probe's settings
+    (the probe may change on resume)."""
+    return section_shape(config, SECTIONS, ignore=PROBE_FIELDS)
+
+
+def validate_pretraining_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """UserError naming the first setting of `config` that pretraining on `mesh` cannot run with
+    (loop minimums, batch size, the `ssl` section, the model's input shape); nothing is built."""
+    check_loop_config(config.train)
+    parallel.check_batch_size(config.data.batch_size, mesh)
+    check_ssl_config(config.ssl, config.data.batch_size)
+    if config.ssl.method == "mim":
+        masked.check_masked_config(config.ssl, tuple(config.data.crop_shape))
+    if config.ssl.method == "mae":
+        mae.check_mae_config(config)
+    models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
@@ -44,27 +60,21 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: b
     """
     parallel.initialize_distributed()
     workdir = Path(workdir)
-    check_workdir(config, workdir, SECTIONS, ignore=PROBE_FIELDS)  # the probe may change on resume
-    ndim, batch_size = config.model.ndim, config.data.batch_size
+    check_workdir(config, workdir, run_shape)
     mesh = parallel.make_mesh(config.train.num_devices)
-    parallel.check_batch_size(batch_size, mesh)
-    check_ssl_config(config.ssl, batch_size)
-    if config.ssl.method == "mim":
-        masked.check_masked_config(config.ssl, tuple(config.data.crop_shape))
-    if config.ssl.method == "mae":
-        mae.check_mae_config(config)
+    validate_pretraining_config(config, mesh)
     if config.ssl.method in MOMENTUM_METHODS and config.model.get("norm") == "batch" and jax.process_index() == 0:
         name = "MoCo" if config.ssl.method == "moco" else "DenseCL (MoCo's key encoder and queue)"
         print(f"warning: {name} with a batch-norm encoder: MoCo half-collapsed on ISBI 2012 (docs/ssl.md); group "
               "norm (the U-Net default) or ssl.method=simclr trained well there.")
-    models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
     probe = make_probe(config)  # the linear probe (jaxem.ssl.probe), the loop's `validate`; None when off
     state, train_step = build_pretraining(config, mesh)
-    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train", labelled=False)
+    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=config.model.ndim, seed=config.seed, split="train",
+                                  labelled=False)
     baseline = probe.start(state, workdir) if probe else {}  # the random-init encoder, logged at step 0
     summary, state = run_loop(config, workdir, state=state, train_step=train_step, loader=loader,
-                              meta=run_meta(config, SECTIONS), devices=int(mesh.devices.size), progress=progress,
+                              meta=run_shape(config), devices=int(mesh.devices.size), progress=progress,
                               train_panels=train_panels(config.ssl), validate=probe)
     summary.update(baseline)
     if "preempted_at" not in summary:
@@ -111,13 +121,12 @@ def build_pretraining(config: ml_collections.ConfigDict, mesh):
 
 
 def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Path) -> Path:
-    """Writes the encoder of a pretraining `state` to `directory`: `variables/` (orbax: params and,
-    with batch norm, batch_stats) and `model.json` (the model config they fit, the ssl config, the
-    step and `parts`, the transferred subtrees). The contrastive methods export the bare encoder
-    tree (mae too: the ViT alone, without its decoder); mim exports the whole network but its
-    head, {"encoder": ..., "dec0": ..., ...}, and fine-tuning copies every part. Every process of
-    a multi-process run must call it. Returns `directory`."""
-    directory = Path(directory)
+    """Exports the network of a pretraining `state` that fine-tuning starts from to `directory`
+    (jaxem.train.checkpoint.export_encoder; model.json also records the ssl config, the step and
+    `parts`, the transferred subtrees). The contrastive methods export the bare encoder tree (mae
+    too: the ViT alone, without its decoder); mim exports the whole network but its head,
+    {"encoder": ..., "dec0": ..., ...}, and fine-tuning copies every part. Every process of a
+    multi-process run must call it. Returns `directory`."""
     if config.ssl.method == "mim":
         variables = {"params": network_parts(state.params)}
         if state.batch_stats:
@@ -125,20 +134,5 @@ def export_encoder(state, config: ml_collections.ConfigDict, directory: str | Pa
         parts = sorted(variables["params"])
     else:
         variables, parts = encoder_variables(state), ["encoder"]
-    save_tree(directory / VARIABLES_DIR, variables)
-    if jax.process_index() == 0:
-        record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step),
-                  "parts": parts}
-        (directory / MODEL_FILE).write_text(json.dumps(record, indent=2, default=list) + "\n")
-    return directory
-
-
-def load_encoder(path: str | Path) -> dict:
-    """The encoder variables {"params": ..., ["batch_stats": ...]} from an exported encoder
-    directory or a pretraining run directory (its `encoder/`), on this process's first device."""
-    directory = exported_encoder_dir(path)
-    if not (directory / MODEL_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
-        raise UserError(f"{path} holds no exported encoder (expected {directory}/{MODEL_FILE} and "
-                        f"{VARIABLES_DIR}/; pretrain with `jaxem pretrain` first, to the end).")
-    return restore_on_this_host(directory / VARIABLES_DIR)
-
+    record = {"model": config.model.to_dict(), "ssl": config.ssl.to_dict(), "step": int(state.step), "parts": parts}
+    return checkpoint.export_encoder(directory, variables, record)

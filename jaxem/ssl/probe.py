@@ -53,7 +53,7 @@ from jaxem.train.logs import MetricWriter, read_metrics
 from jaxem.train.loop import has_checkpoints
 
 METRICS = ("probe_f1", "probe_balanced_accuracy", "probe_r2")
-# The probe's settings: a workdir's checkpoints do not depend on them (jaxem.train.loop.check_workdir ignores them).
+# The probe's settings: a workdir's checkpoints do not depend on them (jaxem.ssl.pretrain.run_shape leaves them out).
 PROBE_FIELDS = tuple(f"ssl.probe_{name}" for name in ("images", "labels", "crops", "pixels", "ridge"))
 PIXEL_SEED = 0  # the probe's pixels are the same whatever config.seed, so runs compare on one set
 

@@ -9,6 +9,9 @@ checkpoint is written). A checkpoint that cannot be read is skipped with a warni
 the one before it is used (by training, which also deletes the unreadable one so that it is
 written again, and by inference, which changes nothing on disk), so a crash during a save never
 costs more than one interval.
+
+A pretrained encoder is exported beside a run's checkpoints, `WORKDIR/encoder/{variables/,model.json}`
+(`export_encoder`), and read back by `load_encoder` to start fine-tuning from it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxem import models
+from jaxem.config import load_saved_config
 from jaxem.errors import UserError
+from jaxem.models.transfer import MODEL_FILE, VARIABLES_DIR, exported_encoder_dir
 
 
 def _array_fields(state) -> list[str]:
@@ -175,9 +182,6 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None):
     explicitly must be readable (UserError otherwise). Returns (config, model, variables) where variables = {"params": ..., ["batch_stats": ...]}
     (EMA weights when the run used EMA), ready for `model.apply(variables, x, train=False)`.
     """
-    from jaxem import models
-    from jaxem.config import load_saved_config
-
     path = Path(path)
     if path.name.isdigit() and (path.parent.name == "checkpoints"):
         step, run_dir = int(path.name), path.parent.parent
@@ -253,8 +257,6 @@ def save_tree(directory: str | os.PathLike, tree: Any) -> None:
 
 def _check_params_match(model, config: ml_collections.ConfigDict, variables: dict, where) -> None:
     """UserError when the checkpoint's parameter shapes do not fit the config's model."""
-    import jax.numpy as jnp
-
     ndim = config.model.ndim
     x = jnp.zeros((1,) + tuple(config.data.crop_shape)[-ndim:] + (1,), jnp.float32)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
@@ -262,3 +264,25 @@ def _check_params_match(model, config: ml_collections.ConfigDict, variables: dic
     want = jax.tree.map(lambda a: tuple(a.shape), expected)
     if got != want:
         raise UserError(f"the checkpoint in {where} does not match its config's model (parameter shapes differ).")
+
+
+def export_encoder(directory: str | os.PathLike, variables: dict, record: dict) -> Path:
+    """Writes encoder `variables` ({"params", ["batch_stats"]}, orbax) to `directory`/variables and
+    `record` (the model config they fit, the pretraining config, step, `parts`: the transferred
+    subtrees) to `directory`/model.json. Every process of a multi-process run must call it (process
+    0 writes model.json). Returns `directory`."""
+    directory = Path(directory)
+    save_tree(directory / VARIABLES_DIR, variables)
+    if jax.process_index() == 0:
+        (directory / MODEL_FILE).write_text(json.dumps(record, indent=2, default=list) + "\n")
+    return directory
+
+
+def load_encoder(path: str | os.PathLike) -> dict:
+    """The encoder variables {"params": ..., ["batch_stats": ...]} from an exported encoder
+    directory or a pretraining run directory (its `encoder/`), on this process's first device."""
+    directory = exported_encoder_dir(path)
+    if not (directory / MODEL_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
+        raise UserError(f"{path} holds no exported encoder (expected {directory}/{MODEL_FILE} and "
+                        f"{VARIABLES_DIR}/; pretrain with `jaxem pretrain` first, to the end).")
+    return restore_on_this_host(directory / VARIABLES_DIR)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxem import models
-from jaxem.data import augment, pipeline, targets
+from jaxem.data import augment, datasets, pipeline, targets
 from jaxem.semi.unlabelled import default_semi_config
 from jaxem.train.state import default_optimizer_config
 
@@ -56,8 +56,6 @@ def default_predict_config() -> ml_collections.ConfigDict:
 
 def with_dataset_volumes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fills data.{train,val}_{images,labels} from the registry when data.dataset names a dataset."""
-    from jaxem.data import datasets
-
     name = config.data.get("dataset", "")
     if not name:
         return config

@@ -1,4 +1,5 @@
-"""TrainState and the optimizer built from `config.optimizer`."""
+"""TrainState (and AdversarialState, its extension by a domain discriminator) and the optimizer built
+from `config.optimizer`."""
 
 from __future__ import annotations
 
@@ -39,6 +40,20 @@ class TrainState:
         if self.batch_stats:
             variables["batch_stats"] = self.batch_stats
         return variables
+
+
+@flax.struct.dataclass
+class AdversarialState(TrainState):
+    """TrainState plus the domain discriminator of adversarial adaptation (jaxem.semi.adversarial):
+    adversary = {"params": ..., "opt_state": its Adam state}, checkpointed with the rest."""
+
+    adversary: Any
+
+
+def with_adversary(state: TrainState, adversary: dict) -> AdversarialState:
+    """`state` carrying `adversary` (jaxem.semi.adversarial.init_adversary) as well."""
+    fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
+    return AdversarialState(**fields, adversary=adversary)
 
 
 def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

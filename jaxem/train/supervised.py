@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from jaxem.models.heads import probabilities
+from jaxem.semi import adversarial, mean_teacher, unlabelled
 from jaxem.train.losses import segmentation_loss
 from jaxem.train.state import ENCODER, TrainState, encoder_frozen
 
@@ -39,16 +40,17 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     With `accumulate_steps` k > 1 the batch is split into k micro-batches whose gradients are
     averaged (one optimizer update per step, k times less activation memory). With a `semi_cfg`
     that turns on learning from unlabelled crops (jaxem.semi.unlabelled) the batch also holds
-    "unlabelled" crops (B_u, *spatial, 1), and the loss a mean-teacher consistency term against
+    "unlabelled" crops (B_u, *spatial, 1), and the loss adds a mean-teacher consistency term against
     `ema_params` (semi.weight > 0), an output-space adversarial term against the discriminator in
-    `state.adversary` (semi.adversarial_weight > 0, jaxem.semi.adversarial), or both.
+    `state.adversary` (semi.adversarial_weight > 0, jaxem.semi.adversarial), or both. They are
+    add-ons to the one loss every micro-batch is differentiated through (its share of the
+    unlabelled crops with its labelled rows), so they accumulate like the supervised loss; the
+    discriminator then takes one step on the whole batch's predictions.
     While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
     steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
     the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
     normalises with each batch's own statistics.
     """
-    from jaxem.semi import adversarial, mean_teacher, unlabelled
-
     semi = unlabelled.enabled(semi_cfg)
     teacher_on, adversary_on = unlabelled.mean_teacher_on(semi_cfg), unlabelled.adversarial_on(semi_cfg)
     disc = adversarial.discriminator(semi_cfg) if adversary_on else None
@@ -62,85 +64,106 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         outputs, updates = model.apply(variables, image, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
         return outputs, updates["batch_stats"]
 
-    def loss_fn(params, batch_stats, image, target, target_mask, rng, semi_inputs=None):
-        """(loss, (loss parts, batch_stats, (source, target) probabilities when semi else ()))."""
-        outputs, batch_stats = forward(params, batch_stats, image, rng)
+    def loss_fn(params, batch_stats, inputs: Batch, rng, context: dict):
+        """(loss, (loss parts, batch_stats, (source, target) probabilities with the adversary else ())).
+
+        inputs: "image", "target", "target_mask" and with semi "student_in" (+ "teacher_probs" with
+        the mean teacher) of one (micro-)batch; context: the step's semi weights and discriminator."""
+        outputs, batch_stats = forward(params, batch_stats, inputs["image"], rng)
         logits, aux = outputs
         aux = aux.get("deep_supervision", [])
-        loss, parts = segmentation_loss(loss_cfg, logits, target, target_mask)
+        loss, parts = segmentation_loss(loss_cfg, logits, inputs["target"], inputs["target_mask"])
         if aux:
-            parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, target, target_mask)
+            parts["loss_deep_supervision"] = _deep_supervision_loss(loss_cfg, aux, inputs["target"], inputs["target_mask"])
             loss = loss + parts["loss_deep_supervision"]
-        if semi_inputs is None:
+        if not semi:
             return loss, (parts, batch_stats, ())
-        student_in, teacher_probs, weights, adversary_params = semi_inputs
-        student, batch_stats = forward(params, batch_stats, student_in, rng)
+        student, batch_stats = forward(params, batch_stats, inputs["student_in"], rng)
         student_probs = probabilities(target_kind, student[0])
+        weights = context["weights"]
         if teacher_on:
-            parts["consistency"] = mean_teacher.consistency(student_probs, teacher_probs)
+            parts["consistency"] = mean_teacher.consistency(student_probs, inputs["teacher_probs"])
             loss = loss + weights["consistency_weight"] * parts["consistency"]
         if adversary_on:
-            parts["adversarial"] = adversarial.segmenter_loss(disc, adversary_params, student_probs)
+            parts["adversarial"] = adversarial.segmenter_loss(disc, context["adversary"], student_probs)
             loss = loss + weights["adversarial_weight"] * parts["adversarial"]
-        return loss, (parts, batch_stats, (probabilities(target_kind, logits), student_probs))
+            return loss, (parts, batch_stats, (probabilities(target_kind, logits), student_probs))
+        return loss, (parts, batch_stats, ())
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_grads(params, batch_stats, inputs: Batch, rng, context: dict):
+        """loss_fn's value and gradient on one (micro-)batch; the teacher's probabilities (eval mode,
+        no gradient) are computed here, per micro-batch like the student's."""
+        if teacher_on:
+            inputs = dict(inputs)
+            teacher_logits, _ = model.apply(context["teacher"], inputs.pop("teacher_in"), train=False)
+            inputs["teacher_probs"] = probabilities(target_kind, teacher_logits)
+        return grad_fn(params, batch_stats, inputs, rng, context)
 
     def micro_batches(x):
         # Row i*k + j goes to micro-batch j, so every device keeps its rows (no resharding).
         return jnp.swapaxes(x.reshape((x.shape[0] // accumulate_steps, accumulate_steps) + x.shape[1:]), 0, 1)
 
-    def accumulated_grads(params, batch_stats, image, target, target_mask, rng):
+    def whole_batch(x):
+        # The inverse of micro_batches: (k, B/k, ...) -> (B, ...) in the original row order.
+        return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+    def accumulated_grads(params, batch_stats, inputs: Batch, rng, context: dict):
         if accumulate_steps == 1:
-            return grad_fn(params, batch_stats, image, target, target_mask, rng)
+            return micro_grads(params, batch_stats, inputs, rng, context)
 
-        def body(carry, xs):
+        def body(carry, micro):
             grads_sum, loss_sum, parts_sum, stats = carry
-            (loss, (parts, stats, _)), grads = grad_fn(params, stats, *xs, rng)
+            (loss, (parts, stats, probs)), grads = micro_grads(params, stats, micro, rng, context)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), stats), None
+            return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), stats), probs
 
-        xs = tuple(micro_batches(x) for x in (image, target, target_mask))
-        (_, (parts_shape, _, _)), grads_shape = jax.eval_shape(grad_fn, params, batch_stats, *(x[0] for x in xs), rng)
+        xs = jax.tree.map(micro_batches, inputs)
+        first = jax.tree.map(lambda x: x[0], xs)
+        (_, (parts_shape, _, _)), grads_shape = jax.eval_shape(micro_grads, params, batch_stats, first, rng, context)
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
         init = (zeros(grads_shape), jnp.zeros((), jnp.float32), zeros(parts_shape), batch_stats)
-        (grads, loss, parts, batch_stats), _ = jax.lax.scan(body, init, xs)
+        (grads, loss, parts, batch_stats), probs = jax.lax.scan(body, init, xs)
         scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
-        return (loss / accumulate_steps, (scale(parts), batch_stats, ())), scale(grads)
+        return (loss / accumulate_steps, (scale(parts), batch_stats, jax.tree.map(whole_batch, probs))), scale(grads)
 
-    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array):
-        """(student input, teacher probabilities or None, {"consistency_weight" | "adversarial_weight":
-        configured weight x ramp(step)} of the methods that are on, discriminator params or None)."""
+    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array) -> tuple[Batch, dict]:
+        """({"student_in", ["teacher_in"]}: the augmented crops (with their own noise each for the
+        mean teacher), {"weights": {"consistency_weight" | "adversarial_weight": configured weight x
+        ramp(step)} of the methods that are on, ["teacher": EMA variables], ["adversary": discriminator
+        params]})."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
-        teacher_probs = None
-        if teacher_on:
-            crops, teacher_in = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
-            teacher_logits, _ = model.apply(state.variables(use_ema=True), teacher_in, train=False)
-            teacher_probs = probabilities(target_kind, teacher_logits)
         ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
-        weights = {**({"consistency_weight": semi_cfg.weight * ramp} if teacher_on else {}),
-                   **({"adversarial_weight": semi_cfg.adversarial_weight * ramp} if adversary_on else {})}
-        return crops, teacher_probs, weights, state.adversary["params"] if adversary_on else None
+        inputs, context = {"student_in": crops}, {"weights": {}}
+        if teacher_on:
+            inputs["student_in"], inputs["teacher_in"] = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
+            context["teacher"] = state.variables(use_ema=True)
+            context["weights"]["consistency_weight"] = semi_cfg.weight * ramp
+        if adversary_on:
+            context["adversary"] = state.adversary["params"]
+            context["weights"]["adversarial_weight"] = semi_cfg.adversarial_weight * ramp
+        return inputs, context
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, dropout_rng = jax.random.split(rng)
         augmented = augment_fn(aug_rng, batch)
         target, target_mask = target_fn(augmented["labels"], augmented["mask"])
-        args = (state.params, state.batch_stats, augmented["image"], target, target_mask, dropout_rng)
-        replace = {}
+        inputs, context = {"image": augmented["image"], "target": target, "target_mask": target_mask}, {}
         if semi:
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.
-            semi_inputs = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
-            (loss, (parts, batch_stats, domain_probs)), grads = grad_fn(*args, semi_inputs)
-            parts.update(semi_inputs[2])  # the weights, logged
-            if adversary_on:
-                replace["adversary"], disc_metrics = adversarial.update_discriminator(
-                    state.adversary, semi_cfg, *domain_probs)
-                parts.update(disc_metrics)
-        else:
-            (loss, (parts, batch_stats, _)), grads = accumulated_grads(*args)
+            semi_inputs, context = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
+            inputs.update(semi_inputs)
+        (loss, (parts, batch_stats, domain_probs)), grads = accumulated_grads(
+            state.params, state.batch_stats, inputs, dropout_rng, context)
+        replace = {}
+        if semi:
+            parts.update(context["weights"])  # logged
+        if adversary_on:
+            replace["adversary"], disc_metrics = adversarial.update_discriminator(state.adversary, semi_cfg, *domain_probs)
+            parts.update(disc_metrics)
         if freeze_encoder_steps and ENCODER in (batch_stats or {}):
             frozen = encoder_frozen(freeze_encoder_steps, state.step)
             held = jax.tree.map(lambda old, new: jnp.where(frozen, old, new),

@@ -3,8 +3,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository
 from benchmarks.label_efficiency import finetune_and_score, labelled_subset
-from jaxem.ssl.pretrain import load_encoder
-from jaxem.train.checkpoint import save_tree
+from jaxem.train.checkpoint import load_encoder, save_tree
 
 run = Path("runs/label_eff")
 src = run / "pretrain_mim" / "encoder"

@@ -5,7 +5,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository
 import jax
 from jaxem import models
 from jaxem.config import load_config
-from jaxem.ssl.pretrain import load_encoder
+from jaxem.train.checkpoint import load_encoder
 from jaxem.ssl.probe import make_probe
 
 cfg = load_config("pretrain:mim")

@@ -1,0 +1,200 @@
+"""Supervised training of a segmentation model: config checks, state and steps, validation.
+
+    summary = train(config, workdir)     # resumes from workdir's checkpoints; see jaxem.train.loop
+
+`validate_training_config` checks the whole config once, before anything is built; `build_training`
+makes the model, the initial state (a pretrained encoder from `train.init_encoder`, the
+discriminator of adversarial adaptation) and the jitted steps (jaxem.train.supervised); `evaluate`
+scores the validation crops (`crop_segmenter`: their instances too). The loop is jaxem.train.loop's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxem import models
+from jaxem.data import augment, pipeline, targets
+from jaxem.errors import UserError
+from jaxem.metrics.clustering import clustering_scores
+from jaxem.models import convert
+from jaxem.segment.instances import instances_from_affinities, instances_from_boundaries
+from jaxem.semi import adversarial, unlabelled
+from jaxem.train import parallel
+from jaxem.train.checkpoint import load_encoder
+from jaxem.train.defaults import with_dataset_volumes
+from jaxem.train.loop import RunShape, check_loop_config, check_workdir, has_checkpoints, run_loop, section_shape
+from jaxem.train.state import create_train_state, make_optimizer, with_adversary
+from jaxem.train.supervised import make_eval_step, make_train_step
+
+# Sections whose change makes old checkpoints unusable (parameter shapes or target meaning);
+# 'ssl' marks a self-supervised run, whose checkpoints a supervised run cannot resume (and back).
+SHAPE_SECTIONS = ("model", "target", "ssl")
+
+
+def run_shape(config: ml_collections.ConfigDict) -> RunShape:
+    """What a supervised run's checkpoints depend on: the shape sections and what the `semi`
+    add-ons keep in the train state (the discriminator)."""
+    return {**section_shape(config, SHAPE_SECTIONS), **unlabelled.checkpoint_shape(config.get("semi"))}
+
+
+def validate_training_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """UserError naming the first setting of `config` that supervised training on `mesh` cannot
+    run with: loop minimums, `semi`, batch sizes against devices and micro-batches, the model's
+    input shape, out_channels against the target's channels. Nothing is built or written."""
+    if "ssl" in config:
+        raise UserError("the config has an `ssl` section: it describes self-supervised pretraining, run it with "
+                        "`jaxem pretrain` (fine-tune its encoder with --config.train.init_encoder=WORKDIR).")
+    tc, devices = config.train, int(mesh.devices.size)
+    check_loop_config(tc)
+    semi = config.get("semi")
+    if unlabelled.enabled(semi):
+        unlabelled.check_semi_config(config)
+    parallel.check_batch_size(config.data.batch_size, mesh)
+    for field, size in (("data.batch_size", config.data.batch_size),
+                        *((("semi.batch_size", semi.batch_size),) if unlabelled.enabled(semi) else ())):
+        if size % (devices * tc.accumulate_steps):
+            raise UserError(f"{field}={size} must split into train.accumulate_steps={tc.accumulate_steps} "
+                            f"micro-batches on each of {devices} devices.")
+    models.check_input_shape(config.model, tuple(config.data.crop_shape))
+    channels = targets.num_target_channels(config.target, config.model.ndim)
+    if config.model.out_channels != channels:
+        raise UserError(f"model.out_channels={config.model.out_channels} but target kind "
+                        f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the loop's summary
+    (steps, time, last validation metrics)."""
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh(config.train.num_devices)
+    validate_training_config(config, mesh)
+    config = with_dataset_volumes(config)
+    workdir = Path(workdir)
+    check_workdir(config, workdir, run_shape)
+
+    tc, ndim = config.train, config.model.ndim
+    # A resumed run continues from its own checkpoint: the pretrained encoder is not needed again.
+    model, state, train_step, eval_step = build_training(config, mesh, load_encoder=not has_checkpoints(workdir))
+    # Open the data before writing anything, so bad data paths leave the workdir untouched.
+    loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="train")
+    if unlabelled.enabled(config.get("semi")):
+        loader = unlabelled.PairedLoader(loader, unlabelled.make_unlabelled_loader(config, mesh))
+    validate, val_loader = None, None
+    if config.data.val_images and tc.eval_every > 0:
+        val_loader = pipeline.make_loader(config.data, mesh=mesh, ndim=ndim, seed=config.seed, split="val")
+        val_start = val_loader.get_state()
+        segment_crop = crop_segmenter(config.target) if tc.eval_instances else None
+        validate = lambda state: evaluate(state, eval_step, val_loader, val_start, tc.eval_batches, segment_crop)  # noqa: E731
+    try:
+        summary, _ = run_loop(config, workdir, state=state, train_step=train_step, loader=loader, meta=run_shape(config),
+                              devices=int(mesh.devices.size), validate=validate, progress=progress)
+        return summary
+    finally:
+        if val_loader is not None:
+            val_loader.close()
+
+
+def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool = True):
+    """(model, initial state, jitted train_step, jitted eval_step) for a checked `config` on `mesh`.
+
+    Params and optimizer state are replicated, batches sharded on 'data', and the train step
+    donates the state buffers it replaces. With `train.init_encoder` set (and `load_encoder`) the
+    encoder starts from that pretrained encoder.
+    """
+    tc, ndim = config.train, config.model.ndim
+    model = models.build(config.model)
+    tx = make_optimizer(config.optimizer, tc.steps, tc)  # with the fine-tuning controls of `train`
+    replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
+    state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
+        jax.random.PRNGKey(config.seed))
+    if tc.get("init_encoder") and load_encoder:
+        state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
+    if unlabelled.adversarial_on(config.get("semi")):
+        probs_shape = (1,) + tuple(config.data.crop_shape) + (config.model.out_channels,)
+        adversary = jax.jit(lambda rng: adversarial.init_adversary(config.semi, rng, probs_shape),
+                            out_shardings=replicated)(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
+        state = with_adversary(state, adversary)
+    augment_fn = augment.make_augment_fn(config.augment, ndim)
+    target_fn = targets.make_target_fn(config.target, ndim)
+    train_step = jax.jit(
+        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
+                        semi_cfg=config.get("semi"), target_kind=config.target.kind,
+                        freeze_encoder_steps=tc.get("freeze_encoder_steps", 0)),
+        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
+                        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
+    return model, state, train_step, eval_step
+
+
+def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None):
+    """`state` whose encoder variables (params and EMA copy; batch_stats with batch norm) come from
+    the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit.
+    `path` is an exported encoder, or a SAM/DINOv2/MAE/timm checkpoint file converted on the fly
+    to fit `model_cfg` (jaxem.models.convert)."""
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    try:
+        pretrained = (convert.load_pretrained(path, model_cfg) if model_cfg is not None and convert.is_checkpoint(path)
+                      else load_encoder(path))
+        variables = models.transfer_encoder_params(variables, pretrained)
+    except UserError as e:
+        raise UserError(f"train.init_encoder={path}: {e}") from None
+    variables = parallel.replicate(jax.device_get(variables), mesh)
+    params = variables["params"]
+    opt_state = jax.jit(state.tx.init, out_shardings=parallel.replicated(mesh))(params)
+    return state.replace(params=params, ema_params=params, batch_stats=variables.get("batch_stats", state.batch_stats),
+                         opt_state=opt_state)
+
+
+def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, segment_crop=None) -> dict:
+    """Validation metrics over the same validation batches every time (the first `num_batches`, or
+    one pass over the validation crops when that is fewer): loss and voxel Dice of the target, and
+    with `segment_crop` (see `crop_segmenter`) VRand/VInfo/VOI of the instances in each crop."""
+    num_batches = min(num_batches, val_loader.num_batches)
+    val_loader.set_state(val_start)
+    totals, crop_scores = {"loss": 0.0, "tp": 0.0, "fp": 0.0, "fn": 0.0}, []
+    for _ in range(num_batches):
+        batch = next(val_loader)
+        metrics, probs = eval_step(state, batch)
+        for k, v in jax.device_get(metrics).items():
+            totals[k] += float(v)
+        if segment_crop is not None:
+            crop_scores += _instance_scores(probs, batch, segment_crop)
+    tp, fp, fn = totals["tp"], totals["fp"], totals["fn"]
+    result = {"loss": totals["loss"] / num_batches, "dice": 2 * tp / max(2 * tp + fp + fn, 1.0)}
+    for key in ("vrand", "vinfo", "voi_split", "voi_merge"):
+        if crop_scores:
+            result[key] = float(np.mean([s[key] for s in crop_scores]))
+    return result
+
+
+MIN_FRAGMENT = 10  # voxels: smaller mutex-watershed fragments of a validation crop are flooded
+
+
+def crop_segmenter(target_cfg):
+    """`fn(probs (*S, K)) -> instance labels (*S)` for validation crops, or None where the target has
+    no instances: boundary maps -> seeded watershed (per z-slice in 3D); affinities -> mutex watershed."""
+    if target_cfg.kind == "boundary":
+        return lambda p: instances_from_boundaries(p[..., 0], method="watershed", per_slice=p.ndim == 4)
+    if target_cfg.kind == "affinities":
+        def mws(p):
+            offsets = targets.affinity_offsets(target_cfg, p.ndim - 1)
+            return instances_from_affinities(np.moveaxis(p, -1, 0), offsets, "mws", min_size=MIN_FRAGMENT)
+        return mws
+    return None
+
+
+def _instance_scores(probs, batch, segment_crop) -> list[dict]:
+    """Clustering scores of the instances `segment_crop` makes from each labelled crop's probabilities."""
+    probs, labels, mask = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                           for x in (probs, batch["labels"], batch["mask"]))
+    scores = []
+    for p, gt, m in zip(probs, labels, mask):
+        if m.max() > 0 and gt.max() > 0:  # skip padding rows and crops without cells
+            scores.append(clustering_scores(segment_crop(p), gt))
+    return scores
