@@ -12,7 +12,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+
+from jaxem.config import apply_overrides
+from jaxem.data.guard import refuse_overlap
 from jaxem.errors import UserError
+from jaxem.infer.job import run_prediction
+from jaxem.train.parallel import initialize_distributed
 
 
 def add_arguments(parser) -> None:
@@ -32,13 +38,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
-    from jaxem.train.parallel import initialize_distributed
-
-    initialize_distributed()  # several processes (JAXEM_COORDINATOR ...) share the volume's chunks
-    from jaxem.config import apply_overrides
-    from jaxem.data.guard import refuse_overlap
-    from jaxem.infer.job import run_prediction
-
+    initialize_distributed()  # several processes (JAXEM_COORDINATOR ...) share the volume's blocks
     checkpoints = list(args.run) + list(args.checkpoint)
     if not checkpoints:
         raise UserError("jaxem predict needs a trained model: pass --run WORKDIR or --checkpoint CKPT.")
@@ -49,8 +49,6 @@ def run(args, overrides) -> int:
     stats = run_prediction(checkpoints, args.input, args.output, roi=args.roi, tta=args.tta, dtype=args.dtype,
                            overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress,
                            adapt_batch_norm=args.adapt_batch_norm)
-    import jax
-
     if jax.process_index() == 0:
         print(json.dumps(stats))
     return 0

@@ -15,13 +15,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxem.data.sampling import normalize, normalize_stats
+from jaxem.data.targets import affinity_offsets
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
+from jaxem.infer.adapt import adapted_batch_stats, random_crops
 from jaxem.infer.blockwise import make_predict_fn, predict_volume
 from jaxem.infer.ensemble import check_reduction, ensemble, with_tta
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.tiling import make_tiling
 from jaxem.models.heads import output_activation
+from jaxem.train.checkpoint import restore_for_inference
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
 
@@ -76,15 +80,11 @@ def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
 
 def normalizer_stats(source: Volume, data_cfg) -> tuple[float, float]:
     """(a, b) of the per-volume normalisation (x - a) / b, exactly as the training loader's."""
-    from jaxem.data.sampling import normalize_stats
-
     return normalize_stats(source, str(data_cfg.get("normalize", "meanstd")), tuple(data_cfg.get("percentiles", (1.0, 99.0))))
 
 
 def make_normalizer(source: Volume, data_cfg) -> Callable:
     """Per-volume normalisation exactly as the training loader does it (jaxem.data.sampling)."""
-    from jaxem.data.sampling import normalize
-
     stats = normalizer_stats(source, data_cfg)
     return lambda x: normalize(x, stats)
 
@@ -116,8 +116,6 @@ def run_prediction(
     `adapt_batch_norm` N > 0: first re-estimates every batch-norm layer's statistics on N random
     training-sized crops of the ROI (jaxem.infer.adapt, AdaBN), for EM unlike the training data.
     """
-    from jaxem.train.checkpoint import restore_for_inference
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     check_reduction(reduce, len(checkpoints))
@@ -160,8 +158,6 @@ def run_prediction(
 def with_adapted_batch_norm(restored: list, source: Volume, normalize: Callable, region, count: int) -> list:
     """Each restored (config, model, variables) with batch-norm statistics of `count` crops of
     `source`, drawn with the model's config seed (the same crops for models sharing crop shape and seed)."""
-    from jaxem.infer.adapt import adapted_batch_stats, random_crops
-
     if count < 0:
         raise UserError(f"--adapt-batch-norm must be a number of crops >= 0, got {count}.")
     adapted = []
@@ -193,8 +189,6 @@ def target_description(config, volume_ndim: int) -> dict:
     """What the output channels are, for the steps after prediction: {"kind", "channels"} and, for
     affinities, "offsets" in the volume's axes (a 2D model's (dy, dx) become (0, dy, dx) on a stack),
     which `jaxem segment --method mws` reads when no --offsets are given."""
-    from jaxem.data.targets import affinity_offsets
-
     kind = str(config.target.get("kind", "boundary"))
     description = {"kind": kind, "channels": int(config.model.out_channels)}
     if kind == "affinities":
@@ -206,8 +200,6 @@ def target_description(config, volume_ndim: int) -> dict:
 def process_filter(tiling, count: int | None = None, index: int | None = None) -> Callable | None:
     """Multi-host: process p of P takes the p-th of P contiguous runs of the Morton chunk order
     (compact regions, so tiles shared by its chunks are reused); None for a single process."""
-    import jax
-
     count = jax.process_count() if count is None else count
     index = jax.process_index() if index is None else index
     if count == 1:
