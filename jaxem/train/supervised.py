@@ -110,6 +110,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
     def accumulated_grads(params, batch_stats, inputs: Batch, rng, context: dict):
+        """micro_grads over `accumulate_steps` micro-batches of every input, in sequence: the mean
+        loss, parts and gradient; the probabilities put back in the whole batch's row order."""
         if accumulate_steps == 1:
             return micro_grads(params, batch_stats, inputs, rng, context)
 
