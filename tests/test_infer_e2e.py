@@ -127,7 +127,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(run_dir, tmp_path, capsys):
     raw = open_volume(run_dir / "data" / "test_raw.zarr").read()
     big = np.tile(raw, (4, 12, 12))  # (8, 768, 768): 144 chunks of (8, 64, 64), ~10 s on 2 cores
     create_volume(tmp_path / "in.zarr", big.shape, big.dtype, (40.0, 4.0, 4.0)).write(big)
-    args = ["--run", run_dir, "--input", tmp_path / "in.zarr"]
+    # blocks of 2x2 chunks (4 MiB windows), so the run is killed between blocks
+    args = ["--run", run_dir, "--input", tmp_path / "in.zarr", "--config.predict.block_gib=0.004"]
     assert predict(*args, "--output", tmp_path / "whole.zarr") == 0
     total = last_json(capsys)["chunks"]
 

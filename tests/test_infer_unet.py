@@ -15,7 +15,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from jaxem.data.volume import create_volume
-from jaxem.infer.blockwise import make_predict_fn, predict_volume
+from jaxem.infer.device import forward_fn, predict_volume
 from jaxem.infer.output import create_output
 from jaxem.infer.tiling import make_tiling
 from jaxem.models import build, default_config
@@ -30,13 +30,13 @@ def blockwise_error(tmp_path, norm, block, halo, blend="gaussian", shape=(96, 80
     net = build(cfg)
     variables = net.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 1)), train=False)
     whole = np.asarray(net.apply(variables, img[None, ..., None], train=False)[0])[0, ..., 0]
-    fn = make_predict_fn(lambda x: net.apply(variables, x, train=False)[0], 2, activation="linear")
+    forward = forward_fn(lambda x: net.apply(variables, x, train=False)[0], activation="linear")
     name = f"{norm}_{block}_{halo}_{blend}"
     src = create_volume(tmp_path / f"in_{name}", shape, np.float32, (1.0, 1.0))
     src.write(img)
     tiling = make_tiling(shape, None, (block, block), (halo, halo), blend=blend)
     out, _ = create_output(str(tmp_path / name), (1, *shape), np.float32, (1.0, 1.0), (1, *tiling.chunk), ("c", "y", "x"), (0, 0), {}, True)
-    predict_volume(fn, src, out, tiling, progress=False)
+    predict_volume(forward, src, out, tiling, batch=2)
     err = np.abs(out.read()[0] - whole) / whole.std()
     return float(err.max()), float(err.mean())
 

@@ -2,9 +2,11 @@
 
     jaxem predict --run runs/demo --input raw.zarr --output pred.zarr [--roi 0:8,0:512,0:512]
                   [--tta] [--dtype uint8|float16|float32] [--checkpoint CKPT ...] [--reduce mean]
-                  [--config.predict.block_shape='(256,256)'] [--overwrite]
+                  [--config.predict.block_shape='(256,256)'] [--config.predict.block_gib=1.0] [--overwrite]
 
-Rerunning the same command after an interruption resumes: finished chunks are skipped.
+The sliding window runs on the device, one jitted function per block of output chunks
+(`jaxem.infer.device`); `predict.block_gib` bounds a block's window. Rerunning the same command
+after an interruption resumes: finished chunks are skipped.
 """
 
 from __future__ import annotations

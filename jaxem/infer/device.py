@@ -1,33 +1,59 @@
-"""Sliding window on the device: one jitted function per block of output chunks (issue #24).
+"""Prediction of a volume on the device: one jitted sliding window per block of output chunks (issue #24).
 
-The host reads one raw region (the union of the block's tiles, in the source dtype, e.g. uint8)
-and moves it to the device once; `make_block_fn`'s jitted function cuts the tiles out of it
-(dynamic_slice), normalises them, runs the forwards batch by batch (lax.map), weights each tile
-by its share (`Tiling.share_factors`, so the shares of a voxel add up to 1) and adds it into a
-device buffer, crops the block and converts it to the output dtype: only the raw region goes in
-and the finished output comes back. Tiles are added in the order of `Tiling.tiles_for_chunk`
-with the same float32 arithmetic as `blockwise._blend_chunk`, so the output equals the host
-path's up to the forward pass itself (tested to 1e-6 for float32 output).
+The host reads one raw region per block (the union of the block's tiles, in the source dtype, e.g.
+uint8 EM) on a reader thread and moves it to the device; `make_block_fn`'s jitted function cuts the
+tiles out of it (dynamic_slice), normalises them, runs the forwards batch by batch (fori_loop), with
+TTA (`tta_forward`) and ensembles (`ensemble_forward`) inside, weights each tile by its share
+(`Tiling.share_factors`, so the shares of a voxel add up to 1), adds it into a device accumulator,
+crops the block and converts it to the output dtype: only the raw region goes in and the finished
+block comes out, which a writer thread writes chunk by chunk, marking each chunk done once its write
+has landed (`output.DoneLog`: a killed run resumes with the same bytes).
 
-`predict_blocks` drives it over a volume (Morton order of blocks, next region read during the
-device work, per-chunk writes and done markers, resume); it is not yet what `jaxem predict`
-runs (see docs/inference.md, "What remains of issue #24").
+`predict_volume` drives it over a volume: blocks sized from a byte budget (`chunks_per_block`), in
+Morton order, spread over the local devices, the next block's read and the previous block's writes
+overlapping the device work through bounded queues, so host memory is a few blocks whatever the
+volume's shape. A tile that touches two blocks runs once per block (`recompute_factor`).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from tqdm import tqdm
 
-from jaxem.infer.blockwise import DoneLog
 from jaxem.infer.ensemble import check_reduction, combine, transform, tta_transforms
+from jaxem.infer.output import DoneLog
 from jaxem.infer.tiling import Tiling, morton_key
+
+DEFAULT_BLOCK_BYTES = 1 << 30  # a block's window on the device: raw region + float32 accumulator + output
+
+
+def forward_fn(apply: Callable, activation: str = "sigmoid", model_ndim: int | None = None,
+               normalize: tuple[float, float] | None = None) -> Callable:
+    """The traceable forward `f(x) -> probabilities`: x (B, *block, C) of any real dtype is cast
+    to float32 and normalised, (x - a) / b, when `normalize` = (a, b); returns (B, *block, K)
+    float32. A 2D model (`model_ndim=2`) on 3D tiles (B, 1, y, x, C) runs on the (B, y, x, C) slices."""
+
+    def forward(x):
+        x = x.astype(jnp.float32)
+        if normalize is not None:
+            x = (x - jnp.float32(normalize[0])) / jnp.float32(normalize[1])
+        squeeze = model_ndim is not None and x.ndim - 2 > model_ndim
+        y = apply(x[:, 0] if squeeze else x)
+        y = jax.nn.softmax(y, axis=-1) if activation == "softmax" else jax.nn.sigmoid(y) if activation == "sigmoid" else y
+        return (y[:, None] if squeeze else y).astype(jnp.float32)
+
+    return forward
 
 
 @dataclass(frozen=True)
@@ -67,24 +93,18 @@ def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dty
     """A jitted `fn(region, tiles, place, first, rest, count, out_shape) -> (K, *out_shape)` in `out_dtype`.
 
     forward: jax function (B, *block, C) raw tiles -> (B, *block, K) float32 probabilities (it
-    casts and normalises, see `blockwise.forward_fn`). region: (*R) or (C, *R) raw input on the
+    casts and normalises, see `forward_fn`). region: (*R) or (C, *R) raw input on the
     device; the other arguments as in `BlockGeometry`, of which the first `count` tiles are used
-    (the rest pad them to a fixed count, see `run_block`; out_shape is static).
+    (the rest pad them to a fixed count, see `block_inputs`; out_shape is static).
     Tiles run `batch` per forward (the last batch padded, its padding adding nothing), each batch
     blended into the accumulator before the next runs: device memory is the region, the
     accumulator ((*out_shape + 2 * block, K) float32) and one batch, whatever the tile count.
     """
-    import jax
-
     return jax.jit(partial(_blend_block, forward, tuple(block), int(batch), np.dtype(out_dtype)),
                    static_argnames="out_shape")
 
 
 def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, rest, count, out_shape):
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
     x = region[..., None] if region.ndim == len(block) else jnp.moveaxis(region, 0, -1)
     n = tiles.shape[0]
     pad = lambda a: jnp.concatenate([a, jnp.zeros((-n % batch, *a.shape[1:]), a.dtype)])
@@ -92,7 +112,7 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
     k = jax.eval_shape(forward, jax.ShapeDtypeStruct((batch, *block, x.shape[-1]), x.dtype)).shape[-1]
     acc = jnp.zeros((*(o + 2 * b for o, b in zip(out_shape, block)), k), jnp.float32)
 
-    def add(i, acc, probs, j):  # the same float32 products, in the same order, as blockwise._blend_chunk
+    def add(i, acc, probs, j):  # a tile's share times its prediction, tiles in tiles_for_chunk order
         part = probs[j] * rest[i][..., None]
         part = part * first[i].reshape(-1, *(1,) * len(block))
         part = jnp.where(i < count, part, 0.0)  # a padded tile adds nothing (acc + 0.0 == acc)
@@ -105,7 +125,7 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
         probs = forward(cut)
         return lax.fori_loop(0, batch, lambda j, acc: add(b * batch + j, acc, probs, j), acc)
 
-    acc = lax.fori_loop(0, tiles.shape[0] // batch, step, acc)
+    acc = lax.fori_loop(0, (count + batch - 1) // batch, step, acc)  # padding tiles past `count` never run
     out = jnp.moveaxis(acc[tuple(slice(b, b + o) for b, o in zip(block, out_shape))], -1, 0)
     if out_dtype == np.uint8:
         return jnp.clip(jnp.rint(out * 255.0), 0, 255).astype(jnp.uint8)
@@ -115,9 +135,7 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
 def tta_forward(forward: Callable, block: tuple[int, ...], rotations: bool = True) -> Callable:
     """`forward` averaged over `ensemble.tta_transforms(block)` inside the jitted function: the
     (B, *block, C) tiles are flipped / turned in y-x, predicted, turned back and averaged, in
-    the order and with the float32 sums of `ensemble.with_tta` (which does it on the host)."""
-    import jax.numpy as jnp
-
+    the order and with the float32 sums of the host TTA it replaced."""
     transforms = tta_transforms(block, rotations)
 
     def averaged(x):
@@ -132,100 +150,174 @@ def tta_forward(forward: Callable, block: tuple[int, ...], rotations: bool = Tru
 
 def ensemble_forward(forwards: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
     """The models' forwards combined inside the jitted function by `ensemble.combine` ('mean',
-    'median' or 'majority', as `ensemble.ensemble` does on the host)."""
-    import jax.numpy as jnp
-
+    'median' or 'majority')."""
     check_reduction(reduce, len(forwards))
     return lambda x: combine(jnp, jnp.stack([f(x) for f in forwards]), reduce, multiclass)
 
 
-def read_region(source, geometry: BlockGeometry):
-    """Starts reading the block's raw region from `source` (a Volume, channels first if it has
-    them) in its own dtype; returns the tensorstore future (`source.wait` it)."""
+def block_bytes(tiling: Tiling, per_block: Sequence[int], channels_in: int, in_itemsize: int, channels_out: int,
+                out_itemsize: int) -> int:
+    """Device bytes of one block's window with `per_block` chunks per axis: the raw region (at
+    most the block grown by a tile on every side, `channels_in` x `in_itemsize` bytes a voxel),
+    the float32 accumulator over the same grown box (`channels_out` channels) and the output
+    (`out_itemsize` bytes). The model's activations for one batch come on top."""
+    out = [min(m * c, s) for m, c, s in zip(per_block, tiling.chunk, tiling.roi_shape)]
+    grown = math.prod(o + 2 * b for o, b in zip(out, tiling.block))
+    return grown * (4 * channels_out + channels_in * in_itemsize) + math.prod(out) * channels_out * out_itemsize
+
+
+def chunks_per_block(tiling: Tiling, budget: int, min_blocks: int = 1, **sizes) -> tuple[int, ...]:
+    """Chunks per axis of the largest blocks within `budget` bytes (`block_bytes(**sizes)`), and
+    at least `min_blocks` blocks (one per process): from the whole ROI, the axis longest in voxels
+    is halved until both hold (down to one chunk). Large blocks recompute fewer border tiles."""
+    per = list(tiling.grid())
+    while (math.prod(-(-g // m) for g, m in zip(tiling.grid(), per)) < min_blocks
+           or block_bytes(tiling, per, **sizes) > budget):
+        axes = [a for a in range(tiling.ndim) if per[a] > 1]
+        if not axes:
+            break
+        longest = max(axes, key=lambda a: per[a] * tiling.chunk[a])
+        per[longest] = -(-per[longest] // 2)
+    return tuple(per)
+
+
+def block_starts(tiling: Tiling, per_block: Sequence[int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(lo, hi) chunk indices of every block, lo <= index < hi per axis, in Morton order of blocks."""
+    grid = tiling.grid()
+    starts = itertools.product(*(range(0, g, m) for g, m in zip(grid, per_block)))
+    starts = sorted(starts, key=lambda lo: morton_key(tuple(a // m for a, m in zip(lo, per_block))))
+    return [(lo, tuple(min(a + m, g) for a, m, g in zip(lo, per_block, grid))) for lo in starts]
+
+
+def fixed_shapes(tiling: Tiling, per_block: Sequence[int]) -> tuple:
+    """(region shape, tile count, output shape) that every block of `per_block` chunks fits:
+    padding each block to them compiles `block_fn` once per volume, and the same shapes on a
+    resumed run or in another process give the same bytes. Blocks are products of per-axis
+    ranges, so the largest block is the per-axis largest."""
+    region, count, out = [], 1, []
+    for axis, (g, m, c, s, b) in enumerate(zip(tiling.grid(), per_block, tiling.chunk, tiling.roi_shape, tiling.block)):
+        tiles = [sorted({t for i in range(lo, min(lo + m, g)) for t in tiling._tiles_along(axis, i)})
+                 for lo in range(0, g, m)]
+        region.append(max(t[-1] + b - t[0] for t in tiles))
+        count *= max(len(t) for t in tiles)
+        out.append(min(m * c, s))
+    return tuple(region), count, tuple(out)
+
+
+def block_inputs(source, geometry: BlockGeometry, fixed: tuple) -> tuple:
+    """Reads the block's raw region from `source` (a Volume, channels first if it has them) in its
+    own dtype (float32 if that is not a real type of at most 4 bytes) and zero-pads it and the tile
+    arrays to `fixed`: the arguments of `block_fn` before the tile count."""
     channels = source.ndim > len(geometry.region)
-    return source.store[((slice(None),) + geometry.region) if channels else geometry.region].read()
-
-
-def fixed_shapes(shapes) -> tuple:
-    """(region shape, tile count, output shape), each the largest of `shapes` = [(geometry.region,
-    tile count, geometry.out_box)]: padding every block to them compiles `block_fn` once for a
-    whole volume (edge blocks are smaller)."""
-    size = lambda boxes: tuple(max(b.stop - b.start for b in axis) for axis in zip(*boxes))
-    return size([r for r, _, _ in shapes]), max(n for _, n, _ in shapes), size([o for _, _, o in shapes])
-
-
-def run_block(block_fn: Callable, region: np.ndarray, geometry: BlockGeometry, fixed: tuple | None = None):
-    """Dispatches `block_fn` on a read region (zero-padded to `fixed` = `fixed_shapes(...)` if
-    given); returns the device array (K, *out shape), larger than the block's if padded (`crop`)."""
-    shape = tuple(b.stop - b.start for b in geometry.out_box)
+    region = np.asarray(source.wait(source.store[((slice(None),) + geometry.region) if channels else geometry.region].read()))
+    if region.dtype.kind not in "uif" or region.dtype.itemsize > 4:
+        region = region.astype(np.float32)
+    grow, n, _ = fixed
+    region = np.pad(region, [(0, 0)] * (region.ndim - len(grow)) + [(0, g - r) for g, r in zip(grow, region.shape[-len(grow):])])
     arrays = [geometry.tiles, geometry.place, geometry.first, geometry.rest]
-    if fixed is not None:
-        grow, n, shape = fixed
-        region = np.pad(region, [(0, 0)] * (region.ndim - len(grow)) + [(0, g - r) for g, r in
-                                                                         zip(grow, region.shape[-len(grow):])])
-        arrays = [np.pad(a, [(0, n - len(a))] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-    return block_fn(region, *arrays, np.int32(len(geometry.tiles)), out_shape=shape)
+    return (region, *(np.pad(a, [(0, n - len(a))] + [(0, 0)] * (a.ndim - 1)) for a in arrays))
 
 
 def crop(out: np.ndarray, geometry: BlockGeometry) -> np.ndarray:
-    """A block's output (K, *out shape) without the padding `run_block` may have added."""
+    """A block's output (K, *fixed out shape) without the padding of `block_inputs`."""
     return out[(slice(None),) + tuple(slice(0, b.stop - b.start) for b in geometry.out_box)]
 
 
-def predict_block(block_fn: Callable, source, geometry: BlockGeometry) -> np.ndarray:
-    """Reads the block's raw region, runs `block_fn` on the device and returns the block
-    (K, *out_shape) on the host."""
-    return np.asarray(run_block(block_fn, source.wait(read_region(source, geometry)), geometry))
+def predict_block(block_fn: Callable, source, geometry: BlockGeometry, fixed: tuple | None = None) -> np.ndarray:
+    """One block on the default device: (K, *out_shape) on the host (no padding unless `fixed`)."""
+    own = (tuple(r.stop - r.start for r in geometry.region), len(geometry.tiles),
+           tuple(b.stop - b.start for b in geometry.out_box))
+    fixed = fixed or own
+    out = block_fn(*block_inputs(source, geometry, fixed), np.int32(len(geometry.tiles)), out_shape=fixed[2])
+    return crop(np.asarray(out), geometry)
 
 
-def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, chunks_per_block: tuple[int, ...],
-                   chunk_filter: Callable | None = None) -> dict:
-    """Predicts every not-yet-done chunk of `target` (K, *roi_shape) block by block: blocks of
-    `chunks_per_block` chunks in Morton order, the next block's region read while the device
-    runs this one, each chunk written alone and marked done (`blockwise.DoneLog`) once its write
-    lands, at most two blocks' writes in flight. A block with some chunks done is recomputed and
-    writes only the others; `chunk_filter(index) -> bool` selects this process's chunks. Every
-    block is padded to the largest block's shapes, so `block_fn` compiles once per volume. Host
-    memory: two regions and two blocks' outputs, whatever the volume's shape. Returns
-    {"blocks", "chunks", "tiles_predicted", "recompute_factor"}."""
+def predict_blocks(block_fn: Callable, source, target, tiling: Tiling, per_block: tuple[int, ...],
+                   block_filter: Callable | None = None, devices: Sequence | None = None,
+                   progress: bool = False) -> dict:
+    """Predicts every not-yet-done chunk of `target` (K, *roi_shape) by blocks of `per_block`
+    chunks (`block_starts` order; `block_filter(rank, blocks) -> bool` keeps this process's share).
 
-    log, work = DoneLog(target.path), []
-    done = log.done()
-    for lo in sorted(itertools.product(*(range(0, g, n) for g, n in zip(tiling.grid(), chunks_per_block))),
-                     key=lambda lo: morton_key(tuple(a // n for a, n in zip(lo, chunks_per_block)))):
-        hi = tuple(min(a + n, g) for a, n, g in zip(lo, chunks_per_block, tiling.grid()))
-        todo = [c for c in itertools.product(*map(range, lo, hi))
-                if c not in done and (chunk_filter is None or chunk_filter(c))]
-        if todo:
+    A reader thread reads and pads up to two blocks ahead; block k runs on device k mod len(devices)
+    (default: the local devices), and the main thread fetches a block's output only once the next
+    one is dispatched; a writer thread writes each chunk and marks it done (`DoneLog`) once its
+    write has landed, at most two blocks behind. A block with some chunks done is recomputed and
+    writes the others. Host memory: about 2 regions + (devices + 3) outputs, whatever the volume.
+    Returns {"blocks", "chunks", "chunks_per_block", "tiles_predicted", "tiles_total",
+    "recompute_factor" (tiles_predicted / tiles_total, 1.0 when each tile ran once)}."""
+    log = DoneLog(target.path)
+    done, blocks = log.done(), block_starts(tiling, per_block)
+    work = []
+    for rank, (lo, hi) in enumerate(blocks):
+        todo = [c for c in itertools.product(*map(range, lo, hi)) if c not in done]
+        if todo and (block_filter is None or block_filter(rank, len(blocks))):
             work.append((lo, hi, todo))
-    geometry = lambda k: block_geometry(tiling, *work[k][:2])  # built when needed: O(1 block) memory
-    shapes = [(g.region, len(g.tiles), g.out_box) for g in map(geometry, range(len(work)))]
-    stats = {"blocks": len(work), "chunks": sum(len(w[2]) for w in work),
-             "tiles_predicted": sum(n for _, n, _ in shapes)}
-    stats["recompute_factor"] = round(stats["tiles_predicted"] / max(tiling.tile_count(), 1), 3)
-    fixed = fixed_shapes(shapes) if work else None
-    with ThreadPoolExecutor(1) as marker:
-        marks: collections.deque = collections.deque()
-        following = geometry(0) if work else None
-        read = read_region(source, following) if work else None
-        for k, (_, _, todo) in enumerate(work):
-            current = following
-            out = run_block(block_fn, source.wait(read), current, fixed)  # dispatched: runs on the device
-            following = geometry(k + 1) if k + 1 < len(work) else None
-            read = read_region(source, following) if following is not None else None
-            out = crop(np.asarray(out), current)
-            for c in todo:
-                marks.append(marker.submit(_write_chunk, target, tiling, current, out, c, log))
-            while len(marks) > 2 * len(todo):  # bounds the blocks held by writes in flight
-                marks.popleft().result()
-        for mark in marks:
-            mark.result()
+    fixed, devices = fixed_shapes(tiling, per_block), list(devices or jax.local_devices())
+    tiles = sum(math.prod(len({t for i in range(a, b) for t in tiling._tiles_along(axis, i)})
+                          for axis, (a, b) in enumerate(zip(lo, hi))) for lo, hi, _ in work)
+    stats = {"blocks": len(work), "chunks": sum(len(t) for _, _, t in work), "chunks_per_block": list(per_block),
+             "tiles_predicted": tiles, "tiles_total": tiling.tile_count(),
+             "recompute_factor": round(tiles / max(tiling.tile_count(), 1), 3)}
+    bar = tqdm(total=stats["chunks"], unit="chunk", disable=not progress, desc="predict")
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        read = lambda k: reader.submit(_read, source, tiling, work[k][:2], fixed)  # noqa: E731
+        reads = collections.deque(read(k) for k in range(min(2, len(work))))
+        running, writes = collections.deque(), collections.deque()
+        for k in range(len(work)):
+            geometry, inputs = reads.popleft().result()
+            if k + 2 < len(work):
+                reads.append(read(k + 2))
+            inputs = jax.device_put(inputs, devices[k % len(devices)])
+            running.append((geometry, work[k][2], block_fn(*inputs, np.int32(len(geometry.tiles)), out_shape=fixed[2])))
+            while len(running) > len(devices):  # the device works on the next block meanwhile
+                _finish(running.popleft(), writer, writes, target, tiling, log, bar)
+        while running:
+            _finish(running.popleft(), writer, writes, target, tiling, log, bar)
+        for write in writes:
+            write.result()
+    bar.close()
     return stats
 
 
-def _write_chunk(target, tiling: Tiling, geometry: BlockGeometry, out: np.ndarray, index, log) -> None:
-    """Writes chunk `index` of a block's output and marks it done once the write has landed."""
-    box = tiling.chunk_box(index)
-    part = out[(slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, geometry.out_box))]
-    target.write_async(part, (0,) + tuple(b.start for b in box)).result()
-    log.mark(index)
+def _read(source, tiling: Tiling, lo_hi: tuple, fixed: tuple) -> tuple[BlockGeometry, tuple]:
+    """On the reader thread: a block's geometry and its padded `block_fn` inputs."""
+    geometry = block_geometry(tiling, *lo_hi)
+    return geometry, block_inputs(source, geometry, fixed)
+
+
+def _finish(block, writer, writes: collections.deque, target, tiling: Tiling, log: DoneLog, bar) -> None:
+    """Fetches a dispatched block's output (waiting for the device) and queues its writes, at most
+    two blocks' writes in flight (bounds the outputs held)."""
+    geometry, todo, out = block
+    writes.append(writer.submit(_write_block, target, tiling, geometry, crop(np.asarray(out), geometry), todo, log, bar))
+    while len(writes) > 2:
+        writes.popleft().result()
+
+
+def _write_block(target, tiling: Tiling, geometry: BlockGeometry, out: np.ndarray, todo, log: DoneLog, bar) -> None:
+    """On the writer thread: starts every chunk's write, then marks each done once its write has landed."""
+    writes = []
+    for index in todo:
+        box = tiling.chunk_box(index)
+        part = out[(slice(None),) + tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, geometry.out_box))]
+        writes.append((index, target.write_async(part, (0,) + tuple(b.start for b in box))))
+    for index, write in writes:
+        write.result()
+        log.mark(index)
+        bar.update(1)
+
+
+def predict_volume(forward: Callable, source, target, tiling: Tiling, batch: int = 4, out_dtype=np.float32,
+                   budget: int = DEFAULT_BLOCK_BYTES, block_filter: Callable | None = None, min_blocks: int = 1,
+                   progress: bool = False) -> dict:
+    """Predicts every not-yet-done chunk of `target` (K, *roi_shape) from `source` with `forward`
+    ((B, *block, C) raw tiles -> (B, *block, K) float32 probabilities, see `forward_fn`,
+    `tta_forward`, `ensemble_forward`), `batch` tiles per forward, stored as `out_dtype` (float32,
+    float16, or uint8 = rint(255 p)): blocks of `chunks_per_block(tiling, budget, min_blocks)`,
+    driven by `predict_blocks`. Returns its statistics."""
+    sizes = dict(channels_in=source.shape[0] if source.ndim > tiling.ndim else 1,
+                 in_itemsize=min(np.dtype(source.dtype).itemsize, 4), channels_out=int(target.shape[0]),
+                 out_itemsize=np.dtype(out_dtype).itemsize)
+    per_block = chunks_per_block(tiling, budget, min_blocks, **sizes)
+    block_fn = make_block_fn(forward, tiling.block, batch, out_dtype)
+    return predict_blocks(block_fn, source, target, tiling, per_block, block_filter, progress=progress)

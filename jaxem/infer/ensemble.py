@@ -1,14 +1,15 @@
-"""Test-time augmentation and model ensembles, as wrappers around a tile predictor.
+"""Test-time augmentation and model ensembles: the transforms and reductions, for numpy or jax.numpy.
 
-A predictor maps a batch x (B, *spatial, C) float32 to probabilities (B, *spatial, K). TTA runs
-it on flipped / rotated copies, inverts each transform on the output and averages. Ensembles
-combine several predictors (e.g. several checkpoints) by mean, median or majority vote.
+TTA runs a forward on flipped / rotated copies of a batch x (B, *spatial, C), inverts each
+transform on the output and averages; ensembles combine several models' probabilities (e.g.
+several checkpoints) by mean, median or majority vote. `jaxem.infer.device.tta_forward` and
+`ensemble_forward` do both inside the jitted sliding window.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -43,42 +44,6 @@ def transform(xp, x, flip_turns: tuple[tuple[int, ...], int], inverse: bool = Fa
     return xp.rot90(xp.flip(x, axes), turns, axes=plane)
 
 
-def submitter(predict_fn: Callable) -> Callable:
-    """`predict_fn.submit` (start a forward, return a function that waits for it), or the same
-    interface around a synchronous predictor."""
-    return getattr(predict_fn, "submit", None) or (lambda x: (lambda y: lambda: y)(predict_fn(x)))
-
-
-def predictor(submit: Callable, batch: int) -> Callable:
-    """A predictor `fn(x) -> probabilities` with `fn.submit = submit` and `fn.batch = batch`."""
-
-    def fn(x: np.ndarray) -> np.ndarray:
-        return submit(x)()
-
-    fn.batch, fn.submit = batch, submit
-    return fn
-
-
-def with_tta(predict_fn: Callable, rotations: bool = True) -> Callable:
-    """A predictor that averages `predict_fn` over `tta_transforms` (inverse-transformed).
-    All transformed batches are dispatched before the first result is awaited."""
-    start = submitter(predict_fn)
-
-    def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
-        transforms = tta_transforms(x.shape[1:-1], rotations)
-        waits = [start(np.ascontiguousarray(transform(np, x, t))) for t in transforms]
-
-        def wait() -> np.ndarray:
-            total = None
-            for t, result in zip(transforms, waits):
-                y = transform(np, result(), t, inverse=True)
-                total = y if total is None else total + y
-            return total / len(transforms)
-        return wait
-
-    return predictor(submit, getattr(predict_fn, "batch", 1))
-
-
 def check_reduction(reduce: str, models: int) -> None:
     """UserError for a reduction not in REDUCTIONS, or for 'median'/'majority' of a single model
     (`--reduce` combines an ensemble's models: with one model it would be ignored)."""
@@ -91,7 +56,9 @@ def check_reduction(reduce: str, models: int) -> None:
 
 def combine(xp, ys, reduce: str, multiclass: bool):
     """The models' probabilities ys (M, B, *spatial, K) reduced over M, with `xp` = numpy or
-    jax.numpy: see `ensemble`."""
+    jax.numpy. Majority on sigmoid outputs gives 1.0 where more than half of the models predict
+    > 0.5 (0.5 on a tie); on softmax outputs the one-hot of the class most models choose (ties:
+    lowest class)."""
     if reduce == "mean":
         return ys.mean(0)
     if reduce == "median":
@@ -101,20 +68,3 @@ def combine(xp, ys, reduce: str, multiclass: bool):
         return xp.eye(ys.shape[-1], dtype=np.float32)[votes.argmax(-1)]
     frac = (ys > 0.5).mean(0)
     return xp.where(frac > 0.5, 1.0, xp.where(frac == 0.5, 0.5, 0.0)).astype(np.float32)
-
-
-def ensemble(predict_fns: Sequence[Callable], reduce: str = "mean", multiclass: bool = False) -> Callable:
-    """Combines predictors: 'mean', 'median', or 'majority' vote.
-
-    Majority on sigmoid outputs gives 1.0 where more than half of the models predict > 0.5 (0.5
-    on a tie); on softmax outputs the one-hot of the class most models choose (ties: lowest class).
-    """
-    check_reduction(reduce, len(predict_fns))
-
-    starts = [submitter(f) for f in predict_fns]
-
-    def submit(x: np.ndarray) -> Callable[[], np.ndarray]:
-        waits = [start(x) for start in starts]  # every model's forward is dispatched first
-        return lambda: combine(np, np.stack([w() for w in waits]), reduce, multiclass)
-
-    return predictor(submit, min(getattr(f, "batch", 1) for f in predict_fns))

@@ -12,6 +12,7 @@ import os
 from typing import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -20,8 +21,8 @@ from jaxem.data.targets import affinity_offsets
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.adapt import adapted_batch_stats, random_crops
-from jaxem.infer.blockwise import make_predict_fn, predict_volume
-from jaxem.infer.ensemble import check_reduction, ensemble, with_tta
+from jaxem.infer.device import DEFAULT_BLOCK_BYTES, ensemble_forward, forward_fn, predict_volume, tta_forward
+from jaxem.infer.ensemble import check_reduction
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.tiling import make_tiling
 from jaxem.models.heads import output_activation
@@ -89,13 +90,27 @@ def make_normalizer(source: Volume, data_cfg) -> Callable:
     return lambda x: normalize(x, stats)
 
 
-def model_predictor(config, model, variables, tta: bool = False, normalize: tuple[float, float] | None = None) -> Callable:
-    """A sharded tile predictor for one restored model (sigmoid, or softmax for multiclass);
-    with `normalize` = (a, b) it takes raw tiles and normalises them on the device."""
+def model_forward(config, model, variables, block: tuple[int, ...], tta: bool = False,
+                  normalize: tuple[float, float] | None = None) -> Callable:
+    """The traceable forward of one restored model on (B, *block, 1) raw tiles -> (B, *block, K)
+    float32 probabilities (sigmoid, or softmax for multiclass), normalised (x - a) / b on the
+    device with `normalize` = (a, b), averaged over flips and turns with `tta`. Auxiliary outputs
+    (deep supervision) are dropped."""
     kind = str(config.target.get("kind", "boundary"))
-    fn = make_predict_fn(lambda x: model.apply(variables, x, train=False)[0], int(config.predict.get("batch_size", 4)),
-                         activation=output_activation(kind), model_ndim=int(config.model.ndim), normalize=normalize)
-    return with_tta(fn) if tta else fn
+    forward = forward_fn(lambda x: model.apply(variables, x, train=False)[0], output_activation(kind),
+                         model_ndim=int(config.model.ndim), normalize=normalize)
+    return tta_forward(forward, block) if tta else forward
+
+
+def with_predict_defaults(config) -> ml_collections.ConfigDict:
+    """`config` with the predict fields a run saved before they existed (`block_gib`, GiB of
+    one block's window on the device, see `device.block_bytes`), so `--config.predict.block_gib`
+    overrides every run."""
+    if "block_gib" in config.predict:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.predict.block_gib = DEFAULT_BLOCK_BYTES / 2**30
+    return config
 
 
 def run_prediction(
@@ -124,7 +139,8 @@ def run_prediction(
     shape = spatial_shape(source)
     region = parse_roi(roi, shape)
     restored = [restore_for_inference(c) for c in checkpoints]
-    config = overrides(restored[0][0]) if overrides else restored[0][0]
+    config = with_predict_defaults(restored[0][0])
+    config = overrides(config) if overrides else config
     norm = normalizer_stats(source, config.data)
     if adapt_batch_norm:
         restored = with_adapted_batch_norm(restored, source, make_normalizer(source, config.data), region, adapt_batch_norm)
@@ -132,10 +148,10 @@ def run_prediction(
     chunk = tuple(config.predict.get("chunk_shape", ()))
     chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
     tiling = make_tiling(shape, region, block, halo, chunk, config.predict.get("blend", "gaussian"))
-    # Tiles cross to the device in the source's dtype (uint8 EM: a quarter of float32's bytes).
-    fns = [model_predictor(config, m, v, tta, normalize=norm) for _, m, v in restored]
+    # Blocks cross to the device in the source's dtype (uint8 EM: a quarter of float32's bytes).
+    forwards = [model_forward(config, m, v, tiling.block, tta, normalize=norm) for _, m, v in restored]
     multiclass = output_activation(str(config.target.get("kind", ""))) == "softmax"
-    fn = fns[0] if len(fns) == 1 else ensemble(fns, reduce, multiclass)
+    forward = forwards[0] if len(forwards) == 1 else ensemble_forward(forwards, reduce, multiclass)
     channels = int(config.model.out_channels)
     job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],
            "tta": tta, "dtype": dtype, "reduce": reduce, "block": list(block), "halo": list(halo), "blend": tiling.blend}
@@ -147,9 +163,9 @@ def run_prediction(
     target, resumed = create_shared_output(create, output_path, job, overwrite)
     if jax.process_index() == 0:
         write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
-    stats = predict_volume(fn, source, target, tiling, None, DTYPES[dtype], chunk_filter=process_filter(tiling),
-                           cache_bytes=int(config.predict.get("cache_gib", 2.0) * 2**30),
-                           progress=progress and jax.process_index() == 0, raw_tiles=True)
+    stats = predict_volume(forward, source, target, tiling, int(config.predict.get("batch_size", 4)), DTYPES[dtype],
+                           int(float(config.predict.block_gib) * 2**30), block_filter(), min_blocks=jax.process_count(),
+                           progress=progress and jax.process_index() == 0)
     if jax.process_count() > 1:  # every chunk is written when any process returns
         multihost_utils.sync_global_devices("jaxem predict: all chunks written")
     return dict(stats, resumed=resumed)
@@ -197,13 +213,11 @@ def target_description(config, volume_ndim: int) -> dict:
     return description
 
 
-def process_filter(tiling, count: int | None = None, index: int | None = None) -> Callable | None:
-    """Multi-host: process p of P takes the p-th of P contiguous runs of the Morton chunk order
-    (compact regions, so tiles shared by its chunks are reused); None for a single process."""
+def block_filter(count: int | None = None, index: int | None = None) -> Callable | None:
+    """Multi-host: process p of P takes the p-th of P contiguous runs of the Morton order of blocks
+    (`device.block_starts`: compact regions); None for a single process."""
     count = jax.process_count() if count is None else count
     index = jax.process_index() if index is None else index
     if count == 1:
         return None
-    order = tiling.chunk_order()
-    mine = {c for rank, c in enumerate(order) if rank * count // len(order) == index}
-    return mine.__contains__
+    return lambda rank, blocks: rank * count // blocks == index

@@ -6,7 +6,7 @@ translation + the ROI offset, in nm), so `open_volume(path)`, napari and neurogl
 directly. The group attributes also record the ROI `offset` (voxels) and the job that wrote it
 (`jaxem_job`): a rerun of the same job resumes, a different one is refused unless `overwrite`
 (or unless the earlier run finished no chunk).
-The per-chunk done markers (`jaxem_done/...`, see `blockwise.DoneLog`) live inside the group.
+The per-chunk done markers (`jaxem_done/...`, `DoneLog`) live inside the group.
 """
 
 from __future__ import annotations
@@ -66,3 +66,22 @@ def clear_done(path: str) -> None:
         return
     kv = ts.KvStore.open(kvstore_spec(path)).result()
     kv.delete_range(ts.KvStore.KeyRange(DONE_PREFIX, DONE_PREFIX[:-1] + "0")).result()
+
+
+class DoneLog:
+    """Which output chunks are finished: one empty key per chunk inside the output group, written
+    only after the chunk's own write has landed (so a killed run resumes from what is on disk)."""
+
+    def __init__(self, output_path: str):
+        self.kv = ts.KvStore.open(kvstore_spec(output_path)).result()
+
+    @staticmethod
+    def key(index) -> str:
+        return DONE_PREFIX + "_".join(map(str, index))
+
+    def done(self) -> set[tuple[int, ...]]:
+        keys = self.kv.list(ts.KvStore.KeyRange(DONE_PREFIX, DONE_PREFIX[:-1] + "0")).result()
+        return {tuple(int(v) for v in k.decode()[len(DONE_PREFIX):].split("_")) for k in keys}
+
+    def mark(self, index) -> None:
+        self.kv.write(self.key(index), b"").result()
