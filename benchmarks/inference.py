@@ -1,11 +1,13 @@
-"""Blockwise prediction overhead: tiling + IO + blending + writing vs the pure model forward.
+"""Blockwise prediction overhead: `jaxem predict`'s path (jaxem.infer.device.predict_volume: reading,
+the jitted window per block, writing) vs the pure model forward on the same tiles.
 
     python benchmarks/inference.py --small          # seconds
     python benchmarks/inference.py --gib 0.02       # a few minutes on a 2-core CPU
     python benchmarks/inference.py --gib 1.0        # >= 1 GiB of float32 input (GPU machines)
     python benchmarks/inference.py --monai          # MONAI sliding_window_inference side by side (optional):
                                                     # (a) volume in device memory, (b) zarr -> zarr by blocks
-    python benchmarks/inference.py --device-blocks 4 9  # also jaxem.infer.device (one jitted window per block)
+    python benchmarks/inference.py --device-blocks 4 9  # also blocks of N^3 output chunks (recompute at block borders)
+    python benchmarks/inference.py --block-gib 0.25     # the byte budget of a block's window (predict.block_gib)
 
 Prints JSON: the blockwise wall time; the forward time on the same number of tiles (measured
 separately on pre-loaded in-memory batches, so it is the model's cost alone); the overhead
@@ -14,8 +16,8 @@ voxels/s; and two factors that multiply the model cost but are not overhead:
   halo_factor       voxels through the model per output voxel if every tile runs once:
                     tile_count * prod(block) / prod(volume) ~ prod(block / (block - 2 halo)).
                     It is the price of context at tile borders; larger blocks lower it.
-  recompute_factor  tiles predicted / distinct tiles: > 1 when the capped tile cache evicted a
-                    tile that a later chunk needed (see blockwise.plan).
+  recompute_factor  tiles predicted / distinct tiles: > 1 when the volume is cut into several
+                    blocks (tiles touching two blocks run in both; see device.chunks_per_block).
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--gib", type=float, default=1.0, help="input size in GiB of float32")
-    parser.add_argument("--cache-tiles", type=int, default=None, help="tile cache cap in tiles (default: 2 GiB of tiles)")
-    parser.add_argument("--read-cache-mib", type=int, default=256, help="decoded input chunk cache; 0 = none")
+    parser.add_argument("--block-gib", type=float, default=1.0, help="a block's window on the device (predict.block_gib)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--block", type=int, nargs=3, default=None, help="tile (default 32 64 64; 16 32 32 with --small)")
     parser.add_argument("--halo", type=int, nargs=3, default=None, help="halo (default block / 8)")
@@ -57,7 +58,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxem.data.volume import create_volume
-    from jaxem.infer.blockwise import make_predict_fn, predict_volume
+    from jaxem.infer.device import chunks_per_block, forward_fn, make_block_fn, predict_blocks
     from jaxem.infer.tiling import make_tiling
     from jaxem.models import layers
 
@@ -82,49 +83,53 @@ def main() -> None:
     net = Net(width, args.xla_conv)
     variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, *block, 1)))
     dtype = np.uint8 if args.uint8 else np.float32
-    fn = make_predict_fn(lambda x: net.apply(variables, x)[0], batch_size=args.batch,
-                         normalize=(127.5, 64.0) if args.uint8 else None)
+    forward = forward_fn(lambda x: net.apply(variables, x)[0], normalize=(127.5, 64.0) if args.uint8 else None)
+    fn = jax.jit(forward)
     with tempfile.TemporaryDirectory() as tmp:
         src = create_volume(f"{tmp}/in", shape, dtype, (1.0, 1.0, 1.0), chunks=(32, 128, 128))
         for z in range(0, shape[0], 32):
             slab = np.random.default_rng(z).random((min(32, shape[0] - z), *shape[1:]), dtype=np.float32)
             src.write((slab * 255).astype(dtype) if args.uint8 else slab, (z, 0, 0))
         tiling = make_tiling(shape, None, block, halo, blend="gaussian")
-        x = np.random.default_rng(0).random((fn.batch, *block, 1), dtype=np.float32)
+        x = np.random.default_rng(0).random((args.batch, *block, 1), dtype=np.float32)
         x = (x * 255).astype(dtype) if args.uint8 else x
-        fn(x)  # compile
-        batches = -(-tiling.tile_count() // fn.batch)
+        fn(x).block_until_ready()  # compile
+        # what device.predict_volume (jaxem predict) runs, with the window compiled once, before timing
+        per_block = chunks_per_block(tiling, int(args.block_gib * 2**30), channels_in=1, in_itemsize=np.dtype(dtype).itemsize,
+                                     channels_out=1, out_itemsize=2)
+        block_fn = make_block_fn(forward, tiling.block, args.batch, np.float16)
+        predict_blocks(block_fn, src, zarr_output(f"{tmp}/out.zarr", shape, tiling.chunk), tiling, per_block)
+        batches = -(-tiling.tile_count() // args.batch)
         before = time_forward(fn, x, batches // 2)  # half before and half after the blockwise run,
         stats = {}                                  # so slow drifts of the machine cancel
 
         def blockwise() -> float:
             out = zarr_output(f"{tmp}/out.zarr", shape, tiling.chunk)  # a fresh output: nothing done
             t0 = time.perf_counter()
-            stats.update(predict_volume(fn, src, out, tiling, out_dtype=np.float16, cache_tiles=args.cache_tiles,
-                                        read_cache_bytes=args.read_cache_mib << 20, progress=False, raw_tiles=args.uint8))
+            stats.update(predict_blocks(block_fn, src, out, tiling, per_block))
             return time.perf_counter() - t0
 
         wall = best(blockwise, args.repeat)
         tiles = stats["tiles_predicted"]
         after = time_forward(fn, x, batches - batches // 2)
-        forward = (before + after) * (-(-tiles // fn.batch)) / batches  # per batch, times the batches run
+        model_s = (before + after) * (-(-tiles // args.batch)) / batches  # per batch, times the batches run
         result = {
             "shape": shape, "gib_input": float(np.prod(shape) * 4 / 2**30), "block": block, "halo": halo, "tiles": tiles,
-            "blockwise_s": round(wall, 3), "forward_same_tiles_s": round(forward, 3),
+            "blockwise_s": round(wall, 3), "forward_same_tiles_s": round(model_s, 3),
             "forward_s_per_batch_before_after": [round(before / max(batches // 2, 1), 4), round(after / max(batches - batches // 2, 1), 4)],
-            "overhead": round(wall / forward - 1, 4), "halo_factor": stats["halo_factor"],
-            "recompute_factor": stats["recompute_factor"], "cache_tiles": stats["cache_tiles"], "peak_cached_tiles": stats["peak_cached_tiles"],
-            "model_wait_in_loop_s": round(stats["forward_s"], 3),
+            "overhead": round(wall / model_s - 1, 4), "halo_factor": round(tiling.halo_factor(), 3),
+            "recompute_factor": stats["recompute_factor"], "blocks": stats["blocks"],
+            "chunks_per_block": stats["chunks_per_block"], "block_gib": args.block_gib,
             "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
             "input_dtype": np.dtype(dtype).name,
             "device": str(jax.devices()[0].platform),
             "devices": jax.device_count(),
         }
         if args.device_blocks:
-            result["device_block"] = [time_device_blocks(net, variables, src, tiling, fn.batch, args.uint8, n,
+            result["device_block"] = [time_device_blocks(forward, src, tiling, args.batch, n,
                                                          f"{tmp}/out_device.zarr", args.repeat) for n in args.device_blocks]
         if args.monai:
-            result["monai"] = monai_side_by_side(width, shape, block, halo, fn.batch, result["voxels_per_s"], src,
+            result["monai"] = monai_side_by_side(width, shape, block, halo, args.batch, result["voxels_per_s"], src,
                                                  tiling.chunk, args.monai_block, args.uint8, f"{tmp}/out_monai.zarr",
                                                  args.repeat)
     print(json.dumps(result))
@@ -134,7 +139,7 @@ def time_forward(fn, x, batches: int) -> float:
     """Seconds for `batches` forward passes on the pre-loaded batch `x`."""
     t0 = time.perf_counter()
     for _ in range(batches):
-        fn(x)
+        np.asarray(fn(x))  # the result back on the host, as a block's output comes back
     return time.perf_counter() - t0
 
 
@@ -150,16 +155,12 @@ def zarr_output(path, shape, chunk):
     return create_output(path, (1, *shape), np.float16, (1.0,) * 3, (1, *chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)[0]
 
 
-def time_device_blocks(net, variables, src, tiling, batch, uint8, n, path, repeat=1) -> dict:
-    """jaxem.infer.device.predict_blocks zarr -> zarr: blocks of n^3 output chunks, each one raw
-    region read (the next one's during the device work), one jitted sliding window (tiling,
-    forwards, blending, crop, float16) and per-chunk writes. Tiles at block borders run once per
-    block touching them (recompute_factor)."""
-    from jaxem.infer.blockwise import forward_fn
+def time_device_blocks(forward, src, tiling, batch, n, path, repeat=1) -> dict:
+    """jaxem.infer.device.predict_blocks zarr -> zarr with blocks of n^3 output chunks (instead of
+    the byte budget's): tiles at block borders run once per block touching them (recompute_factor)."""
     from jaxem.infer.device import make_block_fn, predict_blocks
 
-    fn = make_block_fn(forward_fn(lambda x: net.apply(variables, x)[0], normalize=(127.5, 64.0) if uint8 else None),
-                       tiling.block, batch, np.float16)
+    fn = make_block_fn(forward, tiling.block, batch, np.float16)
     stats = {}
     predict_blocks(fn, src, zarr_output(path, tiling.shape, tiling.chunk), tiling, (n,) * 3)  # compiles
 
