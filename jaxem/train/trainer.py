@@ -24,8 +24,7 @@ from jaxem.metrics.clustering import clustering_scores
 from jaxem.models import convert
 from jaxem.segment.instances import instances_from_affinities, instances_from_boundaries
 from jaxem.semi import adversarial, unlabelled
-from jaxem.train import parallel
-from jaxem.train.checkpoint import load_encoder
+from jaxem.train import checkpoint, parallel
 from jaxem.train.defaults import with_dataset_volumes
 from jaxem.train.loop import RunShape, check_loop_config, check_workdir, has_checkpoints, run_loop, section_shape
 from jaxem.train.state import create_train_state, make_optimizer, with_adversary
@@ -51,12 +50,12 @@ def validate_training_config(config: ml_collections.ConfigDict, mesh) -> None:
                         "`jaxem pretrain` (fine-tune its encoder with --config.train.init_encoder=WORKDIR).")
     tc, devices = config.train, int(mesh.devices.size)
     check_loop_config(tc)
-    semi = config.get("semi")
-    if unlabelled.enabled(semi):
+    batch_sizes = {"data.batch_size": config.data.batch_size}
+    if unlabelled.enabled(config.get("semi")):
         unlabelled.check_semi_config(config)
+        batch_sizes["semi.batch_size"] = config.semi.batch_size  # split into micro-batches alike
     parallel.check_batch_size(config.data.batch_size, mesh)
-    for field, size in (("data.batch_size", config.data.batch_size),
-                        *((("semi.batch_size", semi.batch_size),) if unlabelled.enabled(semi) else ())):
+    for field, size in batch_sizes.items():
         if size % (devices * tc.accumulate_steps):
             raise UserError(f"{field}={size} must split into train.accumulate_steps={tc.accumulate_steps} "
                             f"micro-batches on each of {devices} devices.")
@@ -140,7 +139,7 @@ def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.Co
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     try:
         pretrained = (convert.load_pretrained(path, model_cfg) if model_cfg is not None and convert.is_checkpoint(path)
-                      else load_encoder(path))
+                      else checkpoint.load_encoder(path))
         variables = models.transfer_encoder_params(variables, pretrained)
     except UserError as e:
         raise UserError(f"train.init_encoder={path}: {e}") from None
