@@ -52,15 +52,17 @@ def run(tmp_path, src, forward, tiling, name="out", dtype=np.float32, **kw):
     return out, stats
 
 
-@pytest.mark.parametrize("shape,block,halo,roi", [
-    ((21, 37, 30), (8, 16, 16), (2, 4, 4), None),
-    ((21, 37, 30), (8, 16, 16), (2, 4, 4), ((3, 20), (5, 36), (0, 17))),
-    ((45, 70), (16, 16), (3, 3), None),
+@pytest.mark.parametrize("shape,block,halo,roi,strides", [
+    ((21, 37, 30), (8, 16, 16), (2, 4, 4), None, 2),
+    ((21, 37, 30), (8, 16, 16), (2, 4, 4), ((3, 20), (5, 36), (0, 17)), 2),
+    ((45, 70), (16, 16), (3, 3), None, 2),
+    ((45, 70), (16, 16), (3, 3), None, 3),  # chunks larger than the block
 ])
-def test_center_blend_equals_whole_volume_forward(tmp_path, shape, block, halo, roi):
+def test_center_blend_equals_whole_volume_forward(tmp_path, shape, block, halo, roi, strides):
     vol = np.random.default_rng(0).random(shape).astype(np.float32)
     src, fn, whole = setup(tmp_path, vol)
-    tiling = make_tiling(shape, roi, block, halo, chunk=tuple(2 * (b - 2 * h) for b, h in zip(block, halo)), blend="center")
+    chunk = tuple(strides * (b - 2 * h) for b, h in zip(block, halo))
+    tiling = make_tiling(shape, roi, block, halo, chunk=chunk, blend="center")
     out, stats = run(tmp_path, src, fn, tiling)
     ref = whole(vol)
     if roi:

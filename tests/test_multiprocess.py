@@ -84,7 +84,8 @@ def test_loss_curve_matches_across_1_device_4_devices_and_2_processes(tmp_path):
 @pytest.mark.slow
 def test_predict_with_2_processes_equals_1_process(tmp_path):
     """`jaxem predict` over 2 processes x 2 devices: process 0 creates the output, each process
-    predicts its share of the chunks, and the volume equals a single process's prediction; a rerun
+    predicts its share of the blocks (at least one block per process), and the volume equals a
+    single process's prediction (one block); a rerun
     resumes (nothing left to do) and another job's output is refused by both processes. The run
     trained here on 4 devices: inference restores it on 2 (another topology)."""
     from jaxem.commands.demo import with_data_paths
