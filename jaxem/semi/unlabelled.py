@@ -1,6 +1,8 @@
-"""The `semi` config section and the loader of unlabelled crops that both ways of learning from
-unlabelled EM share: the mean teacher (jaxem.semi.mean_teacher) and output-space adversarial
-domain adaptation (jaxem.semi.adversarial). Either, or both, turn on with a weight > 0.
+"""The `semi` config section, what it adds to a run's checkpoints, and the loader of unlabelled
+crops that both ways of learning from unlabelled EM share: the mean teacher (jaxem.semi.mean_teacher)
+and output-space adversarial domain adaptation (jaxem.semi.adversarial). Either, or both, turn on
+with a weight > 0. This package holds pure loss terms and config; the trainer (jaxem.train) adds them
+to its loss and keeps the discriminator in its train state.
 """
 
 from __future__ import annotations
