@@ -178,3 +178,22 @@ def test_deep_supervision_run_predicts_its_whole_slice_forward(tmp_path, capsys)
     assert aux["deep_supervision"]  # the run really has auxiliary outputs
     assert got.shape == (1, 2, 64, 64) and np.isfinite(got).all()
     np.testing.assert_allclose(got, np.moveaxis(np.asarray(jax.nn.sigmoid(logits)), -1, 0), atol=1e-5)
+
+
+def test_ensemble_of_two_checkpoints_inside_the_window(run_dir, tmp_path):
+    """`--checkpoint 3 --checkpoint 6`: the models are combined inside the jitted window; the mean
+    equals the mean of the two single-model outputs (blending is linear), median of two is their
+    mean, and with one tile per slice majority is exactly the vote of the two single-model
+    outputs: 1 where both say > 0.5, 0.5 where one does, else 0."""
+    raw, steps = run_dir / "data" / "test_raw.zarr", [run_dir / "checkpoints" / s for s in ("3", "6")]
+    both = [a for s in steps for a in ("--checkpoint", s)]
+    for name, extra in (("s3", ("--checkpoint", steps[0])), ("s6", ("--checkpoint", steps[1])), ("mean", both),
+                        ("majority", (*both, "--reduce", "majority")), ("median", (*both, "--reduce", "median"))):
+        assert predict(*extra, "--input", raw, "--output", tmp_path / name, "--config.predict.block_shape=(64,64)",
+                       "--config.predict.halo=(0,0)") == 0
+    p3, p6, mean, majority, median = (open_volume(tmp_path / n).read() for n in ("s3", "s6", "mean", "majority", "median"))
+    np.testing.assert_allclose(mean, (p3 + p6) / 2, atol=1e-6)
+    np.testing.assert_allclose(median, mean, atol=1e-6)
+    votes = ((p3 > 0.5).astype(np.float32) + (p6 > 0.5)) / 2
+    np.testing.assert_array_equal(majority, votes)
+    assert len(np.unique(votes)) > 1
