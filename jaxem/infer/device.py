@@ -97,8 +97,9 @@ def make_block_fn(forward: Callable, block: tuple[int, ...], batch: int, out_dty
     device; the other arguments as in `BlockGeometry`, of which the first `count` tiles are used
     (the rest pad them to a fixed count, see `block_inputs`; out_shape is static).
     Tiles run `batch` per forward (the last batch padded, its padding adding nothing), each batch
-    blended into the accumulator before the next runs: device memory is the region, the
-    accumulator ((*out_shape + 2 * block, K) float32) and one batch, whatever the tile count.
+    blended into the accumulator before the next runs, a tile's part outside the output cut off
+    (rolled and masked, then one dynamic_update_slice): device memory is the region, the
+    accumulator ((*max(out_shape, block), K) float32) and one batch, whatever the tile count.
     """
     return jax.jit(partial(_blend_block, forward, tuple(block), int(batch), np.dtype(out_dtype)),
                    static_argnames="out_shape")
@@ -110,13 +111,23 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
     pad = lambda a: jnp.concatenate([a, jnp.zeros((-n % batch, *a.shape[1:]), a.dtype)])
     tiles, place, first, rest = (pad(a) for a in (tiles, place, first, rest))
     k = jax.eval_shape(forward, jax.ShapeDtypeStruct((batch, *block, x.shape[-1]), x.dtype)).shape[-1]
-    acc = jnp.zeros((*(o + 2 * b for o, b in zip(out_shape, block)), k), jnp.float32)
+    size = tuple(max(o, b) for o, b in zip(out_shape, block))  # the block's output, at least one tile
+    acc = jnp.zeros((*size, k), jnp.float32)
 
     def add(i, acc, probs, j):  # a tile's share times its prediction, tiles in tiles_for_chunk order
         part = probs[j] * rest[i][..., None]
         part = part * first[i].reshape(-1, *(1,) * len(block))
         part = jnp.where(i < count, part, 0.0)  # a padded tile adds nothing (acc + 0.0 == acc)
-        at = (*place[i], 0)
+        at = []
+        for axis, (b, a) in enumerate(zip(block, size)):  # a tile reaching past the output is cut there
+            start = place[i][axis] - b
+            clipped = jnp.clip(start, 0, a - b)
+            index = jnp.arange(b) + (clipped - start)
+            shape = [1] * (len(block) + 1)
+            shape[axis] = b
+            part = jnp.where(((index >= 0) & (index < b)).reshape(shape), jnp.roll(part, start - clipped, axis), 0.0)
+            at.append(clipped)
+        at = (*at, 0)
         return lax.dynamic_update_slice(acc, lax.dynamic_slice(acc, at, part.shape) + part, at)
 
     def step(b, acc):  # one forward of `batch` tiles cut from the region, then their blending
@@ -126,7 +137,7 @@ def _blend_block(forward, block, batch, out_dtype, region, tiles, place, first, 
         return lax.fori_loop(0, batch, lambda j, acc: add(b * batch + j, acc, probs, j), acc)
 
     acc = lax.fori_loop(0, (count + batch - 1) // batch, step, acc)  # padding tiles past `count` never run
-    out = jnp.moveaxis(acc[tuple(slice(b, b + o) for b, o in zip(block, out_shape))], -1, 0)
+    out = jnp.moveaxis(acc[tuple(slice(0, o) for o in out_shape)], -1, 0)
     if out_dtype == np.uint8:
         return jnp.clip(jnp.rint(out * 255.0), 0, 255).astype(jnp.uint8)
     return out.astype(out_dtype)
@@ -159,11 +170,12 @@ def block_bytes(tiling: Tiling, per_block: Sequence[int], channels_in: int, in_i
                 out_itemsize: int) -> int:
     """Device bytes of one block's window with `per_block` chunks per axis: the raw region (at
     most the block grown by a tile on every side, `channels_in` x `in_itemsize` bytes a voxel),
-    the float32 accumulator over the same grown box (`channels_out` channels) and the output
+    the float32 accumulator (the block, at least one tile, `channels_out` channels) and the output
     (`out_itemsize` bytes). The model's activations for one batch come on top."""
     out = [min(m * c, s) for m, c, s in zip(per_block, tiling.chunk, tiling.roi_shape)]
     grown = math.prod(o + 2 * b for o, b in zip(out, tiling.block))
-    return grown * (4 * channels_out + channels_in * in_itemsize) + math.prod(out) * channels_out * out_itemsize
+    acc = math.prod(max(o, b) for o, b in zip(out, tiling.block))
+    return grown * channels_in * in_itemsize + acc * 4 * channels_out + math.prod(out) * channels_out * out_itemsize
 
 
 def chunks_per_block(tiling: Tiling, budget: int, min_blocks: int = 1, **sizes) -> tuple[int, ...]:
