@@ -50,7 +50,7 @@ def default_predict_config() -> ml_collections.ConfigDict:
         batch_size=4,  # tiles per device per forward pass
         blend="gaussian",  # or "linear", "center" (exact crop-centre tiling)
         chunk_shape=(),  # output chunk; () = block - 2 * halo
-        cache_gib=2.0,  # host RAM for predicted tiles kept for neighbouring chunks (GiB of float32)
+        block_gib=1.0,  # GiB of one block's window on the device (jaxem.infer.device.block_bytes)
     ))
 
 
