@@ -245,7 +245,7 @@ def test_evaluate_crash_leaves_no_report_and_the_rerun_finishes(world, tmp_path,
 
 def test_predict_crash_then_the_rerun_resumes(world, tmp_path, monkeypatch, capsys):
     """predict keeps its finished chunks (jaxem_done markers): the same command resumes."""
-    from jaxem.infer import blockwise
+    from jaxem.infer import output
 
     raw = open_volume(world["raw"]).read()
     big = tmp_path / "big.zarr"
@@ -253,7 +253,7 @@ def test_predict_crash_then_the_rerun_resumes(world, tmp_path, monkeypatch, caps
     out = tmp_path / "p.zarr"
     argv = ["predict", "--run", world["run"], "--input", str(big), "--output", str(out), "--no-progress"]
     with monkeypatch.context() as patch:
-        _crash_on_write(patch, after=1, cls=blockwise.DoneLog, name="mark")
+        _crash_on_write(patch, after=1, cls=output.DoneLog, name="mark")
         with pytest.raises(RuntimeError):
             main(argv)
     capsys.readouterr()
@@ -267,12 +267,12 @@ def test_predict_crash_then_the_rerun_resumes(world, tmp_path, monkeypatch, caps
 def test_predict_crash_before_any_chunk_does_not_block_another_job(world, tmp_path, monkeypatch, capsys):
     """An output whose run finished no chunk holds nothing: a different job replaces it without
     --overwrite; once a chunk is finished, a different job is refused."""
-    from jaxem.infer import blockwise
+    from jaxem.infer import output
 
     out = tmp_path / "p.zarr"
     argv = ["predict", "--run", world["run"], "--input", world["raw"], "--output", str(out), "--no-progress"]
     with monkeypatch.context() as patch:
-        _crash_on_write(patch, after=0, cls=blockwise.DoneLog, name="mark")
+        _crash_on_write(patch, after=0, cls=output.DoneLog, name="mark")
         with pytest.raises(RuntimeError):
             main(argv)
     assert main(argv + ["--dtype", "uint8"]) == 0

@@ -221,3 +221,8 @@ def block_filter(count: int | None = None, index: int | None = None) -> Callable
     if count == 1:
         return None
     return lambda rank, blocks: rank * count // blocks == index
+
+
+def predict_run(run_dir, input_path: str, output_path: str, **kwargs) -> dict:
+    """Predicts `input_path` with the model of one run workdir (`run_prediction` with one run)."""
+    return run_prediction([str(run_dir)], str(input_path), str(output_path), **kwargs)

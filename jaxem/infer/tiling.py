@@ -61,7 +61,7 @@ class Tiling:
 
     def chunk_order(self) -> list[tuple[int, ...]]:
         """All chunk indices in Morton (Z-curve) order: neighbours in space are near in time at
-        every scale, so tiles shared by neighbouring chunks are reused soon (see blockwise.plan)."""
+        every scale, so blocks of neighbouring chunks stay compact."""
         return sorted(self.chunks(), key=morton_key)
 
     def chunks_for_tile(self, start) -> list[tuple[int, ...]]:

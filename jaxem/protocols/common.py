@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxem.data.volume import open_volume
-from jaxem.infer.blockwise import predict_run
+from jaxem.infer.job import predict_run
 
 UINT8_RANGE = (0.0, 255.0)  # the grey values of 8-bit EM
 
