@@ -91,6 +91,32 @@ def make_two_view_fn(cfg: ml_collections.ConfigDict, ndim: int, crop_scale: tupl
     return fn
 
 
+PHOTOMETRIC = ("contrast", "gamma", "blur", "noise")
+
+
+def strong_photometric_config() -> ml_collections.ConfigDict:
+    """The photometric ops of `default_augment_config` turned up (FixMatch's strong view): every one
+    more likely and wider; in normalized-image units (std) and px."""
+    return ml_collections.ConfigDict({
+        "contrast": {"p": 1.0, "brightness": 0.4, "contrast": 0.5},
+        "gamma": {"p": 0.8, "max_log_gamma": 0.6},
+        "blur": {"p": 0.5, "max_sigma": 2.0},
+        "noise": {"p": 1.0, "max_std": 0.3},
+    })
+
+
+def make_photometric_fn(cfg: ml_collections.ConfigDict, ndim: int, isotropic: bool = False):
+    """Returns `fn(rng, image (B, *spatial, C)) -> image`: the intensity ops of `cfg` (contrast,
+    gamma, blur, noise; fields as in `default_augment_config`) with their own draw per example and
+    no geometric op, so every voxel stays where it was. Blur is in-plane unless `isotropic`."""
+    full = ml_collections.ConfigDict({**{op: cfg[op].to_dict() for op in PHOTOMETRIC}, "isotropic": isotropic})
+
+    def one(key, image):
+        return _intensity(full, dict(zip(PHOTOMETRIC, jax.random.split(key, len(PHOTOMETRIC)))), image, ndim)
+
+    return lambda rng, image: jax.vmap(one)(jax.random.split(rng, image.shape[0]), image)
+
+
 def random_resized_crop(rng: jax.Array, image: jax.Array, scale: tuple[float, float] = (0.3, 1.0),
                         aspect: tuple[float, float] = (0.75, 4 / 3)) -> jax.Array:
     """Per example, a random in-plane window resized back to the full crop (SimCLR's main view op).

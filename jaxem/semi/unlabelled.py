@@ -1,7 +1,8 @@
 """The `semi` config section, what it adds to a run's checkpoints, and the loader of unlabelled
-crops that both ways of learning from unlabelled EM share: the mean teacher (jaxem.semi.mean_teacher)
-and output-space adversarial domain adaptation (jaxem.semi.adversarial). Either, or both, turn on
-with a weight > 0. This package holds pure loss terms and config; the trainer (jaxem.train) adds them
+crops that every way of learning from unlabelled EM shares: the mean teacher
+(jaxem.semi.mean_teacher), self-training with pseudo-labels and FixMatch (jaxem.semi.pseudo_label),
+chosen by `semi.method` and on at `semi.weight` > 0, and output-space adversarial domain adaptation
+(jaxem.semi.adversarial, on at `semi.adversarial_weight` > 0), alone or with one of the others. This package holds pure loss terms and config; the trainer (jaxem.train) adds them
 to its loss and keeps the discriminator in its train state.
 """
 
@@ -11,7 +12,11 @@ import ml_collections
 
 from jaxem.config import fingerprint
 from jaxem.data import pipeline
+from jaxem.data.augment import strong_photometric_config
 from jaxem.errors import UserError
+
+METHODS = ("mean_teacher", "pseudo_label", "fixmatch")  # what semi.weight weighs
+PSEUDO_METHODS = ("pseudo_label", "fixmatch")
 
 # How a workdir check names the discriminator (the one add-on with parameters of its own).
 DISCRIMINATOR = "domain discriminator (semi.adversarial_weight > 0, semi.discriminator_widths)"
@@ -21,19 +26,37 @@ def default_semi_config() -> ml_collections.ConfigDict:
     """Every `config.semi` field: off (both weights 0) unless unlabelled volumes and a weight are set."""
     return ml_collections.ConfigDict(dict(
         unlabelled_images=(),  # volumes without labels (any format jaxem reads): more data, or the target domain
-        weight=0.0,            # mean-teacher consistency weight at the end of the ramp; 0 = off
+        method="mean_teacher",  # what semi.weight weighs: mean_teacher | pseudo_label | fixmatch
+        weight=0.0,            # weight of `method`'s term at the end of the ramp; 0 = off
         adversarial_weight=0.0,  # output-space adversarial weight at the end of the ramp; 0 = off (e.g. 0.01)
         batch_size=8,          # unlabelled crops per step (global, like data.batch_size)
         rampup_steps=200,      # both weights ramp up as exp(-5 (1 - t)^2) over these steps
         noise_std=0.1,         # mean teacher: input noise of student and teacher, in normalized-image units
         discriminator_widths=(32, 64, 128),  # adversarial: features per strided conv of the discriminator
         discriminator_lr=1e-4,  # adversarial: Adam learning rate of the discriminator
+        confidence=0.9,        # pseudo_label/fixmatch: a voxel's hard label trains when its probability >= this
+        teacher="",            # pseudo_label: a finished run's WORKDIR as frozen teacher; "" = the EMA (train.ema_decay)
+        rounds=1,              # pseudo_label with semi.teacher: rounds > 1 hand over to the EMA teacher after round 1
+        propagate_slices=0,    # pseudo_label, 3D: teacher labels on unannotated sections within +-k of annotated ones
+        strong_augment=strong_photometric_config(),  # fixmatch: the strong view's extra photometric ops
     ))
+
+
+def method_on(cfg: ml_collections.ConfigDict | None) -> str:
+    """The `semi.method` a `semi` section turns on ("" with semi.weight 0 or no section)."""
+    if cfg is None or float(cfg.get("weight", 0.0)) <= 0:
+        return ""
+    return str(cfg.get("method", "mean_teacher"))
 
 
 def mean_teacher_on(cfg: ml_collections.ConfigDict | None) -> bool:
     """Whether a `semi` config section turns the mean teacher on."""
-    return cfg is not None and float(cfg.get("weight", 0.0)) > 0
+    return method_on(cfg) == "mean_teacher"
+
+
+def pseudo_on(cfg: ml_collections.ConfigDict | None) -> bool:
+    """Whether a `semi` config section turns pseudo-labelling or FixMatch on."""
+    return method_on(cfg) in PSEUDO_METHODS
 
 
 def adversarial_on(cfg: ml_collections.ConfigDict | None) -> bool:
@@ -42,8 +65,9 @@ def adversarial_on(cfg: ml_collections.ConfigDict | None) -> bool:
 
 
 def enabled(cfg: ml_collections.ConfigDict | None) -> bool:
-    """Whether training reads unlabelled crops (mean teacher, adversarial adaptation or both)."""
-    return mean_teacher_on(cfg) or adversarial_on(cfg)
+    """Whether training reads unlabelled crops (a `semi.method` at weight > 0, adversarial adaptation
+    or both)."""
+    return bool(method_on(cfg)) or adversarial_on(cfg)
 
 
 def check_semi_config(config: ml_collections.ConfigDict) -> None:
@@ -53,14 +77,36 @@ def check_semi_config(config: ml_collections.ConfigDict) -> None:
         raise UserError("semi.weight and semi.adversarial_weight must be >= 0.")
     if not semi.unlabelled_images:
         raise UserError("semi.weight or semi.adversarial_weight > 0 needs semi.unlabelled_images (volumes without labels).")
+    if semi.method not in METHODS:
+        raise UserError(f"semi.method={semi.method!r} must be one of {', '.join(METHODS)}.")
     if mean_teacher_on(semi) and config.train.ema_decay <= 0:
         raise UserError("the mean teacher is the EMA of the trained weights: set train.ema_decay > 0 (e.g. 0.99).")
+    if pseudo_on(semi):
+        check_pseudo_config(config)
     if semi.rampup_steps < 0 or semi.noise_std < 0:
         raise UserError("semi.rampup_steps and semi.noise_std must be >= 0.")
     if adversarial_on(semi) and (not semi.discriminator_widths or min(semi.discriminator_widths) < 1
                                  or semi.discriminator_lr <= 0):
         raise UserError(f"semi.discriminator_widths={tuple(semi.discriminator_widths)} must be positive feature "
                         f"counts and semi.discriminator_lr={semi.discriminator_lr} > 0.")
+
+
+def check_pseudo_config(config: ml_collections.ConfigDict) -> None:
+    """UserError naming the field that stops pseudo-labelling or FixMatch from running."""
+    semi, ema = config.semi, config.train.ema_decay > 0
+    if not 0.5 < semi.confidence <= 1:
+        raise UserError(f"semi.confidence={semi.confidence} must lie in (0.5, 1]: a voxel is confident when the "
+                        f"probability of its hard label is at least this.")
+    if semi.method == "pseudo_label" and not (ema or semi.teacher):
+        raise UserError("semi.method='pseudo_label' needs a teacher: set train.ema_decay > 0 (the EMA teacher) or "
+                        "semi.teacher=WORKDIR (a finished run).")
+    if semi.rounds < 1 or (semi.rounds > 1 and not ema):
+        raise UserError(f"semi.rounds={semi.rounds} must be >= 1, and > 1 needs train.ema_decay > 0 (the teacher of "
+                        f"the rounds after the first is the EMA of the trained weights).")
+    if semi.propagate_slices < 0 or (semi.propagate_slices and (semi.method != "pseudo_label"
+                                                                or config.model.ndim != 3)):
+        raise UserError(f"semi.propagate_slices={semi.propagate_slices} must be >= 0; > 0 needs "
+                        f"semi.method='pseudo_label' and 3D crops (model.ndim=3).")
 
 
 def checkpoint_shape(cfg: ml_collections.ConfigDict | None) -> dict[str, str]:

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxem.data.augment import make_photometric_fn
 from jaxem.models.heads import probabilities
-from jaxem.semi import adversarial, mean_teacher, unlabelled
+from jaxem.semi import adversarial, mean_teacher, pseudo_label, unlabelled
 from jaxem.train.losses import segmentation_loss
 from jaxem.train.state import ENCODER, TrainState, encoder_frozen
 
@@ -33,7 +34,7 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
                     ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
-                    target_kind: str = "boundary", freeze_encoder_steps: int = 0) -> Callable:
+                    target_kind: str = "boundary", freeze_encoder_steps: int = 0, round_steps: int = 0) -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
@@ -45,14 +46,23 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     `state.adversary` (semi.adversarial_weight > 0, jaxem.semi.adversarial), or both. They are
     add-ons to the one loss every micro-batch is differentiated through (its share of the
     unlabelled crops with its labelled rows), so they accumulate like the supervised loss; the
-    discriminator then takes one step on the whole batch's predictions.
+    discriminator then takes one step on the whole batch's predictions. `semi.method` pseudo_label
+    or fixmatch (jaxem.semi.pseudo_label) replaces the consistency term by a loss against confident
+    hard labels, made for the whole batch before the micro-batches: from the teacher (EMA params, or
+    the frozen run `train_step`'s third argument `teacher` holds, semi.teacher) on the crop, or for
+    fixmatch from the model itself (current params, eval mode) on the weak view while the student sees
+    a strong view (semi.strong_augment on top); semi.propagate_slices adds the teacher's labels of the
+    unannotated sections next to annotated ones in the labelled crops (term "propagated").
     While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
     steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
     the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
-    normalises with each batch's own statistics.
+    normalises with each batch's own statistics. `round_steps` > 0 (train.steps / semi.rounds):
+    the run teacher labels the first `round_steps` steps, the EMA teacher the rest.
     """
     semi = unlabelled.enabled(semi_cfg)
     teacher_on, adversary_on = unlabelled.mean_teacher_on(semi_cfg), unlabelled.adversarial_on(semi_cfg)
+    pseudo_on, method = unlabelled.pseudo_on(semi_cfg), unlabelled.method_on(semi_cfg)
+    propagate = int(semi_cfg.get("propagate_slices", 0)) if pseudo_on else 0
     disc = adversarial.discriminator(semi_cfg) if adversary_on else None
 
     def forward(params, batch_stats, image, rng):
@@ -68,7 +78,9 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         """(loss, (loss parts, batch_stats, (source, target) probabilities with the adversary else ())).
 
         inputs: "image", "target", "target_mask" and with semi "student_in" (+ "teacher_probs" with
-        the mean teacher) of one (micro-)batch; context: the step's semi weights and discriminator."""
+        the mean teacher, "pseudo" {"target", "weight"} with pseudo-labels, "propagated" likewise
+        with slice propagation) of one (micro-)batch; context: the step's semi weights and
+        discriminator."""
         outputs, batch_stats = forward(params, batch_stats, inputs["image"], rng)
         logits, aux = outputs
         aux = aux.get("deep_supervision", [])
@@ -78,12 +90,18 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             loss = loss + parts["loss_deep_supervision"]
         if not semi:
             return loss, (parts, batch_stats, ())
+        weights = context["weights"]
+        if propagate:
+            parts["propagated"] = pseudo_label.loss(target_kind, logits, **inputs["propagated"])
+            loss = loss + weights["pseudo_label_weight"] * parts["propagated"]
         student, batch_stats = forward(params, batch_stats, inputs["student_in"], rng)
         student_probs = probabilities(target_kind, student[0])
-        weights = context["weights"]
         if teacher_on:
             parts["consistency"] = mean_teacher.consistency(student_probs, inputs["teacher_probs"])
             loss = loss + weights["consistency_weight"] * parts["consistency"]
+        if pseudo_on:
+            parts["pseudo_label"] = pseudo_label.loss(target_kind, student[0], **inputs["pseudo"])
+            loss = loss + weights["pseudo_label_weight"] * parts["pseudo_label"]
         if adversary_on:
             parts["adversarial"] = adversarial.segmenter_loss(disc, context["adversary"], student_probs)
             loss = loss + weights["adversarial_weight"] * parts["adversarial"]
@@ -130,25 +148,55 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
         return (loss / accumulate_steps, (scale(parts), batch_stats, jax.tree.map(whole_batch, probs))), scale(grads)
 
-    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array) -> tuple[Batch, dict]:
-        """({"student_in", ["teacher_in"]}: the augmented crops (with their own noise each for the
-        mean teacher), {"weights": {"consistency_weight" | "adversarial_weight": configured weight x
-        ramp(step)} of the methods that are on, ["teacher": EMA variables], ["adversary": discriminator
-        params]})."""
+    def pseudo_teacher(state: TrainState, run_teacher) -> dict:
+        """The variables that make pseudo-labels: fixmatch's current params; pseudo_label's EMA, or
+        the frozen run teacher for the first of `semi.rounds` rounds (the EMA after it)."""
+        if method == "fixmatch":
+            return state.variables(use_ema=False)
+        ema = state.variables(use_ema=True)
+        if run_teacher is None:
+            return ema
+        if not round_steps:
+            return run_teacher
+        return jax.tree.map(lambda t, e: jnp.where(state.step < round_steps, t, e), run_teacher, ema)
+
+    def teacher_probs(variables: dict, image: jax.Array) -> jax.Array:
+        """Eval-mode probabilities (no gradient) of `variables` on `image`."""
+        logits, _ = model.apply(variables, image, train=False)
+        return jax.lax.stop_gradient(probabilities(target_kind, logits))
+
+    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array, run_teacher) -> tuple[Batch, dict]:
+        """({"student_in", ["teacher_in" | "pseudo"]}: the augmented crops (with their own noise each
+        for the mean teacher and pseudo_label; strong and weak views for fixmatch) and the whole
+        batch's pseudo-labels, {"weights": {"consistency_weight" | "pseudo_label_weight" |
+        "adversarial_weight": configured weight x ramp(step)} of the methods that are on, ["teacher":
+        EMA variables], ["adversary": discriminator params], "metrics": ["pseudo_confident"]})."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
         ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
-        inputs, context = {"student_in": crops}, {"weights": {}}
+        inputs, context = {"student_in": crops}, {"weights": {}, "metrics": {}}
         if teacher_on:
             inputs["student_in"], inputs["teacher_in"] = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
             context["teacher"] = state.variables(use_ema=True)
             context["weights"]["consistency_weight"] = semi_cfg.weight * ramp
+        if pseudo_on:
+            if method == "fixmatch":  # weak view: the crop as augmented; strong: more photometric ops on it
+                weak, inputs["student_in"] = crops, make_photometric_fn(semi_cfg.strong_augment, crops.ndim - 2)(
+                    noise_rng, crops)
+            else:
+                inputs["student_in"], weak = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
+            context["pseudo_teacher"] = pseudo_teacher(state, run_teacher)
+            probs = teacher_probs(context["pseudo_teacher"], weak)
+            inputs["pseudo"], context["metrics"]["pseudo_confident"] = pseudo_label.pseudo_targets(
+                target_kind, probs, semi_cfg.confidence)
+            context["weights"]["pseudo_label_weight"] = semi_cfg.weight * ramp
         if adversary_on:
             context["adversary"] = state.adversary["params"]
             context["weights"]["adversarial_weight"] = semi_cfg.adversarial_weight * ramp
         return inputs, context
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch, teacher: dict | None = None) -> tuple[TrainState, dict]:
+        """One optimizer step on `batch`; `teacher`: the frozen run teacher's variables (semi.teacher)."""
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, dropout_rng = jax.random.split(rng)
         augmented = augment_fn(aug_rng, batch)
@@ -156,13 +204,18 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         inputs, context = {"image": augmented["image"], "target": target, "target_mask": target_mask}, {}
         if semi:
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.
-            semi_inputs, context = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1))
+            semi_inputs, context = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1), teacher)
             inputs.update(semi_inputs)
+        if propagate:
+            probs = teacher_probs(context["pseudo_teacher"], augmented["image"])
+            inputs["propagated"], context["metrics"]["propagated_fraction"] = pseudo_label.propagated_targets(
+                target_kind, probs, augmented["mask"], propagate, semi_cfg.confidence)
+        context.pop("pseudo_teacher", None)  # used above, not by the micro-batches
         (loss, (parts, batch_stats, domain_probs)), grads = accumulated_grads(
             state.params, state.batch_stats, inputs, dropout_rng, context)
         replace = {}
         if semi:
-            parts.update(context["weights"])  # logged
+            parts.update(context["weights"], **context["metrics"])  # logged
         if adversary_on:
             replace["adversary"], disc_metrics = adversarial.update_discriminator(state.adversary, semi_cfg, *domain_probs)
             parts.update(disc_metrics)

@@ -121,14 +121,40 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
         state = with_adversary(state, adversary)
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
-    train_step = jax.jit(
-        make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
-                        semi_cfg=config.get("semi"), target_kind=config.target.kind,
-                        freeze_encoder_steps=tc.get("freeze_encoder_steps", 0)),
-        in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+    teacher = run_teacher(config, state, mesh)
+    rounds = int(config.semi.get("rounds", 1)) if teacher is not None else 1
+    step_fn = make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
+                              semi_cfg=config.get("semi"), target_kind=config.target.kind,
+                              freeze_encoder_steps=tc.get("freeze_encoder_steps", 0),
+                              round_steps=tc.steps // rounds if rounds > 1 else 0)
+    if teacher is None:
+        train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                             donate_argnums=0)
+    else:  # the frozen teacher is an argument (not a constant baked into the compiled step)
+        jitted = jax.jit(step_fn, in_shardings=(replicated, batch_sharded, replicated),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+        train_step = lambda state, batch: jitted(state, batch, teacher)  # noqa: E731
     eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
     return model, state, train_step, eval_step
+
+
+def run_teacher(config: ml_collections.ConfigDict, state, mesh) -> dict | None:
+    """The frozen teacher of `semi.teacher=WORKDIR` (pseudo_label): that run's inference variables
+    (EMA weights when it kept them), replicated on `mesh`; None without one. UserError when its
+    variables do not fit this run's model."""
+    semi = config.get("semi")
+    if not (unlabelled.method_on(semi) == "pseudo_label" and semi.get("teacher")):
+        return None
+    try:
+        _, _, variables = checkpoint.restore_for_inference(semi.teacher)
+    except UserError as e:
+        raise UserError(f"semi.teacher={semi.teacher}: {e}") from None
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)  # noqa: E731
+    if shapes(jax.device_get(variables)) != shapes(state.variables()):
+        raise UserError(f"semi.teacher={semi.teacher} holds another network than this run's model.* (its parameter "
+                        f"shapes differ); train the teacher with the same model section.")
+    return parallel.replicate(jax.device_get(variables), mesh)
 
 
 def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None):
