@@ -1,4 +1,5 @@
-"""The nnU-Net-style planner: topology from spacing, fingerprint, memory-fitted patch and batch, CLI."""
+"""The nnU-Net-style planner: topology from spacing, fingerprint, memory-fitted patch and batch, the
+decisions (dimensionality, normalisation, augmentation, segmentation) and the written config, CLI."""
 
 import math
 
@@ -9,7 +10,8 @@ from jaxem.cli import main
 from jaxem.config import apply_overrides, load_config
 from jaxem.data.volume import create_volume
 from jaxem.errors import UserError
-from jaxem.plan.planner import GIB, fingerprint, measure_step_memory, plan, topology
+from jaxem.plan.decisions import HEAVY_TAIL_RATIO, follow_up
+from jaxem.plan.planner import GIB, fingerprint, measure_step_memory, plan, planned_config, topology, write_config
 
 
 def test_serial_section_spacing_pools_in_plane_until_z_is_within_2x():
@@ -48,9 +50,13 @@ def test_fingerprint_reads_shapes_spacing_intensities_and_foreground(tmp_path):
         fingerprint([str(tmp_path / "a.zarr")], [str(tmp_path / "l.zarr")] * 2)
 
 
-def _fp(shape, spacing):
-    return {"images": ["a.zarr"], "labels": ["l.zarr"], "shapes": [list(shape)], "voxel_sizes": [list(spacing)],
-            "intensity": {}}
+GAUSSIAN = {"mean": 0.0, "std": 1.0, "p00_5": -2.58, "p25": -0.674, "p50": 0.0, "p75": 0.674, "p99_5": 2.58}
+
+
+def _fp(shape, spacing, objects=None):
+    fp = {"images": ["a.zarr"], "labels": ["l.zarr"], "shapes": [list(shape)], "voxel_sizes": [list(spacing)],
+          "intensity": GAUSSIAN}
+    return dict(fp, objects=objects) if objects else fp
 
 
 def _linear_memory(fixed, per_voxel):
@@ -96,10 +102,8 @@ def test_plan_with_xla_measured_memory_fits_the_budget(tmp_path):
     p = plan(fp, 2, budget, base_width=4, max_levels=3, start_size=256, progress=lambda _: None)
     assert p["measured_step_gib"] <= budget
     assert p["crop_shape"][0] < 256  # it had to shrink: 256x256 at batch 2 needs more
-    from jaxem.plan.planner import _config
-    config = _config(fp, 2, p["crop_shape"], p["pool_factors"], p["kernel_sizes"], p["widths"], p["batch_size"], "boundary")
     if p["batch_size"] < 32:
-        assert measure_step_memory(config, p["batch_size"] + 1) > budget * GIB
+        assert measure_step_memory(planned_config(p), p["batch_size"] + 1) > budget * GIB
 
 
 @pytest.mark.slow
@@ -108,7 +112,7 @@ def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     images = _volume(tmp_path / "a.zarr", image)
     labels = _volume(tmp_path / "l.zarr", (np.arange(96)[None, None, :] // 12 % 2 * np.ones_like(image)).astype(np.uint32))
     out = tmp_path / "planned.py"
-    args = ["plan", "--images", images, "--labels", labels, "--ndim", "3", "--memory-gib", "0.25",
+    args = ["plan", "--images", images, "--labels", labels, "--memory-gib", "0.25",
             "--base-width", "4", "--max-levels", "3", "--output", str(out)]
     assert main(args) == 0
     assert f"jaxem train --config {out}" in capsys.readouterr().out
@@ -127,3 +131,124 @@ def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     assert "even the smallest patch needs" in capsys.readouterr().err
     assert main(["plan", "--images", str(tmp_path / "missing.zarr"), "--memory-gib", "1", "--output", str(tmp_path / "y.py")]) == 2
     assert "missing.zarr" in capsys.readouterr().err
+
+
+def _blocks(shape, side_z, side_yx):
+    """Instance ids: boxes of side_z sections x side_yx voxels tiling `shape` (z, y, x)."""
+    z, y, x = np.indices(shape)
+    return (1 + z // side_z * 10_000 + y // side_yx * 100 + x // side_yx).astype(np.uint32)
+
+
+def _planned(tmp_path, image, labels, voxel_size, **kwargs):
+    """Fingerprint of volumes written by jaxem's writer, planned with a linear stand-in for XLA."""
+    fp = fingerprint([_volume(tmp_path / "a.zarr", image, voxel_size)],
+                     [_volume(tmp_path / "l.zarr", labels, voxel_size)])
+    return plan(fp, kwargs.pop("ndim", None), 1.0, measure=_linear_memory(0, 100.0), progress=lambda _: None, **kwargs)
+
+
+def _noise(shape, seed=0):
+    return np.random.default_rng(seed).normal(128, 10, shape).astype(np.float32)
+
+
+def test_isotropic_fib_sem_gets_an_isotropic_3d_unet_with_3d_augmentation(tmp_path):
+    p = _planned(tmp_path, _noise((48, 48, 48)), _blocks((48, 48, 48), 12, 12), (8.0, 8.0, 8.0))
+    assert p["dimensionality"] == "isotropic_3d" and p["ndim"] == 3 and p["anisotropy"] == 1.0
+    assert all(k == [3, 3, 3] for k in p["kernel_sizes"]) and all(f == [2, 2, 2] for f in p["pool_factors"])
+    assert "anisotropy 1.0 (spacing 8 x 8 x 8 nm) < 3" in p["decisions"]["dimensionality"]["why"]
+    config = planned_config(p)
+    assert config.augment.isotropic and p["crop_shape"] == [48, 48, 48] and config.augment.transpose.p > 0
+
+
+def test_serial_section_em_gets_an_anisotropic_3d_unet_with_in_plane_first_levels(tmp_path):
+    p = _planned(tmp_path, _noise((16, 64, 64)), _blocks((16, 64, 64), 8, 16), (40.0, 4.0, 4.0))
+    assert p["dimensionality"] == "anisotropic_3d" and p["anisotropy"] == 10.0
+    assert p["kernel_sizes"][:3] == [[1, 3, 3]] * 3 and p["pool_factors"][:3] == [[1, 2, 2]] * 3
+    assert p["kernel_sizes"][3] == [3, 3, 3]  # in-plane 32 nm is within 2x of z's 40 nm
+    assert "anisotropy 10.0 (spacing 40 x 4 x 4 nm) >= 3" in p["decisions"]["dimensionality"]["why"]
+    assert "kernels (1, 3, 3) at levels 0-2" in p["decisions"]["topology"]["why"]
+    assert not planned_config(p).augment.isotropic
+
+
+def test_single_sections_shallow_stacks_and_per_section_labels_get_a_2d_unet(tmp_path):
+    image = _noise((1, 96, 96))[0]
+    p = _planned(tmp_path / "yx", image, _blocks((1, 96, 96), 1, 16)[0], (4.0, 4.0))  # a (y, x) volume
+    assert p["dimensionality"] == "2d" and p["ndim"] == 2 and len(p["crop_shape"]) == 2
+    assert "a single section" in p["decisions"]["dimensionality"]["why"]
+    p = _planned(tmp_path / "shallow", _noise((4, 96, 96)), _blocks((4, 96, 96), 4, 16), (40.0, 4.0, 4.0))
+    assert p["ndim"] == 2 and "4 sections, fewer than the 8" in p["decisions"]["dimensionality"]["why"]
+    # ids drawn section by section: every object spans 1 section -> 2D, segmented section by section
+    p = _planned(tmp_path / "drawn", _noise((16, 96, 96)), _blocks((16, 96, 96), 1, 16), (40.0, 4.0, 4.0))
+    assert p["ndim"] == 2 and "objects span a median 1 sections" in p["decisions"]["dimensionality"]["why"]
+    assert p["fingerprint"]["objects"]["z_sections"] == 1.0 and p["segment"]["per_slice"] is True
+    # --ndim overrides the rule, and says so
+    p = _planned(tmp_path / "forced", _noise((16, 96, 96)), _blocks((16, 96, 96), 1, 16), (40.0, 4.0, 4.0), ndim=3)
+    assert p["dimensionality"] == "anisotropic_3d" and "--ndim 3" in p["decisions"]["dimensionality"]["why"]
+
+
+def test_heavy_tailed_intensities_get_percentile_scaling_and_gaussian_ones_a_z_score(tmp_path):
+    from jaxem.data.sampling import normalize_stats
+    from jaxem.data.volume import open_volume
+
+    image = _noise((16, 64, 64), seed=3)
+    hot = np.random.default_rng(4).random(image.shape) < 0.003
+    p = _planned(tmp_path / "clean", image, _blocks(image.shape, 8, 16), (40.0, 4.0, 4.0))
+    assert planned_config(p).data.normalize == "meanstd"
+    assert p["decisions"]["normalisation"]["why"].startswith("well-behaved intensities: std / bulk std 0.99 <= 1.5")
+
+    spiky = np.where(hot, 10_000.0, image).astype(np.float32)  # detector spikes: 0.3 % of voxels
+    p = _planned(tmp_path / "spiky", spiky, _blocks(image.shape, 8, 16), (40.0, 4.0, 4.0))
+    config, intensity = planned_config(p), p["fingerprint"]["intensity"]
+    assert intensity["std"] / ((intensity["p75"] - intensity["p25"]) / 1.349) > HEAVY_TAIL_RATIO
+    assert config.data.normalize == "percentile" and tuple(config.data.percentiles) == (0.5, 99.5)
+    lo, hi = np.percentile(spiky.astype(np.float64), [0.5, 99.5])
+    assert f"p0.5 {lo:.4g}, p99.5 {hi:.4g}" in p["decisions"]["normalisation"]["why"]
+    # the pipeline maps those percentiles to -1 and +1: the spikes do not set the scale
+    a, b = normalize_stats(open_volume(str(tmp_path / "spiky" / "a.zarr")), config.data.normalize, (0.5, 99.5))
+    assert (lo - a) / b == pytest.approx(-1, abs=1e-6) and (hi - a) / b == pytest.approx(1, abs=1e-6)
+
+
+@pytest.mark.parametrize("target, kind, method, channel", [
+    ("boundary", "boundary", "watershed", 0), ("affinities", "affinities", "mws", 0),
+    ("foreground", "foreground", "cc", 0), ("multiclass", "foreground", "cc", 1)])
+def test_the_segmentation_section_and_commands_follow_the_target(target, kind, method, channel):
+    from jaxem.segment.setting import SETTING_KEYS, SegmentSetting
+
+    p = plan(_fp((32, 256, 256), (40.0, 4.0, 4.0)), None, 1.0, target=target, measure=_linear_memory(0, 1.0),
+             progress=lambda _: None)
+    segment = p["segment"]
+    assert (segment["kind"], segment["method"], segment["channel"], segment["tune"]) == (kind, method, channel, False)
+    assert SegmentSetting.from_dict({k: segment[k] for k in SETTING_KEYS if k in segment}).h == 8.0  # 2 x 4 nm
+    *_, command = follow_up("c.py", segment, (), ())
+    assert f"--kind {kind}" in command and f"--method {method}" in command
+    assert ("--channel 1" in command) == (channel == 1)
+
+
+def test_tuning_after_training_needs_a_validation_split_and_plans_jaxem_tune():
+    with pytest.raises(UserError, match="--tune-after-training needs --val-images and --val-labels"):
+        plan(_fp((32, 256, 256), (40.0, 4.0, 4.0)), None, 1.0, tune=True, measure=_linear_memory(0, 1.0))
+    with pytest.raises(UserError, match="--target 'membranes' is not one of"):
+        plan(_fp((32, 256, 256), (40.0, 4.0, 4.0)), None, 1.0, target="membranes", measure=_linear_memory(0, 1.0))
+    p = plan(_fp((32, 256, 256), (40.0, 4.0, 4.0)), None, 1.0, tune=True, val_images=["v.zarr"],
+             val_labels=["vl.zarr"], measure=_linear_memory(0, 1.0), progress=lambda _: None)
+    train, predict_val, tune, predict, segment = follow_up("c.py", p["segment"], ["v.zarr"], ["vl.zarr"])
+    assert train == "jaxem train --config c.py --workdir runs/planned"
+    assert predict_val.endswith("--input v.zarr --output runs/planned/val_prediction.zarr")
+    assert tune.startswith("jaxem tune --input runs/planned/val_prediction.zarr --labels vl.zarr "
+                           "--output runs/planned/segment_params.json --kind boundary")
+    assert segment.endswith("--params runs/planned/segment_params.json")
+
+
+def test_the_written_config_loads_and_explains_each_decision(tmp_path):
+    p = _planned(tmp_path, _noise((16, 64, 64)), _blocks((16, 64, 64), 8, 16), (40.0, 4.0, 4.0),
+                 val_images=["v.zarr"], val_labels=["vl.zarr"], tune=True)
+    path = write_config(p, tmp_path / "planned.py")
+    text = path.read_text()
+    for line in ("# Dimensionality: anisotropy 10.0 (spacing 40 x 4 x 4 nm) >= 3 (nnU-Net's threshold)",
+                 "# Normalisation: well-behaved intensities", "# Topology: 5 levels", "# Patch and batch: crop (",
+                 "# Augmentation: voxels not isotropic", "# Segmentation: boundary predictions -> seeded watershed",
+                 "    jaxem tune --input runs/planned/val_prediction.zarr --labels vl.zarr"):
+        assert line in text, line
+    config = load_config(str(path))
+    assert config.to_dict() == planned_config(p).to_dict() | {"train": config.train.to_dict()}
+    assert config.segment.method == "watershed" and config.segment.tune and config.data.val_labels == ("vl.zarr",)
+    assert config.model.kernel_sizes[0] == (1, 3, 3) and config.data.normalize == "meanstd"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,18 +36,23 @@ from jaxem.data.sampling import subsample
 from jaxem.data.targets import num_target_channels
 from jaxem.data.volume import open_volume
 from jaxem.errors import UserError
+from jaxem.plan.decisions import (ANISOTROPY_THRESHOLD, MIN_SECTIONS_3D, choose_augmentation,
+                                  choose_dimensionality, choose_normalisation, choose_segmentation, follow_up,
+                                  object_extents)
 from jaxem.train import parallel
 from jaxem.train.defaults import base_config
 from jaxem.train.trainer import build_training
 
 GIB = 2 ** 30
+PERCENTILE_KEYS = {"p00_5": 0.5, "p25": 25.0, "p50": 50.0, "p75": 75.0, "p99_5": 99.5}
 
 
 def fingerprint(images: Sequence[str], labels: Sequence[str] = (), samples_voxels: int = 2_000_000,
                 seed: int = 0) -> dict:
     """What planning needs to know of a dataset: per volume shape and voxel size (nm, z-y-x),
     intensity statistics of a random subsample (mean, std, 0.5/99.5 percentiles, in the volumes'
-    own units), and with `labels` the fraction of labelled (> 0) voxels."""
+    own units; also quartiles and median), and with `labels` the fraction of labelled (> 0) voxels
+    and the median extent of the labelled objects (`decisions.object_extents`)."""
     if not images:
         raise UserError("name at least one image volume to plan for.")
     if labels and len(labels) != len(images):
@@ -60,11 +66,12 @@ def fingerprint(images: Sequence[str], labels: Sequence[str] = (), samples_voxel
         "shapes": [list(v.shape) for v in volumes],
         "voxel_sizes": [list(v.voxel_size) for v in volumes],
         "intensity": {"mean": float(values.mean()), "std": float(values.std()),
-                      "p00_5": float(np.percentile(values, 0.5)), "p99_5": float(np.percentile(values, 99.5))},
+                      **{k: float(q) for k, q in zip(PERCENTILE_KEYS, np.percentile(values, list(PERCENTILE_KEYS.values())))}},
     }
     if labels:
         fractions = [float(np.mean(subsample(open_volume(p), seed, per_volume) > 0)) for p in labels]
         result["foreground_fraction"] = float(np.mean(fractions))
+        result["objects"] = object_extents(labels)
     return result
 
 
@@ -122,14 +129,19 @@ def measure_step_memory(config, batch_size: int) -> int:
     return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
-def plan(fp: dict, ndim: int, memory_gib: float, *, base_width: int = 32, max_width: int = 0,
+def plan(fp: dict, ndim: int | None, memory_gib: float, *, base_width: int = 32, max_width: int = 0,
          start_size: int = 0, min_feature: int = 4, max_levels: int = 6, max_batch: int = 0,
-         target: str = "boundary", measure: Callable = measure_step_memory, progress: Callable = print) -> dict:
-    """The plan for fingerprint `fp` (see `fingerprint`) at `ndim` 2 (sections) or 3 within
-    `memory_gib` GiB per device. Defaults: start_size 512 (2D) / 128 (3D), max_width 512 / 320,
-    max_batch 32 / 8. Returns a dict with the config fields it sets and the measured memory."""
-    if ndim not in (2, 3):
-        raise UserError(f"ndim must be 2 or 3, got {ndim!r}.")
+         target: str = "boundary", val_images: Sequence[str] = (), val_labels: Sequence[str] = (),
+         tune: bool = False, measure: Callable = measure_step_memory, progress: Callable = print) -> dict:
+    """The plan for fingerprint `fp` (see `fingerprint`) within `memory_gib` GiB per device, at
+    `ndim` 2 (sections) or 3, or None: chosen from the data (`decisions.choose_dimensionality`).
+    Defaults: start_size 512 (2D) / 128 (3D), max_width 512 / 320, max_batch 32 / 8. `tune`
+    records that the segmentation settings are to be tuned on `val_images`/`val_labels`.
+    Returns the config fields it sets, the measured memory and "decisions": {name: {"fields",
+    "why"}} in the order `write_config` writes them."""
+    check_validation(val_images, val_labels, tune)
+    dims = _dimensionality(fp, ndim, min_feature)
+    ndim = dims["ndim"]
     start_size = start_size or (512 if ndim == 2 else 128)
     max_width = max_width or (512 if ndim == 2 else 320)
     max_batch = max_batch or (32 if ndim == 2 else 8)
@@ -138,37 +150,102 @@ def plan(fp: dict, ndim: int, memory_gib: float, *, base_width: int = 32, max_wi
     if any(s < 2 * min_feature for s in shape):
         raise UserError(f"the volumes' median {ndim}D shape {tuple(shape)} is too small to plan a U-Net for "
                         f"(every axis needs >= {2 * min_feature} voxels); use ndim 2 for thin stacks.")
+    fixed = {"dimensionality": {"fields": {}, "why": dims["why"]},
+             "normalisation": choose_normalisation(fp["intensity"]),
+             "segmentation": choose_segmentation(target, spacing, dims["per_slice"], tune)}
+    channels = _channels(target, ndim)
+    fixed["target"] = {"fields": {"target.kind": target, "model.out_channels": channels},
+                       "why": f"{target} target: {channels} output channel(s)"}
+    data = {"data.train_images": tuple(fp["images"]), "data.train_labels": tuple(fp["labels"]),
+            "data.val_images": tuple(val_images), "data.val_labels": tuple(val_labels)}
     dataset_voxels = sum(math.prod(s) for s in fp["shapes"])
     budget = memory_gib * GIB
+
+    def configure(patch, pools, kernels, widths, batch, why=""):
+        geometry = {"topology": {"fields": {"model.widths": tuple(widths), "model.pool_factors": pools,
+                                            "model.kernel_sizes": kernels},
+                                 "why": describe_topology(pools, kernels, spacing)},
+                    "patch and batch": {"fields": {"data.crop_shape": tuple(patch), "data.batch_size": batch},
+                                        "why": why},
+                    "augmentation": choose_augmentation(dims["kind"], patch)}
+        decisions = {**fixed, **geometry}
+        return _config(ndim, data, decisions), decisions
 
     patch = initial_patch(shape, spacing, start_size)
     while True:
         patch, pools, kernels = fit_topology(patch, spacing, min_feature, max_levels)
         widths = tuple(min(base_width * 2 ** i, max_width) for i in range(len(kernels)))
-        config = _config(fp, ndim, patch, pools, kernels, widths, 2, target)
+        config, _ = configure(patch, pools, kernels, widths, 2)
         one, two = measure(config, 1), measure(config, 2)
-        per_example, fixed = max(two - one, 1), max(2 * one - two, 0)
+        per_example, fixed_bytes = max(two - one, 1), max(2 * one - two, 0)
         progress(f"plan: patch {patch}, {len(kernels)} levels: batch 2 needs {two / GIB:.2f} GiB")
         if two <= budget:
             break
         # Activation memory grows with the patch's voxels: aim straight at the size that fits.
-        voxels = math.prod(patch) * (budget - fixed) / max(two - fixed, 1) * 0.95
+        voxels = math.prod(patch) * (budget - fixed_bytes) / max(two - fixed_bytes, 1) * 0.95
         smaller = _shrink(patch, spacing, pools, min_feature, voxels)
         if smaller is None:
             raise UserError(f"even the smallest patch needs {two / GIB:.2f} GiB for a batch of 2, more than "
                             f"--memory-gib {memory_gib}; raise the budget or lower --base-width.")
         patch = smaller
-    fits = int((budget - fixed) // per_example)
+    fits = int((budget - fixed_bytes) // per_example)
     batch = max(2, min(fits, max_batch, int(0.05 * dataset_voxels // math.prod(patch)) or 2))
-    config = _config(fp, ndim, patch, pools, kernels, widths, batch, target)
-    memory = measure(config, batch)
+    memory = measure(configure(patch, pools, kernels, widths, batch)[0], batch)
+    why = (f"crop {tuple(patch)} at batch {batch} per device (use N x {batch} on N devices): XLA measures "
+           f"{memory / GIB:.3g} GiB for the step of the {memory_gib:g} GiB budget ({per_example / GIB:.3g} GiB "
+           f"per example; batch capped at {max_batch} and at 5 % of the dataset's voxels)")
+    config, decisions = configure(patch, pools, kernels, widths, batch, why)
     return {
-        "ndim": ndim, "spacing_nm": spacing, "median_shape": shape, "crop_shape": list(patch),
-        "pool_factors": [list(p) for p in pools], "kernel_sizes": [list(k) for k in kernels],
-        "widths": list(widths), "batch_size": batch, "memory_gib": memory_gib,
-        "measured_step_gib": memory / GIB, "per_example_gib": per_example / GIB,
-        "target": target, "out_channels": int(config.model.out_channels), "fingerprint": fp,
+        "ndim": ndim, "dimensionality": dims["kind"], "anisotropy": dims["anisotropy"], "spacing_nm": spacing,
+        "median_shape": shape, "crop_shape": list(patch), "pool_factors": [list(p) for p in pools],
+        "kernel_sizes": [list(k) for k in kernels], "widths": list(widths), "batch_size": batch,
+        "memory_gib": memory_gib, "measured_step_gib": memory / GIB, "per_example_gib": per_example / GIB,
+        "target": target, "out_channels": channels, "normalize": config.data.normalize,
+        "segment": config.segment.to_dict(), "val_images": list(val_images), "val_labels": list(val_labels),
+        "decisions": decisions, "fingerprint": fp,
     }
+
+
+def check_validation(val_images: Sequence[str], val_labels: Sequence[str], tune: bool) -> None:
+    """UserError unless there is one validation label volume per image (or none), and both when
+    the segmentation is to be tuned on them."""
+    if val_labels and len(val_labels) != len(val_images):
+        raise UserError(f"{len(val_images)} --val-images but {len(val_labels)} --val-labels; give one per image.")
+    if tune and not val_labels:
+        raise UserError("--tune-after-training needs --val-images and --val-labels: `jaxem tune` chooses the "
+                        "segmentation settings on the validation split.")
+
+
+def _dimensionality(fp: dict, ndim: int | None, min_feature: int) -> dict:
+    """`choose_dimensionality` on the median volume, overridden by an explicit `ndim`."""
+    rank = min(len(s) for s in fp["shapes"])
+    shape = [int(s) for s in np.median(np.array([s[-rank:] for s in fp["shapes"]]), axis=0)]
+    spacing = [float(s) for s in np.median(np.array([v[-rank:] for v in fp["voxel_sizes"]]), axis=0)]
+    dims = choose_dimensionality(shape, spacing, fp.get("objects"), max(MIN_SECTIONS_3D, 2 * min_feature))
+    if ndim is None or ndim == dims["ndim"]:
+        return dims
+    if ndim not in (2, 3):
+        raise UserError(f"ndim must be 2 or 3, got {ndim!r}.")
+    kind = "2d" if ndim == 2 else ("anisotropic_3d" if dims["anisotropy"] >= ANISOTROPY_THRESHOLD else "isotropic_3d")
+    return dict(dims, ndim=ndim, kind=kind, per_slice=False,
+                why=f"{ndim}D as asked (--ndim {ndim}); from the data alone: {dims['why']}")
+
+
+def describe_topology(pools, kernels, spacing: Sequence[float]) -> str:
+    """One sentence on the U-Net's levels: which are in-plane only and why."""
+    flat = [i for i, k in enumerate(kernels) if 1 in k]
+    levels = f"{len(kernels)} levels, pooling {' '.join(str(tuple(p)) for p in pools) or 'none'}"
+    if not flat:
+        return f"{levels}; kernels {tuple(kernels[0])} at every level (spacing {tuple(spacing)} nm within 2x)"
+    return (f"{levels}; kernels {tuple(kernels[flat[0]])} at levels {flat[0]}-{flat[-1]} and {tuple(kernels[-1])} "
+            f"after: an axis is convolved and pooled only while its spacing is within 2x of the finest (nnU-Net), "
+            f"spacing {tuple(spacing)} nm")
+
+
+def _channels(target: str, ndim: int) -> int:
+    cfg = base_config(ndim=ndim, model="unet").target
+    cfg.kind = target
+    return int(num_target_channels(cfg, ndim))
 
 
 def _shrink(patch, spacing, pools, min_feature, target_voxels: float) -> tuple[int, ...] | None:
@@ -187,36 +264,50 @@ def _shrink(patch, spacing, pools, min_feature, target_voxels: float) -> tuple[i
     return tuple(patch)
 
 
-def _config(fp, ndim, patch, pools, kernels, widths, batch, target):
-    """The training config these choices make (data paths from the fingerprint)."""
+def _config(ndim: int, data: dict, decisions: dict):
+    """The training config of these `data` fields and `decisions` ({name: {"fields": ...}})."""
     config = base_config(ndim=ndim, model="unet")
-    config.target.kind = target
-    config.model.out_channels = num_target_channels(config.target, ndim)
-    config.data.train_images = tuple(fp["images"])
-    config.data.train_labels = tuple(fp["labels"])
-    config.data.crop_shape = tuple(patch)
-    config.data.batch_size = batch
-    config.model.widths = tuple(widths)
-    config.model.pool_factors = tuple(tuple(p) for p in pools)
-    config.model.kernel_sizes = tuple(tuple(k) for k in kernels)
+    for key, value in [*data.items(), *(kv for d in decisions.values() for kv in d["fields"].items())]:
+        *parents, leaf = key.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
     config.train.num_devices = 1
     return config
 
 
+def planned_config(p: dict):
+    """The training config of plan `p` (what `write_config`'s file returns)."""
+    data = {f"data.{k}": tuple(v) for k, v in (("train_images", p["fingerprint"]["images"]),
+            ("train_labels", p["fingerprint"]["labels"]), ("val_images", p["val_images"]), ("val_labels", p["val_labels"]))}
+    return _config(p["ndim"], data, p["decisions"])
+
+
 def write_config(p: dict, path: str | Path, overwrite: bool = False) -> Path:
-    """Writes the plan as a config file (`get_config()`) that `jaxem train --config` takes."""
+    """Writes plan `p` as a config file (`get_config()`) that `jaxem train --config` takes: each
+    decision's fields under a comment saying why, and the commands that follow in its docstring."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; choose another --output or pass --overwrite.")
     fp = p["fingerprint"]
-    tup = lambda xs: "(" + ", ".join(map(repr, xs)) + ("," if len(xs) == 1 else "") + ")"  # noqa: E731
     summary = {k: p[k] for k in ("spacing_nm", "median_shape", "measured_step_gib", "per_example_gib", "memory_gib")}
+    commands = follow_up(str(path), p["segment"], p["val_images"], p["val_labels"])
+    data = [f"    config.data.{k} = {tuple(v)!r}" for k, v in (("train_images", fp["images"]), ("train_labels", fp["labels"]),
+                                                             ("val_images", p["val_images"]), ("val_labels", p["val_labels"]))]
+    body = []
+    for name, decision in p["decisions"].items():
+        body += _comment(f"{name[0].upper()}{name[1:]}: {decision['why']}.")
+        body += [f"    config.{key} = {value!r}" for key, value in decision["fields"].items()]
+    objects = fp.get("objects")
     text = f'''"""Planned by `jaxem plan` on {datetime.date.today()} for {len(fp["images"])} volume(s).
 
 Fingerprint: shapes {fp["shapes"]}, voxel sizes {fp["voxel_sizes"]} nm,
-intensity {json.dumps(fp["intensity"])}{", foreground fraction %.3f" % fp["foreground_fraction"] if "foreground_fraction" in fp else ""}.
+intensity {json.dumps(fp["intensity"])}{", foreground fraction %.3f" % fp["foreground_fraction"] if "foreground_fraction" in fp else ""}{f", objects {json.dumps(objects)}" if objects else ""}.
 Plan: {json.dumps(summary)}
-Validation volumes are not set: add data.val_images / data.val_labels.
+{"" if p["val_images"] else "Validation volumes are not set: add data.val_images / data.val_labels."}
+Then:
+{chr(10).join("    " + c for c in commands)}
 """
 
 from jaxem.train.defaults import base_config
@@ -224,17 +315,14 @@ from jaxem.train.defaults import base_config
 
 def get_config(arg: str = ""):
     config = base_config(ndim={p["ndim"]}, model="unet")
-    config.data.train_images = {tup(fp["images"])}
-    config.data.train_labels = {tup(fp["labels"])}
-    config.data.crop_shape = {tup(p["crop_shape"])}
-    config.data.batch_size = {p["batch_size"]}  # planned for one device: use N times this on N devices
-    config.target.kind = {p["target"]!r}
-    config.model.out_channels = {p["out_channels"]}
-    config.model.widths = {tup(p["widths"])}
-    config.model.pool_factors = {tup([tuple(x) for x in p["pool_factors"]])}
-    config.model.kernel_sizes = {tup([tuple(x) for x in p["kernel_sizes"]])}
+{chr(10).join(data)}
+{chr(10).join(body)}
     return config
 '''
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _comment(text: str, width: int = 100) -> list[str]:
+    return ["    # " + line for line in textwrap.wrap(text, width - 6)]
