@@ -1,5 +1,8 @@
-"""Mean-teacher semi-supervised training: ramp, consistency against the EMA teacher, data, resume."""
+"""Semi-supervised training: the mean teacher (ramp, consistency against the EMA teacher, data,
+resume), self-training with pseudo-labels (EMA or run teacher, rounds, slice propagation) and
+FixMatch (weak view labels, strong view learns)."""
 
+import json
 import shutil
 
 import jax
@@ -11,7 +14,8 @@ from conftest import assert_resume_is_exact, random_semi_batch, tiny_semi_config
 from jaxem.cli import main
 from jaxem.config import apply_overrides
 from jaxem.errors import UserError
-from jaxem.semi import mean_teacher
+from jaxem.data.augment import make_photometric_fn, strong_photometric_config
+from jaxem.semi import mean_teacher, pseudo_label
 from jaxem.train import parallel
 from jaxem.train.trainer import build_training, train
 
@@ -78,13 +82,16 @@ def test_semi_settings_that_cannot_work_are_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fields", [{"semi.noise_std": 0.5},
-                                    {"semi.weight": 0.0, "semi.adversarial_weight": 0.5, "semi.discriminator_widths": "(4, 8)"}],
-                         ids=["mean_teacher", "adversarial"])
+                                    {"semi.weight": 0.0, "semi.adversarial_weight": 0.5, "semi.discriminator_widths": "(4, 8)"},
+                                    {"semi.method": "pseudo_label", "semi.confidence": 0.52, "semi.noise_std": 0.5},
+                                    {"semi.method": "fixmatch", "semi.confidence": 0.52}],
+                         ids=["mean_teacher", "adversarial", "pseudo_label", "fixmatch"])
 def test_accumulated_semi_step_makes_the_whole_batch_update(tmp_path, fields):
     """train.accumulate_steps=2 splits the labelled and the unlabelled crops into 2 micro-batches
     through the one loss: with group norm (no batch statistics) and terms that are means over
-    voxels (BCE; consistency; the adversarial BCE), the update, the EMA teacher, the discriminator's
-    step and the logged metrics equal those of the whole batch in one pass."""
+    voxels (BCE; consistency; the adversarial BCE; the pseudo-label BCE, whose confident voxels are
+    counted over the whole batch), the update, the EMA teacher, the discriminator's step and the
+    logged metrics equal those of the whole batch in one pass."""
     base = _semi_config(tmp_path, **{"model.norm": "group", "loss.terms.dice": 0.0, **fields})
     mesh = parallel.make_mesh(1)
     results = []
@@ -95,6 +102,98 @@ def test_accumulated_semi_step_makes_the_whole_batch_update(tmp_path, fields):
         results.append(jax.device_get((new_state.params, new_state.ema_params, getattr(new_state, "adversary", {}), metrics)))
     (whole, accumulated) = results
     assert whole[3].keys() == accumulated[3].keys()
-    assert ("consistency" in whole[3]) == ("adversarial" not in whole[3])
+    terms = [t for t in ("consistency", "adversarial", "pseudo_label") if t in whole[3]]
+    assert len(terms) == 1 and float(whole[3][terms[0]]) > 0
+    if "pseudo_label" in whole[3]:
+        assert 0 < float(whole[3]["pseudo_confident"]) < 1
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pseudo_label_loss_is_bce_on_confident_voxels_only():
+    """Teacher probabilities 0.95, 0.6, 0.02, 0.5 at confidence 0.9: voxels 0 (label 1) and 2
+    (label 0) are confident; the loss is their mean BCE, whatever the student says elsewhere."""
+    probs = jnp.array([0.95, 0.6, 0.02, 0.5]).reshape(1, 2, 2, 1)
+    logits = jnp.array([0.3, -2.0, 1.5, 4.0]).reshape(1, 2, 2, 1)
+    pseudo, fraction = pseudo_label.pseudo_targets("boundary", probs, 0.9)
+    bce = lambda x, y: -(y * np.log(1 / (1 + np.exp(-x))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-x))))  # noqa: E731
+    assert float(fraction) == 0.5
+    assert float(pseudo_label.loss("boundary", logits, **pseudo)) == pytest.approx((bce(0.3, 1) + bce(1.5, 0)) / 2, rel=1e-6)
+    grad = jax.grad(lambda x: pseudo_label.loss("boundary", x, **pseudo))(logits)
+    np.testing.assert_array_equal(np.asarray(grad).ravel()[[1, 3]], 0.0)
+    # Multiclass: the largest softmax probability decides; cross-entropy against its class.
+    probs3 = jnp.array([[0.92, 0.05, 0.03], [0.4, 0.35, 0.25]]).reshape(1, 2, 1, 3)
+    logits3 = jnp.array([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]]).reshape(1, 2, 1, 3)
+    pseudo, fraction = pseudo_label.pseudo_targets("multiclass", probs3, 0.9)
+    expected = -np.log(np.exp(0.0) / np.exp([0.0, 1.0, -1.0]).sum())
+    assert float(fraction) == 0.5
+    assert float(pseudo_label.loss("multiclass", logits3, **pseudo)) == pytest.approx(expected, rel=1e-6)
+    # Nothing confident: the term is 0, not 0 / 0.
+    none, fraction = pseudo_label.pseudo_targets("boundary", jnp.full((1, 2, 2, 1), 0.5), 0.9)
+    assert float(fraction) == 0 and float(pseudo_label.loss("boundary", logits, **none)) == 0
+
+
+def test_slice_propagation_labels_the_unannotated_neighbours():
+    """Section 2 of 7 annotated, k = 2: sections 0, 1, 3, 4 get the teacher's confident labels;
+    2 (already labelled) and 5, 6 (too far) do not."""
+    mask = np.zeros((1, 7, 2, 2), np.float32)
+    mask[0, 2, 0, 0] = 1  # one labelled voxel marks the section as annotated
+    near = np.asarray(pseudo_label.near_annotated_sections(jnp.asarray(mask), 2))
+    np.testing.assert_array_equal(near[0, :, 0, 0], [1, 1, 0, 1, 1, 0, 0])
+    probs = np.full((1, 7, 2, 2, 1), 0.97, np.float32)
+    probs[0, 1] = 0.6  # unconfident: left out
+    pseudo, fraction = pseudo_label.propagated_targets("boundary", jnp.asarray(probs), jnp.asarray(mask), 2, 0.9)
+    assert float(fraction) == pytest.approx(3 / 7)
+    np.testing.assert_array_equal(np.asarray(pseudo["weight"])[0, :, 0, 0, 0] > 0, [1, 0, 0, 1, 1, 0, 0])
+
+
+def test_strong_view_changes_intensities_not_geometry():
+    """FixMatch's strong view is the weak view with more photometric ops only: the image changes,
+    but without noise and blur (per-voxel monotone maps: contrast, brightness, gamma) every voxel's
+    rank is kept, so a bright square stays exactly where it was; with them it still correlates."""
+    image = np.zeros((4, 16, 16, 1), np.float32)
+    image[:, 4:9, 6:12] = 1.0
+    image = jnp.asarray(image + 0.01 * np.arange(16 * 16).reshape(1, 16, 16, 1) / 256)
+    cfg = strong_photometric_config()
+    strong = make_photometric_fn(cfg, 2)(jax.random.PRNGKey(0), image)
+    assert strong.shape == image.shape and not np.allclose(strong, image, atol=0.05)
+    for a, b in zip(np.asarray(image), np.asarray(strong)):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5
+    cfg.noise.p, cfg.blur.p = 0.0, 0.0
+    monotone = np.asarray(make_photometric_fn(cfg, 2)(jax.random.PRNGKey(1), image))
+    for a, b in zip(np.asarray(image), monotone):
+        np.testing.assert_array_equal(np.argsort(a.ravel(), kind="stable"), np.argsort(b.ravel(), kind="stable"))
+
+
+def _train_rows(config, workdir, fields):
+    train(apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()]), workdir, progress=False)
+    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+def test_pseudo_label_and_fixmatch_runs_train_and_report_confidence(tmp_path):
+    """A few steps of each method (pseudo_label with the EMA teacher, then with that run as a frozen
+    teacher over 2 rounds; fixmatch): finite losses, the term, its weight and the confident fraction logged."""
+    config = _semi_config(tmp_path, **{"semi.confidence": 0.55, "train.steps": 4, "train.eval_every": 0})
+    runs = {"ema": {"semi.method": "pseudo_label"}, "fixmatch": {"semi.method": "fixmatch"},
+            "run_teacher": {"semi.method": "pseudo_label", "semi.teacher": str(tmp_path / "ema"), "semi.rounds": 2}}
+    logged = {}
+    for name, fields in runs.items():
+        rows = logged[name] = _train_rows(config, tmp_path / name, fields)
+        assert rows and all(np.isfinite(r["loss"]) for r in rows), name
+        assert all(0 <= r["pseudo_confident"] <= 1 and "pseudo_label" in r and "pseudo_label_weight" in r
+                   for r in rows), name
+    # Same seed and crops: only the teacher differs (the trained run's weights, not the fresh EMA).
+    assert logged["run_teacher"][0]["pseudo_confident"] != logged["ema"][0]["pseudo_confident"]
+
+
+def test_pseudo_label_settings_that_cannot_work_are_named(tmp_path):
+    config = _semi_config(tmp_path, **{"semi.method": "pseudo_label"})
+    for fields, message in (({"train.ema_decay": 0.0}, "semi.method='pseudo_label' needs a teacher"),
+                            ({"semi.confidence": 0.5}, "semi.confidence=0.5 must lie in (0.5, 1]"),
+                            ({"semi.confidence": 1.2, "semi.method": "fixmatch"}, "semi.confidence=1.2 must lie"),
+                            ({"semi.method": "pseudo"}, "semi.method='pseudo' must be one of"),
+                            ({"semi.propagate_slices": 1}, "semi.propagate_slices=1 must be >= 0; > 0 needs"),
+                            ({"semi.rounds": 2, "semi.teacher": "t", "train.ema_decay": 0.0}, "semi.rounds=2"),
+                            ({"semi.teacher": str(tmp_path / "none")}, "semi.teacher=")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            train(apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()]), tmp_path / "x", progress=False)
