@@ -112,12 +112,15 @@ def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     images = _volume(tmp_path / "a.zarr", image)
     labels = _volume(tmp_path / "l.zarr", (np.arange(96)[None, None, :] // 12 % 2 * np.ones_like(image)).astype(np.uint32))
     out = tmp_path / "planned.py"
-    args = ["plan", "--images", images, "--labels", labels, "--memory-gib", "0.25",
-            "--base-width", "4", "--max-levels", "3", "--output", str(out)]
+    args = ["plan", "--images", images, "--labels", labels, "--val-images", images, "--val-labels", labels,
+            "--tune-after-training", "--memory-gib", "0.25", "--base-width", "4", "--max-levels", "3", "--output", str(out)]
     assert main(args) == 0
-    assert f"jaxem train --config {out}" in capsys.readouterr().out
-    config = load_config(str(out))
+    printed = capsys.readouterr().out
+    assert f"jaxem train --config {out}" in printed and f"jaxem tune --input runs/planned/val_prediction.zarr --labels {labels}" in printed
+    config = load_config(str(out))  # the planner's choices: anisotropic 3D, z-score, watershed to be tuned
     assert config.model.kernel_sizes[0] == (1, 3, 3) and config.model.pool_factors[0] == (1, 2, 2)
+    assert config.data.normalize == "meanstd" and config.segment.method == "watershed" and config.segment.tune
+    assert "# Dimensionality: anisotropy 10.0" in out.read_text()
     assert config.data.train_images == (images,)
     config = apply_overrides(config, ["--config.train.steps=2", "--config.train.eval_every=0",
                                       "--config.train.checkpoint_every=2", "--config.train.num_devices=1"])

@@ -157,16 +157,15 @@ def follow_up(config_path: str, segment: dict, val_images: Sequence[str], val_la
     there is one); else segment with the planned settings."""
     train = f"jaxem train --config {config_path} --workdir {workdir}"
     predict = f"jaxem predict --run {workdir} --input IMAGE.zarr --output {workdir}/prediction.zarr"
-    base = (f"jaxem segment --input {workdir}/prediction.zarr --output {workdir}/segmentation.zarr "
-            f"--kind {segment['kind']}" + (" --per-slice" if segment["per_slice"] else "")
+    # what the prediction holds, as `jaxem tune` and `jaxem segment` take it
+    what = (f" --kind {segment['kind']}" + (" --per-slice" if segment["per_slice"] else "")
             + (f" --channel {segment['channel']}" if segment["channel"] else ""))
+    segment_cmd = f"jaxem segment --input {workdir}/prediction.zarr --output {workdir}/segmentation.zarr{what}"
     if not segment["tune"]:
         flags = {"method": "--method", "threshold": "--threshold", "seeds": "--seeds", "h": "--h", "merge": "--merge",
                  "min_size": "--min-size"}
-        return [train, predict, base + "".join(f" {flag} {segment[k]}" for k, flag in flags.items())]
-    tuned = f"{workdir}/segment_params.json"
-    val = f"{workdir}/val_prediction.zarr"
+        return [train, predict, segment_cmd + "".join(f" {flag} {segment[k]}" for k, flag in flags.items())]
+    tuned, val = f"{workdir}/segment_params.json", f"{workdir}/val_prediction.zarr"
     return [train, f"jaxem predict --run {workdir} --input {val_images[0]} --output {val}",
-            f"jaxem tune --input {val} --labels {val_labels[0]} --output {tuned} --kind {segment['kind']}"
-            + (" --per-slice" if segment["per_slice"] else "") + (f" --channel {segment['channel']}" if segment["channel"] else ""),
-            predict, base + f" --params {tuned}"]
+            f"jaxem tune --input {val} --labels {val_labels[0]} --output {tuned}{what}",
+            predict, f"{segment_cmd} --params {tuned}"]
