@@ -2,6 +2,7 @@
 decisions (dimensionality, normalisation, augmentation, segmentation) and the written config, CLI."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     config = load_config(str(out))  # the planner's choices: anisotropic 3D, z-score, watershed to be tuned
     assert config.model.kernel_sizes[0] == (1, 3, 3) and config.model.pool_factors[0] == (1, 2, 2)
     assert config.data.normalize == "meanstd" and config.segment.method == "watershed" and config.segment.tune
-    assert "# Dimensionality: anisotropy 10.0" in out.read_text()
+    assert "# Dimensionality: objects span a median 8 sections (>= 3); anisotropy 10.0" in out.read_text()
     assert config.data.train_images == (images,)
     config = apply_overrides(config, ["--config.train.steps=2", "--config.train.eval_every=0",
                                       "--config.train.checkpoint_every=2", "--config.train.num_devices=1"])
@@ -245,10 +246,13 @@ def test_the_written_config_loads_and_explains_each_decision(tmp_path):
     p = _planned(tmp_path, _noise((16, 64, 64)), _blocks((16, 64, 64), 8, 16), (40.0, 4.0, 4.0),
                  val_images=["v.zarr"], val_labels=["vl.zarr"], tune=True)
     path = write_config(p, tmp_path / "planned.py")
-    text = path.read_text()
-    for line in ("# Dimensionality: anisotropy 10.0 (spacing 40 x 4 x 4 nm) >= 3 (nnU-Net's threshold)",
-                 "# Normalisation: well-behaved intensities", "# Topology: 5 levels", "# Patch and batch: crop (",
-                 "# Augmentation: voxels not isotropic", "# Segmentation: boundary predictions -> seeded watershed",
+    raw = path.read_text()
+    assert all(f"    # {name[0].upper()}{name[1:]}: " in raw for name in p["decisions"])  # a comment per decision
+    text = re.sub(r"\n +# ", " ", raw)  # comments unwrapped
+    for line in ("Dimensionality: objects span a median 8 sections (>= 3); anisotropy 10.0 (spacing 40 x 4 x 4 nm) "
+                 ">= 3 (nnU-Net's threshold): anisotropic 3D U-Net.",
+                 "Normalisation: well-behaved intensities", "Topology: 5 levels", "Patch and batch: crop (",
+                 "Augmentation: voxels not isotropic", "Segmentation: boundary predictions -> seeded watershed",
                  "    jaxem tune --input runs/planned/val_prediction.zarr --labels vl.zarr"):
         assert line in text, line
     config = load_config(str(path))

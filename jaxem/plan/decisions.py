@@ -90,6 +90,8 @@ def choose_dimensionality(shape: Sequence[int], spacing: Sequence[float], object
                                        f"(< {MIN_OBJECT_SECTIONS}): no 3D context, 2D U-Net and segmentation "
                                        "section by section", per_slice=True)
     ratio = f"anisotropy {anisotropy:.1f} (spacing {' x '.join(f'{s:g}' for s in spacing)} nm)"
+    if objects and objects["count"]:
+        ratio = f"objects span a median {objects['z_sections']:g} sections (>= {MIN_OBJECT_SECTIONS}); {ratio}"
     if anisotropy >= ANISOTROPY_THRESHOLD:
         return _dims("anisotropic_3d", anisotropy, f"{ratio} >= {ANISOTROPY_THRESHOLD:g} (nnU-Net's threshold): "
                                                    "anisotropic 3D U-Net")

@@ -44,6 +44,8 @@ from jaxem.train.defaults import base_config
 from jaxem.train.trainer import build_training
 
 GIB = 2 ** 30
+# the order in which `write_config` writes the decisions
+ORDER = ("dimensionality", "topology", "patch and batch", "augmentation", "normalisation", "target", "segmentation")
 PERCENTILE_KEYS = {"p00_5": 0.5, "p25": 25.0, "p50": 50.0, "p75": 75.0, "p99_5": 99.5}
 
 
@@ -168,8 +170,8 @@ def plan(fp: dict, ndim: int | None, memory_gib: float, *, base_width: int = 32,
                     "patch and batch": {"fields": {"data.crop_shape": tuple(patch), "data.batch_size": batch},
                                         "why": why},
                     "augmentation": choose_augmentation(dims["kind"], patch)}
-        decisions = {**fixed, **geometry}
-        return _config(ndim, data, decisions), decisions
+        decisions = {**geometry, **fixed}
+        return _config(ndim, data, decisions), {k: decisions[k] for k in ORDER}
 
     patch = initial_patch(shape, spacing, start_size)
     while True:
@@ -298,7 +300,7 @@ def write_config(p: dict, path: str | Path, overwrite: bool = False) -> Path:
     body = []
     for name, decision in p["decisions"].items():
         body += _comment(f"{name[0].upper()}{name[1:]}: {decision['why']}.")
-        body += [f"    config.{key} = {value!r}" for key, value in decision["fields"].items()]
+        body += [f"    config.{key} = {_literal(value)}" for key, value in decision["fields"].items()]
     objects = fp.get("objects")
     text = f'''"""Planned by `jaxem plan` on {datetime.date.today()} for {len(fp["images"])} volume(s).
 
@@ -322,6 +324,13 @@ def get_config(arg: str = ""):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def _literal(value) -> str:
+    """Python source of a field's value; a dict one key per line."""
+    if not isinstance(value, dict):
+        return repr(value)
+    return "{\n" + "".join(f"        {k!r}: {v!r},\n" for k, v in value.items()) + "    }"
 
 
 def _comment(text: str, width: int = 100) -> list[str]:
