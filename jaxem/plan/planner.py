@@ -1,8 +1,10 @@
 """nnU-Net-style self-configuration: a dataset's fingerprint and a memory budget -> a training config.
 
-    fp = fingerprint(images, labels)                 # shapes, voxel sizes, intensities, foreground
-    p = plan(fp, ndim=3, memory_gib=16)              # patch, pooling, kernels, widths, batch size
-    write_config(p, "configs/my_plan.py")            # an editable config file for `jaxem train`
+    fp = fingerprint(images, labels)                 # shapes, voxel sizes, intensities, foreground, objects
+    p = plan(fp, ndim=None, memory_gib=16)           # 2D/3D, patch, pooling, kernels, widths, batch size,
+                                                     # normalisation, augmentation, segmentation (decisions.py)
+    write_config(p, "configs/my_plan.py")            # an editable config file for `jaxem train`, each
+                                                     # decision under a comment saying why
 
 The rules follow nnU-Net (Isensee et al. 2021), adapted to EM:
 - Topology from voxel spacing: an axis is pooled only while its spacing is at most twice the finest
