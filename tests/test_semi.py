@@ -17,7 +17,8 @@ from jaxem.errors import UserError
 from jaxem.data.augment import make_photometric_fn, strong_photometric_config
 from jaxem.semi import mean_teacher, pseudo_label
 from jaxem.train import parallel
-from jaxem.train.trainer import build_training, train
+from jaxem.train.defaults import base_config
+from jaxem.train.trainer import build_training, train, validate_training_config
 
 
 def test_rampup_goes_from_exp_minus_5_to_1():
@@ -197,3 +198,27 @@ def test_pseudo_label_settings_that_cannot_work_are_named(tmp_path):
                             ({"semi.teacher": str(tmp_path / "none")}, "semi.teacher=")):
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
             train(apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()]), tmp_path / "x", progress=False)
+
+
+def test_slice_propagation_trains_in_a_3d_step(tmp_path):
+    """A 3D run with sections 2-3 of 6 annotated and semi.propagate_slices=1: the step adds the
+    propagated term on sections 1 and 4 (where the EMA teacher is confident) and logs its fraction."""
+    config = apply_overrides(base_config(ndim=3, model="unet"), [f"--config.{k}={v}" for k, v in {
+        "data.crop_shape": "(6, 16, 16)", "data.batch_size": 2, "model.widths": "(4, 8)", "model.out_channels": 1,
+        "semi.batch_size": 2, "semi.weight": 1.0, "semi.method": "pseudo_label", "semi.confidence": 0.55,
+        "semi.propagate_slices": 1, "train.ema_decay": 0.9, "semi.unlabelled_images": "('u.zarr',)"}.items()])
+    mesh = parallel.make_mesh(1)
+    validate_training_config(config, mesh)
+    _, state, step, _ = build_training(config, mesh)
+    rng = np.random.default_rng(0)
+    shape = (2, 6, 16, 16)
+    mask = np.zeros(shape, np.float32)
+    mask[:, 2:4] = 1
+    batch = {"image": rng.normal(size=shape + (1,)).astype(np.float32), "mask": mask,
+             "labels": (rng.random(shape) < 0.5).astype(np.int32),
+             "unlabelled": rng.normal(size=shape + (1,)).astype(np.float32)}
+    _, metrics = step(state, jax.device_put(batch, parallel.data_sharding(mesh)))
+    m = jax.device_get(metrics)
+    assert 0 < m["propagated_fraction"] <= 2 / 6 and np.isfinite(m["propagated"]) and m["propagated"] > 0
+    supervised = m["loss_bce"] + m["loss_dice"]
+    assert m["loss"] == pytest.approx(supervised + m["pseudo_label_weight"] * (m["propagated"] + m["pseudo_label"]), rel=1e-5)
