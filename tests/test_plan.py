@@ -11,7 +11,7 @@ from jaxem.cli import main
 from jaxem.config import apply_overrides, load_config
 from jaxem.data.volume import create_volume
 from jaxem.errors import UserError
-from jaxem.plan.decisions import HEAVY_TAIL_RATIO, follow_up
+from jaxem.plan.decisions import HEAVY_TAIL_RATIO, follow_up, object_extents
 from jaxem.plan.planner import GIB, fingerprint, measure_step_memory, plan, planned_config, topology, write_config
 
 
@@ -47,6 +47,9 @@ def test_fingerprint_reads_shapes_spacing_intensities_and_foreground(tmp_path):
     assert fp["intensity"]["std"] == pytest.approx(float(image.astype(np.float64).std()), rel=1e-6)
     assert fp["intensity"]["p99_5"] == pytest.approx(float(np.percentile(image.astype(np.float64), 99.5)))
     assert fp["foreground_fraction"] == pytest.approx(float(labels.mean()))
+    assert fp["intensity"]["p25"] == pytest.approx(float(np.percentile(image.astype(np.float64), 25)))
+    ids = _blocks((4, 32, 48), 2, 8).astype(np.float64)  # whole-number float ids are read as ids
+    assert object_extents([_volume(tmp_path / "f.zarr", ids)]) == {"count": 2 * 4 * 6, "z_sections": 2.0, "yx_voxels": 8.0}
     with pytest.raises(UserError, match="1 image volumes but 2 label volumes"):
         fingerprint([str(tmp_path / "a.zarr")], [str(tmp_path / "l.zarr")] * 2)
 

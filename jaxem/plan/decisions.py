@@ -56,7 +56,10 @@ def object_extents(paths: Sequence[str], voxels: int = OBJECT_VOXELS) -> dict:
     z, yx = [], []
     for path in paths:
         volume = open_volume(path)
-        ids = fastremap.renumber(np.ascontiguousarray(volume.read(_central_box(volume.shape, voxels))))[0]
+        ids = volume.read(_central_box(volume.shape, voxels))
+        if ids.dtype.kind not in "ui":  # whole-number float or boolean labels, as the loader takes them
+            ids = ids.astype(np.int64)
+        ids = fastremap.renumber(np.ascontiguousarray(ids))[0]
         ids = ids.reshape((1,) * (3 - ids.ndim) + ids.shape)
         for box in ndimage.find_objects(ids):
             if box is not None:
