@@ -165,12 +165,13 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         logits, _ = model.apply(variables, image, train=False)
         return jax.lax.stop_gradient(probabilities(target_kind, logits))
 
-    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array, run_teacher) -> tuple[Batch, dict]:
+    def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array, labeller) -> tuple[Batch, dict]:
         """({"student_in", ["teacher_in" | "pseudo"]}: the augmented crops (with their own noise each
         for the mean teacher and pseudo_label; strong and weak views for fixmatch) and the whole
         batch's pseudo-labels, {"weights": {"consistency_weight" | "pseudo_label_weight" |
         "adversarial_weight": configured weight x ramp(step)} of the methods that are on, ["teacher":
-        EMA variables], ["adversary": discriminator params], "metrics": ["pseudo_confident"]})."""
+        EMA variables], ["adversary": discriminator params], "metrics": ["pseudo_confident"]}).
+        `labeller`: the variables that make pseudo-labels (`pseudo_teacher`), None without them."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
         ramp = mean_teacher.rampup(state.step, semi_cfg.rampup_steps)
@@ -181,12 +182,11 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             context["weights"]["consistency_weight"] = semi_cfg.weight * ramp
         if pseudo_on:
             if method == "fixmatch":  # weak view: the crop as augmented; strong: more photometric ops on it
-                weak, inputs["student_in"] = crops, make_photometric_fn(semi_cfg.strong_augment, crops.ndim - 2)(
-                    noise_rng, crops)
+                strong_fn = make_photometric_fn(semi_cfg.strong_augment, crops.ndim - 2)
+                weak, inputs["student_in"] = crops, strong_fn(noise_rng, crops)
             else:
                 inputs["student_in"], weak = mean_teacher.noisy_pair(noise_rng, crops, semi_cfg.noise_std)
-            context["pseudo_teacher"] = pseudo_teacher(state, run_teacher)
-            probs = teacher_probs(context["pseudo_teacher"], weak)
+            probs = teacher_probs(labeller, weak)
             inputs["pseudo"], context["metrics"]["pseudo_confident"] = pseudo_label.pseudo_targets(
                 target_kind, probs, semi_cfg.confidence)
             context["weights"]["pseudo_label_weight"] = semi_cfg.weight * ramp
@@ -202,15 +202,15 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         augmented = augment_fn(aug_rng, batch)
         target, target_mask = target_fn(augmented["labels"], augmented["mask"])
         inputs, context = {"image": augmented["image"], "target": target, "target_mask": target_mask}, {}
+        labeller = pseudo_teacher(state, teacher) if pseudo_on else None
         if semi:
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.
-            semi_inputs, context = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1), teacher)
+            semi_inputs, context = unlabelled_inputs(state, batch["unlabelled"], jax.random.fold_in(rng, 1), labeller)
             inputs.update(semi_inputs)
         if propagate:
-            probs = teacher_probs(context["pseudo_teacher"], augmented["image"])
+            probs = teacher_probs(labeller, augmented["image"])
             inputs["propagated"], context["metrics"]["propagated_fraction"] = pseudo_label.propagated_targets(
                 target_kind, probs, augmented["mask"], propagate, semi_cfg.confidence)
-        context.pop("pseudo_teacher", None)  # used above, not by the micro-batches
         (loss, (parts, batch_stats, domain_probs)), grads = accumulated_grads(
             state.params, state.batch_stats, inputs, dropout_rng, context)
         replace = {}
