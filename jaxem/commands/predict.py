@@ -2,6 +2,7 @@
 
     jaxem predict --run runs/demo --input raw.zarr --output pred.zarr [--roi 0:8,0:512,0:512]
                   [--tta] [--dtype uint8|float16|float32] [--checkpoint CKPT ...] [--reduce mean]
+                  [--planes xy,xz,yz [--planes-reduce mean|median|majority]]
                   [--config.predict.block_shape='(256,256)'] [--config.predict.block_gib=1.0] [--overwrite]
 
 The sliding window runs on the device, one jitted function per block of output chunks
@@ -32,6 +33,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tta", action="store_true", help="average over flips and 90-degree rotations")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or uint8 (probability x 255)")
     parser.add_argument("--reduce", default="mean", help="ensemble reduction: mean, median or majority")
+    parser.add_argument("--planes", default="xy",
+                        help="a 2D model on a 3D volume: the section orientations to predict and combine, e.g. xy,xz,yz "
+                             "(orthoplane consensus, for near-isotropic volumes); default xy (section by section)")
+    parser.add_argument("--planes-reduce", default="mean", help="how --planes are combined: mean, median or majority")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
     parser.add_argument("--adapt-batch-norm", type=int, default=0, metavar="N",
                         help="re-estimate batch-norm statistics on N random crops of the input first (AdaBN: EM "
@@ -50,7 +55,7 @@ def run(args, overrides) -> int:
     apply = (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None
     stats = run_prediction(checkpoints, args.input, args.output, roi=args.roi, tta=args.tta, dtype=args.dtype,
                            overwrite=args.overwrite, reduce=args.reduce, overrides=apply, progress=not args.no_progress,
-                           adapt_batch_norm=args.adapt_batch_norm)
+                           adapt_batch_norm=args.adapt_batch_norm, planes=args.planes, planes_reduce=args.planes_reduce)
     if jax.process_index() == 0:
         print(json.dumps(stats))
     return 0

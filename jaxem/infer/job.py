@@ -24,7 +24,11 @@ from jaxem.infer.adapt import adapted_batch_stats, random_crops
 from jaxem.infer.device import DEFAULT_BLOCK_BYTES, ensemble_forward, forward_fn, predict_volume, tta_forward
 from jaxem.infer.ensemble import check_reduction
 from jaxem.infer.output import create_output, refuse_other_job
+from jaxem.infer.planes import (
+    check_plane_tiles, check_planes, is_orthoplane, parse_planes, plane_geometry, planes_forward, warn_if_anisotropic,
+)
 from jaxem.infer.tiling import make_tiling
+from jaxem.models import input_divisor
 from jaxem.models.heads import output_activation
 from jaxem.train.checkpoint import restore_for_inference
 
@@ -91,14 +95,18 @@ def make_normalizer(source: Volume, data_cfg) -> Callable:
 
 
 def model_forward(config, model, variables, block: tuple[int, ...], tta: bool = False,
-                  normalize: tuple[float, float] | None = None) -> Callable:
+                  normalize: tuple[float, float] | None = None, planes: Sequence[str] = ("xy",),
+                  planes_reduce: str = "mean") -> Callable:
     """The traceable forward of one restored model on (B, *block, 1) raw tiles -> (B, *block, K)
     float32 probabilities (sigmoid, or softmax for multiclass), normalised (x - a) / b on the
-    device with `normalize` = (a, b), averaged over flips and turns with `tta`. Auxiliary outputs
-    (deep supervision) are dropped."""
-    kind = str(config.target.get("kind", "boundary"))
-    forward = forward_fn(lambda x: model.apply(variables, x, train=False)[0], output_activation(kind),
+    device with `normalize` = (a, b), averaged over flips and turns with `tta`. A 2D model with
+    `planes` other than ('xy',) runs over those sections of 3D tiles, combined by `planes_reduce`
+    (`planes.planes_forward`). Auxiliary outputs (deep supervision) are dropped."""
+    activation = output_activation(str(config.target.get("kind", "boundary")))
+    forward = forward_fn(lambda x: model.apply(variables, x, train=False)[0], activation,
                          model_ndim=int(config.model.ndim), normalize=normalize)
+    if is_orthoplane(planes):
+        return planes_forward(forward, block, planes, planes_reduce, activation == "softmax", tta)
     return tta_forward(forward, block) if tta else forward
 
 
@@ -125,15 +133,20 @@ def run_prediction(
     overrides: Callable | None = None,
     progress: bool = True,
     adapt_batch_norm: int = 0,
+    planes: str | Sequence[str] | None = None,
+    planes_reduce: str = "mean",
 ) -> dict:
     """Restores `checkpoints`, predicts the ROI of `input_path` into `output_path`; returns stats.
 
     `adapt_batch_norm` N > 0: first re-estimates every batch-norm layer's statistics on N random
     training-sized crops of the ROI (jaxem.infer.adapt, AdaBN), for EM unlike the training data.
+    `planes` ('xy,xz,yz' or names; default xy): a 2D model on a 3D volume predicts the sections
+    of each orientation, combined per voxel by `planes_reduce` (jaxem.infer.planes).
     """
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     check_reduction(reduce, len(checkpoints))
+    planes = parse_planes(planes)
     source = open_volume(input_path)
     check_input(source)
     shape = spatial_shape(source)
@@ -141,22 +154,33 @@ def run_prediction(
     restored = [restore_for_inference(c) for c in checkpoints]
     config = with_predict_defaults(restored[0][0])
     config = overrides(config) if overrides else config
+    kind = str(config.target.get("kind", "boundary"))
+    check_planes(planes, planes_reduce, int(config.model.ndim), len(shape), kind)
     norm = normalizer_stats(source, config.data)
     if adapt_batch_norm:
         restored = with_adapted_batch_norm(restored, source, make_normalizer(source, config.data), region, adapt_batch_norm)
-    block, halo = block_and_halo(config.predict, len(shape))
-    chunk = tuple(config.predict.get("chunk_shape", ()))
-    chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
+    if is_orthoplane(planes):
+        warn_if_anisotropic(planes, source.voxel_size)
+        block, halo, chunk = plane_geometry(config.predict)
+    else:
+        block, halo = block_and_halo(config.predict, len(shape))
+        chunk = tuple(config.predict.get("chunk_shape", ()))
+        chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
     tiling = make_tiling(shape, region, block, halo, chunk, config.predict.get("blend", "gaussian"))
+    if is_orthoplane(planes):
+        check_plane_tiles(planes, tiling.block, input_divisor(config.model))
     # Blocks cross to the device in the source's dtype (uint8 EM: a quarter of float32's bytes).
-    forwards = [model_forward(config, m, v, tiling.block, tta, normalize=norm) for _, m, v in restored]
-    multiclass = output_activation(str(config.target.get("kind", ""))) == "softmax"
+    forwards = [model_forward(config, m, v, tiling.block, tta, normalize=norm, planes=planes, planes_reduce=planes_reduce)
+                for _, m, v in restored]
+    multiclass = output_activation(kind) == "softmax"
     forward = forwards[0] if len(forwards) == 1 else ensemble_forward(forwards, reduce, multiclass)
     channels = int(config.model.out_channels)
     job = {"input": os.path.abspath(input_path), "checkpoints": [os.path.abspath(c) for c in checkpoints], "roi": [list(r) for r in tiling.roi],
            "tta": tta, "dtype": dtype, "reduce": reduce, "block": list(block), "halo": list(halo), "blend": tiling.blend}
     if adapt_batch_norm:
         job["adapt_batch_norm"] = adapt_batch_norm
+    if is_orthoplane(planes):
+        job.update(planes=list(planes), planes_reduce=planes_reduce)
     axes = ("c",) + tuple(a for a in source.axes if a in "zyx")
     create = functools.partial(create_output, output_path, (channels, *tiling.roi_shape), DTYPES[dtype], source.voxel_size,
                                (channels, *tiling.chunk), axes, [r[0] for r in tiling.roi], job)
