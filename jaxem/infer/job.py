@@ -83,6 +83,16 @@ def block_and_halo(predict_cfg, ndim: int) -> tuple[tuple[int, ...], tuple[int, 
     return (1,) * pad + block, (0,) * pad + halo
 
 
+def job_geometry(predict_cfg, ndim: int, planes: Sequence[str]) -> tuple[tuple, tuple, tuple | None]:
+    """(block, halo, chunk or None) per volume axis from `predict_cfg`: a 2D model on a stack runs
+    section by section (`block_and_halo`), with orthoplane `planes` over 3D tiles (`planes.plane_geometry`)."""
+    if is_orthoplane(planes):
+        return plane_geometry(predict_cfg)
+    block, halo = block_and_halo(predict_cfg, ndim)
+    chunk = tuple(predict_cfg.get("chunk_shape", ()))
+    return block, halo, (1,) * (ndim - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
+
+
 def normalizer_stats(source: Volume, data_cfg) -> tuple[float, float]:
     """(a, b) of the per-volume normalisation (x - a) / b, exactly as the training loader's."""
     return normalize_stats(source, str(data_cfg.get("normalize", "meanstd")), tuple(data_cfg.get("percentiles", (1.0, 99.0))))
@@ -159,13 +169,8 @@ def run_prediction(
     norm = normalizer_stats(source, config.data)
     if adapt_batch_norm:
         restored = with_adapted_batch_norm(restored, source, make_normalizer(source, config.data), region, adapt_batch_norm)
-    if is_orthoplane(planes):
-        warn_if_anisotropic(planes, source.voxel_size)
-        block, halo, chunk = plane_geometry(config.predict)
-    else:
-        block, halo = block_and_halo(config.predict, len(shape))
-        chunk = tuple(config.predict.get("chunk_shape", ()))
-        chunk = (1,) * (len(shape) - len(chunk)) + chunk if chunk else None  # a 2D model's (y, x) chunk on a stack
+    warn_if_anisotropic(planes, source.voxel_size)
+    block, halo, chunk = job_geometry(config.predict, len(shape), planes)
     tiling = make_tiling(shape, region, block, halo, chunk, config.predict.get("blend", "gaussian"))
     if is_orthoplane(planes):
         check_plane_tiles(planes, tiling.block, input_divisor(config.model))
