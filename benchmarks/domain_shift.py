@@ -2,7 +2,7 @@
 EM help? Synthetic source and target domains, so the target's ground truth is exact.
 
     python benchmarks/domain_shift.py --run runs/domain_shift [--seeds 0 1 2]
-        [--arms source_only adversarial mean_teacher both adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
+        [--arms source_only adversarial mean_teacher both pseudo_label fixmatch adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
 
 Source domain: the demo's synthetic ssTEM (configs/demo.py, 40x4x4 nm). Target domains
 (`TARGET_DOMAINS`, `--target`):
@@ -19,6 +19,10 @@ target EM in training, source_only and adabn, in <run>/seed<N>/<arm>, shared by 
 - adversarial: + output-space adversarial adaptation on unlabelled target crops (jaxem.semi.adversarial);
 - mean_teacher: + a mean teacher on unlabelled target crops (self-ensembling, French et al. 2018);
 - both: adversarial + mean teacher;
+- pseudo_label: + self-training across domains: the EMA teacher's confident hard labels of
+  unlabelled target crops (semi.method=pseudo_label);
+- fixmatch: + FixMatch on unlabelled target crops: the weak view's confident labels train the
+  strong (photometrically turned-up) view (semi.method=fixmatch);
 - adabn: source labels only, with batch norm instead of group norm, predicted with its batch-norm
   statistics re-estimated on `--adabn-crops` crops of the target volume (jaxem.infer.adapt; no
   training on target EM at all); also scored without adaptation ("target_unadapted");
@@ -42,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ARMS = ("source_only", "adversarial", "mean_teacher", "both", "adabn", "oracle")
+ARMS = ("source_only", "adversarial", "mean_teacher", "both", "pseudo_label", "fixmatch", "adabn", "oracle")
 # The target domain: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
 SOURCE_ONLY_ARMS = ("source_only", "adabn")  # their training does not depend on the target
 # Target domains: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
@@ -74,6 +78,9 @@ def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight:
     adversarial = [f"--config.semi.adversarial_weight={adversarial_weight}", unlabelled]
     teacher = ["--config.semi.weight=1.0", "--config.train.ema_decay=0.99", unlabelled]
     extra = {"adversarial": adversarial, "mean_teacher": teacher, "both": adversarial + teacher,
+             # cross-domain self-training: the EMA teacher's confident labels of target crops
+             "pseudo_label": teacher + ["--config.semi.method=pseudo_label"],
+             "fixmatch": ["--config.semi.weight=1.0", "--config.semi.method=fixmatch", unlabelled],
              "adabn": ["--config.model.norm=batch"]}.get(arm, [])
     return apply_overrides(config, extra)
 
