@@ -85,14 +85,16 @@ def test_semi_settings_that_cannot_work_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("fields", [{"semi.noise_std": 0.5},
                                     {"semi.weight": 0.0, "semi.adversarial_weight": 0.5, "semi.discriminator_widths": "(4, 8)"},
                                     {"semi.method": "pseudo_label", "semi.confidence": 0.52, "semi.noise_std": 0.5},
-                                    {"semi.method": "fixmatch", "semi.confidence": 0.52}],
-                         ids=["mean_teacher", "adversarial", "pseudo_label", "fixmatch"])
+                                    {"semi.method": "fixmatch", "semi.confidence": 0.52},
+                                    {"semi.weight": 0.0, "semi.dann_weight": 0.5, "semi.dann_widths": "(8,)"}],
+                         ids=["mean_teacher", "adversarial", "pseudo_label", "fixmatch", "dann"])
 def test_accumulated_semi_step_makes_the_whole_batch_update(tmp_path, fields):
     """train.accumulate_steps=2 splits the labelled and the unlabelled crops into 2 micro-batches
     through the one loss: with group norm (no batch statistics) and terms that are means over
-    voxels (BCE; consistency; the adversarial BCE; the pseudo-label BCE, whose confident voxels are
-    counted over the whole batch), the update, the EMA teacher, the discriminator's step and the
-    logged metrics equal those of the whole batch in one pass."""
+    voxels or crops (BCE; consistency; the adversarial BCE; the pseudo-label BCE, whose confident
+    voxels are counted over the whole batch; DANN's domain BCE per crop), the update, the EMA
+    teacher, the discriminator's and the domain classifier's steps and the logged metrics equal
+    those of the whole batch in one pass."""
     base = _semi_config(tmp_path, **{"model.norm": "group", "loss.terms.dice": 0.0, **fields})
     mesh = parallel.make_mesh(1)
     results = []
@@ -100,13 +102,14 @@ def test_accumulated_semi_step_makes_the_whole_batch_update(tmp_path, fields):
         config = apply_overrides(base, [f"--config.train.accumulate_steps={k}"])
         _, state, step, _ = build_training(config, mesh)
         new_state, metrics = step(state, _batch(config, mesh))
-        results.append(jax.device_get((new_state.params, new_state.ema_params, getattr(new_state, "adversary", {}), metrics)))
+        results.append(jax.device_get((new_state.params, new_state.ema_params, getattr(new_state, "adversary", {}),
+                                       getattr(new_state, "domain_classifier", {}), metrics)))
     (whole, accumulated) = results
-    assert whole[3].keys() == accumulated[3].keys()
-    terms = [t for t in ("consistency", "adversarial", "pseudo_label") if t in whole[3]]
-    assert len(terms) == 1 and float(whole[3][terms[0]]) > 0
-    if "pseudo_label" in whole[3]:
-        assert 0 < float(whole[3]["pseudo_confident"]) < 1
+    assert whole[-1].keys() == accumulated[-1].keys()
+    terms = [t for t in ("consistency", "adversarial", "pseudo_label", "dann") if t in whole[-1]]
+    assert len(terms) == 1 and float(whole[-1][terms[0]]) > 0
+    if "pseudo_label" in whole[-1]:
+        assert 0 < float(whole[-1]["pseudo_confident"]) < 1
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

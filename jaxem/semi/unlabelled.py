@@ -1,9 +1,11 @@
 """The `semi` config section, what it adds to a run's checkpoints, and the loader of unlabelled
 crops that every way of learning from unlabelled EM shares: the mean teacher
 (jaxem.semi.mean_teacher), self-training with pseudo-labels and FixMatch (jaxem.semi.pseudo_label),
-chosen by `semi.method` and on at `semi.weight` > 0, and output-space adversarial domain adaptation
-(jaxem.semi.adversarial, on at `semi.adversarial_weight` > 0), alone or with one of the others. This package holds pure loss terms and config; the trainer (jaxem.train) adds them
-to its loss and keeps the discriminator in its train state.
+chosen by `semi.method` and on at `semi.weight` > 0, output-space adversarial domain adaptation
+(jaxem.semi.adversarial, on at `semi.adversarial_weight` > 0) and feature-level domain adaptation
+(jaxem.semi.dann, on at `semi.dann_weight` > 0), alone or together. This package holds pure loss
+terms and config; the trainer (jaxem.train) adds them to its loss and keeps the discriminator and
+the domain classifier in its train state.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from jaxem.errors import UserError
 METHODS = ("mean_teacher", "pseudo_label", "fixmatch")  # what semi.weight weighs
 PSEUDO_METHODS = ("pseudo_label", "fixmatch")
 
-# How a workdir check names the discriminator (the one add-on with parameters of its own).
+# How a workdir check names the add-ons with parameters of their own.
 DISCRIMINATOR = "domain discriminator (semi.adversarial_weight > 0, semi.discriminator_widths)"
+DOMAIN_CLASSIFIER = "DANN domain classifier (semi.dann_weight > 0, semi.dann_widths)"
 
 
 def default_semi_config() -> ml_collections.ConfigDict:
-    """Every `config.semi` field: off (both weights 0) unless unlabelled volumes and a weight are set."""
+    """Every `config.semi` field: off (every weight 0) unless unlabelled volumes and a weight are set."""
     return ml_collections.ConfigDict(dict(
         unlabelled_images=(),  # volumes without labels (any format jaxem reads): more data, or the target domain
         method="mean_teacher",  # what semi.weight weighs: mean_teacher | pseudo_label | fixmatch
@@ -34,6 +37,9 @@ def default_semi_config() -> ml_collections.ConfigDict:
         noise_std=0.1,         # mean teacher: input noise of student and teacher, in normalized-image units
         discriminator_widths=(32, 64, 128),  # adversarial: features per strided conv of the discriminator
         discriminator_lr=1e-4,  # adversarial: Adam learning rate of the discriminator
+        dann_weight=0.0,       # DANN: weight of the domain classifier's BCE on encoder features; 0 = off (e.g. 0.1)
+        dann_widths=(64, 64),  # DANN: hidden widths of the domain classifier's MLP (on pooled deepest features)
+        dann_lr=1e-3,          # DANN: Adam learning rate of the domain classifier
         confidence=0.9,        # pseudo_label/fixmatch: a voxel's hard label trains when its probability >= this
         teacher="",            # pseudo_label: a finished run's WORKDIR as frozen teacher; "" = the EMA (train.ema_decay)
         rounds=1,              # pseudo_label with semi.teacher: rounds > 1 hand over to the EMA teacher after round 1
@@ -64,19 +70,29 @@ def adversarial_on(cfg: ml_collections.ConfigDict | None) -> bool:
     return cfg is not None and float(cfg.get("adversarial_weight", 0.0)) > 0
 
 
+def dann_on(cfg: ml_collections.ConfigDict | None) -> bool:
+    """Whether a `semi` config section turns feature-level domain adaptation (DANN) on."""
+    return cfg is not None and float(cfg.get("dann_weight", 0.0)) > 0
+
+
 def enabled(cfg: ml_collections.ConfigDict | None) -> bool:
-    """Whether training reads unlabelled crops (a `semi.method` at weight > 0, adversarial adaptation
-    or both)."""
-    return bool(method_on(cfg)) or adversarial_on(cfg)
+    """Whether training reads unlabelled crops (a `semi.method` at weight > 0, adversarial
+    adaptation, DANN, or several)."""
+    return bool(method_on(cfg)) or adversarial_on(cfg) or dann_on(cfg)
 
 
 def check_semi_config(config: ml_collections.ConfigDict) -> None:
-    """UserError naming the field that stops semi-supervised training from running."""
+    """UserError naming the field that stops semi-supervised training from running (only a
+    negative weight when every add-on is off)."""
     semi = config.semi
-    if semi.weight < 0 or semi.adversarial_weight < 0:
-        raise UserError("semi.weight and semi.adversarial_weight must be >= 0.")
+    for field in ("weight", "adversarial_weight", "dann_weight"):
+        if semi[field] < 0:
+            raise UserError(f"semi.{field}={semi[field]} must be >= 0 (0 = off).")
+    if not enabled(semi):
+        return
     if not semi.unlabelled_images:
-        raise UserError("semi.weight or semi.adversarial_weight > 0 needs semi.unlabelled_images (volumes without labels).")
+        raise UserError("semi.weight, semi.adversarial_weight or semi.dann_weight > 0 needs semi.unlabelled_images "
+                        "(volumes without labels).")
     if semi.method not in METHODS:
         raise UserError(f"semi.method={semi.method!r} must be one of {', '.join(METHODS)}.")
     if mean_teacher_on(semi) and config.train.ema_decay <= 0:
@@ -89,6 +105,9 @@ def check_semi_config(config: ml_collections.ConfigDict) -> None:
                                  or semi.discriminator_lr <= 0):
         raise UserError(f"semi.discriminator_widths={tuple(semi.discriminator_widths)} must be positive feature "
                         f"counts and semi.discriminator_lr={semi.discriminator_lr} > 0.")
+    if dann_on(semi) and (not semi.dann_widths or min(semi.dann_widths) < 1 or semi.dann_lr <= 0):
+        raise UserError(f"semi.dann_widths={tuple(semi.dann_widths)} must be positive feature counts (at least one) "
+                        f"and semi.dann_lr={semi.dann_lr} > 0.")
 
 
 def check_pseudo_config(config: ml_collections.ConfigDict) -> None:
@@ -111,11 +130,11 @@ def check_pseudo_config(config: ml_collections.ConfigDict) -> None:
 
 def checkpoint_shape(cfg: ml_collections.ConfigDict | None) -> dict[str, str]:
     """What the add-ons of a `semi` section add to a run's checkpoints: {what: fingerprint} of the
-    discriminator with adversarial adaptation on, else {} (the mean teacher is the EMA the train
-    state always holds)."""
-    if not adversarial_on(cfg):
-        return {}
-    return {DISCRIMINATOR: fingerprint(ml_collections.ConfigDict({"widths": tuple(cfg.discriminator_widths)}))}
+    discriminator with adversarial adaptation on and of the domain classifier with DANN on ({} with
+    neither: the mean teacher is the EMA the train state always holds)."""
+    widths = lambda field: fingerprint(ml_collections.ConfigDict({"widths": tuple(cfg[field])}))  # noqa: E731
+    shape = {DISCRIMINATOR: widths("discriminator_widths")} if adversarial_on(cfg) else {}
+    return {**shape, DOMAIN_CLASSIFIER: widths("dann_widths")} if dann_on(cfg) else shape
 
 
 class PairedLoader:

@@ -16,7 +16,7 @@ import optax
 
 from jaxem.data.augment import make_photometric_fn
 from jaxem.models.heads import probabilities
-from jaxem.semi import adversarial, mean_teacher, pseudo_label, unlabelled
+from jaxem.semi import adversarial, dann, mean_teacher, pseudo_label, unlabelled
 from jaxem.train.losses import segmentation_loss
 from jaxem.train.state import ENCODER, TrainState, encoder_frozen
 
@@ -34,7 +34,8 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
                     ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
-                    target_kind: str = "boundary", freeze_encoder_steps: int = 0, round_steps: int = 0) -> Callable:
+                    target_kind: str = "boundary", freeze_encoder_steps: int = 0, round_steps: int = 0,
+                    total_steps: int = 0) -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
@@ -53,6 +54,11 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     fixmatch from the model itself (current params, eval mode) on the weak view while the student sees
     a strong view (semi.strong_augment on top); semi.propagate_slices adds the teacher's labels of the
     unannotated sections next to annotated ones in the labelled crops (term "propagated").
+    DANN (semi.dann_weight > 0, jaxem.semi.dann) adds the domain classifier's BCE on the encoder's
+    deepest features of the labelled (source) and unlabelled (target) crops, through the gradient
+    reversal of scale lambda(step / `total_steps`): the same gradient computation differentiates the
+    loss in the model's params and in the classifier's (`state.domain_classifier`), which then takes
+    its Adam step on its own part.
     While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
     steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
     the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
@@ -63,25 +69,31 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     teacher_on, adversary_on = unlabelled.mean_teacher_on(semi_cfg), unlabelled.adversarial_on(semi_cfg)
     pseudo_on, method = unlabelled.pseudo_on(semi_cfg), unlabelled.method_on(semi_cfg)
     propagate = int(semi_cfg.get("propagate_slices", 0)) if pseudo_on else 0
+    dann_on = unlabelled.dann_on(semi_cfg)
     disc = adversarial.discriminator(semi_cfg) if adversary_on else None
+    domain_clf = dann.classifier(semi_cfg) if dann_on else None
 
     def forward(params, batch_stats, image, rng):
-        """Train-mode outputs and the updated batch statistics."""
-        variables = {"params": params}
-        if not batch_stats:
-            return model.apply(variables, image, train=True, rngs={"dropout": rng}), batch_stats
-        variables["batch_stats"] = batch_stats
-        outputs, updates = model.apply(variables, image, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-        return outputs, updates["batch_stats"]
+        """Train-mode outputs, the updated batch statistics and, with DANN, the encoder's deepest
+        features (else None)."""
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if dann_on else [])
+        kwargs = dict(train=True, rngs={"dropout": rng}, capture_intermediates=dann.captures_encoder if dann_on else False)
+        if not mutable:
+            return model.apply(variables, image, **kwargs), batch_stats, None
+        outputs, updates = model.apply(variables, image, mutable=mutable, **kwargs)
+        return outputs, updates.get("batch_stats", batch_stats), dann.deepest_features(updates) if dann_on else None
 
-    def loss_fn(params, batch_stats, inputs: Batch, rng, context: dict):
+    def loss_fn(trainable, batch_stats, inputs: Batch, rng, context: dict):
         """(loss, (loss parts, batch_stats, (source, target) probabilities with the adversary else ())).
 
+        trainable: (model params, domain classifier params or {} without DANN), both differentiated;
         inputs: "image", "target", "target_mask" and with semi "student_in" (+ "teacher_probs" with
         the mean teacher, "pseudo" {"target", "weight"} with pseudo-labels, "propagated" likewise
         with slice propagation) of one (micro-)batch; context: the step's semi weights and
         discriminator."""
-        outputs, batch_stats = forward(params, batch_stats, inputs["image"], rng)
+        params, domain_params = trainable
+        outputs, batch_stats, source_features = forward(params, batch_stats, inputs["image"], rng)
         logits, aux = outputs
         aux = aux.get("deep_supervision", [])
         loss, parts = segmentation_loss(loss_cfg, logits, inputs["target"], inputs["target_mask"])
@@ -94,7 +106,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         if propagate:
             parts["propagated"] = pseudo_label.loss(target_kind, logits, **inputs["propagated"])
             loss = loss + weights["pseudo_label_weight"] * parts["propagated"]
-        student, batch_stats = forward(params, batch_stats, inputs["student_in"], rng)
+        student, batch_stats, target_features = forward(params, batch_stats, inputs["student_in"], rng)
         student_probs = probabilities(target_kind, student[0])
         if teacher_on:
             parts["consistency"] = mean_teacher.consistency(student_probs, inputs["teacher_probs"])
@@ -102,6 +114,10 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         if pseudo_on:
             parts["pseudo_label"] = pseudo_label.loss(target_kind, student[0], **inputs["pseudo"])
             loss = loss + weights["pseudo_label_weight"] * parts["pseudo_label"]
+        if dann_on:
+            parts["dann"], parts["domain_accuracy"] = dann.domain_loss(
+                domain_params, domain_clf, source_features, target_features, context["metrics"]["dann_lambda"])
+            loss = loss + weights["dann_weight"] * parts["dann"]
         if adversary_on:
             parts["adversarial"] = adversarial.segmenter_loss(disc, context["adversary"], student_probs)
             loss = loss + weights["adversarial_weight"] * parts["adversarial"]
@@ -110,14 +126,15 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_grads(params, batch_stats, inputs: Batch, rng, context: dict):
-        """loss_fn's value and gradient on one (micro-)batch; the teacher's probabilities (eval mode,
-        no gradient) are computed here, per micro-batch like the student's."""
+    def micro_grads(trainable, batch_stats, inputs: Batch, rng, context: dict):
+        """loss_fn's value and gradient in `trainable` (model params, classifier params) on one
+        (micro-)batch; the teacher's probabilities (eval mode, no gradient) are computed here, per
+        micro-batch like the student's."""
         if teacher_on:
             inputs = dict(inputs)
             teacher_logits, _ = model.apply(context["teacher"], inputs.pop("teacher_in"), train=False)
             inputs["teacher_probs"] = probabilities(target_kind, teacher_logits)
-        return grad_fn(params, batch_stats, inputs, rng, context)
+        return grad_fn(trainable, batch_stats, inputs, rng, context)
 
     def micro_batches(x):
         # Row i*k + j goes to micro-batch j, so every device keeps its rows (no resharding).
@@ -127,21 +144,21 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         # The inverse of micro_batches: (k, B/k, ...) -> (B, ...) in the original row order.
         return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
-    def accumulated_grads(params, batch_stats, inputs: Batch, rng, context: dict):
+    def accumulated_grads(trainable, batch_stats, inputs: Batch, rng, context: dict):
         """micro_grads over `accumulate_steps` micro-batches of every input, in sequence: the mean
         loss, parts and gradient; the probabilities put back in the whole batch's row order."""
         if accumulate_steps == 1:
-            return micro_grads(params, batch_stats, inputs, rng, context)
+            return micro_grads(trainable, batch_stats, inputs, rng, context)
 
         def body(carry, micro):
             grads_sum, loss_sum, parts_sum, stats = carry
-            (loss, (parts, stats, probs)), grads = micro_grads(params, stats, micro, rng, context)
+            (loss, (parts, stats, probs)), grads = micro_grads(trainable, stats, micro, rng, context)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
             return (add(grads_sum, grads), loss_sum + loss, add(parts_sum, parts), stats), probs
 
         xs = jax.tree.map(micro_batches, inputs)
         first = jax.tree.map(lambda x: x[0], xs)
-        (_, (parts_shape, _, _)), grads_shape = jax.eval_shape(micro_grads, params, batch_stats, first, rng, context)
+        (_, (parts_shape, _, _)), grads_shape = jax.eval_shape(micro_grads, trainable, batch_stats, first, rng, context)
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
         init = (zeros(grads_shape), jnp.zeros((), jnp.float32), zeros(parts_shape), batch_stats)
         (grads, loss, parts, batch_stats), probs = jax.lax.scan(body, init, xs)
@@ -169,8 +186,9 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         """({"student_in", ["teacher_in" | "pseudo"]}: the augmented crops (with their own noise each
         for the mean teacher and pseudo_label; strong and weak views for fixmatch) and the whole
         batch's pseudo-labels, {"weights": {"consistency_weight" | "pseudo_label_weight" |
-        "adversarial_weight": configured weight x ramp(step)} of the methods that are on, ["teacher":
-        EMA variables], ["adversary": discriminator params], "metrics": ["pseudo_confident"]}).
+        "adversarial_weight" | "dann_weight": configured weight x ramp(step), DANN's unramped} of the
+        methods that are on, ["teacher": EMA variables], ["adversary": discriminator params],
+        "metrics": ["pseudo_confident"], ["dann_lambda": the gradient reversal's scale]}).
         `labeller`: the variables that make pseudo-labels (`pseudo_teacher`), None without them."""
         augment_rng, noise_rng = jax.random.split(rng)
         crops = augment_fn(augment_rng, {"image": crops})["image"]
@@ -193,6 +211,9 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         if adversary_on:
             context["adversary"] = state.adversary["params"]
             context["weights"]["adversarial_weight"] = semi_cfg.adversarial_weight * ramp
+        if dann_on:  # DANN ramps its reversal scale instead (Ganin & Lempitsky)
+            context["weights"]["dann_weight"] = jnp.asarray(semi_cfg.dann_weight, jnp.float32)
+            context["metrics"]["dann_lambda"] = dann.grl_lambda(state.step, total_steps)
         return inputs, context
 
     def train_step(state: TrainState, batch: Batch, teacher: dict | None = None) -> tuple[TrainState, dict]:
@@ -211,14 +232,17 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             probs = teacher_probs(labeller, augmented["image"])
             inputs["propagated"], context["metrics"]["propagated_fraction"] = pseudo_label.propagated_targets(
                 target_kind, probs, augmented["mask"], propagate, semi_cfg.confidence)
-        (loss, (parts, batch_stats, domain_probs)), grads = accumulated_grads(
-            state.params, state.batch_stats, inputs, dropout_rng, context)
+        trainable = (state.params, state.domain_classifier["params"] if dann_on else {})
+        (loss, (parts, batch_stats, domain_probs)), (grads, domain_grads) = accumulated_grads(
+            trainable, state.batch_stats, inputs, dropout_rng, context)
         replace = {}
         if semi:
             parts.update(context["weights"], **context["metrics"])  # logged
         if adversary_on:
             replace["adversary"], disc_metrics = adversarial.update_discriminator(state.adversary, semi_cfg, *domain_probs)
             parts.update(disc_metrics)
+        if dann_on:
+            replace["domain_classifier"] = dann.update_classifier(state.domain_classifier, semi_cfg, domain_grads)
         if freeze_encoder_steps and ENCODER in (batch_stats or {}):
             frozen = encoder_frozen(freeze_encoder_steps, state.step)
             held = jax.tree.map(lambda old, new: jnp.where(frozen, old, new),

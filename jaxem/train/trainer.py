@@ -4,7 +4,7 @@
 
 `validate_training_config` checks the whole config once, before anything is built; `build_training`
 makes the model, the initial state (a pretrained encoder from `train.init_encoder`, the
-discriminator of adversarial adaptation) and the jitted steps (jaxem.train.supervised); `evaluate`
+discriminator of adversarial adaptation, the domain classifier of DANN) and the jitted steps (jaxem.train.supervised); `evaluate`
 scores the validation crops (`crop_segmenter`: their instances too). The loop is jaxem.train.loop's.
 """
 
@@ -23,7 +23,7 @@ from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.models import convert
 from jaxem.segment.instances import instances_from_affinities, instances_from_boundaries
-from jaxem.semi import adversarial, unlabelled
+from jaxem.semi import adversarial, dann, unlabelled
 from jaxem.train import checkpoint, parallel
 from jaxem.train.defaults import with_dataset_volumes
 from jaxem.train.loop import RunShape, check_loop_config, check_workdir, has_checkpoints, run_loop, section_shape
@@ -37,7 +37,7 @@ SHAPE_SECTIONS = ("model", "target", "ssl")
 
 def run_shape(config: ml_collections.ConfigDict) -> RunShape:
     """What a supervised run's checkpoints depend on: the shape sections and what the `semi`
-    add-ons keep in the train state (the discriminator)."""
+    add-ons keep in the train state (the discriminator, the domain classifier)."""
     return {**section_shape(config, SHAPE_SECTIONS), **unlabelled.checkpoint_shape(config.get("semi"))}
 
 
@@ -51,8 +51,9 @@ def validate_training_config(config: ml_collections.ConfigDict, mesh) -> None:
     tc, devices = config.train, int(mesh.devices.size)
     check_loop_config(tc)
     batch_sizes = {"data.batch_size": config.data.batch_size}
-    if unlabelled.enabled(config.get("semi")):
+    if "semi" in config:
         unlabelled.check_semi_config(config)
+    if unlabelled.enabled(config.get("semi")):
         batch_sizes["semi.batch_size"] = config.semi.batch_size  # split into micro-batches alike
     parallel.check_batch_size(config.data.batch_size, mesh)
     for field, size in batch_sizes.items():
@@ -114,18 +115,16 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
         jax.random.PRNGKey(config.seed))
     if tc.get("init_encoder") and load_encoder:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
-    if unlabelled.adversarial_on(config.get("semi")):
-        probs_shape = (1,) + tuple(config.data.crop_shape) + (config.model.out_channels,)
-        adversary = jax.jit(lambda rng: adversarial.init_adversary(config.semi, rng, probs_shape),
-                            out_shardings=replicated)(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-        state = with_adversary(state, adversary)
+    adversaries = init_adversaries(config, model, state, replicated)
+    if adversaries:
+        state = with_adversary(state, **adversaries)
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
     teacher = run_teacher(config, state, mesh)
     rounds = int(config.semi.get("rounds", 1)) if teacher is not None else 1
     step_fn = make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
                               semi_cfg=config.get("semi"), target_kind=config.target.kind,
-                              freeze_encoder_steps=tc.get("freeze_encoder_steps", 0),
+                              freeze_encoder_steps=tc.get("freeze_encoder_steps", 0), total_steps=tc.steps,
                               round_steps=tc.steps // rounds if rounds > 1 else 0)
     if teacher is None:
         train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
@@ -137,6 +136,23 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     eval_step = jax.jit(make_eval_step(model, config.loss, target_fn, config.target.kind, use_ema=tc.ema_decay > 0),
                         in_shardings=(replicated, batch_sharded), out_shardings=(replicated, batch_sharded))
     return model, state, train_step, eval_step
+
+
+def init_adversaries(config: ml_collections.ConfigDict, model, state, replicated) -> dict:
+    """{"adversary": the discriminator (semi.adversarial_weight > 0), "domain_classifier": DANN's
+    (semi.dann_weight > 0)}, each freshly initialised and replicated; {} with neither."""
+    semi, seed_rng = config.get("semi"), jax.random.PRNGKey(config.seed)
+    init, crop = {}, tuple(config.data.crop_shape)
+    if unlabelled.adversarial_on(semi):
+        probs_shape = (1,) + crop + (config.model.out_channels,)
+        init["adversary"] = lambda rng: adversarial.init_adversary(semi, rng, probs_shape)
+    if unlabelled.dann_on(semi):
+        capture = lambda image: model.apply(state.variables(), image, train=False, mutable=["intermediates"],  # noqa: E731
+                                            capture_intermediates=dann.captures_encoder)[1]
+        features = dann.deepest_features(jax.eval_shape(capture, jax.ShapeDtypeStruct((1,) + crop + (1,), "float32")))
+        init["domain_classifier"] = lambda rng: dann.init_domain_classifier(semi, rng, features.shape)
+    return {name: jax.jit(fn, out_shardings=replicated)(jax.random.fold_in(seed_rng, 2 + i))
+            for i, (name, fn) in enumerate(init.items())}
 
 
 def run_teacher(config: ml_collections.ConfigDict, state, mesh) -> dict | None:
