@@ -2,7 +2,7 @@
 EM help? Synthetic source and target domains, so the target's ground truth is exact.
 
     python benchmarks/domain_shift.py --run runs/domain_shift [--seeds 0 1 2]
-        [--arms source_only adversarial mean_teacher both pseudo_label fixmatch adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
+        [--arms source_only adversarial dann mean_teacher both pseudo_label fixmatch adabn oracle] [--adversarial-weight 0.01] [--config.x=y ...]
 
 Source domain: the demo's synthetic ssTEM (configs/demo.py, 40x4x4 nm). Target domains
 (`TARGET_DOMAINS`, `--target`):
@@ -17,6 +17,8 @@ target EM in training, source_only and adabn, in <run>/seed<N>/<arm>, shared by 
 
 - source_only: source labels only (what a user without target labels has today);
 - adversarial: + output-space adversarial adaptation on unlabelled target crops (jaxem.semi.adversarial);
+- dann: + feature-level adaptation on unlabelled target crops: a domain classifier on the encoder's
+  deepest features through gradient reversal (jaxem.semi.dann, semi.dann_weight=`DANN_WEIGHT`);
 - mean_teacher: + a mean teacher on unlabelled target crops (self-ensembling, French et al. 2018);
 - both: adversarial + mean teacher;
 - pseudo_label: + self-training across domains: the EMA teacher's confident hard labels of
@@ -46,7 +48,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ARMS = ("source_only", "adversarial", "mean_teacher", "both", "pseudo_label", "fixmatch", "adabn", "oracle")
+ARMS = ("source_only", "adversarial", "dann", "mean_teacher", "both", "pseudo_label", "fixmatch", "adabn", "oracle")
+DANN_WEIGHT = 0.1  # semi.dann_weight of the dann arm
 # The target domain: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
 SOURCE_ONLY_ARMS = ("source_only", "adabn")  # their training does not depend on the target
 # Target domains: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
@@ -78,6 +81,7 @@ def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight:
     adversarial = [f"--config.semi.adversarial_weight={adversarial_weight}", unlabelled]
     teacher = ["--config.semi.weight=1.0", "--config.train.ema_decay=0.99", unlabelled]
     extra = {"adversarial": adversarial, "mean_teacher": teacher, "both": adversarial + teacher,
+             "dann": [f"--config.semi.dann_weight={DANN_WEIGHT}", unlabelled],
              # cross-domain self-training: the EMA teacher's confident labels of target crops
              "pseudo_label": teacher + ["--config.semi.method=pseudo_label"],
              "fixmatch": ["--config.semi.weight=1.0", "--config.semi.method=fixmatch", unlabelled],

@@ -143,6 +143,8 @@ def test_domain_shift_benchmark_builds_a_noisier_blurrier_target_and_the_arms_it
     assert arms["oracle"].data.train_labels == (target["train"][1],)
     assert arms["adversarial"].semi.adversarial_weight == 0.05 and arms["adversarial"].semi.weight == 0
     assert arms["adversarial"].semi.unlabelled_images == (target["train"][0],)
+    assert arms["dann"].semi.dann_weight == domain_shift.DANN_WEIGHT > 0 and arms["dann"].semi.adversarial_weight == 0
+    assert arms["dann"].semi.unlabelled_images == (target["train"][0],) and arms["dann"].semi.weight == 0
     assert arms["mean_teacher"].semi.weight == 1.0 and arms["mean_teacher"].train.ema_decay == 0.99
     assert arms["both"].semi.weight == 1.0 and arms["both"].semi.adversarial_weight == 0.05
     assert arms["adabn"].model.norm == "batch" and arms["adabn"].semi.adversarial_weight == 0
