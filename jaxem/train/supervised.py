@@ -78,7 +78,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         features (else None)."""
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
         mutable = (["batch_stats"] if batch_stats else []) + (["intermediates"] if dann_on else [])
-        kwargs = dict(train=True, rngs={"dropout": rng}, capture_intermediates=dann.captures_encoder if dann_on else False)
+        capture = dann.captures_encoder if dann_on else False
+        kwargs = dict(train=True, rngs={"dropout": rng}, capture_intermediates=capture)
         if not mutable:
             return model.apply(variables, image, **kwargs), batch_stats, None
         outputs, updates = model.apply(variables, image, mutable=mutable, **kwargs)

@@ -4,8 +4,9 @@
 
 `validate_training_config` checks the whole config once, before anything is built; `build_training`
 makes the model, the initial state (a pretrained encoder from `train.init_encoder`, the
-discriminator of adversarial adaptation, the domain classifier of DANN) and the jitted steps (jaxem.train.supervised); `evaluate`
-scores the validation crops (`crop_segmenter`: their instances too). The loop is jaxem.train.loop's.
+discriminator of adversarial adaptation, the domain classifier of DANN) and the jitted steps
+(jaxem.train.supervised); `evaluate` scores the validation crops (`crop_segmenter`: their instances
+too). The loop is jaxem.train.loop's.
 """
 
 from __future__ import annotations
