@@ -11,7 +11,7 @@ from jaxem.config import apply_overrides
 from jaxem.errors import UserError
 from jaxem.semi import dann
 from jaxem.train import parallel
-from jaxem.train.state import AdversarialState
+from jaxem.train.state import DannState
 from jaxem.train.trainer import build_training, train
 
 
@@ -56,7 +56,7 @@ def test_step_adds_the_domain_term_trains_the_classifier_and_reverses_the_encode
     config = _dann_config(tmp_path, **{"model.norm": "group"})
     mesh = parallel.make_mesh(1)
     _, state, step, _ = build_training(config, mesh)
-    assert isinstance(state, AdversarialState) and state.adversary == {}
+    assert isinstance(state, DannState) and state.adversary == {}
     batch = random_semi_batch(config, mesh)
     state = state.replace(step=jnp.asarray(config.train.steps // 2, jnp.int32))  # lambda ~ 0.987
     params, classifier = jax.device_get((state.params, state.domain_classifier["params"]))  # the step donates state

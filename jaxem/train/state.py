@@ -1,5 +1,5 @@
-"""TrainState (and AdversarialState, its extension by the domain discriminator and the DANN domain
-classifier) and the optimizer built from `config.optimizer`."""
+"""TrainState (and AdversarialState, its extension by the domain discriminator, and DannState, by
+the DANN domain classifier too) and the optimizer built from `config.optimizer`."""
 
 from __future__ import annotations
 
@@ -44,20 +44,29 @@ class TrainState:
 
 @flax.struct.dataclass
 class AdversarialState(TrainState):
-    """TrainState plus the adversaries of domain adaptation, each {"params": ..., "opt_state": its
-    Adam state} or {} when off, checkpointed with the rest: `adversary`, the output-space
-    discriminator (jaxem.semi.adversarial); `domain_classifier`, DANN's (jaxem.semi.dann)."""
+    """TrainState plus the domain discriminator of adversarial adaptation (jaxem.semi.adversarial):
+    adversary = {"params": ..., "opt_state": its Adam state}, checkpointed with the rest."""
 
     adversary: Any
+
+
+@flax.struct.dataclass
+class DannState(AdversarialState):
+    """AdversarialState plus DANN's domain classifier (jaxem.semi.dann): domain_classifier =
+    {"params": ..., "opt_state": its Adam state}; `adversary` is {} when that one is off. A class of
+    its own so that runs without DANN keep the checkpoint layout they always had."""
+
     domain_classifier: Any
 
 
 def with_adversary(state: TrainState, adversary: dict | None = None,
                    domain_classifier: dict | None = None) -> AdversarialState:
-    """`state` carrying `adversary` (jaxem.semi.adversarial.init_adversary) and `domain_classifier`
-    (jaxem.semi.dann.init_domain_classifier) as well; None = {} (that one off)."""
+    """`state` carrying `adversary` (jaxem.semi.adversarial.init_adversary; None = {}, off) and,
+    when given, `domain_classifier` (jaxem.semi.dann.init_domain_classifier: a DannState)."""
     fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
-    return AdversarialState(**fields, adversary=adversary or {}, domain_classifier=domain_classifier or {})
+    if domain_classifier is None:
+        return AdversarialState(**fields, adversary=adversary or {})
+    return DannState(**fields, adversary=adversary or {}, domain_classifier=domain_classifier)
 
 
 def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
