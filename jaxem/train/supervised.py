@@ -127,14 +127,18 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def teacher_probs(variables: dict, image: jax.Array) -> jax.Array:
+        """Eval-mode probabilities (no gradient) of `variables` on `image`."""
+        logits, _ = model.apply(variables, image, train=False)
+        return jax.lax.stop_gradient(probabilities(target_kind, logits))
+
     def micro_grads(trainable, batch_stats, inputs: Batch, rng, context: dict):
         """loss_fn's value and gradient in `trainable` (model params, classifier params) on one
         (micro-)batch; the teacher's probabilities (eval mode, no gradient) are computed here, per
         micro-batch like the student's."""
         if teacher_on:
             inputs = dict(inputs)
-            teacher_logits, _ = model.apply(context["teacher"], inputs.pop("teacher_in"), train=False)
-            inputs["teacher_probs"] = probabilities(target_kind, teacher_logits)
+            inputs["teacher_probs"] = teacher_probs(context["teacher"], inputs.pop("teacher_in"))
         return grad_fn(trainable, batch_stats, inputs, rng, context)
 
     def micro_batches(x):
@@ -177,11 +181,6 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         if not round_steps:
             return run_teacher
         return jax.tree.map(lambda t, e: jnp.where(state.step < round_steps, t, e), run_teacher, ema)
-
-    def teacher_probs(variables: dict, image: jax.Array) -> jax.Array:
-        """Eval-mode probabilities (no gradient) of `variables` on `image`."""
-        logits, _ = model.apply(variables, image, train=False)
-        return jax.lax.stop_gradient(probabilities(target_kind, logits))
 
     def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array, labeller) -> tuple[Batch, dict]:
         """({"student_in", ["teacher_in" | "pseudo"]}: the augmented crops (with their own noise each

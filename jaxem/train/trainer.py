@@ -23,7 +23,7 @@ from jaxem.data import augment, pipeline, targets
 from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.models import convert
-from jaxem.segment.instances import instances_from_affinities, instances_from_boundaries
+from jaxem.segment.setting import SegmentSetting, segment_volume
 from jaxem.semi import adversarial, dann, unlabelled
 from jaxem.train import checkpoint, parallel
 from jaxem.train.defaults import with_dataset_volumes
@@ -220,13 +220,17 @@ MIN_FRAGMENT = 10  # voxels: smaller mutex-watershed fragments of a validation c
 
 def crop_segmenter(target_cfg):
     """`fn(probs (*S, K)) -> instance labels (*S)` for validation crops, or None where the target has
-    no instances: boundary maps -> seeded watershed (per z-slice in 3D); affinities -> mutex watershed."""
+    no instances: boundary maps -> seeded watershed (per z-slice in 3D); affinities -> mutex watershed
+    (both through `segment_volume`, with the default setting of the method)."""
     if target_cfg.kind == "boundary":
-        return lambda p: instances_from_boundaries(p[..., 0], method="watershed", per_slice=p.ndim == 4)
+        setting = SegmentSetting(method="watershed")
+        return lambda p: segment_volume(p[..., 0], setting, "boundary", per_slice=p.ndim == 4)
     if target_cfg.kind == "affinities":
+        setting = SegmentSetting(method="mws", min_size=MIN_FRAGMENT)
+
         def mws(p):
             offsets = targets.affinity_offsets(target_cfg, p.ndim - 1)
-            return instances_from_affinities(np.moveaxis(p, -1, 0), offsets, "mws", min_size=MIN_FRAGMENT)
+            return segment_volume(np.moveaxis(p, -1, 0), setting, "affinities", offsets=offsets)
         return mws
     return None
 
