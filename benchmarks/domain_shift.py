@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ssl_transfer import SEMI_METHODS, semi_overrides  # noqa: E402
 
 ARMS = ("source_only", "adversarial", "dann", "mean_teacher", "both", "pseudo_label", "fixmatch", "adabn", "oracle")
 DANN_WEIGHT = 0.1  # semi.dann_weight of the dann arm
-# The target domain: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
 SOURCE_ONLY_ARMS = ("source_only", "adabn")  # their training does not depend on the target
 # Target domains: arguments of jaxem.data.synthetic.generate, and a contrast gamma on the raw image.
 TARGET_DOMAINS = {
@@ -79,12 +79,10 @@ def arm_config(arm: str, config, source: dict, target: dict, adversarial_weight:
     config = with_data_paths(config, target if arm == "oracle" else source)
     unlabelled = f"--config.semi.unlabelled_images=('{target['train'][0]}',)"
     adversarial = [f"--config.semi.adversarial_weight={adversarial_weight}", unlabelled]
-    teacher = ["--config.semi.weight=1.0", "--config.train.ema_decay=0.99", unlabelled]
-    extra = {"adversarial": adversarial, "mean_teacher": teacher, "both": adversarial + teacher,
+    extra = {"adversarial": adversarial, "both": adversarial + semi_overrides("mean_teacher", (target["train"][0],)),
              "dann": [f"--config.semi.dann_weight={DANN_WEIGHT}", unlabelled],
-             # cross-domain self-training: the EMA teacher's confident labels of target crops
-             "pseudo_label": teacher + ["--config.semi.method=pseudo_label"],
-             "fixmatch": ["--config.semi.weight=1.0", "--config.semi.method=fixmatch", unlabelled],
+             # mean_teacher, pseudo_label (cross-domain self-training), fixmatch: on unlabelled target crops
+             **{m: semi_overrides(m, (target["train"][0],)) for m in SEMI_METHODS},
              "adabn": ["--config.model.norm=batch"]}.get(arm, [])
     return apply_overrides(config, extra)
 

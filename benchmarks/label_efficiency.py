@@ -1,7 +1,8 @@
 """Does pretraining on unlabelled EM pay off when labels are few? ISBI 2012, 1/2/5 labelled slices.
 
     python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
-        [--methods mim simclr] [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...]
+        [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine]
+        [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...]
         [--out results.json] [--plot label_efficiency.png]
 
 1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
@@ -10,7 +11,10 @@
    RUN/pretrain_<method>: later invocations reuse it.
 2. For every number of labelled slices n (the first n of slices 0-15) and seed, fine-tunes the
    recipe from random init ("scratch") and from each pretraining, with the same budget, seed and
-   data order (RUN/<arm>_<n>/seed<s>, reused when finished).
+   data order (RUN/<arm>_<n>/seed<s>, reused when finished). Each `--semi` method (jaxem.semi:
+   mean_teacher, pseudo_label, fixmatch) adds an arm trained from random init with the same
+   labelled slices plus all unlabelled ISBI raw EM (the pretraining's images); `--combine` adds
+   "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised.
 3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in two protocols:
    - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
      so arms differ in their networks only;
@@ -18,10 +22,9 @@
      which is what a user holding those n labelled slices would do (VRand, VInfo: "*_tuned");
    and the membrane map's average precision, which no threshold or setting affects.
 
-Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each pretrained
-arm's gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
-per protocol (at 1 and 2 slices the best pretrained arm beats scratch by >= 0.03 VRand or >= 5
-IoU points),
+Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each arm's
+gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
+per protocol (at 1 and 2 slices the best arm beats scratch by >= 0.03 VRand or >= 5 IoU points),
 times and the machine. --plot draws VRand and IoU against n. Needs the ISBI data
 (../shared/data/isbi2012 or $JAXEM_DATA).
 """
@@ -40,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
 from benchmarks import ssl_transfer  # noqa: E402
-from benchmarks.ssl_transfer import labelled_subset, split_overrides  # noqa: E402
+from benchmarks.ssl_transfer import (SEMI_METHODS, labelled_subset, semi_overrides, split_overrides,  # noqa: E402
+                                      unlabelled_images)
 
 METRICS = ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned", "vinfo_tuned")
 PROTOCOLS = {"fixed": "vrand", "tuned": "vrand_tuned"}  # protocol -> its VRand key (IoU: thresholded, the same in both)
@@ -99,7 +103,7 @@ def _stats(values: list[float]) -> dict:
 
 
 def goal_met(table: dict, arms: list[str]) -> dict:
-    """{protocol: {n: verdict}} per goal slice count: the best pretrained arm by mean gain, its VRand
+    """{protocol: {n: verdict}} per goal slice count: the best arm (not scratch) by mean gain, its VRand
     (that protocol's) and IoU gains, and whether it beats scratch by >= 0.03 VRand or >= 0.05 IoU
     (means over seeds)."""
     verdict = {}
@@ -177,6 +181,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["mim"],
                         help="pretraining methods (configs/pretrain.py args); none: the scratch arm only")
+    parser.add_argument("--semi", nargs="*", default=[], choices=SEMI_METHODS,
+                        help="semi-supervised arms from random init, on all unlabelled ISBI raw EM")
+    parser.add_argument("--combine", action="store_true",
+                        help="also every pretraining x semi method: '<pretraining>+<semi>' arms")
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
@@ -190,14 +198,17 @@ def main() -> None:
 
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
-    arms = ["scratch", *args.methods]
+    combined = [(m, s) for m in args.methods for s in args.semi] if args.combine else []
+    arms = ["scratch", *args.methods, *args.semi, *(f"{m}+{s}" for m, s in combined)]
     model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
     pretraining = {m: pretrain_network(m, model, pretrain_overrides, run / f"pretrain_{m}", progress)
                    for m in args.methods}
-    arm_overrides = {"scratch": [], **{m: [f"--config.train.init_encoder={run / f'pretrain_{m}'}"] for m in args.methods}}
+    init = {m: [f"--config.train.init_encoder={run / f'pretrain_{m}'}"] for m in args.methods}
+    semi = {s: semi_overrides(s, unlabelled_images()) for s in args.semi}
+    arm_overrides = {"scratch": [], **init, **semi, **{f"{m}+{s}": init[m] + semi[s] for m, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
     subsets = {n: labelled_subset(n, run / f"labelled_{n}") for n in args.slices}
-    for arm in [*args.methods, "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
+    for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
         for n in args.slices:
             for seed in args.seeds:
                 results[arm][n][seed] = finetune_and_score(

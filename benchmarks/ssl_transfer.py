@@ -50,13 +50,24 @@ def split_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> tuple[l
     return pretrain, finetune
 
 
+SEMI_METHODS = ("mean_teacher", "pseudo_label", "fixmatch")
+
+
+def semi_overrides(method: str, images: tuple[str, ...]) -> list[str]:
+    """The config overrides that train semi-supervised with `method` (jaxem.semi: mean_teacher,
+    pseudo_label or fixmatch) on the unlabelled volumes `images`: weight 1 at the end of the ramp,
+    and for the teacher-based methods an EMA teacher of decay 0.99."""
+    teacher = ["--config.train.ema_decay=0.99"] if method in ("mean_teacher", "pseudo_label") else []
+    return [*teacher, "--config.semi.weight=1.0", f"--config.semi.method={method}",
+            f"--config.semi.unlabelled_images={tuple(images)!r}"]
+
+
 def arm_overrides(arm: str, run: Path) -> list[str]:
     """What an arm adds to the fine-tuning config."""
     if arm == "pretrained":
         return [f"--config.train.init_encoder={run / 'pretrain'}"]
     if arm == "mean_teacher":
-        return ["--config.train.ema_decay=0.99", "--config.semi.weight=1.0",
-                f"--config.semi.unlabelled_images={unlabelled_images()!r}"]
+        return semi_overrides("mean_teacher", unlabelled_images())
     return []
 
 

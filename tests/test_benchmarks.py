@@ -184,7 +184,8 @@ def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them
 @pytest.mark.slow
 def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shared_data, tmp_path):
     """Bookkeeping of benchmarks/label_efficiency.py at 2-step sizes (not the accuracy): one
-    pretraining on unscored slices, reused; every (slices, seed, arm) run with its init; gains per seed."""
+    pretraining on unscored slices, reused; every (slices, seed, arm) run with its init and semi
+    settings (a semi arm, a pretrained + semi arm); gains per seed."""
     tiny = ["--pretrain.train.steps=2", "--pretrain.train.checkpoint_every=2", "--finetune.train.steps=2",
             "--finetune.train.checkpoint_every=2", "--finetune.data.crop_shape=(64,64)",
             "--finetune.data.batch_size=4", "--pretrain.data.crop_shape=(64,64)"]
@@ -212,3 +213,16 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
+    # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images.
+    semi = subprocess.run([*command[:command.index("--seeds")], "--seeds", "0", *command[command.index("--methods"):],
+                           "--semi", "fixmatch", "--combine"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          check=True, env=env)
+    assert "| 1 | mim+fixmatch |" in semi.stdout
+    ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed0" / "config.json").read_text())
+          for arm in ("scratch", "mim", "fixmatch", "mim+fixmatch")}
+    assert ft["scratch"]["semi"]["weight"] == ft["mim"]["semi"]["weight"] == 0
+    assert ft["fixmatch"]["train"]["init_encoder"] == ""
+    assert ft["mim+fixmatch"]["train"]["init_encoder"] == ft["mim"]["train"]["init_encoder"]
+    for arm in ("fixmatch", "mim+fixmatch"):
+        assert ft[arm]["semi"]["method"] == "fixmatch" and ft[arm]["semi"]["weight"] == 1.0
+        assert ft[arm]["semi"]["unlabelled_images"] == pretrain_cfg["data"]["train_images"]
