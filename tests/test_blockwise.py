@@ -1,6 +1,7 @@
 """Blockwise prediction equals a whole-volume forward pass; resume; TTA; ensembles; flat memory."""
 
 import itertools
+import math
 import json
 import re
 import subprocess
@@ -105,6 +106,38 @@ def test_blocks_devices_and_batches_do_not_change_the_bytes(tmp_path):
     assert small["blocks"] == len(tiling.chunks()) and small["recompute_factor"] > 2
     np.testing.assert_array_equal(out.read(), one.read())
     assert DoneLog(out.path).done() == set(tiling.chunks())
+
+
+def test_rims_carried_along_axis_0_give_the_bytes_of_one_block_and_run_each_tile_once_there(tmp_path):
+    """Blocks of 2 chunks along z (each a tile long) hand their accumulator rim to the next block:
+    the bytes of one whole-volume block, the z-border tiles run once (fewer tiles than without
+    the carry, where each ran in both blocks), on 1 or 4 devices; a resumed run, whose blocks
+    after done ones recompute only the previous block's rim, gives the same bytes too."""
+    from jaxem.infer import device
+
+    vol = np.random.default_rng(11).random((29, 37, 30)).astype(np.float32)
+    src, forward, _ = setup(tmp_path, vol)
+    tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), chunk=(4, 8, 8), blend="gaussian")
+    one, _ = run(tmp_path, src, forward, tiling, name="one")
+    per = (2, tiling.grid()[1], tiling.grid()[2])  # z slabs of 8 voxels = one tile
+    assert device.carries(tiling, per) and not device.carries(tiling, (1, *per[1:]))
+    fn = make_block_fn(forward, tiling.block, 3)
+    for devices in (jax.local_devices()[:1], jax.local_devices()):
+        out, _ = create_output(str(tmp_path / f"slabs{len(devices)}"), (2, *vol.shape), np.float32, (1.0,) * 3,
+                               (2, *tiling.chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)
+        stats = predict_blocks(fn, src, out, tiling, per, devices=devices)
+        assert stats["carried"] and stats["recompute_factor"] == 1.0 and stats["blocks"] == -(-tiling.grid()[0] // 2)
+        np.testing.assert_array_equal(out.read(), one.read())
+    g = tiling.grid()[0]  # without the carry, a tile touching two slabs would run in both
+    uncarried = sum(len(tiling.tiles_touching(0, lo, min(lo + 2, g))) for lo in range(0, g, 2))
+    assert uncarried > len(tiling.tile_starts(0)) == stats["tiles_predicted"] // math.prod(map(len, map(tiling.tile_starts, (1, 2))))
+    resumed, _ = create_output(str(tmp_path / "resumed"), (2, *vol.shape), np.float32, (1.0,) * 3, (2, *tiling.chunk),
+                               ("c", "z", "y", "x"), (0, 0, 0), {}, True)
+    odd = lambda rank, blocks: rank % 2 == 1  # noqa: E731  (every other slab: each needs a rim it did not make)
+    first = predict_blocks(fn, src, resumed, tiling, per, block_filter=odd)
+    assert first["tiles_predicted"] > tiling.tile_count() * first["blocks"] / stats["blocks"]  # the rims rerun
+    predict_blocks(fn, src, resumed, tiling, per)
+    np.testing.assert_array_equal(resumed.read(), one.read())
 
 
 def test_raw_uint8_normalised_on_the_device_equals_host_normalisation(tmp_path):

@@ -243,8 +243,9 @@ def target_description(config, volume_ndim: int) -> dict:
 
 
 def block_filter(count: int | None = None, index: int | None = None) -> Callable | None:
-    """Multi-host: process p of P takes the p-th of P contiguous runs of the Morton order of blocks
-    (`device.block_starts`: compact regions); None for a single process."""
+    """Multi-host: process p of P takes the p-th of P contiguous runs of the block order
+    (`device.block_starts`: whole columns along axis 0, columns in Morton order: compact regions,
+    few carried rims recomputed at a process's edges); None for a single process."""
     count = jax.process_count() if count is None else count
     index = jax.process_index() if index is None else index
     if count == 1:

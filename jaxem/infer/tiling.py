@@ -93,12 +93,16 @@ class Tiling:
 
     def tiles_for_chunk(self, index) -> list[tuple[int, ...]]:
         """Tile starts (absolute, one tuple per tile) whose weight touches chunk `index`."""
-        return list(itertools.product(*(self._tiles_along(axis, i) for axis, i in enumerate(index))))
+        return list(itertools.product(*(self.tiles_along(axis, i) for axis, i in enumerate(index))))
 
-    def _tiles_along(self, axis: int, i: int) -> tuple[int, ...]:
+    def tiles_along(self, axis: int, i: int) -> tuple[int, ...]:
         """The tile starts along `axis` whose support touches the chunk with index `i` there."""
         return _tiles_along(self.blend, self.shape[axis], self.roi[axis], self.block[axis], self.halo[axis],
                             self.chunk[axis], i)
+
+    def tiles_touching(self, axis: int, lo: int, hi: int) -> list[int]:
+        """The tile starts along `axis` (increasing) whose support touches a chunk lo <= i < hi there."""
+        return sorted({t for i in range(lo, hi) for t in self.tiles_along(axis, i)})
 
     def tile_box(self, start) -> tuple[slice, ...]:
         """The absolute input box of a tile (may be smaller than `block` if the volume is)."""
