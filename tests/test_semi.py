@@ -190,6 +190,53 @@ def test_pseudo_label_and_fixmatch_runs_train_and_report_confidence(tmp_path):
     assert logged["run_teacher"][0]["pseudo_confident"] != logged["ema"][0]["pseudo_confident"]
 
 
+def _copy(tree):
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _allclose(a, b):
+    return all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))))
+
+
+def test_each_self_training_round_is_labelled_by_the_student_frozen_when_it_began(tmp_path):
+    """semi.rounds=3 over 6 steps (rounds of 2): the steps that begin rounds 2 and 3 freeze the
+    student's EMA weights as they are then into the state's round_teacher, which stays put within
+    the round; in round 1 (no run teacher) the live EMA labels, later the round's teacher does."""
+    config = _semi_config(tmp_path, **{"semi.method": "pseudo_label", "semi.rounds": 3, "semi.confidence": 0.55,
+                                       "train.steps": 6})
+    mesh = parallel.make_mesh(1)
+    validate_training_config(config, mesh)
+    _, state, step, _ = build_training(config, mesh)
+    assert type(state).__name__ == "RoundsState"
+    batch = _batch(config, mesh)
+    sharper = lambda s: s.replace(round_teacher=jax.tree.map(lambda x: 3 * x, _copy(s.round_teacher)))  # noqa: E731
+    for at in range(6):
+        ema_before = _copy(state.variables(use_ema=True))
+        teacher_before = _copy(state.round_teacher)
+        _, with_other_teacher = step(sharper(_copy(state)), batch)
+        state, metrics = step(state, batch)
+        confident, other = float(metrics["pseudo_confident"]), float(with_other_teacher["pseudo_confident"])
+        if at in (2, 4):  # a round begins: the student as it is becomes the teacher, whatever was there
+            assert _allclose(state.round_teacher, ema_before) and not _allclose(state.round_teacher, teacher_before)
+            assert confident == other
+        else:
+            assert _allclose(state.round_teacher, teacher_before)
+            if at < 2:  # round 1: the live EMA labels
+                assert confident == other
+            else:  # the round's frozen teacher labels
+                assert confident != other
+    assert int(state.step) == 6
+
+
+def test_self_training_rounds_resume_exactly_and_change_the_checkpoint_layout(tmp_path):
+    """The rounds' teacher is checkpointed: a run killed after step 3 (round 2 of 3) resumes to the
+    same teacher at step 6; a workdir of the run without rounds is refused, naming the teacher."""
+    config = _semi_config(tmp_path, **{"semi.method": "pseudo_label", "semi.rounds": 3, "semi.confidence": 0.55})
+    assert_resume_is_exact(config, tmp_path / "run", "round_teacher", "pseudo_confident")
+    with pytest.raises(UserError, match="frozen teacher of self-training rounds"):
+        train(apply_overrides(config, ["--config.semi.rounds=1"]), tmp_path / "run", progress=False)
+
+
 def test_pseudo_label_settings_that_cannot_work_are_named(tmp_path):
     config = _semi_config(tmp_path, **{"semi.method": "pseudo_label"})
     for fields, message in (({"train.ema_decay": 0.0}, "semi.method='pseudo_label' needs a teacher"),
@@ -197,7 +244,8 @@ def test_pseudo_label_settings_that_cannot_work_are_named(tmp_path):
                             ({"semi.confidence": 1.2, "semi.method": "fixmatch"}, "semi.confidence=1.2 must lie"),
                             ({"semi.method": "pseudo"}, "semi.method='pseudo' must be one of"),
                             ({"semi.propagate_slices": 1}, "semi.propagate_slices=1 must be >= 0; > 0 needs"),
-                            ({"semi.rounds": 2, "semi.teacher": "t", "train.ema_decay": 0.0}, "semi.rounds=2"),
+                            ({"semi.rounds": 2, "semi.method": "fixmatch"}, "semi.rounds=2 must be >= 1; > 1 needs"),
+                            ({"semi.rounds": 99, "train.steps": 10}, "semi.rounds=99 must be >= 1; > 1 needs"),
                             ({"semi.teacher": str(tmp_path / "none")}, "semi.teacher=")):
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
             train(apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()]), tmp_path / "x", progress=False)

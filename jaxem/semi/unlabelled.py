@@ -23,6 +23,7 @@ PSEUDO_METHODS = ("pseudo_label", "fixmatch")
 # How a workdir check names the add-ons with parameters of their own.
 DISCRIMINATOR = "domain discriminator (semi.adversarial_weight > 0, semi.discriminator_widths)"
 DOMAIN_CLASSIFIER = "DANN domain classifier (semi.dann_weight > 0, semi.dann_widths)"
+ROUND_TEACHER = "frozen teacher of self-training rounds (semi.method='pseudo_label', semi.rounds > 1)"
 
 
 def default_semi_config() -> ml_collections.ConfigDict:
@@ -42,7 +43,8 @@ def default_semi_config() -> ml_collections.ConfigDict:
         dann_lr=1e-3,          # DANN: Adam learning rate of the domain classifier
         confidence=0.9,        # pseudo_label/fixmatch: a voxel's hard label trains when its probability >= this
         teacher="",            # pseudo_label: a finished run's WORKDIR as frozen teacher; "" = the EMA (train.ema_decay)
-        rounds=1,              # pseudo_label with semi.teacher: rounds > 1 hand over to the EMA teacher after round 1
+        rounds=1,              # pseudo_label: rounds > 1 split train.steps into rounds; each later round's teacher is
+                               # the student (its EMA weights) frozen when the round begins
         propagate_slices=0,    # pseudo_label, 3D: teacher labels on unannotated sections within +-k of annotated ones
         strong_augment=strong_photometric_config(),  # fixmatch: the strong view's extra photometric ops
     ))
@@ -68,6 +70,12 @@ def pseudo_on(cfg: ml_collections.ConfigDict | None) -> bool:
 def adversarial_on(cfg: ml_collections.ConfigDict | None) -> bool:
     """Whether a `semi` config section turns adversarial domain adaptation on."""
     return cfg is not None and float(cfg.get("adversarial_weight", 0.0)) > 0
+
+
+def rounds_on(cfg: ml_collections.ConfigDict | None) -> int:
+    """The number of self-training rounds a `semi` section asks for: semi.rounds with pseudo_label
+    on, else 1."""
+    return int(cfg.get("rounds", 1)) if method_on(cfg) == "pseudo_label" else 1
 
 
 def dann_on(cfg: ml_collections.ConfigDict | None) -> bool:
@@ -119,9 +127,9 @@ def check_pseudo_config(config: ml_collections.ConfigDict) -> None:
     if semi.method == "pseudo_label" and not (ema or semi.teacher):
         raise UserError("semi.method='pseudo_label' needs a teacher: set train.ema_decay > 0 (the EMA teacher) or "
                         "semi.teacher=WORKDIR (a finished run).")
-    if semi.rounds < 1 or (semi.rounds > 1 and not ema):
-        raise UserError(f"semi.rounds={semi.rounds} must be >= 1, and > 1 needs train.ema_decay > 0 (the teacher of "
-                        f"the rounds after the first is the EMA of the trained weights).")
+    if semi.rounds < 1 or (semi.rounds > 1 and (semi.method != "pseudo_label" or semi.rounds > config.train.steps)):
+        raise UserError(f"semi.rounds={semi.rounds} must be >= 1; > 1 needs semi.method='pseudo_label' and at most "
+                        f"train.steps={config.train.steps} rounds (each round trains train.steps / semi.rounds steps).")
     if semi.propagate_slices < 0 or (semi.propagate_slices and (semi.method != "pseudo_label"
                                                                 or config.model.ndim != 3)):
         raise UserError(f"semi.propagate_slices={semi.propagate_slices} must be >= 0; > 0 needs "
@@ -130,11 +138,15 @@ def check_pseudo_config(config: ml_collections.ConfigDict) -> None:
 
 def checkpoint_shape(cfg: ml_collections.ConfigDict | None) -> dict[str, str]:
     """What the add-ons of a `semi` section add to a run's checkpoints: {what: fingerprint} of the
-    discriminator with adversarial adaptation on and of the domain classifier with DANN on ({} with
-    neither: the mean teacher is the EMA the train state always holds)."""
+    discriminator with adversarial adaptation on, of the domain classifier with DANN on and of the
+    rounds' frozen teacher ({} with none: the mean teacher is the EMA the train state always holds)."""
     widths = lambda field: fingerprint(ml_collections.ConfigDict({"widths": tuple(cfg[field])}))  # noqa: E731
     shape = {DISCRIMINATOR: widths("discriminator_widths")} if adversarial_on(cfg) else {}
-    return {**shape, DOMAIN_CLASSIFIER: widths("dann_widths")} if dann_on(cfg) else shape
+    if dann_on(cfg):
+        shape[DOMAIN_CLASSIFIER] = widths("dann_widths")
+    if rounds_on(cfg) > 1:
+        shape[ROUND_TEACHER] = fingerprint(ml_collections.ConfigDict({"rounds": rounds_on(cfg)}))
+    return shape
 
 
 class PairedLoader:

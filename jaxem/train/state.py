@@ -1,5 +1,6 @@
-"""TrainState (and AdversarialState, its extension by the domain discriminator, and DannState, by
-the DANN domain classifier too) and the optimizer built from `config.optimizer`."""
+"""TrainState (and its extensions by what semi-supervised add-ons keep: AdversarialState, the domain
+discriminator; DannState, the DANN domain classifier too; RoundsState, the frozen teacher of
+self-training rounds too) and the optimizer built from `config.optimizer`."""
 
 from __future__ import annotations
 
@@ -59,11 +60,25 @@ class DannState(AdversarialState):
     domain_classifier: Any
 
 
-def with_adversary(state: TrainState, adversary: dict | None = None,
-                   domain_classifier: dict | None = None) -> AdversarialState:
-    """`state` carrying `adversary` (jaxem.semi.adversarial.init_adversary; None = {}, off) and,
-    when given, `domain_classifier` (jaxem.semi.dann.init_domain_classifier: a DannState)."""
+@flax.struct.dataclass
+class RoundsState(DannState):
+    """DannState plus the frozen teacher of self-training rounds (semi.rounds > 1, jaxem.semi.pseudo_label):
+    round_teacher = the variables ({"params", ["batch_stats"]}) that label unlabelled crops in the
+    current round; `adversary` and `domain_classifier` are {} when off."""
+
+    round_teacher: Any
+
+
+def with_add_ons(state: TrainState, adversary: dict | None = None, domain_classifier: dict | None = None,
+                 round_teacher: dict | None = None) -> AdversarialState:
+    """`state` carrying `adversary` (jaxem.semi.adversarial.init_adversary; None = {}, off) and, when
+    given, `domain_classifier` (jaxem.semi.dann.init_domain_classifier: a DannState) and
+    `round_teacher` (the first round's teacher variables: a RoundsState). Each add-on has a class of
+    its own so that runs without it keep the checkpoint layout they always had."""
     fields = {name: getattr(state, name) for name in state.__dataclass_fields__}
+    if round_teacher is not None:
+        return RoundsState(**fields, adversary=adversary or {}, domain_classifier=domain_classifier or {},
+                           round_teacher=round_teacher)
     if domain_classifier is None:
         return AdversarialState(**fields, adversary=adversary or {})
     return DannState(**fields, adversary=adversary or {}, domain_classifier=domain_classifier)

@@ -34,7 +34,7 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
                     ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
-                    target_kind: str = "boundary", freeze_encoder_steps: int = 0, round_steps: int = 0,
+                    target_kind: str = "boundary", freeze_encoder_steps: int = 0, rounds: int = 1,
                     total_steps: int = 0) -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
@@ -62,8 +62,11 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
     steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
     the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
-    normalises with each batch's own statistics. `round_steps` > 0 (train.steps / semi.rounds):
-    the run teacher labels the first `round_steps` steps, the EMA teacher the rest.
+    normalises with each batch's own statistics. `rounds` > 1 (semi.rounds, pseudo_label): rounds of
+    `total_steps // rounds` steps; the state's `round_teacher` (a RoundsState) labels the crops, and
+    the step that begins each later round first replaces it by the student's inference variables
+    (EMA weights when kept) as they are then. The first round's teacher is the run teacher
+    (semi.teacher, put in `round_teacher` at the start) or, without one, the live EMA.
     """
     semi = unlabelled.enabled(semi_cfg)
     teacher_on, adversary_on = unlabelled.mean_teacher_on(semi_cfg), unlabelled.adversarial_on(semi_cfg)
@@ -170,17 +173,29 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         scale = lambda tree: jax.tree.map(lambda g: g / accumulate_steps, tree)
         return (loss / accumulate_steps, (scale(parts), batch_stats, jax.tree.map(whole_batch, probs))), scale(grads)
 
+    round_steps = total_steps // rounds if rounds > 1 else 0
+    first_round_ema = rounds > 1 and not semi_cfg.get("teacher")
+
+    def with_round_teacher(state: TrainState) -> TrainState:
+        """`state` whose `round_teacher` is the student's inference variables (EMA weights when kept;
+        `ema_params` is `params` without EMA) when this step begins round 2, 3, ...: the student of
+        the round that ended becomes the next round's frozen teacher."""
+        begins = (state.step > 0) & (state.step % round_steps == 0) & (state.step < rounds * round_steps)
+        snapshot = jax.lax.cond(begins, lambda: state.variables(use_ema=True), lambda: state.round_teacher)
+        return state.replace(round_teacher=snapshot)
+
     def pseudo_teacher(state: TrainState, run_teacher) -> dict:
-        """The variables that make pseudo-labels: fixmatch's current params; pseudo_label's EMA, or
-        the frozen run teacher for the first of `semi.rounds` rounds (the EMA after it)."""
+        """The variables that make pseudo-labels: fixmatch's current params; pseudo_label's EMA, the
+        frozen run teacher, or with rounds the round's teacher (the live EMA in the first round when
+        no run teacher is given)."""
         if method == "fixmatch":
             return state.variables(use_ema=False)
-        ema = state.variables(use_ema=True)
-        if run_teacher is None:
-            return ema
-        if not round_steps:
-            return run_teacher
-        return jax.tree.map(lambda t, e: jnp.where(state.step < round_steps, t, e), run_teacher, ema)
+        if round_steps:
+            if not first_round_ema:
+                return state.round_teacher
+            return jax.lax.cond(state.step < round_steps, lambda: state.variables(use_ema=True),
+                                lambda: state.round_teacher)
+        return state.variables(use_ema=True) if run_teacher is None else run_teacher
 
     def unlabelled_inputs(state: TrainState, crops: jax.Array, rng: jax.Array, labeller) -> tuple[Batch, dict]:
         """({"student_in", ["teacher_in" | "pseudo"]}: the augmented crops (with their own noise each
@@ -223,6 +238,8 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
         augmented = augment_fn(aug_rng, batch)
         target, target_mask = target_fn(augmented["labels"], augmented["mask"])
         inputs, context = {"image": augmented["image"], "target": target, "target_mask": target_mask}, {}
+        if round_steps:
+            state = with_round_teacher(state)
         labeller = pseudo_teacher(state, teacher) if pseudo_on else None
         if semi:
             # A stream of its own (fold_in), so the supervised part draws what it draws without it.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -28,7 +29,7 @@ from jaxem.semi import adversarial, dann, unlabelled
 from jaxem.train import checkpoint, parallel
 from jaxem.train.defaults import with_dataset_volumes
 from jaxem.train.loop import RunShape, check_loop_config, check_workdir, has_checkpoints, run_loop, section_shape
-from jaxem.train.state import create_train_state, make_optimizer, with_adversary
+from jaxem.train.state import create_train_state, make_optimizer, with_add_ons
 from jaxem.train.supervised import make_eval_step, make_train_step
 
 # Sections whose change makes old checkpoints unusable (parameter shapes or target meaning);
@@ -116,17 +117,20 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
         jax.random.PRNGKey(config.seed))
     if tc.get("init_encoder") and load_encoder:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
-    adversaries = init_adversaries(config, model, state, replicated)
-    if adversaries:
-        state = with_adversary(state, **adversaries)
+    teacher, rounds = run_teacher(config, state, mesh), unlabelled.rounds_on(config.get("semi"))
+    add_ons = init_adversaries(config, model, state, replicated)
+    if rounds > 1:  # the rounds' teacher lives in the state; before the first round ends: the run teacher or a placeholder
+        add_ons["round_teacher"] = teacher if teacher is not None else jax.jit(
+            lambda s: jax.tree.map(jnp.copy, s.variables(use_ema=True)), out_shardings=replicated)(state)
+        teacher = None
+    if add_ons:
+        state = with_add_ons(state, **add_ons)
     augment_fn = augment.make_augment_fn(config.augment, ndim)
     target_fn = targets.make_target_fn(config.target, ndim)
-    teacher = run_teacher(config, state, mesh)
-    rounds = int(config.semi.get("rounds", 1)) if teacher is not None else 1
     step_fn = make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
                               semi_cfg=config.get("semi"), target_kind=config.target.kind,
                               freeze_encoder_steps=tc.get("freeze_encoder_steps", 0), total_steps=tc.steps,
-                              round_steps=tc.steps // rounds if rounds > 1 else 0)
+                              rounds=rounds)
     if teacher is None:
         train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
                              donate_argnums=0)
