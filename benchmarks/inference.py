@@ -37,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--gib", type=float, default=1.0, help="input size in GiB of float32")
-    parser.add_argument("--block-gib", type=float, default=1.0, help="a block's window on the device (predict.block_gib)")
+    parser.add_argument("--block-gib", type=float, default=0.0,
+                        help="a block's window on the device (predict.block_gib; 0 = auto, as jaxem predict: 1 GiB on a CPU, "
+                             "1/8 of a GPU's memory up to 16 GiB)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--block", type=int, nargs=3, default=None, help="tile (default 32 64 64; 16 32 32 with --small)")
     parser.add_argument("--halo", type=int, nargs=3, default=None, help="halo (default block / 8)")
@@ -58,7 +60,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxem.data.volume import create_volume
-    from jaxem.infer.device import chunks_per_block, forward_fn, make_block_fn, predict_blocks
+    from jaxem.infer.device import auto_block_bytes, chunks_per_block, forward_fn, make_block_fn, predict_blocks
     from jaxem.infer.tiling import make_tiling
     from jaxem.models import layers
 
@@ -95,7 +97,8 @@ def main() -> None:
         x = (x * 255).astype(dtype) if args.uint8 else x
         fn(x).block_until_ready()  # compile
         # what device.predict_volume (jaxem predict) runs, with the window compiled once, before timing
-        per_block = chunks_per_block(tiling, int(args.block_gib * 2**30), channels_in=1, in_itemsize=np.dtype(dtype).itemsize,
+        budget = int(args.block_gib * 2**30) if args.block_gib > 0 else auto_block_bytes()
+        per_block = chunks_per_block(tiling, budget, channels_in=1, in_itemsize=np.dtype(dtype).itemsize,
                                      channels_out=1, out_itemsize=2)
         block_fn = make_block_fn(forward, tiling.block, args.batch, np.float16)
         predict_blocks(block_fn, src, zarr_output(f"{tmp}/out.zarr", shape, tiling.chunk), tiling, per_block)
@@ -119,7 +122,7 @@ def main() -> None:
             "forward_s_per_batch_before_after": [round(before / max(batches // 2, 1), 4), round(after / max(batches - batches // 2, 1), 4)],
             "overhead": round(wall / model_s - 1, 4), "halo_factor": round(tiling.halo_factor(), 3),
             "recompute_factor": stats["recompute_factor"], "blocks": stats["blocks"],
-            "chunks_per_block": stats["chunks_per_block"], "block_gib": args.block_gib,
+            "chunks_per_block": stats["chunks_per_block"], "block_gib": round(budget / 2**30, 3),
             "voxels_per_s": round(float(np.prod(shape)) / wall), "width": width, "xla_conv": args.xla_conv,
             "input_dtype": np.dtype(dtype).name,
             "device": str(jax.devices()[0].platform),

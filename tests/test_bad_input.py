@@ -57,6 +57,8 @@ CASES = [
     ("import-zero-chunk-metadata", "data import {zerochunk} {w}/out.zarr", "is not a readable zarr volume"),
     ("predict-3-channels", "predict --run {run} --input {rgb} --output {w}/p.zarr", "has 3 channels"),
     ("predict-5d", "predict --run {run} --input {five} --output {w}/p.zarr", "predict takes (z, y, x) or (y, x)"),
+    ("predict-negative-block-budget", "predict --run {run} --input {raw} --output {w}/p.zarr --config.predict.block_gib=-1",
+     "predict.block_gib=-1.0 must be >= 0"),
     ("evaluate-out-is-file", "evaluate --pred {pred} --gt {labels} --task boundary --out {file}", "is a file"),
     ("import-under-a-file", "data import {raw} {file}/out.zarr", "cannot write {file}/out.zarr"),
     ("segment-under-a-file", "segment --input {pred} --output {file}/seg.zarr", "cannot write {file}/seg.zarr"),

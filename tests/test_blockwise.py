@@ -283,6 +283,36 @@ def test_block_size_from_a_byte_budget():
     assert whole == (64 + 32) * (256 + 64) ** 2 + 64 * 256 * 256 * (4 * 2 + 2 * 2)  # region, accumulator, output
 
 
+class _Device:
+    def __init__(self, platform, stats):
+        self.platform, self._stats = platform, stats
+
+    def memory_stats(self):
+        if isinstance(self._stats, Exception):
+            raise self._stats
+        return self._stats
+
+
+def test_auto_block_budget_is_a_share_of_the_accelerators_memory():
+    """predict.block_gib=0: 1/8 of what a GPU reports, within [1 GiB, 16 GiB]; 1 GiB on a CPU or
+    without memory statistics; a negative budget is refused by name."""
+    from jaxem.infer.device import auto_block_bytes
+    from jaxem.infer.job import block_budget
+    from ml_collections import ConfigDict
+
+    gib = 1 << 30
+    assert auto_block_bytes(_Device("gpu", {"bytes_limit": 60 * gib})) == 60 * gib // 8
+    assert auto_block_bytes(_Device("gpu", {"bytes_limit": 500 * gib})) == 16 * gib
+    assert auto_block_bytes(_Device("gpu", {"bytes_limit": 4 * gib})) == gib
+    for device in (_Device("gpu", None), _Device("tpu", {}), _Device("gpu", RuntimeError("no stats")),
+                   _Device("cpu", {"bytes_limit": 500 * gib})):
+        assert auto_block_bytes(device) == gib
+    assert auto_block_bytes() == gib  # this machine's CPU
+    assert block_budget(ConfigDict({"block_gib": 0.0})) == gib and block_budget(ConfigDict({"block_gib": 0.5})) == gib // 2
+    with pytest.raises(ValueError, match=r"predict.block_gib=-1.0 must be >= 0"):
+        block_budget(ConfigDict({"block_gib": -1.0}))
+
+
 @pytest.mark.parametrize("blend", ["gaussian", "linear", "center"])
 @pytest.mark.parametrize("shape,roi", [((21, 37, 30), None), ((21, 37, 30), ((3, 20), (5, 36), (0, 17))),
                                        ((45, 70), ((4, 40), (9, 70)))])

@@ -40,6 +40,8 @@ from jaxem.infer.output import DoneLog
 from jaxem.infer.tiling import Tiling, morton_key
 
 DEFAULT_BLOCK_BYTES = 1 << 30  # a block's window on the device: raw region + float32 accumulator + output
+AUTO_BLOCK_FRACTION = 8  # predict.block_gib=0 on an accelerator: this share of its memory per block's window
+MAX_AUTO_BLOCK_BYTES = 16 << 30  # (two windows can be in flight, and the model's activations come on top)
 
 
 def forward_fn(apply: Callable, activation: str = "sigmoid", model_ndim: int | None = None,
@@ -206,6 +208,24 @@ def ensemble_forward(forwards: Sequence[Callable], reduce: str = "mean", multicl
     'median' or 'majority')."""
     check_reduction(reduce, len(forwards))
     return lambda x: combine(jnp, jnp.stack([f(x) for f in forwards]), reduce, multiclass)
+
+
+def auto_block_bytes(device=None) -> int:
+    """The block budget in bytes that `predict.block_gib=0` (the default) means on `device` (the
+    first local device when None): 1/AUTO_BLOCK_FRACTION of the memory an accelerator reports
+    (`memory_stats()["bytes_limit"]`), between DEFAULT_BLOCK_BYTES and MAX_AUTO_BLOCK_BYTES;
+    DEFAULT_BLOCK_BYTES on a CPU or a device that reports no limit. Bigger blocks recompute fewer
+    border tiles (`tiles_run`), so an 80 GB GPU should not be held to a CPU's 1 GiB."""
+    device = device if device is not None else jax.local_devices()[0]
+    if device.platform == "cpu":
+        return DEFAULT_BLOCK_BYTES
+    try:
+        limit = int((device.memory_stats() or {}).get("bytes_limit", 0))
+    except Exception:  # a backend without memory statistics
+        limit = 0
+    if limit <= 0:
+        return DEFAULT_BLOCK_BYTES
+    return int(min(max(limit // AUTO_BLOCK_FRACTION, DEFAULT_BLOCK_BYTES), MAX_AUTO_BLOCK_BYTES))
 
 
 def block_bytes(tiling: Tiling, per_block: Sequence[int], channels_in: int, in_itemsize: int, channels_out: int,

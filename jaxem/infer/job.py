@@ -21,7 +21,7 @@ from jaxem.data.targets import affinity_offsets
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.adapt import adapted_batch_stats, random_crops
-from jaxem.infer.device import DEFAULT_BLOCK_BYTES, ensemble_forward, forward_fn, predict_volume, tta_forward
+from jaxem.infer.device import auto_block_bytes, ensemble_forward, forward_fn, predict_volume, tta_forward
 from jaxem.infer.ensemble import check_reduction
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.planes import (
@@ -127,8 +127,18 @@ def with_predict_defaults(config) -> ml_collections.ConfigDict:
     if "block_gib" in config.predict:
         return config
     config = ml_collections.ConfigDict(config.to_dict())
-    config.predict.block_gib = DEFAULT_BLOCK_BYTES / 2**30
+    config.predict.block_gib = 0.0  # auto: device.auto_block_bytes
     return config
+
+
+def block_budget(predict_cfg: ml_collections.ConfigDict) -> int:
+    """Bytes of one block's window: `predict.block_gib` GiB, or with 0 (the default) the device's
+    share (`device.auto_block_bytes`: 1 GiB on a CPU, 1/8 of an accelerator's memory up to 16 GiB).
+    UserError when it is negative."""
+    gib = float(predict_cfg.get("block_gib", 0.0))
+    if gib < 0:
+        raise UserError(f"predict.block_gib={gib} must be >= 0 (GiB of a block's window on the device; 0 = auto).")
+    return int(gib * 2**30) if gib > 0 else auto_block_bytes()
 
 
 def run_prediction(
@@ -166,6 +176,7 @@ def run_prediction(
     config = overrides(config) if overrides else config
     kind = str(config.target.get("kind", "boundary"))
     check_planes(planes, planes_reduce, int(config.model.ndim), len(shape), kind)
+    budget = block_budget(config.predict)
     norm = normalizer_stats(source, config.data)
     if adapt_batch_norm:
         restored = with_adapted_batch_norm(restored, source, make_normalizer(source, config.data), region, adapt_batch_norm)
@@ -193,7 +204,7 @@ def run_prediction(
     if jax.process_index() == 0:
         write_attributes(output_path, {"jaxem_target": target_description(config, len(shape))})
     stats = predict_volume(forward, source, target, tiling, int(config.predict.get("batch_size", 4)), DTYPES[dtype],
-                           int(float(config.predict.block_gib) * 2**30), block_filter(), min_blocks=jax.process_count(),
+                           budget, block_filter(), min_blocks=jax.process_count(),
                            progress=progress and jax.process_index() == 0)
     if jax.process_count() > 1:  # every chunk is written when any process returns
         multihost_utils.sync_global_devices("jaxem predict: all chunks written")

@@ -50,7 +50,8 @@ def default_predict_config() -> ml_collections.ConfigDict:
         batch_size=4,  # tiles per device per forward pass
         blend="gaussian",  # or "linear", "center" (exact crop-centre tiling)
         chunk_shape=(),  # output chunk; () = block - 2 * halo
-        block_gib=1.0,  # GiB of one block's window on the device (jaxem.infer.device.block_bytes)
+        block_gib=0.0,  # GiB of one block's window on the device (infer.device.block_bytes); 0 = auto:
+                        # 1 GiB on a CPU, 1/8 of an accelerator's memory up to 16 GiB (infer.device.auto_block_bytes)
     ))
 
 
