@@ -24,7 +24,8 @@
 
 Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each arm's
 gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
-per protocol (at 1 and 2 slices the best arm beats scratch by >= 0.03 VRand or >= 5 IoU points),
+per protocol (at 1 and 2 slices the best pretrained arm, alone or with a semi method, beats scratch
+by >= 0.03 VRand or >= 5 IoU points; `best_of_all_arms` the same over every arm),
 times and the machine. --plot draws VRand and IoU against n. Needs the ISBI data
 (../shared/data/isbi2012 or $JAXEM_DATA).
 """
@@ -102,17 +103,17 @@ def _stats(values: list[float]) -> dict:
             "values": values}
 
 
-def goal_met(table: dict, arms: list[str]) -> dict:
-    """{protocol: {n: verdict}} per goal slice count: the best arm (not scratch) by mean gain, its VRand
-    (that protocol's) and IoU gains, and whether it beats scratch by >= 0.03 VRand or >= 0.05 IoU
-    (means over seeds)."""
+def goal_met(table: dict, candidates: list[str]) -> dict:
+    """{protocol: {n: verdict}} per goal slice count: the best of the `candidates` arms (not scratch)
+    by mean gain, its VRand (that protocol's) and IoU gains, and whether it beats scratch by >= 0.03
+    VRand or >= 0.05 IoU (means over seeds). The issue's goal reads the pretrained arms only."""
     verdict = {}
     for protocol, vrand_key in PROTOCOLS.items():
         verdict[protocol] = {}
         for n in GOAL["slices"]:
-            if n not in table or len(arms) < 2:
+            if n not in table or not candidates:
                 continue
-            gains = {arm: table[n][f"gain_{arm}"] for arm in arms[1:]}
+            gains = {arm: table[n][f"gain_{arm}"] for arm in candidates}
             best = max(gains, key=lambda a: max(gains[a][vrand_key]["mean"] / GOAL["vrand"],
                                                 gains[a]["iou"]["mean"] / GOAL["iou"]))
             vrand, iou = gains[best][vrand_key]["mean"], gains[best]["iou"]["mean"]
@@ -218,7 +219,10 @@ def main() -> None:
     print(format_table(table, arms))
     report = {
         "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
-        "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL, "goal_met": goal_met(table, arms),
+        "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL,
+        # the goal: a pretrained arm (alone or with a semi method); for reference, the best of every arm
+        "goal_met": goal_met(table, [*args.methods, *(f"{m}+{s}" for m, s in combined)]),
+        "best_of_all_arms": goal_met(table, arms[1:]),
         "finetune_config": args.finetune_config, "finetune_overrides": [*FINETUNE_DEFAULTS, *finetune_overrides],
         "pretrain_overrides": [*PRETRAIN_DEFAULTS, *pretrain_overrides], "pretraining": pretraining,
         "table": {str(n): row for n, row in table.items()},
