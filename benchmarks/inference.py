@@ -60,7 +60,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from jaxem.data.volume import create_volume
-    from jaxem.infer.device import auto_block_bytes, chunks_per_block, forward_fn, make_block_fn, predict_blocks
+    from jaxem.infer.device import block_budget_bytes, chunks_per_block, forward_fn, make_block_fn, predict_blocks
     from jaxem.infer.tiling import make_tiling
     from jaxem.models import layers
 
@@ -97,7 +97,7 @@ def main() -> None:
         x = (x * 255).astype(dtype) if args.uint8 else x
         fn(x).block_until_ready()  # compile
         # what device.predict_volume (jaxem predict) runs, with the window compiled once, before timing
-        budget = int(args.block_gib * 2**30) if args.block_gib > 0 else auto_block_bytes()
+        budget = block_budget_bytes(args.block_gib)
         per_block = chunks_per_block(tiling, budget, channels_in=1, in_itemsize=np.dtype(dtype).itemsize,
                                      channels_out=1, out_itemsize=2)
         block_fn = make_block_fn(forward, tiling.block, args.batch, np.float16)

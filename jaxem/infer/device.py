@@ -228,6 +228,12 @@ def auto_block_bytes(device=None) -> int:
     return int(min(max(limit // AUTO_BLOCK_FRACTION, DEFAULT_BLOCK_BYTES), MAX_AUTO_BLOCK_BYTES))
 
 
+def block_budget_bytes(gib: float, device=None) -> int:
+    """Bytes of one block's window for `predict.block_gib` = `gib` >= 0: `gib` GiB, or with 0 (auto)
+    `auto_block_bytes(device)`."""
+    return int(gib * 2**30) if gib > 0 else auto_block_bytes(device)
+
+
 def block_bytes(tiling: Tiling, per_block: Sequence[int], channels_in: int, in_itemsize: int, channels_out: int,
                 out_itemsize: int) -> int:
     """Device bytes of one block's window with `per_block` chunks per axis: the raw region (at

@@ -21,7 +21,7 @@ from jaxem.data.targets import affinity_offsets
 from jaxem.data.volume import Volume, open_volume, write_attributes
 from jaxem.errors import UserError
 from jaxem.infer.adapt import adapted_batch_stats, random_crops
-from jaxem.infer.device import auto_block_bytes, ensemble_forward, forward_fn, predict_volume, tta_forward
+from jaxem.infer.device import block_budget_bytes, ensemble_forward, forward_fn, predict_volume, tta_forward
 from jaxem.infer.ensemble import check_reduction
 from jaxem.infer.output import create_output, refuse_other_job
 from jaxem.infer.planes import (
@@ -138,7 +138,7 @@ def block_budget(predict_cfg: ml_collections.ConfigDict) -> int:
     gib = float(predict_cfg.get("block_gib", 0.0))
     if gib < 0:
         raise UserError(f"predict.block_gib={gib} must be >= 0 (GiB of a block's window on the device; 0 = auto).")
-    return int(gib * 2**30) if gib > 0 else auto_block_bytes()
+    return block_budget_bytes(gib)
 
 
 def run_prediction(
