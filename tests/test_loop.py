@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -103,3 +104,32 @@ def test_without_best_metric_inference_takes_the_latest_checkpoint(data_paths, t
     _, _, variables = restore_for_inference(tmp_path)
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(newest["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_of_another_layout_is_refused_and_kept(tmp_path):
+    """A readable checkpoint whose arrays differ from the run's state (an array added or reshaped by
+    a change of config or jaxem) is refused by name, not deleted as if torn by a crash."""
+    import flax.struct
+    import jax.numpy as jnp
+
+    from jaxem.errors import UserError
+
+    @flax.struct.dataclass
+    class State:
+        step: jnp.ndarray
+        params: dict
+
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(5, State(jnp.array(5), {"conv": jnp.ones(3)}), {"epoch": 1}, {"run": "a"})
+    ckpt.close()
+    same = Checkpointer(tmp_path, async_save=False).restore_latest(State(jnp.array(0), {"conv": jnp.zeros(3)}))
+    np.testing.assert_array_equal(np.asarray(same[0].params["conv"]), np.ones(3))
+    assert same[1:] == ({"epoch": 1}, {"run": "a"})
+    for template, path, saved, expected in [
+            (State(jnp.array(0), {"conv": jnp.zeros(4)}), "params/conv", "shape (3,)", "shape (4,)"),
+            (State(jnp.array(0), {"conv": jnp.zeros(3), "teacher": jnp.zeros(2)}), "params/teacher", "absent",
+             "shape (2,)")]:
+        with pytest.raises(UserError, match=f"'{path}' is .*{re.escape(saved)} there and .*{re.escape(expected)} "
+                                            "for this run; resume with the config that wrote it"):
+            Checkpointer(tmp_path, async_save=False).restore_latest(template)
+        assert Checkpointer(tmp_path).steps() == [5]

@@ -113,6 +113,7 @@ class Checkpointer:
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_to_tree(template_state))
         for step in reversed(self.steps()):
+            self._refuse_another_layout(step, abstract)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract),
@@ -125,6 +126,24 @@ class Checkpointer:
                 continue
             return tree_to_state(template_state, restored["state"]), restored["data"], restored["meta"]
         return None
+
+    def _refuse_another_layout(self, step: int, abstract: dict) -> None:
+        """UserError when checkpoint `step` is readable but holds a state of another layout than
+        `abstract` (an array added, removed or reshaped by a change of config or of jaxem): such
+        a checkpoint is not torn, and deleting it would lose the run. Unreadable metadata passes
+        (the restore then treats the checkpoint as torn)."""
+        try:
+            saved = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree)
+        except Exception:
+            return
+        expected = _leaf_shapes(abstract)
+        differences = sorted(p for p in saved.keys() | expected.keys() if saved.get(p) != expected.get(p))
+        if differences:
+            path, more = differences[0], f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+            raise UserError(
+                f"checkpoint {self.directory / str(step)} holds a train state of another layout: "
+                f"'{path}' is {_describe(saved.get(path))} there and {_describe(expected.get(path))} for this run"
+                f"{more}; resume with the config that wrote it, or set another train.workdir.")
 
     def best_step(self) -> int | None:
         """The step with the best saved metric (None when no checkpoint has metrics)."""
@@ -150,6 +169,17 @@ class Checkpointer:
         """Waits for the saves in flight and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """{"params/encoder/.../kernel": shape} of every array leaf of a (metadata or abstract) tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _describe(shape: tuple | None) -> str:
+    return "absent" if shape is None else f"an array of shape {shape}"
 
 
 def remove_torn_metrics(directory: Path) -> None:
