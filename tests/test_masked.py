@@ -119,6 +119,24 @@ def test_mim_resumes_exactly_and_fine_tuning_starts_from_the_whole_network_but_i
         np.testing.assert_array_equal(x, y)  # the head starts fresh
 
 
+def test_fine_tuning_a_pretrained_network_with_ema_trains(tmp_path):
+    """init_encoder with an EMA (the pseudo-label / mean-teacher runs): params and their EMA copy are
+    separate buffers (the train step donates both), and both move from the pretrained weights."""
+    from jaxem.commands.demo import with_data_paths, write_synthetic_data
+    from jaxem.train.trainer import train
+
+    pretrain(_tiny_mim(tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2}), tmp_path / "pt", progress=False)
+    seg = with_data_paths(apply_overrides(load_config("demo:tiny"), [
+        f"--config.train.init_encoder={tmp_path / 'pt'}", "--config.train.ema_decay=0.5", "--config.train.steps=2"]),
+        write_synthetic_data(load_config("demo:tiny"), tmp_path / "data"))
+    _, state, _, _ = build_training(seg, parallel.make_mesh(1))
+    pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert not pointers(state.params) & pointers(state.ema_params)
+    assert train(seg, tmp_path / "run", progress=False)["final_step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+
+
 def test_mim_network_that_does_not_fit_is_refused_by_name(tmp_path):
     config = _tiny_mim(tmp_path, **{"train.steps": 2, "train.checkpoint_every": 2})
     pretrain(config, tmp_path / "run", progress=False)

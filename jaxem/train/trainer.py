@@ -191,9 +191,11 @@ def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.Co
     except UserError as e:
         raise UserError(f"train.init_encoder={path}: {e}") from None
     variables = parallel.replicate(jax.device_get(variables), mesh)
-    params = variables["params"]
-    opt_state = jax.jit(state.tx.init, out_shardings=parallel.replicated(mesh))(params)
-    return state.replace(params=params, ema_params=params, batch_stats=variables.get("batch_stats", state.batch_stats),
+    params, replicated = variables["params"], parallel.replicated(mesh)
+    opt_state = jax.jit(state.tx.init, out_shardings=replicated)(params)
+    # the EMA copy needs buffers of its own: the train step donates both trees
+    ema_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=replicated)(params)
+    return state.replace(params=params, ema_params=ema_params, batch_stats=variables.get("batch_stats", state.batch_stats),
                          opt_state=opt_state)
 
 
