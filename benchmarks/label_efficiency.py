@@ -2,7 +2,7 @@
 
     python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
         [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine]
-        [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...]
+        [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
         [--out results.json] [--plot label_efficiency.png]
 
 1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
@@ -14,7 +14,9 @@
    data order (RUN/<arm>_<n>/seed<s>, reused when finished). Each `--semi` method (jaxem.semi:
    mean_teacher, pseudo_label, fixmatch) adds an arm trained from random init with the same
    labelled slices plus all unlabelled ISBI raw EM (the pretraining's images); `--combine` adds
-   "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised.
+   "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised. `--transfer.x=y`
+   overrides the fine-tuning of the pretrained arms only (e.g. `--transfer.train.llrd=0.5`), which are
+   then named "<pretraining>@x=y" (their own run directories; scratch and the semi arms are reused).
 3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in two protocols:
    - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
      so arms differ in their networks only;
@@ -63,6 +65,13 @@ def pretrain_network(method: str, model, overrides: list[str], run: Path, progre
     benchmark's budget on the unlabelled ISBI images into `run`; returns the summary (resumes or
     skips a finished run)."""
     return ssl_transfer.pretrain_encoder(f"pretrain:{method}", [*PRETRAIN_DEFAULTS, *overrides], model, run, progress)
+
+
+def pretrained_arm(method: str, transfer: list[str]) -> str:
+    """The arm (and run directory) name of `method`'s pretraining fine-tuned with the `transfer`
+    overrides ("x=y"): "mim", or "mim@train.llrd=0.5". (No brackets: tensorstore cannot open a
+    checkpoint under a directory whose name holds one.)"""
+    return f"{method}@{','.join(transfer)}" if transfer else method
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
@@ -191,7 +200,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
     parser.add_argument("--no-progress", action="store_true")
     args, rest = parser.parse_known_args()
-    pretrain_overrides, finetune_overrides = split_overrides(parser, rest)
+    transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
+    pretrain_overrides, finetune_overrides = split_overrides(parser, [a for a in rest if not a.startswith("--transfer.")])
 
     import jax
 
@@ -199,14 +209,16 @@ def main() -> None:
 
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
-    combined = [(m, s) for m in args.methods for s in args.semi] if args.combine else []
-    arms = ["scratch", *args.methods, *args.semi, *(f"{m}+{s}" for m, s in combined)]
+    pretrained = {pretrained_arm(m, transfer): m for m in args.methods}  # arm -> its pretraining
+    combined = [(a, s) for a in pretrained for s in args.semi] if args.combine else []
+    arms = ["scratch", *pretrained, *args.semi, *(f"{a}+{s}" for a, s in combined)]
     model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
     pretraining = {m: pretrain_network(m, model, pretrain_overrides, run / f"pretrain_{m}", progress)
                    for m in args.methods}
-    init = {m: [f"--config.train.init_encoder={run / f'pretrain_{m}'}"] for m in args.methods}
+    init = {a: [f"--config.train.init_encoder={run / f'pretrain_{m}'}", *(f"--config.{t}" for t in transfer)]
+            for a, m in pretrained.items()}
     semi = {s: semi_overrides(s, unlabelled_images()) for s in args.semi}
-    arm_overrides = {"scratch": [], **init, **semi, **{f"{m}+{s}": init[m] + semi[s] for m, s in combined}}
+    arm_overrides = {"scratch": [], **init, **semi, **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
     subsets = {n: labelled_subset(n, run / f"labelled_{n}") for n in args.slices}
     for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
@@ -221,9 +233,10 @@ def main() -> None:
         "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
         "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL,
         # the goal: a pretrained arm (alone or with a semi method); for reference, the best of every arm
-        "goal_met": goal_met(table, [*args.methods, *(f"{m}+{s}" for m, s in combined)]),
+        "goal_met": goal_met(table, [*pretrained, *(f"{a}+{s}" for a, s in combined)]),
         "best_of_all_arms": goal_met(table, arms[1:]),
         "finetune_config": args.finetune_config, "finetune_overrides": [*FINETUNE_DEFAULTS, *finetune_overrides],
+        "transfer_overrides": [f"--config.{t}" for t in transfer],
         "pretrain_overrides": [*PRETRAIN_DEFAULTS, *pretrain_overrides], "pretraining": pretraining,
         "table": {str(n): row for n, row in table.items()},
         "per_run": {arm: {str(n): {str(s): r for s, r in per_n.items()} for n, per_n in by_n.items()}

@@ -219,16 +219,23 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
-    # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images.
+    # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
+    # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command[:command.index("--seeds")], "--seeds", "0", *command[command.index("--methods"):],
-                           "--semi", "fixmatch", "--combine"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          check=True, env=env)
-    assert "| 1 | mim+fixmatch |" in semi.stdout
+                           "--semi", "fixmatch", "--combine", "--transfer.train.llrd=0.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, check=True, env=env)
+    tuned_mim = "mim@train.llrd=0.5"
+    assert f"| 1 | {tuned_mim}+fixmatch |" in semi.stdout
     ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed0" / "config.json").read_text())
-          for arm in ("scratch", "mim", "fixmatch", "mim+fixmatch")}
-    assert ft["scratch"]["semi"]["weight"] == ft["mim"]["semi"]["weight"] == 0
+          for arm in ("scratch", "mim", tuned_mim, "fixmatch", f"{tuned_mim}+fixmatch")}
+    assert ft["scratch"]["semi"]["weight"] == ft[tuned_mim]["semi"]["weight"] == 0
     assert ft["fixmatch"]["train"]["init_encoder"] == ""
-    assert ft["mim+fixmatch"]["train"]["init_encoder"] == ft["mim"]["train"]["init_encoder"]
-    for arm in ("fixmatch", "mim+fixmatch"):
+    assert ft[f"{tuned_mim}+fixmatch"]["train"]["init_encoder"] == ft[tuned_mim]["train"]["init_encoder"] \
+        == ft["mim"]["train"]["init_encoder"]
+    assert ft[tuned_mim]["train"]["llrd"] == ft[f"{tuned_mim}+fixmatch"]["train"]["llrd"] == 0.5
+    assert ft["scratch"]["train"]["llrd"] == ft["fixmatch"]["train"]["llrd"] == ft["mim"]["train"]["llrd"] == 1.0
+    assert json.loads((tmp_path / "r.json").read_text())["goal_met"]["fixed"]["1"]["best_arm"] in (
+        tuned_mim, f"{tuned_mim}+fixmatch")
+    for arm in ("fixmatch", f"{tuned_mim}+fixmatch"):
         assert ft[arm]["semi"]["method"] == "fixmatch" and ft[arm]["semi"]["weight"] == 1.0
         assert ft[arm]["semi"]["unlabelled_images"] == pretrain_cfg["data"]["train_images"]
