@@ -174,7 +174,7 @@ class Checkpointer:
 def _leaf_shapes(tree) -> dict[str, tuple]:
     """{"params/encoder/.../kernel": shape} of every array leaf of a (metadata or abstract) tree."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path): tuple(leaf.shape)
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
             for path, leaf in leaves if hasattr(leaf, "shape")}
 
 

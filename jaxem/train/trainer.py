@@ -120,8 +120,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     teacher, rounds = run_teacher(config, state, mesh), unlabelled.rounds_on(config.get("semi"))
     add_ons = init_adversaries(config, model, state, replicated)
     if rounds > 1:  # the rounds' teacher lives in the state; before the first round ends: the run teacher or a placeholder
-        add_ons["round_teacher"] = teacher if teacher is not None else jax.jit(
-            lambda s: jax.tree.map(jnp.copy, s.variables(use_ema=True)), out_shardings=replicated)(state)
+        add_ons["round_teacher"] = teacher if teacher is not None else copy_on_devices(
+            state.variables(use_ema=True), replicated)
         teacher = None
     if add_ons:
         state = with_add_ons(state, **add_ons)
@@ -178,6 +178,12 @@ def run_teacher(config: ml_collections.ConfigDict, state, mesh) -> dict | None:
     return parallel.replicate(jax.device_get(variables), mesh)
 
 
+def copy_on_devices(tree, sharding):
+    """A copy of the array tree `tree` in fresh device buffers with `sharding` (state fields the train
+    step donates must not share a buffer)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)(tree)
+
+
 def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None):
     """`state` whose encoder variables (params and EMA copy; batch_stats with batch norm) come from
     the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit.
@@ -194,8 +200,7 @@ def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.Co
     params, replicated = variables["params"], parallel.replicated(mesh)
     opt_state = jax.jit(state.tx.init, out_shardings=replicated)(params)
     # the EMA copy needs buffers of its own: the train step donates both trees
-    ema_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=replicated)(params)
-    return state.replace(params=params, ema_params=ema_params, batch_stats=variables.get("batch_stats", state.batch_stats),
+    return state.replace(params=params, ema_params=copy_on_devices(params, replicated), batch_stats=variables.get("batch_stats", state.batch_stats),
                          opt_state=opt_state)
 
 
