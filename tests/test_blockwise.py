@@ -350,6 +350,19 @@ def test_bad_tiling_settings_are_clear_errors(block, halo, chunk, message):
 
 
 
+def test_a_halo_too_large_for_an_axis_one_tile_spans_is_dropped(tmp_path):
+    """A short stack (6 sections) under a tile of 8 with halo 4: the tile spans z whole, so its z
+    halo is 0 (nothing to overlap) instead of a refusal; the other axes keep theirs, and the
+    prediction equals the whole-volume forward."""
+    vol = (np.random.default_rng(3).random((6, 37, 30)) * 255).astype(np.uint8)
+    src, forward, whole = setup(tmp_path, vol, normalize=(117.5, 41.0), seed=0)
+    tiling = make_tiling(vol.shape, None, (8, 16, 16), (4, 4, 4), blend="center")
+    assert tiling.block == (6, 16, 16) and tiling.halo == (0, 4, 4) and tiling.stride == (6, 8, 8)
+    g = block_geometry(tiling, (0, 0, 0), tiling.grid())
+    got = predict_block(make_block_fn(forward, tiling.block, 3, np.float32), src, g)
+    np.testing.assert_allclose(got, whole(vol)[(slice(None),) + g.out_box], atol=1e-5)
+
+
 @pytest.mark.parametrize("shape,block,halo,roi,dtype,wrap", [
     ((21, 37, 30), (8, 16, 16), (2, 4, 4), None, np.float32, None),
     ((21, 37, 30), (8, 16, 16), (2, 4, 4), ((3, 20), (5, 36), (0, 17)), np.uint8, None),

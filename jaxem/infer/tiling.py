@@ -241,7 +241,10 @@ def make_tiling(shape, roi, block, halo, chunk=None, blend="gaussian") -> Tiling
     for axis, ((a, b), n) in enumerate(zip(roi, shape)):
         if not 0 <= a < b <= n:
             raise UserError(f"ROI {a}:{b} on axis {axis} lies outside the volume of shape {shape}.")
-    block = tuple(min(b, n) if n < b else b for b, n in zip(block, shape))
+    block = tuple(min(b, n) for b, n in zip(block, shape))
+    # An axis one tile spans whole has no neighbouring tiles to overlap: a halo too large for it
+    # (a short stack, or the lifted z halo of `--planes`) is dropped rather than refused.
+    halo = tuple(0 if b == n and b <= 2 * h else h for b, h, n in zip(block, halo, shape))
     stride = tuple(b - 2 * h for b, h in zip(block, halo))
     if min(stride) <= 0:
         raise UserError(f"predict.halo {halo} must be less than half of predict.block_shape {block} on every axis.")
