@@ -199,3 +199,16 @@ def test_a_refused_demo_training_leaves_no_workdir(tmp_path, capsys):
                      "--config.data.batch_size=0"]) == 2
     assert "data.batch_size=0" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+def test_a_workdir_with_square_brackets_is_refused_before_anything_is_written(tmp_path, capsys):
+    """orbax finds a checkpoint's parts by glob, so under `run[1]` it would write checkpoints it
+    cannot read: the run is refused with one sentence, exit 2, and no workdir is left."""
+    from jaxem import cli
+
+    workdir = tmp_path / "run[1]"
+    assert cli.main(["train", "--config", "demo:tiny", "--workdir", str(workdir), "--no-progress",
+                     "--config.train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "square brackets" in err and "run[1]" in err and "Traceback" not in err
+    assert not workdir.exists()

@@ -59,6 +59,16 @@ def metric_score(best_metric: str, best_mode: str):
     return lambda metrics: float(metrics.get(best_metric, worst))
 
 
+def check_checkpoint_path(directory: str | os.PathLike, what: str = "--workdir") -> None:
+    """UserError when orbax cannot write checkpoints under `directory`: square brackets in its
+    absolute path (orbax finds its per-process parts by glob, where `[...]` is a character class,
+    and silently writes a checkpoint it cannot read)."""
+    resolved = str(Path(directory).resolve())
+    if "[" in resolved or "]" in resolved:
+        raise UserError(f"{what} {directory} has square brackets in its path ({resolved}), where orbax cannot "
+                        "write readable checkpoints; choose a path without '[' or ']'.")
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints under `workdir/checkpoints`."""
 
@@ -280,6 +290,7 @@ def restore_on_this_host(directory: str | os.PathLike) -> dict:
 def save_tree(directory: str | os.PathLike, tree: Any) -> None:
     """Saves a pytree of arrays with orbax into `directory` (replacing what is there); every
     process of a multi-process job must call it."""
+    check_checkpoint_path(directory, "the checkpoint directory")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(Path(directory).resolve(), tree, force=True)
     checkpointer.wait_until_finished()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from jaxem.config import fingerprint, save_config
 from jaxem.data.volume import nonfinite_count, open_volume
 from jaxem.errors import UserError
-from jaxem.train.checkpoint import Checkpointer
+from jaxem.train.checkpoint import Checkpointer, check_checkpoint_path
 from jaxem.train.logs import MetricWriter, environment_versions, plot_curves
 from jaxem.train.state import parameter_count
 
@@ -44,7 +44,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
                   shape: Callable[[ml_collections.ConfigDict], RunShape]) -> None:
     """UserError when `workdir` holds checkpoints of a run whose shape differs from `config`'s:
     `shape(config)` (e.g. the trainer's `run_shape`) is applied to the run's saved config.json and
-    to `config`; an entry present in only one of the two differs too."""
+    to `config`; an entry present in only one of the two differs too; and when orbax could not
+    write readable checkpoints there (`check_checkpoint_path`)."""
+    check_checkpoint_path(workdir)
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
