@@ -69,8 +69,8 @@ def pretrain_network(method: str, model, overrides: list[str], run: Path, progre
 
 def pretrained_arm(method: str, transfer: list[str]) -> str:
     """The arm (and run directory) name of `method`'s pretraining fine-tuned with the `transfer`
-    overrides ("x=y"): "mim", or "mim@train.llrd=0.5". (No brackets: tensorstore cannot open a
-    checkpoint under a directory whose name holds one.)"""
+    overrides ("x=y"): "mim", or "mim@train.llrd=0.5". (No brackets: orbax cannot write readable
+    checkpoints under a path that holds one.)"""
     return f"{method}@{','.join(transfer)}" if transfer else method
 
 
