@@ -181,6 +181,15 @@ def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them
     both = summarise(results, ["scratch", "mim", "fixmatch"], [1, 2])
     assert goal_met(both, ["mim"])["fixed"][1]["best_arm"] == "mim" and not goal_met(both, ["mim"])["fixed"][1]["met"]
     assert goal_met(both, ["mim", "fixmatch"])["fixed"][1]["best_arm"] == "fixmatch"
+    # mim+fixmatch beats scratch by far, but fixmatch from random init by +0.01 / -0.01 VRand only: the
+    # same-recipe goal reads that pretraining adds nothing.
+    results["mim+fixmatch"] = {n: {0: run(0.96, 0.95), 1: run(0.94, 0.95)} for n in (1, 2)}
+    combo = summarise(results, ["scratch", "mim", "fixmatch", "mim+fixmatch"], [1, 2])
+    assert combo[1]["pretraining_gain_mim+fixmatch"]["vrand"]["values"] == pytest.approx([0.01, -0.01])
+    assert "pretraining_gain_mim" not in combo[1] and "pretraining_gain_fixmatch" not in combo[1]
+    assert goal_met(combo, ["mim+fixmatch"])["fixed"][1]["met"]
+    same_recipe = goal_met(combo, ["mim", "mim+fixmatch"], "pretraining_gain_")["fixed"][1]
+    assert not same_recipe["met"] and same_recipe["best_arm"] == "mim" and same_recipe["vrand_gain"] == pytest.approx(0.02)
     text = format_table(table, ["scratch", "mim"])
     assert "| 2 | mim | 0.815 ± 0.007 | 0.900 ± 0.000 | 0.910 ± 0.014 | 0.800 ± 0.000 | +0.005 ± 0.007 |" in text
     assert "+6.0 ± 1.4 |" in text  # IoU gain in points: +7 and +5
@@ -234,8 +243,10 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
         == ft["mim"]["train"]["init_encoder"]
     assert ft[tuned_mim]["train"]["llrd"] == ft[f"{tuned_mim}+fixmatch"]["train"]["llrd"] == 0.5
     assert ft["scratch"]["train"]["llrd"] == ft["fixmatch"]["train"]["llrd"] == ft["mim"]["train"]["llrd"] == 1.0
-    assert json.loads((tmp_path / "r.json").read_text())["goal_met"]["fixed"]["1"]["best_arm"] in (
-        tuned_mim, f"{tuned_mim}+fixmatch")
+    combined = json.loads((tmp_path / "r.json").read_text())
+    assert combined["goal_met"]["fixed"]["1"]["best_arm"] in (tuned_mim, f"{tuned_mim}+fixmatch")
+    assert f"pretraining_gain_{tuned_mim}+fixmatch" in combined["table"]["1"]
+    assert combined["goal_met_same_recipe"]["fixed"]["1"]["best_arm"] in (tuned_mim, f"{tuned_mim}+fixmatch")
     for arm in ("fixmatch", f"{tuned_mim}+fixmatch"):
         assert ft[arm]["semi"]["method"] == "fixmatch" and ft[arm]["semi"]["weight"] == 1.0
         assert ft[arm]["semi"]["unlabelled_images"] == pretrain_cfg["data"]["train_images"]
