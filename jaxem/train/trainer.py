@@ -200,8 +200,8 @@ def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.Co
     params, replicated = variables["params"], parallel.replicated(mesh)
     opt_state = jax.jit(state.tx.init, out_shardings=replicated)(params)
     # the EMA copy needs buffers of its own: the train step donates both trees
-    return state.replace(params=params, ema_params=copy_on_devices(params, replicated), batch_stats=variables.get("batch_stats", state.batch_stats),
-                         opt_state=opt_state)
+    return state.replace(params=params, ema_params=copy_on_devices(params, replicated),
+                         batch_stats=variables.get("batch_stats", state.batch_stats), opt_state=opt_state)
 
 
 def evaluate(state, eval_step, val_loader, val_start: dict, num_batches: int, segment_crop=None) -> dict:
