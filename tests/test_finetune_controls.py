@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ from jaxem.train import parallel
 from jaxem.train.checkpoint import Checkpointer
 from jaxem.train.defaults import base_config
 from jaxem.train.trainer import build_training
-from jaxem.train.state import encoder_layers, make_optimizer
+from jaxem.train.state import encoder_layers, hold_frozen_batch_stats, make_optimizer
 
 
 def unet_config(widths=(4, 8, 16), norm="group", **train):
@@ -164,6 +165,29 @@ def test_frozen_encoder_params_and_batch_stats_do_not_move_then_thaw():
     assert not same(history[3].batch_stats["encoder"], before.batch_stats["encoder"])
     first = jax.tree.map(lambda a, b: np.abs(a - b).mean(), history[3].params["encoder"], history[2].params["encoder"])
     assert np.isfinite(jax.tree.leaves(first)).all()
+
+
+def test_frozen_encoder_can_let_its_batch_stats_track_the_data():
+    """train.freeze_encoder_batch_stats=False (AdaBN): the frozen encoder's weights stay bitwise
+    fixed while its batch-norm running averages move toward the training batches' statistics."""
+    cfg = unet_config(norm="batch", freeze_encoder_steps=-1, freeze_encoder_batch_stats=False)
+    before, history = train_steps(cfg, 3)
+    assert same(history[-1].params["encoder"], before.params["encoder"])
+    means = [[v for k, v in jax.tree_util.tree_flatten_with_path(s.batch_stats["encoder"])[0]
+              if "mean" in jax.tree_util.keystr(k)] for s in (before, *history)]
+    assert means[0]
+    for old, new in zip(means, means[1:]):  # each step moves every running mean
+        assert all(not np.array_equal(a, b) for a, b in zip(old, new))
+    cfg.train.freeze_encoder_batch_stats = True
+    before, history = train_steps(cfg, 3)
+    assert same(history[-1].batch_stats["encoder"], before.batch_stats["encoder"])
+
+
+def test_freeze_encoder_batch_stats_must_be_a_bool():
+    cfg = ml_collections.ConfigDict(dict(freeze_encoder_batch_stats="yes"))
+    with pytest.raises(UserError, match="train.freeze_encoder_batch_stats='yes' must be True"):
+        hold_frozen_batch_stats(cfg)
+    assert hold_frozen_batch_stats(ml_collections.ConfigDict()) is True
 
 
 def test_encoder_frozen_for_the_whole_run_with_gradient_accumulation():

@@ -34,6 +34,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         # Fine-tuning controls (jaxem.train.state.encoder_controls; with optimizer.encoder_lr_scale):
         llrd=1.0,  # layer-wise lr decay in (0, 1]: encoder layer i of L learns at lr x llrd^(L - i); 1 = off
         freeze_encoder_steps=0,  # no encoder updates (nor batch-norm statistics) for this many steps; -1 = whole run
+        freeze_encoder_batch_stats=True,  # False: a frozen encoder's batch-norm running statistics keep tracking the data (AdaBN)
     ))
 
 

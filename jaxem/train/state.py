@@ -204,6 +204,18 @@ def encoder_controls(opt_cfg: ml_collections.ConfigDict, train_cfg: ml_collectio
     return EncoderControls(float(llrd), int(freeze), lr_scale, warmup)
 
 
+def hold_frozen_batch_stats(train_cfg: ml_collections.ConfigDict) -> bool:
+    """`train.freeze_encoder_batch_stats`: whether a frozen encoder (`train.freeze_encoder_steps`)
+    also keeps its batch-norm running statistics (True, the default), or they keep tracking the
+    training crops while its weights stay fixed (False: AdaBN, for an encoder whose statistics were
+    gathered on other inputs, e.g. a random initialisation's or masked pretraining crops')."""
+    hold = train_cfg.get("freeze_encoder_batch_stats", True)
+    if not isinstance(hold, bool):
+        raise UserError(f"train.freeze_encoder_batch_stats={hold!r} must be True (a frozen encoder keeps its "
+                        f"batch-norm statistics) or False (they keep tracking the training data).")
+    return hold
+
+
 _EMBEDDING_WORDS = ("pos", "position", "posemb", "cls", "token", "tokens")
 
 

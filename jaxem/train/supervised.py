@@ -35,7 +35,7 @@ def _deep_supervision_loss(loss_cfg, aux_logits, target, target_mask):
 def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Callable, target_fn: Callable,
                     ema_decay: float = 0.0, accumulate_steps: int = 1, semi_cfg: ml_collections.ConfigDict | None = None,
                     target_kind: str = "boundary", freeze_encoder_steps: int = 0, rounds: int = 1,
-                    total_steps: int = 0) -> Callable:
+                    total_steps: int = 0, hold_frozen_batch_stats: bool = True) -> Callable:
     """Builds `train_step(state, batch) -> (state, metrics)` for a model and a target kind.
 
     batch: {"image": (B, *spatial, 1) float32, "labels": (B, *spatial) int32, "mask": (B, *spatial)}.
@@ -60,9 +60,10 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
     loss in the model's params and in the classifier's (`state.domain_classifier`), which then takes
     its Adam step on its own part.
     While the encoder is frozen (`freeze_encoder_steps`, train.freeze_encoder_steps: the first N
-    steps, -1 = all) its batch-norm statistics keep their values; the optimizer (make_optimizer with
-    the train config) keeps its parameters. Inside the frozen encoder, train-mode batch norm still
-    normalises with each batch's own statistics. `rounds` > 1 (semi.rounds, pseudo_label): rounds of
+    steps, -1 = all) its batch-norm statistics keep their values unless `hold_frozen_batch_stats` is
+    False (train.freeze_encoder_batch_stats: then its running averages keep tracking the training
+    crops, AdaBN); the optimizer (make_optimizer with the train config) keeps its parameters. Inside
+    the frozen encoder, train-mode batch norm still normalises with each batch's own statistics. `rounds` > 1 (semi.rounds, pseudo_label): rounds of
     `total_steps // rounds` steps; the state's `round_teacher` (a RoundsState) labels the crops, and
     the step that begins each later round first replaces it by the student's inference variables
     (EMA weights when kept) as they are then. The first round's teacher is the run teacher
@@ -260,7 +261,7 @@ def make_train_step(model, loss_cfg: ml_collections.ConfigDict, augment_fn: Call
             parts.update(disc_metrics)
         if dann_on:
             replace["domain_classifier"] = dann.update_classifier(state.domain_classifier, semi_cfg, domain_grads)
-        if freeze_encoder_steps and ENCODER in (batch_stats or {}):
+        if freeze_encoder_steps and hold_frozen_batch_stats and ENCODER in (batch_stats or {}):
             frozen = encoder_frozen(freeze_encoder_steps, state.step)
             held = jax.tree.map(lambda old, new: jnp.where(frozen, old, new),
                                 state.batch_stats[ENCODER], batch_stats[ENCODER])

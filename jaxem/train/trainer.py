@@ -29,7 +29,7 @@ from jaxem.semi import adversarial, dann, unlabelled
 from jaxem.train import checkpoint, parallel
 from jaxem.train.defaults import with_dataset_volumes
 from jaxem.train.loop import RunShape, check_loop_config, check_workdir, has_checkpoints, run_loop, section_shape
-from jaxem.train.state import create_train_state, make_optimizer, with_add_ons
+from jaxem.train.state import create_train_state, hold_frozen_batch_stats, make_optimizer, with_add_ons
 from jaxem.train.supervised import make_eval_step, make_train_step
 
 # Sections whose change makes old checkpoints unusable (parameter shapes or target meaning);
@@ -130,7 +130,7 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     step_fn = make_train_step(model, config.loss, augment_fn, target_fn, tc.ema_decay, tc.accumulate_steps,
                               semi_cfg=config.get("semi"), target_kind=config.target.kind,
                               freeze_encoder_steps=tc.get("freeze_encoder_steps", 0), total_steps=tc.steps,
-                              rounds=rounds)
+                              rounds=rounds, hold_frozen_batch_stats=hold_frozen_batch_stats(tc))
     if teacher is None:
         train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
                              donate_argnums=0)
