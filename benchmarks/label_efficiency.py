@@ -1,7 +1,7 @@
 """Does pretraining on unlabelled EM pay off when labels are few? ISBI 2012, 1/2/5 labelled slices.
 
     python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
-        [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine]
+        [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine] [--control]
         [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
         [--out results.json] [--plot label_efficiency.png]
 
@@ -17,6 +17,8 @@
    "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised. `--transfer.x=y`
    overrides the fine-tuning of the pretrained arms only (e.g. `--transfer.train.llrd=0.5`), which are
    then named "<pretraining>@x=y" (their own run directories; scratch and the semi arms are reused).
+   `--control` adds "random@x=y": random init fine-tuned with the same overrides, the control that
+   tells what the pretraining adds from what the recipe (e.g. a frozen encoder) does by itself.
 3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in two protocols:
    - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
      so arms differ in their networks only;
@@ -27,8 +29,9 @@
 Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each arm's
 gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
 per protocol (at 1 and 2 slices the best pretrained arm, alone or with a semi method, beats scratch
-by >= 0.03 VRand or >= 5 IoU points; `goal_met_same_recipe` the same with each "<pretraining>+<semi>"
-arm measured against <semi> from random init, so that what the pretraining itself adds decides;
+by >= 0.03 VRand or >= 5 IoU points; `goal_met_same_recipe` the same with each pretrained arm measured
+against random init fine-tuned the same way (its `--control` arm; <semi> for "<pretraining>+<semi>"),
+so that what the pretraining itself adds decides;
 `best_of_all_arms` the same over every arm),
 times and the machine. --plot draws VRand and IoU against n. Needs the ISBI data
 (../shared/data/isbi2012 or $JAXEM_DATA).
@@ -91,11 +94,11 @@ def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple
             "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
 
 
-def summarise(results: dict, arms: list[str], slices: list[int]) -> dict:
+def summarise(results: dict, arms: list[str], slices: list[int], controls: dict | None = None) -> dict:
     """{n: {arm: {metric: {mean, std, values}}, gain_<arm>: {metric: {mean, std, values}}}} from
-    results[arm][n][seed]["scores"]; gains are per-seed differences to scratch (same seed). A
-    "<pretraining>+<semi>" arm also gets "pretraining_gain_<arm>": its per-seed difference to the
-    <semi> arm from random init, what the pretraining adds with the fine-tuning recipe held fixed."""
+    results[arm][n][seed]["scores"]; gains are per-seed differences to scratch (same seed). An arm
+    with a same-recipe baseline (`same_recipe_baseline`) also gets "pretraining_gain_<arm>": its
+    per-seed difference to that baseline, what the pretraining adds with the fine-tuning recipe held fixed."""
     table = {}
     for n in slices:
         row = {}
@@ -104,11 +107,21 @@ def summarise(results: dict, arms: list[str], slices: list[int]) -> dict:
             row[arm] = {m: _stats([per_seed[s]["scores"][m] for s in sorted(per_seed)]) for m in METRICS}
         for arm in arms[1:]:
             row[f"gain_{arm}"] = _gain(results, arm, "scratch", n)
-            _, plus, semi = arm.rpartition("+")  # the semi method is last: a transfer override may hold '+'
-            if plus and semi in results:
-                row[f"pretraining_gain_{arm}"] = _gain(results, arm, semi, n)
+            baseline = same_recipe_baseline(arm, results, controls or {})
+            if baseline:
+                row[f"pretraining_gain_{arm}"] = _gain(results, arm, baseline, n)
         table[n] = row
     return table
+
+
+def same_recipe_baseline(arm: str, results: dict, controls: dict) -> str | None:
+    """The arm trained from random init with `arm`'s fine-tuning recipe: its `--control` arm
+    ("random@x=y", from `controls`), or for a "<pretraining>+<semi>" arm the <semi> arm; None
+    when there is none (the baseline is then scratch)."""
+    if arm in controls:
+        return controls[arm]
+    _, plus, semi = arm.rpartition("+")  # the semi method is last: a transfer override may hold '+'
+    return semi if plus and semi in results else None
 
 
 def _gain(results: dict, arm: str, baseline: str, n: int) -> dict:
@@ -208,12 +221,17 @@ def main() -> None:
                         help="semi-supervised arms from random init, on all unlabelled ISBI raw EM")
     parser.add_argument("--combine", action="store_true",
                         help="also every pretraining x semi method: '<pretraining>+<semi>' arms")
+    parser.add_argument("--control", action="store_true",
+                        help="also random init fine-tuned with the --transfer overrides ('random@x=y'): the "
+                             "same-recipe control each pretrained arm's pretraining_gain_ is measured against")
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
     parser.add_argument("--no-progress", action="store_true")
     args, rest = parser.parse_known_args()
     transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
+    if args.control and not transfer:
+        parser.error("--control needs --transfer.x=y overrides: without them the same-recipe control is scratch")
     pretrain_overrides, finetune_overrides = split_overrides(parser, [a for a in rest if not a.startswith("--transfer.")])
 
     import jax
@@ -223,17 +241,20 @@ def main() -> None:
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
     pretrained = {pretrained_arm(m, transfer): m for m in args.methods}  # arm -> its pretraining
+    controls = {a: pretrained_arm("random", transfer) for a in pretrained} if args.control else {}
     combined = [(a, s) for a in pretrained for s in args.semi] if args.combine else []
     combined_arms = [f"{a}+{s}" for a, s in combined]
     candidates = [*pretrained, *combined_arms]  # the arms the goal reads
-    arms = ["scratch", *pretrained, *args.semi, *combined_arms]
+    arms = ["scratch", *pretrained, *sorted(set(controls.values())), *args.semi, *combined_arms]
     model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
     pretraining = {m: pretrain_network(m, model, pretrain_overrides, run / f"pretrain_{m}", progress)
                    for m in args.methods}
     init = {a: [f"--config.train.init_encoder={run / f'pretrain_{m}'}", *(f"--config.{t}" for t in transfer)]
             for a, m in pretrained.items()}
     semi = {s: semi_overrides(s, unlabelled_images()) for s in args.semi}
-    arm_overrides = {"scratch": [], **init, **semi, **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
+    same_recipe = {c: [f"--config.{t}" for t in transfer] for c in controls.values()}
+    arm_overrides = {"scratch": [], **init, **same_recipe, **semi,
+                     **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
     subsets = {n: labelled_subset(n, run / f"labelled_{n}") for n in args.slices}
     for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
@@ -242,15 +263,15 @@ def main() -> None:
                 results[arm][n][seed] = finetune_and_score(
                     args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n],
                     run / f"{arm}_{n}" / f"seed{seed}", seed, progress)
-    table = summarise(results, arms, args.slices)
+    table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))
     report = {
         "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
         "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL,
         # the goal: a pretrained arm (alone or with a semi method); for reference, the best of every arm
         "goal_met": goal_met(table, candidates),
-        # the same, each pretrained arm against random init fine-tuned the same way (scratch, or its
-        # semi arm): what the pretraining itself adds
+        # the same, each pretrained arm against random init fine-tuned the same way (its --control
+        # arm, its semi arm, else scratch): what the pretraining itself adds
         "goal_met_same_recipe": goal_met(table, candidates, "pretraining_gain_"),
         "best_of_all_arms": goal_met(table, arms[1:]),
         "finetune_config": args.finetune_config, "finetune_overrides": [*FINETUNE_DEFAULTS, *finetune_overrides],

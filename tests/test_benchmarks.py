@@ -190,6 +190,18 @@ def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them
     assert goal_met(combo, ["mim+fixmatch"])["fixed"][1]["met"]
     same_recipe = goal_met(combo, ["mim", "mim+fixmatch"], "pretraining_gain_")["fixed"][1]
     assert not same_recipe["met"] and same_recipe["best_arm"] == "mim" and same_recipe["vrand_gain"] == pytest.approx(0.02)
+    # --control: a pretrained arm fine-tuned another way is measured against random init fine-tuned that way.
+    results["mim@f"] = {n: {0: run(0.90, 0.80), 1: run(0.90, 0.80)} for n in (1, 2)}
+    results["random@f"] = {n: {0: run(0.88, 0.80), 1: run(0.84, 0.80)} for n in (1, 2)}
+    controlled = summarise(results, ["scratch", "mim@f", "random@f"], [1, 2], {"mim@f": "random@f"})
+    assert controlled[1]["gain_mim@f"]["vrand"]["values"] == pytest.approx([0.20, 0.10])
+    assert controlled[1]["pretraining_gain_mim@f"]["vrand"]["values"] == pytest.approx([0.02, 0.06])
+    assert "pretraining_gain_random@f" not in controlled[1]
+    assert goal_met(controlled, ["mim@f"], "pretraining_gain_")["fixed"][1]["vrand_gain"] == pytest.approx(0.04)
+    results["random@f"] = {n: {0: run(0.89, 0.80), 1: run(0.89, 0.80)} for n in (1, 2)}
+    controlled = summarise(results, ["scratch", "mim@f", "random@f"], [1, 2], {"mim@f": "random@f"})
+    assert goal_met(controlled, ["mim@f"])["fixed"][1]["met"]  # +0.15 over scratch ...
+    assert not goal_met(controlled, ["mim@f"], "pretraining_gain_")["fixed"][1]["met"]  # ... +0.01 over its control
     text = format_table(table, ["scratch", "mim"])
     assert "| 2 | mim | 0.815 ± 0.007 | 0.900 ± 0.000 | 0.910 ± 0.014 | 0.800 ± 0.000 | +0.005 ± 0.007 |" in text
     assert "+6.0 ± 1.4 |" in text  # IoU gain in points: +7 and +5
@@ -231,7 +243,7 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command[:command.index("--seeds")], "--seeds", "0", *command[command.index("--methods"):],
-                           "--semi", "fixmatch", "--combine", "--transfer.train.llrd=0.5"], cwd=ROOT,
+                           "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, check=True, env=env)
     tuned_mim = "mim@train.llrd=0.5"
     assert f"| 1 | {tuned_mim}+fixmatch |" in semi.stdout
@@ -243,9 +255,14 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
         == ft["mim"]["train"]["init_encoder"]
     assert ft[tuned_mim]["train"]["llrd"] == ft[f"{tuned_mim}+fixmatch"]["train"]["llrd"] == 0.5
     assert ft["scratch"]["train"]["llrd"] == ft["fixmatch"]["train"]["llrd"] == ft["mim"]["train"]["llrd"] == 1.0
+    control = json.loads((tmp_path / "r" / "random@train.llrd=0.5_1" / "seed0" / "config.json").read_text())
+    assert control["train"]["init_encoder"] == "" and control["train"]["llrd"] == 0.5 and control["seed"] == 0
     combined = json.loads((tmp_path / "r.json").read_text())
     assert combined["goal_met"]["fixed"]["1"]["best_arm"] in (tuned_mim, f"{tuned_mim}+fixmatch")
     assert f"pretraining_gain_{tuned_mim}+fixmatch" in combined["table"]["1"]
+    control_gain = combined["table"]["1"][f"pretraining_gain_{tuned_mim}"]["vrand"]["values"][0]
+    assert control_gain == pytest.approx(combined["per_run"][tuned_mim]["1"]["0"]["scores"]["vrand"]
+                                         - combined["per_run"]["random@train.llrd=0.5"]["1"]["0"]["scores"]["vrand"])
     assert combined["goal_met_same_recipe"]["fixed"]["1"]["best_arm"] in (tuned_mim, f"{tuned_mim}+fixmatch")
     for arm in ("fixmatch", f"{tuned_mim}+fixmatch"):
         assert ft[arm]["semi"]["method"] == "fixmatch" and ft[arm]["semi"]["weight"] == 1.0
