@@ -12,6 +12,7 @@ import pytest
 
 from jaxem.commands.demo import with_data_paths, write_synthetic_data
 from jaxem.config import apply_overrides, load_config
+from jaxem.errors import UserError
 from jaxem.train.checkpoint import Checkpointer, restore_for_inference
 from jaxem.train.loop import TrainingDiverged
 from jaxem.train.trainer import train
@@ -112,8 +113,6 @@ def test_a_checkpoint_of_another_layout_is_refused_and_kept(tmp_path):
     import flax.struct
     import jax.numpy as jnp
 
-    from jaxem.errors import UserError
-
     @flax.struct.dataclass
     class State:
         step: jnp.ndarray
@@ -133,3 +132,14 @@ def test_a_checkpoint_of_another_layout_is_refused_and_kept(tmp_path):
                                             "for this run; resume with the config that wrote it"):
             Checkpointer(tmp_path, async_save=False).restore_latest(template)
         assert Checkpointer(tmp_path).steps() == [5]
+
+
+def test_checkpointer_refuses_a_directory_with_square_brackets(tmp_path):
+    """orbax finds checkpoint parts by glob: under 'run[1]' it writes checkpoints it cannot read.
+    Every Checkpointer (writer or reader) refuses such a path before touching anything."""
+    workdir = tmp_path / "run[1]"
+    for read_only in (False, True):
+        with pytest.raises(UserError, match=r"square brackets in its path"):
+            Checkpointer(workdir, read_only=read_only)
+    assert not workdir.exists()
+    Checkpointer(tmp_path / "run1").close()

@@ -76,7 +76,9 @@ class Checkpointer:
                  best_mode: str = "min", async_save: bool = True, read_only: bool = False):
         """`read_only` (inference): nothing on disk is changed and the saved metrics are read only
         when asked for; otherwise step directories whose metrics file is torn are deleted first
-        (orbax reads every step's metrics when it opens and fails on a torn one)."""
+        (orbax reads every step's metrics when it opens and fails on a torn one). A `workdir` whose
+        path orbax cannot use (`check_checkpoint_path`) is refused before anything is touched."""
+        check_checkpoint_path(workdir)
         self.directory = Path(workdir).resolve() / "checkpoints"
         if not read_only:
             remove_torn_metrics(self.directory)
