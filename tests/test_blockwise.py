@@ -92,8 +92,10 @@ def test_gaussian_blend_is_exact_for_a_pointwise_model_and_smooth_for_convs(tmp_
 
 def test_blocks_devices_and_batches_do_not_change_the_bytes(tmp_path):
     """One block of the whole volume, blocks of one chunk spread round-robin over 4 devices, one or
-    3 tiles per forward: the same bytes (each tile's sum is taken in the same order), and each
-    tile runs once per block that it touches (`recompute_factor`)."""
+    3 tiles per forward: the same values to float32 rounding (each tile's sum is taken in the same
+    order, but windows of other shapes compile to other programs, whose fused multiply-adds may
+    round differently: 1 ulp seen in CI), and each tile runs once per block that it touches
+    (`recompute_factor`)."""
     vol = np.random.default_rng(7).random((21, 37, 30)).astype(np.float32)
     src, forward, _ = setup(tmp_path, vol)
     tiling = make_tiling(vol.shape, None, (8, 16, 16), (2, 4, 4), chunk=(4, 8, 8), blend="gaussian")
@@ -104,15 +106,16 @@ def test_blocks_devices_and_batches_do_not_change_the_bytes(tmp_path):
     assert len(jax.local_devices()) == 4
     small = predict_blocks(make_block_fn(forward, tiling.block, 3), src, out, tiling, (1, 1, 1))
     assert small["blocks"] == len(tiling.chunks()) and small["recompute_factor"] > 2
-    np.testing.assert_array_equal(out.read(), one.read())
+    np.testing.assert_allclose(out.read(), one.read(), rtol=0, atol=1e-6)
     assert DoneLog(out.path).done() == set(tiling.chunks())
 
 
-def test_rims_carried_along_axis_0_give_the_bytes_of_one_block_and_run_each_tile_once_there(tmp_path):
+def test_rims_carried_along_axis_0_give_the_values_of_one_block_and_run_each_tile_once_there(tmp_path):
     """Blocks of 2 chunks along z (each a tile long) hand their accumulator rim to the next block:
-    the bytes of one whole-volume block, the z-border tiles run once (fewer tiles than without
-    the carry, where each ran in both blocks), on 1 or 4 devices; a resumed run, whose blocks
-    after done ones recompute only the previous block's rim, gives the same bytes too."""
+    the values of one whole-volume block (to float32 rounding: another window shape is another
+    compiled program), the z-border tiles run once (fewer tiles than without the carry, where each
+    ran in both blocks), the same bytes on 1 or 4 devices; a resumed run, whose blocks after done
+    ones recompute only the previous block's rim, gives the same bytes as the uninterrupted one."""
     from jaxem.infer import device
 
     vol = np.random.default_rng(11).random((29, 37, 30)).astype(np.float32)
@@ -122,12 +125,15 @@ def test_rims_carried_along_axis_0_give_the_bytes_of_one_block_and_run_each_tile
     per = (2, tiling.grid()[1], tiling.grid()[2])  # z slabs of 8 voxels = one tile
     assert device.carries(tiling, per) and not device.carries(tiling, (1, *per[1:]))
     fn = make_block_fn(forward, tiling.block, 3)
+    slabs = []
     for devices in (jax.local_devices()[:1], jax.local_devices()):
         out, _ = create_output(str(tmp_path / f"slabs{len(devices)}"), (2, *vol.shape), np.float32, (1.0,) * 3,
                                (2, *tiling.chunk), ("c", "z", "y", "x"), (0, 0, 0), {}, True)
         stats = predict_blocks(fn, src, out, tiling, per, devices=devices)
         assert stats["carried"] and stats["recompute_factor"] == 1.0 and stats["blocks"] == -(-tiling.grid()[0] // 2)
-        np.testing.assert_array_equal(out.read(), one.read())
+        slabs.append(out.read())
+        np.testing.assert_allclose(slabs[-1], one.read(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(slabs[1], slabs[0])
     g = tiling.grid()[0]  # without the carry, a tile touching two slabs would run in both
     uncarried = sum(len(tiling.tiles_touching(0, lo, min(lo + 2, g))) for lo in range(0, g, 2))
     assert uncarried > len(tiling.tile_starts(0)) == stats["tiles_predicted"] // math.prod(map(len, map(tiling.tile_starts, (1, 2))))
@@ -137,7 +143,7 @@ def test_rims_carried_along_axis_0_give_the_bytes_of_one_block_and_run_each_tile
     first = predict_blocks(fn, src, resumed, tiling, per, block_filter=odd)
     assert first["tiles_predicted"] > tiling.tile_count() * first["blocks"] / stats["blocks"]  # the rims rerun
     predict_blocks(fn, src, resumed, tiling, per)
-    np.testing.assert_array_equal(resumed.read(), one.read())
+    np.testing.assert_array_equal(resumed.read(), slabs[0])
 
 
 def test_raw_uint8_normalised_on_the_device_equals_host_normalisation(tmp_path):
