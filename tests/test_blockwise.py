@@ -197,7 +197,7 @@ def test_resume_skips_done_chunks_and_matches_uninterrupted_run(tmp_path):
     vol = np.random.default_rng(3).random((30, 40)).astype(np.float32)
     src, forward, _ = setup(tmp_path, vol)
     tiling = make_tiling(vol.shape, None, (12, 12), (2, 2), chunk=(8, 8), blend="linear")
-    full, _ = run(tmp_path, src, forward, tiling, name="full")
+    full, _ = run(tmp_path, src, forward, tiling, name="full", budget=0)  # the resumed run's block shapes
     mine = lambda rank, blocks: rank < blocks // 2  # noqa: E731
     out, first = run(tmp_path, src, forward, tiling, name="part", budget=0, block_filter=mine)
     assert first["chunks_per_block"] == [1, 1] and len(DoneLog(out.path).done()) == first["chunks"] == len(tiling.chunks()) // 2
