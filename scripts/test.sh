@@ -3,7 +3,7 @@
 export JAXEM_TEST_EXTRAS=1  # _venv.sh: also the test-only reference models (torch CPU, timm, segment-anything)
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=30 "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose." >&2
