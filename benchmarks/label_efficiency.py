@@ -43,6 +43,7 @@ import argparse
 import json
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -203,10 +204,14 @@ def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
         ax.set_xlabel("labelled training slices")
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # below the panels, not inside one: arm names with --transfer overrides are long
+    handles, labels = axes[0].get_legend_handles_labels()
+    labels = [textwrap.fill(label.replace(",", ", "), 48, break_on_hyphens=False) for label in labels]
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(arms), 3), fontsize=8,
+               frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
