@@ -3,7 +3,10 @@
 export JAXEM_TEST_EXTRAS=1  # _venv.sh: also the test-only reference models (torch CPU, timm, segment-anything)
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 set +e
-python -m pytest -q --durations=30 "$@"
+# Two pytest-xdist workers, each test file on one worker (module fixtures are built once): much of
+# the suite is single-threaded compilation and subprocess start-up, so two workers overlap on the
+# 2-core CI machine. JAXEM_TEST_WORKERS=0 runs serially.
+python -m pytest -q -n "${JAXEM_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose." >&2
