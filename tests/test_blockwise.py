@@ -90,7 +90,7 @@ def test_gaussian_blend_is_exact_for_a_pointwise_model_and_smooth_for_convs(tmp_
     assert stats["tiles_predicted"] == len(tiling.tile_starts(0)) * len(tiling.tile_starts(1))  # each tile once
 
 
-def test_blocks_devices_and_batches_do_not_change_the_bytes(tmp_path):
+def test_blocks_devices_and_batches_do_not_change_the_values(tmp_path):
     """One block of the whole volume, blocks of one chunk spread round-robin over 4 devices, one or
     3 tiles per forward: the same values to float32 rounding (each tile's sum is taken in the same
     order, but windows of other shapes compile to other programs, whose fused multiply-adds may
