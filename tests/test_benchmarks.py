@@ -16,6 +16,7 @@ from jaxem import models
 from jaxem.models import flops
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK_TIMEOUT_S = 1800  # an end-to-end benchmark subprocess: a hang guard, not a speed check
 
 
 def test_models_benchmark_counts_three_forwards_per_step():
@@ -114,7 +115,7 @@ def test_isbi_benchmark_over_seeds(shared_data, tmp_path):
             "--config.data.crop_shape=(64,64)", "--config.data.batch_size=4", "--config.optimizer.warmup_steps=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
     out = subprocess.run([sys.executable, "benchmarks/isbi2012.py", "--run", str(tmp_path / "r"), "--seeds", "0", "3",
-                          "--no-progress", "--no-tune", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=1800, check=True, env=env)
+                          "--no-progress", "--no-tune", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     report = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
     assert report["seeds"] == [0, 3] and set(report["per_seed"]) == {"0", "3"}
     assert "model_tuned" not in report["per_seed"]["0"]["scores"]  # --no-tune (tuning: test_infer_e2e)
@@ -137,7 +138,7 @@ def test_ssl_transfer_benchmark_compares_pretrained_and_scratch(shared_data, tmp
             "--finetune.data.crop_shape=(64,64)", "--finetune.data.batch_size=4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
     out = subprocess.run([sys.executable, "benchmarks/ssl_transfer.py", "--run", str(tmp_path / "r"), "--no-progress",
-                          "--labelled-slices", "3", "--arms", "pretrained", "mean_teacher", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+                          "--labelled-slices", "3", "--arms", "pretrained", "mean_teacher", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S,
                          check=True, env=env)
     report = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
     pretrain_cfg = json.loads((tmp_path / "r" / "pretrain" / "config.json").read_text())
@@ -219,7 +220,7 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     command = [sys.executable, "benchmarks/label_efficiency.py", "--run", str(tmp_path / "r"), "--no-progress",
                "--slices", "1", "--seeds", "0", "1", "--methods", "mim", "--out", str(tmp_path / "r.json"),
                "--plot", str(tmp_path / "p.png"), *tiny]
-    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=True, env=env)
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     report = json.loads((tmp_path / "r.json").read_text())
     pretrain_cfg = json.loads((tmp_path / "r" / "pretrain_mim" / "config.json").read_text())
     assert pretrain_cfg["ssl"]["method"] == "mim" and len(pretrain_cfg["data"]["train_images"]) == 2
@@ -237,14 +238,14 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     tuned = runs["mim"]["1"]["0"]
     assert {"vrand_tuned", "membrane_ap"} <= set(tuned["scores"]) and tuned["tuned_setting"]["method"]
     assert (tmp_path / "p.png").stat().st_size > 1000 and "| 1 | mim |" in out.stdout
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=True, env=env)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command[:command.index("--seeds")], "--seeds", "0", *command[command.index("--methods"):],
                            "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1800, check=True, env=env)
+                          capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     tuned_mim = "mim@train.llrd=0.5"
     assert f"| 1 | {tuned_mim}+fixmatch |" in semi.stdout
     ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed0" / "config.json").read_text())
