@@ -242,9 +242,11 @@ def main() -> None:
     import jax
 
     from jaxem.config import apply_overrides, load_config
+    from jaxem.xla import use_compilation_cache
 
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
+    use_compilation_cache(run / "xla_cache")  # every arm and seed compiles the same network
     pretrained = {pretrained_arm(m, transfer): m for m in args.methods}  # arm -> its pretraining
     controls = {a: pretrained_arm("random", transfer) for a in pretrained} if args.control else {}
     combined = [(a, s) for a in pretrained for s in args.semi] if args.combine else []

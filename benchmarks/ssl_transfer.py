@@ -140,9 +140,11 @@ def main() -> None:
 
     from jaxem.config import apply_overrides, load_config
     from jaxem.protocols.isbi2012 import SCORE_KEYS
+    from jaxem.xla import use_compilation_cache
 
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
+    use_compilation_cache(run / "xla_cache")  # every arm and seed compiles the same network
     subset = labelled_subset(args.labelled_slices, run / f"labelled_{args.labelled_slices}")
 
     arms = ["scratch"] + [a for a in args.arms if a != "scratch"]

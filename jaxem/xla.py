@@ -7,7 +7,10 @@ computation (flags are read when JAX starts a backend) to get what the CLI runs 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import MutableMapping
+
+import jax
 
 # cuDNN convolutions in channels-last (NDHWC) layouts, as flax lays arrays out. XLA otherwise picks
 # channels-first for 3D convolutions and transposes around each one: a 3D U-Net training step took
@@ -24,3 +27,14 @@ def set_default_flags(environ: MutableMapping[str, str] = os.environ) -> str:
             flags = f"{flags} --{name}={value}".strip()
     environ["XLA_FLAGS"] = flags
     return flags
+
+
+def use_compilation_cache(directory: str | Path, environ: MutableMapping[str, str] = os.environ) -> str:
+    """Keeps the compiled XLA programs that took >= 1 s to compile (jax_persistent_cache_min_compile_time_secs)
+    in `directory`, so that compiling the same program again, in this process or a later one (the
+    next seed or arm of a benchmark, a resumed run), loads it instead. JAX_COMPILATION_CACHE_DIR,
+    when set, wins. Call before JAX's first compilation: JAX fixes its cache then. Returns the
+    directory used."""
+    chosen = environ.get("JAX_COMPILATION_CACHE_DIR") or str(directory)
+    jax.config.update("jax_compilation_cache_dir", chosen)
+    return chosen

@@ -147,6 +147,36 @@ def test_import_leaves_xla_flags_and_the_cli_adds_the_cudnn_layout_flag_unless_t
     assert out.stderr.strip() == "--xla_gpu_force_conv_nhwc=true"
 
 
+def test_compilation_cache_keeps_a_program_for_the_next_process_unless_the_user_chose_a_directory(tmp_path):
+    """xla.use_compilation_cache: a program compiled in one process is written to the directory and
+    loaded by the next (no new entry); JAX_COMPILATION_CACHE_DIR, when set, is used instead."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, jax, jax.numpy as jnp\n"
+            "from jaxem.xla import use_compilation_cache\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "hits = []\n"
+            "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if e.endswith('cache_hits') else 0)\n"
+            "print(use_compilation_cache(sys.argv[1]))\n"
+            "jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n"
+            "print(len(hits))\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    ours = tmp_path / "ours"
+    entries = []
+    for loaded in (False, True):  # cache hits: none in the first process, every program in the second
+        out = subprocess.run([sys.executable, "-c", code, str(ours)], env=env, capture_output=True, text=True, check=True)
+        directory, hits = out.stdout.split()
+        assert directory == str(ours) and (int(hits) > 0) == loaded
+        entries.append(sorted(p.name for p in ours.iterdir()))
+    assert entries[0] and entries[1] == entries[0]
+    theirs = tmp_path / "theirs"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "unused")], capture_output=True, text=True,
+                         check=True, env={**env, "JAX_COMPILATION_CACHE_DIR": str(theirs)})
+    assert out.stdout.split() == [str(theirs), "0"] and any(theirs.iterdir()) and not (tmp_path / "unused").exists()
+
+
 def _reference_ops(monkeypatch):
     """Swap every fast form in layers for the flax/lax op it replaces."""
     monkeypatch.setattr(layers, "conv_general_dilated", lambda *a, slices=False, **k: jax.lax.conv_general_dilated(*a, **k))

@@ -111,6 +111,25 @@ def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
     assert (tmp_path / "tuning.png").stat().st_size > 0
 
 
+def test_score_run_sweeps_the_threshold_baseline_once_per_tuning_volume(run_dir, tmp_path, monkeypatch):
+    """The baseline's map depends on the EM alone: scoring a second run (here the same one again)
+    on the same tuning volume reuses its sweep, identical to the first; another volume is swept."""
+    from jaxem.protocols import isbi2012
+    from jaxem.segment.tune import tune
+
+    sweeps = []
+    monkeypatch.setattr(isbi2012, "_BASELINE_SWEEPS", {})
+    monkeypatch.setattr(isbi2012, "tune", lambda *a, **k: sweeps.append(a[0]) or tune(*a, **k))
+    data = run_dir / "data"
+    test, val = ((str(data / f"{s}_raw.zarr"), str(data / f"{s}_instances.zarr")) for s in ("test", "val"))
+    first, again = (isbi2012.score_run(run_dir, *test, out_dir=tmp_path / d, progress=False, tune_on=val) for d in "ab")
+    assert len(sweeps) == 3  # the model's twice, the baseline's once
+    tables = [json.loads((tmp_path / d / "tuning.json").read_text())["threshold_baseline"] for d in "ab"]
+    assert tables[0] == tables[1] and first == again
+    isbi2012.score_run(run_dir, *val, out_dir=tmp_path / "c", progress=False, tune_on=test)
+    assert len(sweeps) == 5
+
+
 def test_checkpoint_not_matching_config_exits_2(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad_run"
     shutil.copytree(run_dir, bad, ignore=shutil.ignore_patterns("data", "tensorboard"))
