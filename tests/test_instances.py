@@ -24,6 +24,22 @@ def test_watershed_assigns_membranes_to_cells(shape, cells):
     assert (labels > 0).all()
 
 
+@pytest.mark.parametrize("method", ["cc", "watershed", "agglomerate"])
+def test_per_slice_segments_each_slice_as_it_would_be_alone(method):
+    """Three different noisy slices: each slice of the per-slice result is the partition that
+    slice gets segmented alone, with ids unique over the volume."""
+    rng = np.random.default_rng(1)
+    prob = np.stack([grid_boundaries((40, 40), step) for step in (6, 9, 13)])
+    prob = np.clip(prob + rng.normal(0, 0.2, prob.shape), 0, 1).astype(np.float32)
+    labels = instances_from_boundaries(prob, method, merge=0.4, per_slice=True)
+    ids = [set(np.unique(labels[z])) - {0} for z in range(3)]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2])
+    for z in range(3):
+        alone = instances_from_boundaries(prob[z], method, merge=0.4)
+        pairs = np.unique(np.stack([labels[z].ravel(), alone.ravel()]), axis=1)
+        assert pairs.shape[1] == len(np.unique(alone)) == len(np.unique(labels[z]))  # one-to-one
+
+
 def test_watershed_splits_cells_touching_through_a_gap():
     prob = np.zeros((40, 80), np.float32)
     prob[:, 39:41] = 1.0

@@ -83,6 +83,36 @@ def test_tune_affinities_with_mws():
     assert result["table"][1]["scores"]["adapted_rand_error"] > 0.1  # min_size 1000 leaves one object
 
 
+def test_settings_that_share_fragments_score_as_if_each_were_segmented_alone(monkeypatch):
+    """The sweep segments each group of settings that differ only in merge and min_size from one
+    computation of their fragments (and one region graph): every row of the default grids is
+    still the score of `segment_volume` with that setting alone, on boundary maps per slice,
+    foreground maps in 3D and affinities."""
+    rng = np.random.default_rng(0)
+    prob, gt = weak_membrane_case()
+    prob = np.clip(prob + rng.normal(0, 0.15, prob.shape), 0, 1).astype(np.float32)
+    aff_gt = np.zeros((24, 24), np.uint64)
+    aff_gt[:, 12:], aff_gt[8:16, 3:8] = 1, 2
+    aff_gt[aff_gt == 0] = 3
+    offsets = [(1, 0), (0, 1), (-3, 0), (0, -3)]
+    aff = np.stack([(np.roll(aff_gt, (-o[0], -o[1]), (0, 1)) == aff_gt) for o in offsets]).astype(np.float32)
+    aff = np.clip(aff + rng.normal(0, 0.2, aff.shape), 0, 1).astype(np.float32)
+    computed = []
+    real = tuning.setting_fragments
+    monkeypatch.setattr(tuning, "setting_fragments", lambda *a, **k: computed.append(a[1]) or real(*a, **k))
+    for prediction, truth, kind, per_slice, extra in ((prob, gt, "boundary", True, {}), (1 - prob, gt, "foreground", False, {}),
+                                                      (aff, aff_gt, "affinities", False, {"offsets": offsets})):
+        computed.clear()
+        result = tuning.tune(prediction, truth, kind, per_slice=per_slice, progress=False, **extra)
+        grid = tuning.default_grid(kind)
+        assert [row["setting"] for row in result["table"]] == grid
+        assert len(computed) == len({tuning.fragment_key(SegmentSetting.from_dict(s)) for s in grid}) < len(grid)
+        for row in result["table"]:
+            alone = segment_volume(prediction, SegmentSetting.from_dict(row["setting"]), kind, per_slice, **extra)
+            scores = tuning.score(alone, truth, per_slice)
+            assert row["scores"] == {k: float(scores[k]) for k in tuning.METRICS}, row["setting"]
+
+
 def test_bad_settings_and_shapes_are_one_sentence():
     prob, gt = weak_membrane_case()
     with pytest.raises(UserError, match="unknown keys"):

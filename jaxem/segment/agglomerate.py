@@ -198,9 +198,25 @@ def agglomerate(fragments: np.ndarray, merge: float, boundary: np.ndarray | None
     """Merges `fragments` (*spatial) whose shared faces have a mean boundary value below `merge`
     (in [0, 1]; 0 merges nothing), by a boundary map (*spatial) or by affinities (K, *spatial) with
     their offsets -> uint64 labels 1..N (0 stays 0)."""
-    if not 0.0 <= merge <= 1.0:
-        raise UserError(f"the merge threshold must lie in [0, 1] (a boundary probability), got {merge}.")
+    _check_merge(merge)
+    return merge_fragments(*fragment_graph(fragments, boundary, affinities, offsets), merge)
+
+
+def fragment_graph(fragments: np.ndarray, boundary: np.ndarray | None = None, affinities: np.ndarray | None = None,
+                   offsets=None) -> tuple[np.ndarray, RegionGraph]:
+    """`fragments` (*spatial) relabelled 1..N and their `region_graph`: what `merge_fragments` needs
+    for any merge threshold (a sweep over thresholds builds it once)."""
     fragments = relabel(fragments)
-    graph = region_graph(fragments, boundary, affinities, offsets)
+    return fragments, region_graph(fragments, boundary, affinities, offsets)
+
+
+def merge_fragments(fragments: np.ndarray, graph: RegionGraph, merge: float) -> np.ndarray:
+    """`agglomerate` from `fragment_graph`'s (fragments, graph) -> uint64 labels 1..N (0 stays 0)."""
+    _check_merge(merge)
     table = merge_regions(graph, merge, int(fragments.max()) + 1)
     return relabel(table[fragments])
+
+
+def _check_merge(merge: float) -> None:
+    if not 0.0 <= merge <= 1.0:
+        raise UserError(f"the merge threshold must lie in [0, 1] (a boundary probability), got {merge}.")

@@ -17,6 +17,8 @@ over-seeded watershed followed by agglomeration repairs the splits a fixed `h` l
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import edt
 import mwatershed
 import numpy as np
@@ -24,7 +26,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from jaxem.errors import UserError
-from jaxem.segment.agglomerate import agglomerate
+from jaxem.segment.agglomerate import fragment_graph, merge_fragments
 from jaxem.segment.labels import connected_components, relabel, stack_unique
 
 METHODS = ("cc", "watershed", "agglomerate")
@@ -53,8 +55,8 @@ def instances_from_boundaries(
     become 0; ids are then made consecutive.
     `anisotropy` is the voxel size (nm, z-y-x) used by the distance transform.
     """
-    prob = _check_map(boundary_prob, "boundary_prob")
-    return _segment(prob < threshold, prob, None, method, threshold, min_size, per_slice, seeds, h, anisotropy, merge)
+    fragments = map_fragments(boundary_prob, "boundary", method, threshold, per_slice, seeds, h, anisotropy)
+    return finish(fragments, method, merge, min_size)
 
 
 def instances_from_foreground(
@@ -75,32 +77,82 @@ def instances_from_foreground(
     saddles of their distance transform ('agglomerate' then merges where 1 - foreground_prob, the
     boundary evidence, is below `merge` on average).
     """
-    prob = _check_map(foreground_prob, "foreground_prob")
-    interior = prob >= threshold
-    return _segment(interior, 1.0 - prob, interior, method, threshold, min_size, per_slice, seeds, h, anisotropy, merge)
+    fragments = map_fragments(foreground_prob, "foreground", method, threshold, per_slice, seeds, h, anisotropy)
+    return finish(fragments, method, merge, min_size)
 
 
-def _segment(interior, elevation, mask, method, threshold, min_size, per_slice, seeds, h, anisotropy, merge):
+@dataclass
+class Fragments:
+    """A prediction cut into fragments, before agglomeration and the size filter: what settings
+    that differ only in `merge` and `min_size` share (`finish` completes each of them).
+
+    labels: uint64 (*spatial), or a list of one (y, x) array per z-slice when segmented per slice.
+    elevation: the boundary evidence (*spatial) that agglomeration and flooding read. affinities,
+    offsets: an affinity prediction's, which its agglomeration reads instead of `elevation`.
+    """
+
+    labels: np.ndarray | list
+    elevation: np.ndarray | None
+    affinities: np.ndarray | None = None
+    offsets: list | None = None
+    graphs: dict = field(default_factory=dict)  # fragment_graph per slice (None: the volume), built once
+
+
+def map_fragments(prob: np.ndarray, kind: str, method: str = "watershed", threshold: float = 0.5,
+                  per_slice: bool = False, seeds: str = "distance", h: float = 1.0, anisotropy=None) -> Fragments:
+    """The fragments of a boundary or foreground map (`kind`), (y, x) or (z, y, x): connected
+    components of the interior ('cc') or the seeded watershed ('watershed', 'agglomerate'), per
+    z-slice with `per_slice` (`instances_from_boundaries` for the rest)."""
     if method not in METHODS:
         raise UserError(f"segmentation method {method!r} is not one of {', '.join(METHODS)}.")
     if seeds not in SEEDS:
         raise UserError(f"watershed seeds {seeds!r} is not one of {', '.join(SEEDS)}.")
+    prob = _check_map(prob, f"{kind}_prob")
+    if kind == "boundary":
+        interior, elevation, mask = prob < threshold, prob, None
+    else:
+        interior = prob >= threshold
+        elevation, mask = 1.0 - prob, interior
     if per_slice and interior.ndim == 3:
         aniso2 = None if anisotropy is None else tuple(anisotropy)[1:]
-        slices = [
-            _segment(interior[z], elevation[z], None if mask is None else mask[z], method, threshold, 0, False, seeds, h,
-                     aniso2, merge)
-            for z in range(interior.shape[0])
-        ]
-        labels = stack_unique(slices)
-    elif method == "cc":
-        labels = connected_components(interior)
+        labels = [_fragments(interior[z], elevation[z], None if mask is None else mask[z], method, threshold, seeds, h,
+                             aniso2) for z in range(interior.shape[0])]
     else:
-        markers = watershed_seeds(interior, elevation, threshold, seeds, h, anisotropy)
-        labels = watershed(elevation, markers=markers, mask=mask).astype(np.uint64)
+        labels = _fragments(interior, elevation, mask, method, threshold, seeds, h, anisotropy)
+    return Fragments(labels, elevation)
+
+
+def _fragments(interior, elevation, mask, method, threshold, seeds, h, anisotropy) -> np.ndarray:
+    if method == "cc":
+        return connected_components(interior)
+    markers = watershed_seeds(interior, elevation, threshold, seeds, h, anisotropy)
+    return watershed(elevation, markers=markers, mask=mask).astype(np.uint64)
+
+
+def finish(fragments: Fragments, method: str, merge: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """The instances of `fragments` for `method`: 'agglomerate' merges them at `merge` (the region
+    graph is built at the first call and kept), then objects below `min_size` voxels are removed
+    (maps) or flooded from their neighbours (affinities) -> uint64 labels 1..N, 0 = background."""
+    if fragments.affinities is not None:
+        labels = fragments.labels
         if method == "agglomerate":
-            labels = agglomerate(labels, merge, boundary=elevation)
+            labels = _merged(fragments, None, labels, merge, affinities=fragments.affinities, offsets=fragments.offsets)
+        return fill_small(labels, fragments.elevation, min_size) if min_size > 0 else labels
+    if isinstance(fragments.labels, list):
+        slices = [_merged(fragments, z, f, merge, boundary=fragments.elevation[z]) if method == "agglomerate"
+                  else f for z, f in enumerate(fragments.labels)]
+        labels = stack_unique([relabel(s) for s in slices])
+    elif method == "agglomerate":
+        labels = _merged(fragments, None, fragments.labels, merge, boundary=fragments.elevation)
+    else:
+        labels = fragments.labels
     return relabel(labels, min_size)
+
+
+def _merged(fragments: Fragments, key, labels: np.ndarray, merge: float, **evidence) -> np.ndarray:
+    if key not in fragments.graphs:
+        fragments.graphs[key] = fragment_graph(labels, **evidence)
+    return merge_fragments(*fragments.graphs[key], merge)
 
 
 def watershed_seeds(interior, elevation, threshold, seeds="distance", h=1.0, anisotropy=None) -> np.ndarray:
@@ -204,14 +256,21 @@ def instances_from_affinities(
     watershed's objects merged while the mean of 1 - affinity over the faces two neighbours share
     is below `merge` (waterz's mean-affinity agglomeration), then small objects flooded.
     """
+    fragments = affinity_fragments(affinities, offsets, method, threshold, h, anisotropy, strides, min_size > 0)
+    return finish(fragments, method, merge, min_size)
+
+
+def affinity_fragments(affinities: np.ndarray, offsets, method: str = "mws", threshold: float = 0.5, h: float = 1.0,
+                       anisotropy=None, strides=None, flood: bool = True) -> Fragments:
+    """The fragments of affinities (K, *spatial): the mutex watershed's ('mws') or the seeded
+    watershed's on the nearest-neighbour boundary map ('watershed', 'agglomerate'); the boundary
+    map is kept for flooding small objects unless `flood` is False and the method is 'mws', which
+    needs no boundary map (nor nearest-neighbour offsets)."""
     if method not in AFFINITY_METHODS:
         raise UserError(f"affinity segmentation method {method!r} is not one of {', '.join(AFFINITY_METHODS)}.")
-    # mws alone needs no boundary map (nor nearest-neighbour offsets)
-    boundary = boundary_from_affinities(affinities, offsets) if method != "mws" or min_size > 0 else None
+    boundary = boundary_from_affinities(affinities, offsets) if method != "mws" or flood else None
     if method == "mws":
         labels = mutex_watershed(affinities, offsets, strides=strides)
     else:
         labels = instances_from_boundaries(boundary, "watershed", threshold, h=h, anisotropy=anisotropy)
-    if method == "agglomerate":
-        labels = agglomerate(labels, merge, affinities=affinities, offsets=offsets)
-    return fill_small(labels, boundary, min_size) if min_size > 0 else labels
+    return Fragments(labels, boundary, affinities, offsets)

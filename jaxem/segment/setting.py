@@ -91,13 +91,29 @@ def segment_volume(prediction: np.ndarray, setting: SegmentSetting, kind: str = 
     with ids unique over the volume. `voxel_size` (nm, z-y-x) makes the distance transform, and
     so `setting.h`, metric.
     """
+    return instances.finish(setting_fragments(prediction, setting, kind, per_slice, voxel_size, offsets),
+                            setting.method, setting.merge, setting.min_size)
+
+
+def setting_fragments(prediction: np.ndarray, setting: SegmentSetting, kind: str = "boundary", per_slice: bool = False,
+                      voxel_size: Sequence[float] | None = None, offsets=None,
+                      flood: bool | None = None) -> instances.Fragments:
+    """The first stage of `segment_volume` (same arguments): the fragments that every setting with
+    the same `fragment_key` shares; `instances.finish(fragments, method, merge, min_size)` is the
+    rest. `flood` (affinities): keep the boundary map that flooding small objects needs (default:
+    when `setting.min_size` > 0)."""
     check_kind(kind)
     s = setting
     if kind == "affinities":
         if per_slice:
             raise UserError("per-slice segmentation takes boundary or foreground maps, not affinities.")
-        return instances.instances_from_affinities(prediction, offsets, s.method, min_size=s.min_size, strides=s.strides,
-                                                   threshold=s.threshold, h=s.h, anisotropy=voxel_size, merge=s.merge)
-    impl = instances.instances_from_boundaries if kind == "boundary" else instances.instances_from_foreground
-    return impl(prediction, s.method, threshold=s.threshold, min_size=s.min_size, per_slice=per_slice, seeds=s.seeds,
-                h=s.h, anisotropy=voxel_size, merge=s.merge)
+        flood = s.min_size > 0 if flood is None else flood
+        return instances.affinity_fragments(prediction, offsets, s.method, s.threshold, s.h, voxel_size, s.strides, flood)
+    return instances.map_fragments(prediction, kind, s.method, s.threshold, per_slice, s.seeds, s.h, voxel_size)
+
+
+def fragment_key(setting: SegmentSetting) -> SegmentSetting:
+    """Settings with equal keys have the same fragments (`setting_fragments`): they differ only in
+    `merge` and `min_size`, and 'agglomerate' merges the fragments of 'watershed'."""
+    method = "watershed" if setting.method == "agglomerate" else setting.method
+    return dataclasses.replace(setting, method=method, merge=0.5, min_size=0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
-from jaxem.segment.setting import SegmentSetting, check_kind, segment_volume
+from jaxem.segment.instances import finish
+from jaxem.segment.setting import SegmentSetting, check_kind, fragment_key, setting_fragments
 
 METRICS = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi": "lower",
            "rand_error": "lower"}
@@ -77,7 +78,9 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
          offsets=None, progress: bool = True, workers: int | None = None) -> dict:
     """Segments `prediction` with every setting of `grid` (default `default_grid`), scores each
     against `gt` (instance ids, 0 = boundary/unlabelled) and picks the best by `metric`. Settings
-    run on `workers` threads (default: one per CPU core; the segmentation libraries release the GIL).
+    that differ only in merge and min_size share one computation of their fragments (and of the
+    agglomeration's region graph); those groups run on `workers` threads (default: one per CPU
+    core; the segmentation libraries release the GIL).
 
     Returns {"best": setting, "best_score", "metric", "better", "kind", "per_slice", "voxel_size",
     "offsets", "table": [{"setting", "scores"}]}; ties go to the earlier setting of the grid.
@@ -95,15 +98,29 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
     check_kind(kind)
     settings = [SegmentSetting.from_dict(setting) for setting in grid]  # every bad setting fails before the sweep
 
-    def try_setting(i: int) -> dict:
-        labels = segment_volume(prediction, settings[i], kind, per_slice, voxel_size, offsets)
-        scores = score(labels, gt, per_slice)
-        return {"setting": dict(grid[i]), "scores": {k: float(scores[k]) for k in METRICS}}
+    groups: dict = {}  # settings that share their fragments, segmented from one computation of them
+    for i, setting in enumerate(settings):
+        groups.setdefault(fragment_key(setting), []).append(i)
+
+    def try_group(members: list[int]) -> list[tuple[int, dict]]:
+        first = settings[members[0]]
+        flood = any(settings[i].min_size > 0 for i in members)
+        fragments = setting_fragments(prediction, first, kind, per_slice, voxel_size, offsets, flood=flood)
+        rows = []
+        for i in members:
+            labels = finish(fragments, settings[i].method, settings[i].merge, settings[i].min_size)
+            scores = score(labels, gt, per_slice)
+            rows.append((i, {"setting": dict(grid[i]), "scores": {k: float(scores[k]) for k in METRICS}}))
+        return rows
 
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        table = list(tqdm(pool.map(try_setting, range(len(grid))), total=len(grid), desc="tune", unit="setting",
-                          disable=not progress))
+    table = [None] * len(grid)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(grid), desc="tune", unit="setting",
+                                                   disable=not progress) as bar:
+        for done in as_completed([pool.submit(try_group, members) for members in groups.values()]):
+            for i, row in done.result():
+                table[i] = row
+            bar.update(len(done.result()))
     sign = 1.0 if METRICS[metric] == "higher" else -1.0
     values = [sign * row["scores"][metric] for row in table]
     best = int(np.nanargmax(values))
