@@ -137,7 +137,9 @@ def finish(fragments: Fragments, method: str, merge: float = 0.5, min_size: int 
         labels = fragments.labels
         if method == "agglomerate":
             labels = _merged(fragments, None, labels, merge, affinities=fragments.affinities, offsets=fragments.offsets)
-        return fill_small(labels, fragments.elevation, min_size) if min_size > 0 else labels
+        if min_size > 0:
+            return fill_small(labels, fragments.elevation, min_size)
+        return labels.copy() if labels is fragments.labels else labels  # the shared fragments stay as they are
     if isinstance(fragments.labels, list):
         slices = [_merged(fragments, z, f, merge, boundary=fragments.elevation[z]) if method == "agglomerate"
                   else f for z, f in enumerate(fragments.labels)]
