@@ -11,7 +11,9 @@ Each is scored twice: with the fixed watershed settings ("model", "threshold_bas
 the settings tuned on the training slices 0-15 ("model_tuned", "threshold_baseline_tuned";
 jaxem.segment.tune; --no-tune skips them). --tta predicts with test-time augmentation (8 flips
 and rotations), both the tuning slices and the held-out ones.
-With --seeds, one run per seed in <run>/seed<N> (config.seed = N) and the mean and standard
+A finished run is not trained again, and its scores are not recomputed when its checkpoints and
+the scoring request are those results.json was scored from (scored_from.json beside it):
+--rescore after changing the scoring code. With --seeds, one run per seed in <run>/seed<N> (config.seed = N) and the mean and standard
 deviation of every score over the seeds: single runs differ by ~0.01 VRand from rounding alone
 (docs/training.md), so compare recipes by these.
 """
@@ -36,10 +38,11 @@ def prepare_isbi() -> None:
 
 
 def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: bool = True,
-                    tune_on: tuple[str, str] | None = None) -> dict:
+                    tune_on: tuple[str, str] | None = None, rescore: bool = False) -> dict:
     """Trains `config` into `run` (resuming or skipping a finished run) and scores slices 16-19,
     with settings tuned on `tune_on` = (image, labels) (default slices 0-15) as well unless `tune`
-    is False."""
+    is False. Scores of the same checkpoints and request are read back from the last scoring
+    (`scoring_key`) unless `rescore`."""
     from jaxem.data import datasets
     from jaxem.protocols.common import train_to_completion
     from jaxem.protocols.isbi2012 import score_run
@@ -50,8 +53,34 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
         tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train"))
     tune_on = tune_on if tune else None
     out_dir = run / ("heldout_tta" if tta else "heldout")
-    scores = score_run(run, images[0], labels[0], out_dir=out_dir, progress=progress, tta=tta, tune_on=tune_on)
+    key = scoring_key(run, image=images[0], labels=labels[0], tta=tta, tune_on=tune_on)
+    scores = None if rescore else scores_of(out_dir, key)
+    if scores is None:
+        (out_dir / SCORED_FROM).unlink(missing_ok=True)
+        scores = score_run(run, images[0], labels[0], out_dir=out_dir, progress=progress, tta=tta, tune_on=tune_on)
+        (out_dir / SCORED_FROM).write_text(json.dumps(key, indent=2) + "\n")
+    else:
+        print(f"{out_dir}: the scores of these checkpoints are reused (--rescore scores them again).")
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
+
+
+SCORED_FROM = "scored_from.json"  # beside results.json: the scoring_key it was computed from
+
+
+def scoring_key(run: Path, **request) -> dict:
+    """What a run's held-out scores depend on, the code aside: its checkpoints (step directories and
+    their modification times, ns) and the `request` (volumes, TTA, tuning volume), as JSON."""
+    steps = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "checkpoints").iterdir()) \
+        if (run / "checkpoints").is_dir() else []
+    return json.loads(json.dumps({"checkpoints": steps, **request}))
+
+
+def scores_of(out_dir: Path, key: dict) -> dict | None:
+    """The results.json in `out_dir` when it was scored from `key`, else None."""
+    results, record = out_dir / "results.json", out_dir / SCORED_FROM
+    if results.is_file() and record.is_file() and json.loads(record.read_text()) == key:
+        return json.loads(results.read_text())
+    return None
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
@@ -72,6 +101,8 @@ def main() -> None:
                         help="one run per seed in <run>/seed<N>, and the scores' mean and std over them")
     parser.add_argument("--tta", action="store_true", help="predict with test-time augmentation (8 flips and rotations)")
     parser.add_argument("--no-tune", action="store_true", help="score with the fixed segmentation settings only")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score again even where results.json was scored from the same checkpoints and request")
     parser.add_argument("--no-progress", action="store_true")
     args, overrides = parser.parse_known_args()
 
@@ -84,7 +115,8 @@ def main() -> None:
     config = apply_overrides(load_config(args.config), overrides)
     report = {"benchmark": "isbi2012_heldout_slices_16_19", "config": args.config, "overrides": overrides}
     if args.seeds is None:
-        result = train_and_score(config, Path(args.run), not args.no_progress, args.tta, not args.no_tune)
+        result = train_and_score(config, Path(args.run), not args.no_progress, args.tta, not args.no_tune,
+                                 rescore=args.rescore)
         print(format_table(result["scores"]))
         report.update(result)
     else:
@@ -92,7 +124,7 @@ def main() -> None:
         for seed in args.seeds:
             config.seed = seed
             per_seed[seed] = train_and_score(config, Path(args.run) / f"seed{seed}", not args.no_progress, args.tta,
-                                             not args.no_tune)
+                                             not args.no_tune, rescore=args.rescore)
         summary = over_seeds(per_seed)
         print(f"{'row':<26}{'metric':<20}{'mean':>8}{'std':>8}   seeds {', '.join(map(str, args.seeds))}")
         for row in summary:

@@ -3,7 +3,7 @@
     python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
         [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine] [--control]
         [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
-        [--out results.json] [--plot label_efficiency.png]
+        [--out results.json] [--plot label_efficiency.png] [--rescore]
 
 1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
    with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
@@ -81,13 +81,13 @@ def pretrained_arm(method: str, transfer: list[str]) -> str:
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
-                       seed: int, progress: bool) -> dict:
+                       seed: int, progress: bool, rescore: bool = False) -> dict:
     """Trains the recipe with this benchmark's budget on the labelled `subset` (with `overrides`)
     into `run` and scores slices 16-19 with the fixed watershed setting and with the setting tuned
     on `subset` (keys "*_tuned")."""
     start = time.time()
     result = ssl_transfer.finetune_and_score(finetune_config, [*FINETUNE_DEFAULTS, *overrides], subset, run, seed,
-                                             progress, tune_on_subset=True)
+                                             progress, tune_on_subset=True, rescore=rescore)
     fixed, tuned = result["scores"]["model"], result["scores"]["model_tuned"]
     return {"scores": {**{k: fixed[k] for k in ("vrand", "vinfo", "iou", "dice", "membrane_ap")},
                        "vrand_tuned": tuned["vrand"], "vinfo_tuned": tuned["vinfo"]},
@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write VRand/IoU against labelled slices here (PNG)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score again even where results.json was scored from the same checkpoints and request")
     args, rest = parser.parse_known_args()
     transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
     if args.control and not transfer:
@@ -269,7 +271,7 @@ def main() -> None:
             for seed in args.seeds:
                 results[arm][n][seed] = finetune_and_score(
                     args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n],
-                    run / f"{arm}_{n}" / f"seed{seed}", seed, progress)
+                    run / f"{arm}_{n}" / f"seed{seed}", seed, progress, args.rescore)
     table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))
     report = {

@@ -105,10 +105,11 @@ def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Pat
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
-                       progress: bool, tune_on_subset: bool = False) -> dict:
+                       progress: bool, tune_on_subset: bool = False, rescore: bool = False) -> dict:
     """Trains `finetune_config` on the labelled subset (with `overrides`) into `run` and scores
     slices 16-19 with the fixed watershed setting, and with `tune_on_subset` also with the setting
-    tuned on the labelled subset itself (benchmarks.isbi2012.train_and_score's result)."""
+    tuned on the labelled subset itself (benchmarks.isbi2012.train_and_score's result; `rescore`:
+    score again even where the last scoring of these checkpoints can be read back)."""
     from benchmarks.isbi2012 import train_and_score
     from jaxem.config import apply_overrides, load_config
 
@@ -120,7 +121,7 @@ def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple
     from jaxem.data import datasets
 
     config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
-    return train_and_score(config, run, progress, tune=tune_on_subset, tune_on=subset)
+    return train_and_score(config, run, progress, tune=tune_on_subset, tune_on=subset, rescore=rescore)
 
 
 def main() -> None:
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--pretrain-config", default="pretrain")
     parser.add_argument("--finetune-config", default="isbi2012_unet:cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score again even where results.json was scored from the same checkpoints and request")
     args, rest = parser.parse_known_args()
     pretrain_overrides, finetune_overrides = split_overrides(parser, rest)
 
@@ -157,7 +160,7 @@ def main() -> None:
         for arm in arms:
             results[arm][seed] = finetune_and_score(args.finetune_config, [*arm_overrides(arm, run), *finetune_overrides], subset,
                                                     run / f"{arm}_{args.labelled_slices}" / f"seed{seed}", seed,
-                                                    progress)
+                                                    progress, rescore=args.rescore)
     summary = {arm: over_seeds(results[arm])["model"] for arm in arms}
     print(f"{'metric':<20}" + "".join(f"{a:>14}" for a in arms) + f"   ({len(args.seeds)} seeds, {args.labelled_slices} labelled slices)")
     for k in SCORE_KEYS:

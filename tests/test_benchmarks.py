@@ -208,6 +208,31 @@ def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them
     assert "+6.0 ± 1.4 |" in text  # IoU gain in points: +7 and +5
 
 
+def test_held_out_scores_are_reused_only_for_the_same_checkpoints_and_request(tmp_path):
+    """benchmarks/isbi2012.scores_of reads results.json back when scored_from.json records the
+    same checkpoints (names and modification times) and request; a new or rewritten checkpoint,
+    or another request, needs scoring again."""
+    from benchmarks.isbi2012 import SCORED_FROM, scores_of, scoring_key
+
+    run, out = tmp_path / "run", tmp_path / "run" / "heldout"
+    (run / "checkpoints" / "300").mkdir(parents=True)
+    out.mkdir()
+    key = scoring_key(run, image="val.zarr", labels="val_labels.zarr", tta=False, tune_on=("a.zarr", "b.zarr"))
+    assert scores_of(out, key) is None  # never scored
+    (out / "results.json").write_text(json.dumps({"model": {"vrand": 0.9}}))
+    (out / SCORED_FROM).write_text(json.dumps(key))
+    assert scores_of(out, key) == {"model": {"vrand": 0.9}}
+    assert scores_of(out, scoring_key(run, image="val.zarr", labels="val_labels.zarr", tta=True,
+                                      tune_on=("a.zarr", "b.zarr"))) is None
+    (run / "checkpoints" / "400").mkdir()
+    assert scores_of(out, scoring_key(run, image="val.zarr", labels="val_labels.zarr", tta=False,
+                                      tune_on=("a.zarr", "b.zarr"))) is None
+    os.utime(run / "checkpoints" / "300", ns=(1, 1))
+    (run / "checkpoints" / "400").rmdir()
+    assert scores_of(out, scoring_key(run, image="val.zarr", labels="val_labels.zarr", tta=False,
+                                      tune_on=("a.zarr", "b.zarr"))) is None  # step 300 rewritten
+
+
 @pytest.mark.slow
 def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shared_data, tmp_path):
     """Bookkeeping of benchmarks/label_efficiency.py at 2-step sizes (not the accuracy): one
@@ -241,6 +266,7 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
+    assert again.stdout.count("scores of these checkpoints are reused") == 2  # scratch and mim, not scored again
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command, "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
