@@ -208,6 +208,23 @@ def test_label_efficiency_gains_are_per_seed_differences_and_the_goal_reads_them
     assert "+6.0 ± 1.4 |" in text  # IoU gain in points: +7 and +5
 
 
+def test_plateau_scores_average_each_setting_with_its_grid_neighbours():
+    """benchmarks/tuning_selection.plateau_scores: neighbours are one grid step away in one swept
+    value with every other field equal; other methods and seeds are not neighbours."""
+    from benchmarks.tuning_selection import plateau_scores
+
+    grid = [{"method": "agglomerate", "threshold": t, "merge": m} for t in (0.3, 0.5) for m in (0.2, 0.4, 0.6)]
+    grid += [{"method": "cc", "threshold": 0.3}, {"method": "watershed", "seeds": "threshold", "threshold": 0.3}]
+    score = [0.9, 0.5, 0.8, 0.7, 0.7, 0.7, 0.1, 0.3]
+    table = [{"setting": s, "scores": {"vrand": v}} for s, v in zip(grid, score)]
+    plateau = plateau_scores(table, "vrand")
+    assert plateau[0] == pytest.approx((0.9 + 0.5 + 0.7) / 3)  # merge 0.4 and threshold 0.5 away
+    assert plateau[1] == pytest.approx((0.5 + 0.9 + 0.8 + 0.7) / 4)
+    assert plateau[4] == pytest.approx(0.7 * 3 / 4 + 0.5 / 4)  # a plateau, one step from a dip
+    assert list(plateau[6:]) == pytest.approx([0.1, 0.3])  # alone on their lines
+    assert int(np.argmax(score)) == 0 and int(np.argmax(plateau)) == 3  # the peak beside a dip loses to a plateau
+
+
 def test_held_out_scores_are_reused_only_for_the_same_checkpoints_and_request(tmp_path):
     """benchmarks/isbi2012.scores_of reads results.json back when scored_from.json records the
     same checkpoints (names and modification times) and request; a new or rewritten checkpoint,
@@ -267,6 +284,15 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
     assert again.stdout.count("scores of these checkpoints are reused") == 2  # scratch and mim, not scored again
+    # benchmarks/tuning_selection.py on these runs: its argmax rule re-derives each run's tuned score
+    runs = [tmp_path / "r" / f"{arm}_1" / "seed1" for arm in ("scratch", "mim")]
+    selection = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", *map(str, runs)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
+    selection = json.loads(selection.stdout)
+    for run, arm in zip(runs, ("scratch", "mim")):
+        picked = selection["per_run"][str(run)]
+        assert picked["argmax"]["heldout_vrand"] == pytest.approx(runs_scores := report["per_run"][arm]["1"]["1"]["scores"]["vrand_tuned"])
+        assert picked["oracle"]["heldout_vrand"] >= max(runs_scores, picked["plateau"]["heldout_vrand"])
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command, "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,

@@ -1,0 +1,107 @@
+"""Which tuned segmentation setting transfers to held-out data: the tuning sweep's argmax, or the
+best plateau of it?
+
+    python benchmarks/tuning_selection.py RUN [RUN ...] [--out selection.json]
+
+Each RUN is a fine-tuning run scored by `jaxem.protocols.isbi2012.score_run` with `tune_on` (as
+benchmarks/label_efficiency.py and isbi2012.py score them): RUN/heldout/tuning.json holds the sweep
+of the default grid on the labelled slices, RUN/heldout/predictions.zarr the held-out prediction.
+For every run this scores every setting of that grid on the held-out slices (ISBI slices 16-19,
+VRand per slice, as the benchmarks do) and reports the held-out VRand of the setting each rule
+picks from the tuning sweep: "argmax" (what `jaxem tune` picks) and "plateau" (the argmax of
+`plateau_scores`: each setting's score averaged with its grid neighbours'),
+beside the best setting in hindsight ("oracle"). Prints JSON: per run, and per arm (the run
+directory's parent) the mean of plateau - argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.isbi2012 import prepare_isbi
+
+
+SWEPT_KEYS = ("threshold", "h", "merge", "min_size")  # the numeric values a grid steps through
+
+
+def plateau_scores(table: list[dict], metric: str) -> np.ndarray:
+    """Each row's `metric` averaged with its grid neighbours' (N,): the settings of the same
+    method and seeds one grid step away in one swept value (SWEPT_KEYS), all else equal. A setting
+    on a plateau keeps its score; one at a cliff edge is pulled down (or up) by the cliff."""
+    settings = [row["setting"] for row in table]
+    values = np.array([row["scores"][metric] for row in table], np.float64)
+    neighbours: list[set[int]] = [{i} for i in range(len(table))]
+    for key in SWEPT_KEYS:
+        lines: dict[tuple, list[int]] = {}  # every other field equal -> the rows along `key`
+        for i, setting in enumerate(settings):
+            if key in setting:
+                rest = tuple(sorted((k, repr(v)) for k, v in setting.items() if k != key))
+                lines.setdefault(rest, []).append(i)
+        for rows in lines.values():
+            steps = sorted({float(settings[i][key]) for i in rows})
+            position = {i: steps.index(float(settings[i][key])) for i in rows}
+            for i in rows:
+                neighbours[i] |= {j for j in rows if abs(position[j] - position[i]) == 1}
+    return np.array([np.nanmean(values[sorted(n)]) for n in neighbours])
+
+
+def held_out_choices(run: Path, labels_path: str) -> dict:
+    """{rule: {"setting", "heldout_vrand"}} for argmax, plateau and oracle, plus the number of grid
+    settings, for one run (module docstring)."""
+    from jaxem.data.volume import open_volume
+    from jaxem.protocols.common import prediction_channel
+    from jaxem.segment.tune import tune
+
+    sweep = json.loads((run / "heldout" / "tuning.json").read_text())["model"]
+    table = sweep["table"]
+    labels = open_volume(labels_path)
+    held_out = tune(prediction_channel(run / "heldout" / "predictions.zarr"), labels.read(), "boundary",
+                    grid=[row["setting"] for row in table], metric="vrand", per_slice=True,
+                    voxel_size=labels.voxel_size, progress=False)["table"]
+    vrand = np.array([row["scores"]["vrand"] for row in held_out])
+    tuning = np.array([row["scores"]["vrand"] for row in table])
+    picks = {"argmax": int(np.nanargmax(tuning)), "plateau": int(np.nanargmax(plateau_scores(table, "vrand"))),
+             "oracle": int(np.nanargmax(vrand))}
+    return {"settings": len(table),
+            **{rule: {"setting": table[i]["setting"], "heldout_vrand": float(vrand[i]), "tuning_vrand": float(tuning[i])}
+               for rule, i in picks.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="scored fine-tuning runs (RUN/heldout/tuning.json)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+
+    from jaxem.data import datasets
+
+    prepare_isbi()
+    labels_path = datasets.split_paths("isbi2012", "val")[1][0]
+    per_run = {str(run): held_out_choices(run, labels_path) for run in args.runs}
+    arms: dict[str, list[float]] = {}
+    for run, r in per_run.items():
+        arms.setdefault(Path(run).parent.name, []).append(r["plateau"]["heldout_vrand"] - r["argmax"]["heldout_vrand"])
+    gains = [g for values in arms.values() for g in values]
+    differ = [g for g in gains if g != 0]
+    report = {
+        "benchmark": "tuning_selection_isbi2012_heldout_slices_16_19", "runs": len(per_run),
+        "plateau_minus_argmax": {"mean": float(np.mean(gains)), "runs_where_picks_differ": len(differ),
+                                 "plateau_wins": sum(g > 0 for g in differ)},
+        "per_arm": {arm: {"mean": float(np.mean(v)), "values": v} for arm, v in arms.items()},
+        "mean_heldout_vrand": {rule: float(np.mean([r[rule]["heldout_vrand"] for r in per_run.values()]))
+                               for rule in ("argmax", "plateau", "oracle")},
+        "per_run": per_run, "machine": {"platform": platform.platform()},
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
