@@ -1,7 +1,7 @@
 """Which tuned segmentation setting transfers to held-out data: the tuning sweep's argmax, or the
 best plateau of it?
 
-    python benchmarks/tuning_selection.py RUN [RUN ...] [--out selection.json]
+    python benchmarks/tuning_selection.py RUN [RUN ...] [--unseen FIRST STOP] [--out selection.json]
 
 Each RUN is a fine-tuning run scored by `jaxem.protocols.isbi2012.score_run` with `tune_on` (as
 benchmarks/label_efficiency.py and isbi2012.py score them): RUN/heldout/tuning.json holds the sweep
@@ -10,7 +10,8 @@ For every run this scores every setting of that grid on the held-out slices (ISB
 VRand per slice, as the benchmarks do) and reports the held-out VRand of the setting each rule
 picks from the tuning sweep: "argmax" (what `jaxem tune` picks) and "plateau" (the argmax of
 `plateau_scores`: each setting's score averaged with its grid neighbours'),
-beside the best setting in hindsight ("oracle"). Prints JSON: per run, and per arm (the run
+beside the best setting in hindsight ("oracle"). `--unseen FIRST STOP` adds "unseen": the argmax
+of the sweep on labelled ISBI training slices the runs never trained on. Prints JSON: per run, and per arm (the run
 directory's parent) the mean of plateau - argmax.
 """
 
@@ -50,11 +51,13 @@ def plateau_scores(table: list[dict], metric: str) -> np.ndarray:
     return np.array([np.nanmean(values[sorted(n)]) for n in neighbours])
 
 
-def held_out_choices(run: Path, labels_path: str) -> dict:
-    """{rule: {"setting", "heldout_vrand"}} for argmax, plateau and oracle, plus the number of grid
-    settings, for one run (module docstring)."""
+def held_out_choices(run: Path, labels_path: str, unseen: tuple[str, str] | None = None) -> dict:
+    """{rule: {"setting", "heldout_vrand", "tuning_vrand"}} for argmax, plateau and oracle (and
+    "unseen" with `unseen` = (image, labels) the run never trained on: the argmax of the sweep
+    there), plus the number of grid settings, for one run (module docstring)."""
     from jaxem.data.volume import open_volume
     from jaxem.protocols.common import prediction_channel
+    from jaxem.protocols.isbi2012 import tune_settings
     from jaxem.segment.tune import tune
 
     sweep = json.loads((run / "heldout" / "tuning.json").read_text())["model"]
@@ -67,14 +70,45 @@ def held_out_choices(run: Path, labels_path: str) -> dict:
     tuning = np.array([row["scores"]["vrand"] for row in table])
     picks = {"argmax": int(np.nanargmax(tuning)), "plateau": int(np.nanargmax(plateau_scores(table, "vrand"))),
              "oracle": int(np.nanargmax(vrand))}
+    if unseen is not None:
+        out_dir = run / "tuned_on_unseen"
+        out_dir.mkdir(exist_ok=True)
+        setting = tune_settings(run, unseen, out_dir, progress=False)[0]["model"]
+        picks["unseen"] = [row["setting"] for row in table].index(setting)
     return {"settings": len(table),
             **{rule: {"setting": table[i]["setting"], "heldout_vrand": float(vrand[i]), "tuning_vrand": float(tuning[i])}
                for rule, i in picks.items()}}
 
 
+def unseen_slices(first: int, stop: int, out: Path) -> tuple[str, str]:
+    """ISBI training slices [first, stop) (image, labels) written to `out`; returns their paths."""
+    from jaxem.data import datasets
+    from jaxem.data.volume import create_volume, open_volume
+
+    paths = []
+    for source, name in zip((p[0] for p in datasets.split_paths("isbi2012", "train")), ("image.zarr", "labels.zarr")):
+        volume = open_volume(source)
+        array = volume.read()[first:stop]
+        create_volume(out / name, array.shape, array.dtype, voxel_size=volume.voxel_size, overwrite=True).write(array)
+        paths.append(str(out / name))
+    return paths[0], paths[1]
+
+
+def trained_slices(run: Path) -> int:
+    """How many ISBI training slices (0, 1, ...) the run was trained on (its config's volume)."""
+    from jaxem.data.volume import open_volume
+
+    config = json.loads((run / "config.json").read_text())
+    return int(open_volume(config["data"]["train_images"][0]).shape[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="scored fine-tuning runs (RUN/heldout/tuning.json)")
+    parser.add_argument("--unseen", type=int, nargs=2, metavar=("FIRST", "STOP"),
+                        help="also tune on ISBI training slices [FIRST, STOP), which no run may have trained on "
+                             "(rule 'unseen'; the slices in RUN/../../unseen_FIRST_STOP, predictions and sweep in "
+                             "RUN/tuned_on_unseen)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -82,7 +116,15 @@ def main() -> None:
 
     prepare_isbi()
     labels_path = datasets.split_paths("isbi2012", "val")[1][0]
-    per_run = {str(run): held_out_choices(run, labels_path) for run in args.runs}
+    unseen = None
+    if args.unseen:
+        trained = max(trained_slices(run) for run in args.runs)
+        if args.unseen[0] < trained or args.unseen[1] <= args.unseen[0] or args.unseen[1] > 16:
+            parser.error(f"--unseen {args.unseen[0]} {args.unseen[1]}: expected training slices after the "
+                         f"{trained} the runs trained on and before 16")
+        # beside the runs' arm directories, as label_efficiency.py keeps its labelled_<n> slices
+        unseen = unseen_slices(*args.unseen, args.runs[0].resolve().parents[1] / "unseen_{}_{}".format(*args.unseen))
+    per_run = {str(run): held_out_choices(run, labels_path, unseen) for run in args.runs}
     arms: dict[str, list[float]] = {}
     for run, r in per_run.items():
         arms.setdefault(Path(run).parent.name, []).append(r["plateau"]["heldout_vrand"] - r["argmax"]["heldout_vrand"])
@@ -93,8 +135,9 @@ def main() -> None:
         "plateau_minus_argmax": {"mean": float(np.mean(gains)), "runs_where_picks_differ": len(differ),
                                  "plateau_wins": sum(g > 0 for g in differ)},
         "per_arm": {arm: {"mean": float(np.mean(v)), "values": v} for arm, v in arms.items()},
+        "unseen_slices": args.unseen,
         "mean_heldout_vrand": {rule: float(np.mean([r[rule]["heldout_vrand"] for r in per_run.values()]))
-                               for rule in ("argmax", "plateau", "oracle")},
+                               for rule in ("argmax", "plateau", "oracle", *(["unseen"] if unseen else []))},
         "per_run": per_run, "machine": {"platform": platform.platform()},
     }
     text = json.dumps(report, indent=2)

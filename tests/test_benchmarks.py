@@ -286,13 +286,20 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     assert again.stdout.count("scores of these checkpoints are reused") == 2  # scratch and mim, not scored again
     # benchmarks/tuning_selection.py on these runs: its argmax rule re-derives each run's tuned score
     runs = [tmp_path / "r" / f"{arm}_1" / "seed1" for arm in ("scratch", "mim")]
-    selection = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", *map(str, runs)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
+    # (and with --unseen 1 2: tuned on training slice 1, which the 1-slice runs never saw)
+    selection = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", *map(str, runs), "--unseen", "1", "2"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     selection = json.loads(selection.stdout)
     for run, arm in zip(runs, ("scratch", "mim")):
         picked = selection["per_run"][str(run)]
-        assert picked["argmax"]["heldout_vrand"] == pytest.approx(runs_scores := report["per_run"][arm]["1"]["1"]["scores"]["vrand_tuned"])
-        assert picked["oracle"]["heldout_vrand"] >= max(runs_scores, picked["plateau"]["heldout_vrand"])
+        tuned = report["per_run"][arm]["1"]["1"]["scores"]["vrand_tuned"]
+        assert picked["argmax"]["heldout_vrand"] == pytest.approx(tuned)
+        assert picked["oracle"]["heldout_vrand"] >= max(tuned, picked["plateau"]["heldout_vrand"], picked["unseen"]["heldout_vrand"])
+        sweep = json.loads((run / "tuned_on_unseen" / "tuning.json").read_text())
+        assert sweep["model"]["best"] == picked["unseen"]["setting"] and sweep["image"] == str(tmp_path / "r" / "unseen_1_2" / "image.zarr")
+    refused = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", str(runs[0]), "--unseen", "0", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, env=env)
+    assert refused.returncode == 2 and "after the 1 the runs trained on" in refused.stderr
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command, "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
