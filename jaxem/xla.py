@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import MutableMapping
 
-import jax
-
 # cuDNN convolutions in channels-last (NDHWC) layouts, as flax lays arrays out. XLA otherwise picks
 # channels-first for 3D convolutions and transposes around each one: a 3D U-Net training step took
 # 16.4 ms with XLA's choice and 12.8 ms with this on an H200 (docs/models.md).
@@ -35,6 +33,8 @@ def use_compilation_cache(directory: str | Path, environ: MutableMapping[str, st
     next seed or arm of a benchmark, a resumed run), loads it instead. JAX_COMPILATION_CACHE_DIR,
     when set, wins. Call before JAX's first compilation: JAX fixes its cache then. Returns the
     directory used."""
+    import jax  # here, not at the top: the CLI imports this module and must not pay for JAX before a command
+
     chosen = environ.get("JAX_COMPILATION_CACHE_DIR") or str(directory)
     jax.config.update("jax_compilation_cache_dir", chosen)
     return chosen

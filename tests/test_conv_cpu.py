@@ -147,6 +147,16 @@ def test_import_leaves_xla_flags_and_the_cli_adds_the_cudnn_layout_flag_unless_t
     assert out.stderr.strip() == "--xla_gpu_force_conv_nhwc=true"
 
 
+def test_the_cli_module_imports_without_jax():
+    """`jaxem --help` and the refusals before a command run should not wait for JAX to import."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, jaxem.cli; print('jax' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_compilation_cache_keeps_a_program_for_the_next_process_unless_the_user_chose_a_directory(tmp_path):
     """xla.use_compilation_cache: a program compiled in one process is written to the directory and
     loaded by the next (no new entry); JAX_COMPILATION_CACHE_DIR, when set, is used instead."""
