@@ -13,9 +13,9 @@ jaxem.segment.tune; --no-tune skips them). --tta predicts with test-time augment
 and rotations), both the tuning slices and the held-out ones.
 A finished run is not trained again, and its scores are not recomputed when its checkpoints and
 the scoring request are those results.json was scored from (scored_from.json beside it):
---rescore after changing the scoring code. With --seeds, one run per seed in <run>/seed<N> (config.seed = N) and the mean and standard
-deviation of every score over the seeds: single runs differ by ~0.01 VRand from rounding alone
-(docs/training.md), so compare recipes by these.
+--rescore after changing the scoring code. With --seeds, one run per seed in <run>/seed<N>
+(config.seed = N) and the mean and standard deviation of every score over the seeds: single runs
+differ by ~0.01 VRand from rounding alone (docs/training.md), so compare recipes by these.
 """
 
 from __future__ import annotations

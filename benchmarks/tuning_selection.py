@@ -11,8 +11,8 @@ VRand per slice, as the benchmarks do) and reports the held-out VRand of the set
 picks from the tuning sweep: "argmax" (what `jaxem tune` picks) and "plateau" (the argmax of
 `plateau_scores`: each setting's score averaged with its grid neighbours'),
 beside the best setting in hindsight ("oracle"). `--unseen FIRST STOP` adds "unseen": the argmax
-of the sweep on labelled ISBI training slices the runs never trained on. Prints JSON: per run, and per arm (the run
-directory's parent) the mean of plateau - argmax.
+of the sweep on labelled ISBI training slices the runs never trained on. Prints JSON: per run, and
+per arm (the run directory's parent) the mean of plateau - argmax.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.isbi2012 import prepare_isbi
+from benchmarks.ssl_transfer import labelled_subset
 
 
 SWEPT_KEYS = ("threshold", "h", "merge", "min_size")  # the numeric values a grid steps through
@@ -80,20 +81,6 @@ def held_out_choices(run: Path, labels_path: str, unseen: tuple[str, str] | None
                for rule, i in picks.items()}}
 
 
-def unseen_slices(first: int, stop: int, out: Path) -> tuple[str, str]:
-    """ISBI training slices [first, stop) (image, labels) written to `out`; returns their paths."""
-    from jaxem.data import datasets
-    from jaxem.data.volume import create_volume, open_volume
-
-    paths = []
-    for source, name in zip((p[0] for p in datasets.split_paths("isbi2012", "train")), ("image.zarr", "labels.zarr")):
-        volume = open_volume(source)
-        array = volume.read()[first:stop]
-        create_volume(out / name, array.shape, array.dtype, voxel_size=volume.voxel_size, overwrite=True).write(array)
-        paths.append(str(out / name))
-    return paths[0], paths[1]
-
-
 def trained_slices(run: Path) -> int:
     """How many ISBI training slices (0, 1, ...) the run was trained on (its config's volume)."""
     from jaxem.data.volume import open_volume
@@ -123,7 +110,8 @@ def main() -> None:
             parser.error(f"--unseen {args.unseen[0]} {args.unseen[1]}: expected training slices after the "
                          f"{trained} the runs trained on and before 16")
         # beside the runs' arm directories, as label_efficiency.py keeps its labelled_<n> slices
-        unseen = unseen_slices(*args.unseen, args.runs[0].resolve().parents[1] / "unseen_{}_{}".format(*args.unseen))
+        first, stop = args.unseen
+        unseen = labelled_subset(stop, args.runs[0].resolve().parents[1] / f"unseen_{first}_{stop}", first=first)
     per_run = {str(run): held_out_choices(run, labels_path, unseen) for run in args.runs}
     arms: dict[str, list[float]] = {}
     for run, r in per_run.items():
