@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from jaxem import xla
-from benchmarks.models import peak_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.models import peak_flops  # noqa: E402
 
 
 def conv_step(x, w):

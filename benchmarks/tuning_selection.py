@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.isbi2012 import prepare_isbi
-from benchmarks.ssl_transfer import labelled_subset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
+from benchmarks.ssl_transfer import labelled_subset  # noqa: E402
 
 
 SWEPT_KEYS = ("threshold", "h", "merge", "min_size")  # the numeric values a grid steps through

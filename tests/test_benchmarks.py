@@ -19,6 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_TIMEOUT_S = 1800  # an end-to-end benchmark subprocess: a hang guard, not a speed check
 
 
+def test_benchmarks_that_import_their_siblings_run_as_documented_from_anywhere(tmp_path):
+    """`python benchmarks/<name>.py` works on a fresh clone, with no PYTHONPATH and from any
+    directory, for every script that imports `benchmarks.*` (each puts the repository on sys.path)."""
+    scripts = [p for p in sorted((ROOT / "benchmarks").glob("*.py"))
+               if any(line.startswith(("from benchmarks", "import benchmarks")) for line in p.read_text().splitlines())]
+    assert len(scripts) >= 8
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    running = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], cwd=tmp_path, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in scripts}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=BENCHMARK_TIMEOUT_S)
+        assert process.returncode == 0 and "usage:" in out, f"{name}: {err[-500:]}"
+
+
 def test_models_benchmark_counts_three_forwards_per_step():
     """A training step's model FLOPs are its forward's convolutions and matmuls x 3 (input and
     kernel gradients) less the input gradient of the first conv (the image needs none), and the
