@@ -110,6 +110,29 @@ def test_plan_with_xla_measured_memory_fits_the_budget(tmp_path):
         assert measure_step_memory(planned_config(p), p["batch_size"] + 1) > budget * GIB
 
 
+def test_measured_memory_is_that_of_the_real_state():
+    """The planner lowers the step with an abstract state (shapes only, nothing initialised): the
+    same tree of shapes and dtypes as the initialised state, and the same measured bytes."""
+    import jax
+
+    from jaxem.train import parallel
+    from jaxem.train.trainer import build_training
+
+    config = load_config("demo:tiny")
+    mesh = parallel.make_mesh(1)
+    _, real, step, _ = build_training(config, mesh)
+    _, abstract, _, _ = build_training(config, mesh, abstract=True)
+    shapes = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: (x.shape, x.dtype), tree))  # noqa: E731
+    assert shapes(abstract) == shapes(real)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+    batch = {"image": jax.ShapeDtypeStruct((2, *config.data.crop_shape, 1), np.float32),
+             "labels": jax.ShapeDtypeStruct((2, *config.data.crop_shape), np.int32),
+             "mask": jax.ShapeDtypeStruct((2, *config.data.crop_shape), np.float32)}
+    real_bytes = step.lower(real, batch).compile().memory_analysis()
+    assert measure_step_memory(config, 2) == (real_bytes.argument_size_in_bytes + real_bytes.temp_size_in_bytes
+                                              + real_bytes.output_size_in_bytes - real_bytes.alias_size_in_bytes)
+
+
 @pytest.mark.slow
 def test_cli_plan_writes_a_config_that_trains(tmp_path, capsys):
     image = np.random.default_rng(2).normal(size=(8, 96, 96)).astype(np.float32)

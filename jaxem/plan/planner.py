@@ -124,7 +124,7 @@ def measure_step_memory(config, batch_size: int) -> int:
     """Peak bytes of one training step of `config` at `batch_size`, from XLA's memory analysis of
     the compiled step on this process's first device (arguments + temporaries + outputs - aliased)."""
     mesh = parallel.make_mesh(1)
-    _, state, train_step, _ = build_training(config, mesh)
+    _, state, train_step, _ = build_training(config, mesh, abstract=True)  # shapes only: nothing to initialise
     spatial, sharding = tuple(config.data.crop_shape), parallel.data_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, *spatial, 1), jnp.float32, sharding=sharding),
              "labels": jax.ShapeDtypeStruct((batch_size, *spatial), jnp.int32, sharding=sharding),

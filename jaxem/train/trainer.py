@@ -101,21 +101,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool
             val_loader.close()
 
 
-def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool = True):
+def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool = True, abstract: bool = False):
     """(model, initial state, jitted train_step, jitted eval_step) for a checked `config` on `mesh`.
 
     Params and optimizer state are replicated, batches sharded on 'data', and the train step
     donates the state buffers it replaces. With `train.init_encoder` set (and `load_encoder`) the
-    encoder starts from that pretrained encoder.
+    encoder starts from that pretrained encoder. `abstract`: the state as shapes and dtypes only
+    (jax.eval_shape: nothing initialised or compiled for it, no encoder loaded), enough to lower the
+    steps, e.g. to measure their memory; supervised configs only (semi methods need a real state).
     """
     tc, ndim = config.train, config.model.ndim
     model = models.build(config.model)
     tx = make_optimizer(config.optimizer, tc.steps, tc)  # with the fine-tuning controls of `train`
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
-    state = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)(
-        jax.random.PRNGKey(config.seed))
-    if tc.get("init_encoder") and load_encoder:
+    init = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)
+    state = (jax.eval_shape if abstract else lambda f, key: f(key))(init, jax.random.PRNGKey(config.seed))
+    if tc.get("init_encoder") and load_encoder and not abstract:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
     teacher, rounds = run_teacher(config, state, mesh), unlabelled.rounds_on(config.get("semi"))
     add_ons = init_adversaries(config, model, state, replicated)
