@@ -116,7 +116,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     replicated, batch_sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     init_shape = (1,) + tuple(config.data.crop_shape) + (1,)
     init = jax.jit(lambda rng: create_train_state(model, tx, rng, init_shape), out_shardings=replicated)
-    state = (jax.eval_shape if abstract else lambda f, key: f(key))(init, jax.random.PRNGKey(config.seed))
+    key = jax.random.PRNGKey(config.seed)
+    state = jax.eval_shape(init, key) if abstract else init(key)
     if tc.get("init_encoder") and load_encoder and not abstract:
         state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
     teacher, rounds = run_teacher(config, state, mesh), unlabelled.rounds_on(config.get("semi"))
