@@ -65,9 +65,10 @@ def held_out_choices(run: Path, labels_path: str, unseen: tuple[str, str] | None
 
     sweep = json.loads((run / "heldout" / "tuning.json").read_text())["model"]
     table = sweep["table"]
+    grid = [row["setting"] for row in table]
     labels = open_volume(labels_path)
     held_out = tune(prediction_channel(run / "heldout" / "predictions.zarr"), labels.read(), "boundary",
-                    grid=[row["setting"] for row in table], metric="vrand", per_slice=True,
+                    grid=grid, metric="vrand", per_slice=True,
                     voxel_size=labels.voxel_size, progress=False)["table"]
     vrand = np.array([row["scores"]["vrand"] for row in held_out])
     tuning = np.array([row["scores"]["vrand"] for row in table])
@@ -77,7 +78,7 @@ def held_out_choices(run: Path, labels_path: str, unseen: tuple[str, str] | None
         out_dir = run / "tuned_on_unseen"
         out_dir.mkdir(exist_ok=True)
         setting = tune_settings(run, unseen, out_dir, progress=False)[0]["model"]
-        picks["unseen"] = [row["setting"] for row in table].index(setting)
+        picks["unseen"] = grid.index(setting)
     return {"settings": len(table),
             **{rule: {"setting": table[i]["setting"], "heldout_vrand": float(vrand[i]), "tuning_vrand": float(tuning[i])}
                for rule, i in picks.items()}}

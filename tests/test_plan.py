@@ -12,7 +12,8 @@ from jaxem.config import apply_overrides, load_config
 from jaxem.data.volume import create_volume
 from jaxem.errors import UserError
 from jaxem.plan.decisions import HEAVY_TAIL_RATIO, follow_up, object_extents
-from jaxem.plan.planner import GIB, fingerprint, measure_step_memory, plan, planned_config, topology, write_config
+from jaxem.plan.planner import (GIB, fingerprint, measure_step_memory, plan, planned_config, step_memory, topology,
+                                write_config)
 
 
 def test_serial_section_spacing_pools_in_plane_until_z_is_within_2x():
@@ -125,12 +126,7 @@ def test_measured_memory_is_that_of_the_real_state():
     shapes = lambda tree: jax.tree.leaves(jax.tree.map(lambda x: (x.shape, x.dtype), tree))  # noqa: E731
     assert shapes(abstract) == shapes(real)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
-    batch = {"image": jax.ShapeDtypeStruct((2, *config.data.crop_shape, 1), np.float32),
-             "labels": jax.ShapeDtypeStruct((2, *config.data.crop_shape), np.int32),
-             "mask": jax.ShapeDtypeStruct((2, *config.data.crop_shape), np.float32)}
-    real_bytes = step.lower(real, batch).compile().memory_analysis()
-    assert measure_step_memory(config, 2) == (real_bytes.argument_size_in_bytes + real_bytes.temp_size_in_bytes
-                                              + real_bytes.output_size_in_bytes - real_bytes.alias_size_in_bytes)
+    assert measure_step_memory(config, 2) == step_memory(step, real, config.data.crop_shape, 2, mesh) > 0
 
 
 @pytest.mark.slow

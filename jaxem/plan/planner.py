@@ -122,10 +122,17 @@ def initial_patch(shape: Sequence[int], spacing: Sequence[float], start_size: in
 
 def measure_step_memory(config, batch_size: int) -> int:
     """Peak bytes of one training step of `config` at `batch_size`, from XLA's memory analysis of
-    the compiled step on this process's first device (arguments + temporaries + outputs - aliased)."""
+    the compiled step on this process's first device (arguments + temporaries + outputs - aliased).
+    The step is lowered with the state's shapes alone: nothing is initialised."""
     mesh = parallel.make_mesh(1)
-    _, state, train_step, _ = build_training(config, mesh, abstract=True)  # shapes only: nothing to initialise
-    spatial, sharding = tuple(config.data.crop_shape), parallel.data_sharding(mesh)
+    _, state, train_step, _ = build_training(config, mesh, abstract=True)
+    return step_memory(train_step, state, config.data.crop_shape, batch_size, mesh)
+
+
+def step_memory(train_step, state, crop_shape: Sequence[int], batch_size: int, mesh) -> int:
+    """Peak bytes of the jitted `train_step` on `state` (arrays or their shapes) and a batch of
+    `batch_size` crops of `crop_shape`, as `measure_step_memory` counts them."""
+    spatial, sharding = tuple(crop_shape), parallel.data_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, *spatial, 1), jnp.float32, sharding=sharding),
              "labels": jax.ShapeDtypeStruct((batch_size, *spatial), jnp.int32, sharding=sharding),
              "mask": jax.ShapeDtypeStruct((batch_size, *spatial), jnp.float32, sharding=sharding)}
