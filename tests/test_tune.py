@@ -202,3 +202,39 @@ def test_tune_cli_methods_keeps_only_those_settings(tmp_path, capsys):
     table = json.loads(out.read_text())["table"]
     expected = [s for s in tuning.default_grid("boundary", (40.0, 4.0, 4.0)) if s["method"] in ("cc", "agglomerate")]
     assert [row["setting"] for row in table] == expected
+
+
+def test_uint8_predictions_read_as_probabilities(tmp_path, capsys):
+    """`jaxem predict --dtype uint8` writes rint(255 p): tune and segment (cc, watershed,
+    agglomerate) read it as p = v / 255, giving what the float map of those values gives (a uint8
+    map read as 0-255 would put every membrane above any threshold)."""
+    prob, gt = weak_membrane_case()
+    prob = np.clip(prob + np.random.default_rng(0).normal(0, 0.02, prob.shape), 0, 1).astype(np.float32)
+    as_uint8 = np.rint(prob * 255).astype(np.uint8)
+    quantised = as_uint8.astype(np.float32) / np.float32(255.0)
+    for name, array in (("float", quantised), ("uint8", as_uint8)):
+        create_volume(tmp_path / name, (1, *prob.shape), array.dtype, (40.0, 4.0, 4.0),
+                      axes=("c", "z", "y", "x")).write(array[None])
+    create_volume(tmp_path / "gt", gt.shape, np.uint64, (40.0, 4.0, 4.0)).write(gt)
+    tuned = {}
+    for name in ("float", "uint8"):
+        assert main(["tune", "--input", str(tmp_path / name), "--labels", str(tmp_path / "gt"), "--output",
+                     str(tmp_path / f"{name}.json"), "--per-slice", "--no-progress"]) == 0
+        tuned[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert tuned["uint8"]["table"] == tuned["float"]["table"] and tuned["uint8"]["best_score"] == pytest.approx(1.0)
+    capsys.readouterr()
+    objects = {}
+    for method, merge in (("cc", 0.5), ("watershed", 0.5), ("agglomerate", 0.5), ("agglomerate", 0.0)):
+        labels = {}
+        for name in ("float", "uint8"):
+            out = tmp_path / f"{name}_{method}_{merge}"
+            assert main(["segment", "--input", str(tmp_path / name), "--output", str(out), "--method", method,
+                         "--threshold", "0.3", "--merge", str(merge), "--per-slice", "--block", "3,16,16",
+                         "--no-progress"]) == 0
+            labels[name] = open_volume(out).read()
+        np.testing.assert_array_equal(labels["uint8"], labels["float"])
+        objects[method, merge] = len(np.unique(labels["uint8"][labels["uint8"] > 0]))
+    # cc and watershed keep the 0.45 membrane at threshold 0.3: 16 cells per slice; agglomerate at
+    # merge 0.5 joins fragments, which merge scores read as 0-255 could never do
+    assert objects["cc", 0.5] == objects["watershed", 0.5] == 3 * 16
+    assert objects["agglomerate", 0.5] < objects["agglomerate", 0.0]

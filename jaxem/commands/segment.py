@@ -20,7 +20,7 @@ import json
 from dataclasses import replace
 from functools import partial
 
-from jaxem.data.volume import finite_probabilities
+from jaxem.data.volume import as_probabilities, finite_probabilities
 from jaxem.errors import UserError
 
 # what a setting falls back to when neither the command line nor --params gives it
@@ -121,6 +121,8 @@ def run(args, overrides) -> int:
             raise UserError(f"--allow-nan does not apply to --method agglomerate (its merge scores read {args.input} "
                             "as it is); replace the NaN/Inf voxels first, or use another --method.")
         fn = partial(_with_finite_input, fn)
+    elif source.dtype == "uint8":  # `jaxem predict --dtype uint8`: rint(255 p)
+        fn = partial(_with_probability_input, fn)
     block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers, progress=not args.no_progress)
@@ -185,6 +187,12 @@ def _check_axes(source, path) -> None:
     if spatial not in (2, 3) or axes[: len(axes) - spatial] not in ((), ("c",)):
         raise UserError(f"--input {path} has axes ({', '.join(axes)}) of shape {source.shape}; segment takes "
                         "(z, y, x) or (y, x) predictions, optionally after a channel axis c.")
+
+
+def _with_probability_input(segment_fn, data, **settings):
+    """`segment_fn` (with `settings`, as agglomerate's fragments override them) of a uint8 block
+    read as probabilities (v / 255)."""
+    return segment_fn(as_probabilities(data), **settings)
 
 
 def _with_finite_input(segment_fn, data):

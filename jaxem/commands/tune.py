@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     # deferred: keeps CLI start-up light
     from jaxem.data.guard import refuse_overlap
-    from jaxem.data.volume import finite_probabilities, open_volume, read_attributes, refuse_nonfinite, unwritable
+    from jaxem.data.volume import as_probabilities, finite_probabilities, open_volume, read_attributes, refuse_nonfinite, unwritable
     from jaxem.segment.setting import KINDS
     from jaxem.segment.tune import default_grid, plot_tuning, tune
 
@@ -61,7 +61,7 @@ def run(args, overrides) -> int:
     if kind not in KINDS:
         raise UserError(f"{args.input} holds {kind!r} predictions; pass --kind boundary, foreground or affinities.")
     refuse_nonfinite(source, args.input, args.allow_nan)
-    prediction, offsets = finite_probabilities(source.read()), target.get("offsets")
+    prediction, offsets = finite_probabilities(as_probabilities(source.read())), target.get("offsets")
     channel_first = source.axes[0] == "c"
     if kind == "affinities":
         if not channel_first or not offsets:

@@ -583,6 +583,14 @@ def refuse_nonfinite(source, path, allow: bool = False, block_voxels: int = NONF
     return count
 
 
+def as_probabilities(array: np.ndarray) -> np.ndarray:
+    """A block of a prediction as probabilities: uint8 (`jaxem predict --dtype uint8` writes
+    rint(255 p)) as float32 p = v / 255; any other dtype unchanged."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / np.float32(255.0)
+    return array
+
+
 def finite_probabilities(array: np.ndarray) -> np.ndarray:
     """`array` with NaN read as 0, +Inf as 1 and -Inf as 0 (what --allow-nan means)."""
     if not np.issubdtype(array.dtype, np.inexact):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxem.data.volume import open_volume
+from jaxem.data.volume import as_probabilities, open_volume
 from jaxem.infer.job import predict_run
 
 UINT8_RANGE = (0.0, 255.0)  # the grey values of 8-bit EM
@@ -36,9 +36,9 @@ class HeldOut:
 
 def prediction_channel(path: str | Path) -> np.ndarray:
     """Channel 0 of a prediction volume written by jaxem.infer (boundary, foreground...), as
-    (z, y, x) float32."""
+    (z, y, x) float32 probabilities (a uint8 prediction's rint(255 p) divided by 255)."""
     volume = open_volume(str(path))
-    array = volume.read()
+    array = as_probabilities(volume.read())
     if volume.axes[0] == "c":
         array = array[0]
     elif volume.axes[-1] == "c":

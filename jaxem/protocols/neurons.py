@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxem.data.volume import open_volume, read_attributes
+from jaxem.data.volume import as_probabilities, open_volume, read_attributes
 from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.metrics.cremi import BORDER_THRESHOLD_NM, cremi_scores
@@ -79,7 +79,7 @@ def read_affinities(path: str | Path) -> tuple[np.ndarray, list[list[int]]]:
     if target.get("kind") != "affinities" or volume.axes[0] != "c":
         raise UserError(f"{path} holds no affinities (its jaxem_target is {target or 'missing'}); "
                         "score affinity runs only (config.target.kind = 'affinities').")
-    return volume.read().astype(np.float32), target["offsets"]
+    return as_probabilities(volume.read()).astype(np.float32, copy=False), target["offsets"]
 
 
 def segment_all(affinities, offsets, raw, voxel_size, min_size: int, h: float) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ from functools import partial
 
 import numpy as np
 
-from jaxem.data.volume import open_volume
+from jaxem.data.volume import as_probabilities, open_volume
 from jaxem.segment.executors import InProcess
 from jaxem.segment import stitch
 from jaxem.segment.agglomerate import RegionGraph, merge_ids, region_graph, sum_edges
@@ -82,6 +82,7 @@ def _block_graph(input_path, fragments_path, shape, block, channel, evidence, of
         data = source.read(((slice(None) if channel == "all" else (channel or 0)),) + ext)
     else:
         data = source.read(ext)
+    data = as_probabilities(data)  # uint8 predictions: rint(255 p)
     parts = []
     for axis in (range(len(shape)) if axes is None else axes):
         # along `axis` the core and the next voxel up; along the others the core alone
