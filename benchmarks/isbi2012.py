@@ -45,7 +45,7 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
     (`scoring_key`) unless `rescore`."""
     from jaxem.data import datasets
     from jaxem.protocols.common import train_to_completion
-    from jaxem.protocols.isbi2012 import score_run
+    from jaxem.protocols.isbi2012 import ROWS, score_run
 
     summary, train_seconds = train_to_completion(config, run, progress)
     images, labels = datasets.split_paths("isbi2012", "val")
@@ -53,7 +53,7 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
         tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train"))
     tune_on = tune_on if tune else None
     out_dir = run / ("heldout_tta" if tta else "heldout")
-    key = scoring_key(run, image=images[0], labels=labels[0], tta=tta, tune_on=tune_on)
+    key = scoring_key(run, image=images[0], labels=labels[0], tta=tta, tune_on=tune_on, rows=list(ROWS))
     scores = None if rescore else scores_of(out_dir, key)
     if scores is None:
         (out_dir / SCORED_FROM).unlink(missing_ok=True)
@@ -69,7 +69,8 @@ SCORED_FROM = "scored_from.json"  # beside results.json: the scoring_key it was 
 
 def scoring_key(run: Path, **request) -> dict:
     """What a run's held-out scores depend on, the code aside: its checkpoints (step directories and
-    their modification times, ns) and the `request` (volumes, TTA, tuning volume), as JSON."""
+    their modification times, ns) and the `request` (volumes, TTA, tuning volume, the rows scored),
+    as JSON."""
     steps = sorted((p.name, p.stat().st_mtime_ns) for p in (run / "checkpoints").iterdir()) \
         if (run / "checkpoints").is_dir() else []
     return json.loads(json.dumps({"checkpoints": steps, **request}))

@@ -19,11 +19,13 @@
    then named "<pretraining>@x=y" (their own run directories; scratch and the semi arms are reused).
    `--control` adds "random@x=y": random init fine-tuned with the same overrides, the control that
    tells what the pretraining adds from what the recipe (e.g. a frozen encoder) does by itself.
-3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in two protocols:
+3. Scores every run on the held-out slices 16-19 (jaxem.protocols.isbi2012) in three protocols:
    - fixed: the fixed watershed setting for every run (VRand, VInfo, cell-interior IoU and Dice),
      so arms differ in their networks only;
    - tuned: the segmentation setting tuned (jaxem.segment.tune) on the run's own labelled slices,
      which is what a user holding those n labelled slices would do (VRand, VInfo: "*_tuned");
+   - matched: that tuned setting on the held-out map matched to the quantiles of the run's map of
+     its labelled slices (`jaxem segment --match-quantiles`; "*_matched");
    and the membrane map's average precision, which no threshold or setting affects.
 
 Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each arm's
@@ -55,8 +57,9 @@ from benchmarks import ssl_transfer  # noqa: E402
 from benchmarks.ssl_transfer import (SEMI_METHODS, labelled_subset, semi_overrides, split_overrides,  # noqa: E402
                                       unlabelled_images)
 
-METRICS = ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned", "vinfo_tuned")
-PROTOCOLS = {"fixed": "vrand", "tuned": "vrand_tuned"}  # protocol -> its VRand key (IoU: thresholded, the same in both)
+METRICS = ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned", "vinfo_tuned", "vrand_matched", "vinfo_matched")
+# protocol -> its VRand key (IoU: the map thresholded at 0.5, the same in every protocol)
+PROTOCOLS = {"fixed": "vrand", "tuned": "vrand_tuned", "matched": "vrand_matched"}
 GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
 # The fine-tuning budget of every arm: short enough for 2 CPU cores x (arms x slices x seeds) runs.
 FINETUNE_DEFAULTS = ("--config.train.steps=300", "--config.data.crop_shape=(128, 128)",
@@ -83,14 +86,16 @@ def pretrained_arm(method: str, transfer: list[str]) -> str:
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
                        seed: int, progress: bool, rescore: bool = False) -> dict:
     """Trains the recipe with this benchmark's budget on the labelled `subset` (with `overrides`)
-    into `run` and scores slices 16-19 with the fixed watershed setting and with the setting tuned
-    on `subset` (keys "*_tuned")."""
+    into `run` and scores slices 16-19 with the fixed watershed setting, with the setting tuned
+    on `subset` (keys "*_tuned"), and with that setting on the held-out map matched to the
+    quantiles of the map of `subset` (keys "*_matched": `jaxem segment --match-quantiles`)."""
     start = time.time()
     result = ssl_transfer.finetune_and_score(finetune_config, [*FINETUNE_DEFAULTS, *overrides], subset, run, seed,
                                              progress, tune_on_subset=True, rescore=rescore)
-    fixed, tuned = result["scores"]["model"], result["scores"]["model_tuned"]
+    fixed, tuned, matched = (result["scores"][row] for row in ("model", "model_tuned", "model_tuned_matched"))
     return {"scores": {**{k: fixed[k] for k in ("vrand", "vinfo", "iou", "dice", "membrane_ap")},
-                       "vrand_tuned": tuned["vrand"], "vinfo_tuned": tuned["vinfo"]},
+                       "vrand_tuned": tuned["vrand"], "vinfo_tuned": tuned["vinfo"],
+                       "vrand_matched": matched["vrand"], "vinfo_matched": matched["vinfo"]},
             "tuned_setting": result["scores"]["tuned_settings"]["model"],
             "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
 
@@ -160,11 +165,13 @@ def goal_met(table: dict, candidates: list[str], gain: str = "gain_") -> dict:
 
 def format_table(table: dict, arms: list[str]) -> str:
     """Markdown: one row per (n, arm), mean ± std over seeds, and each arm's gain over scratch
-    (VRand with the fixed and the tuned setting, IoU, membrane AP)."""
+    (VRand with the fixed setting, the tuned one and the tuned one on a matched map, IoU, membrane AP)."""
     columns = (("vrand", "VRand fixed", 1, ".3f"), ("vrand_tuned", "VRand tuned", 1, ".3f"),
-               ("iou", "IoU", 1, ".3f"), ("membrane_ap", "membrane AP", 1, ".3f"))
+               ("vrand_matched", "VRand tuned, matched", 1, ".3f"), ("iou", "IoU", 1, ".3f"),
+               ("membrane_ap", "membrane AP", 1, ".3f"))
     gain_columns = (("vrand", "VRand fixed gain", 1, "+.3f"), ("vrand_tuned", "VRand tuned gain", 1, "+.3f"),
-                    ("iou", "IoU gain (pts)", 100, "+.1f"), ("membrane_ap", "AP gain (pts)", 100, "+.1f"))
+                    ("vrand_matched", "VRand matched gain", 1, "+.3f"), ("iou", "IoU gain (pts)", 100, "+.1f"),
+                    ("membrane_ap", "AP gain (pts)", 100, "+.1f"))
     head = ["labelled slices", "arm", *(c[1] for c in columns), *(c[1] for c in gain_columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -181,7 +188,7 @@ def format_table(table: dict, arms: list[str]) -> str:
 
 
 def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
-    """VRand (fixed and tuned setting) and membrane AP on slices 16-19 (mean ± std over seeds) against
+    """VRand (fixed setting, tuned, tuned on a matched map) and membrane AP on slices 16-19 (mean ± std over seeds) against
     the number of labelled slices, one line per arm."""
     import matplotlib
 
@@ -190,8 +197,9 @@ def plot(table: dict, arms: list[str], path: Path, title: str) -> None:
 
     slices = sorted(table)
     panels = (("vrand", "VRand, fixed setting"), ("vrand_tuned", "VRand, setting tuned on the labelled slices"),
+              ("vrand_matched", "VRand, tuned setting, map matched to the tuning map"),
               ("membrane_ap", "membrane average precision"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(17, 3.8))
     for ax, (metric, label) in zip(axes, panels):
         for i, arm in enumerate(arms):
             mean = [table[n][arm][metric]["mean"] for n in slices]

@@ -90,13 +90,15 @@ def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
     scores of that setting, and the tuning table's best is its argmax."""
     from jaxem.protocols.common import UINT8_RANGE, otsu_dark, prediction_channel
     from jaxem.protocols.isbi2012 import score_run, score_slices
+    from jaxem.segment.calibration import map_quantiles, match_quantiles
     from jaxem.segment.setting import SegmentSetting, segment_volume
 
     data = run_dir / "data"
     test = (str(data / "test_raw.zarr"), str(data / "test_instances.zarr"))
     results = score_run(run_dir, *test, out_dir=tmp_path, progress=False, tta=True,
                         tune_on=(str(data / "val_raw.zarr"), str(data / "val_instances.zarr")))
-    assert set(results) == {"model", "model_tuned", "threshold_baseline", "threshold_baseline_tuned", "tuned_settings"}
+    assert set(results) == {"model", "model_tuned", "model_tuned_matched", "threshold_baseline",
+                            "threshold_baseline_tuned", "tuned_settings"}
     sweeps = json.loads((tmp_path / "tuning.json").read_text())
     for row in ("model", "threshold_baseline"):
         table = sweeps[row]["table"]
@@ -108,6 +110,14 @@ def test_score_run_tuned_on_another_labelled_volume(run_dir, tmp_path):
         setting = SegmentSetting.from_dict(results["tuned_settings"][row])
         labels = segment_volume(boundary, setting, per_slice=True, voxel_size=(40.0, 4.0, 4.0))
         assert score_slices(labels, boundary, gt) == pytest.approx(results[f"{row}_tuned"])
+    # matched: the model's tuned setting on its held-out map matched to its tuning map's quantiles
+    boundary = prediction_channel(tmp_path / "predictions.zarr")
+    tuned_quantiles = np.asarray(sweeps["model"]["quantiles"])
+    np.testing.assert_allclose(tuned_quantiles, map_quantiles(prediction_channel(tmp_path / "tune_predictions.zarr")))
+    matched = match_quantiles(boundary, map_quantiles(boundary), tuned_quantiles)
+    labels = segment_volume(matched, SegmentSetting.from_dict(results["tuned_settings"]["model"]), per_slice=True,
+                            voxel_size=(40.0, 4.0, 4.0))
+    assert score_slices(labels, matched, gt) == pytest.approx(results["model_tuned_matched"])
     assert (tmp_path / "tuning.png").stat().st_size > 0
 
 

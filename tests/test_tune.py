@@ -238,3 +238,83 @@ def test_uint8_predictions_read_as_probabilities(tmp_path, capsys):
     # merge 0.5 joins fragments, which merge scores read as 0-255 could never do
     assert objects["cc", 0.5] == objects["watershed", 0.5] == 3 * 16
     assert objects["agglomerate", 0.5] < objects["agglomerate", 0.0]
+
+
+def test_quantiles_blockwise_and_matching(tmp_path):
+    """Quantiles from the block-by-block histogram equal numpy's to the bin width, whatever the
+    blocks; matching maps a map's distribution onto another's, keeping the voxels' order."""
+    from jaxem.segment import calibration
+
+    rng = np.random.default_rng(1)
+    tuned = rng.beta(0.3, 0.6, (3, 40, 40)).astype(np.float32)  # confident: most mass near 0 and 1
+    new = (0.2 + 0.5 * rng.random((2, 3, 40, 40))).astype(np.float32)  # 2 channels, less confident
+    levels = np.linspace(0, 1, calibration.LEVELS)
+    source = calibration.map_quantiles(new, channel_axis=True)
+    assert source.shape == (2, calibration.LEVELS)
+    width, n = 1.0 / calibration.HISTOGRAM_BINS, new[0].size
+    for c in range(2):  # each quantile between the order statistics around its level, to a bin's width
+        ordered = np.sort(new[c].ravel())
+        below = ordered[np.maximum(np.floor(levels * (n - 1)).astype(int) - 1, 0)] - width
+        above = ordered[np.minimum(np.ceil(levels * n).astype(int), n - 1)] + width
+        assert np.all((below <= source[c]) & (source[c] <= above))
+    volume = create_volume(tmp_path / "q", new.shape, np.float32, (1.0, 1.0, 1.0), axes=("c", "z", "y", "x"))
+    volume.write(new)
+    blockwise = calibration.volume_quantiles(volume, "all", block_voxels=500, progress=False)
+    np.testing.assert_array_equal(blockwise, source)  # the same histogram, however it is read
+    np.testing.assert_array_equal(calibration.volume_quantiles(volume, 1, block_voxels=700, progress=False), source[1:])
+    target = np.repeat(calibration.map_quantiles(tuned), 2, axis=0)
+    matched = calibration.match_quantiles(new, source, target, channel_axis=True)
+    for c in range(2):
+        np.testing.assert_allclose(np.quantile(matched[c], levels), np.quantile(tuned, levels), atol=0.01)
+        order = np.argsort(new[c].ravel(), kind="stable")
+        assert np.all(np.diff(matched[c].ravel()[order]) >= 0)  # monotone: ranks kept
+    with pytest.raises(UserError, match="channels"):
+        calibration.match_quantiles(new, source[:1], target[:1], channel_axis=True)
+
+
+def test_match_quantiles_carries_a_tuned_setting_to_a_less_confident_map(tmp_path, capsys):
+    """tune on a confident map (weak membrane 0.45, membranes 1), then segment the same cells seen
+    by a less confident network (every value x 0.6: the weak membrane reads 0.27, under every tuned
+    threshold): with --match-quantiles the tuned setting cuts the cells as it did where it was
+    chosen; without, it merges across the weak membrane."""
+    prob, gt = weak_membrane_case()
+    voxel = (40.0, 4.0, 4.0)
+    for name, array in (("tuned", prob), ("shy", 0.6 * prob)):
+        create_volume(tmp_path / name, (1, *prob.shape), np.float32, voxel, axes=("c", "z", "y", "x")).write(array[None])
+    create_volume(tmp_path / "gt", gt.shape, np.uint64, voxel).write(gt)
+    params = tmp_path / "tuned.json"
+    assert main(["tune", "--input", str(tmp_path / "tuned"), "--labels", str(tmp_path / "gt"), "--output", str(params),
+                 "--per-slice", "--no-progress"]) == 0
+    stored = json.loads(params.read_text())["quantiles"]
+    np.testing.assert_allclose(stored, tuning.map_quantiles(prob))
+    scores = {}
+    for flags in ([], ["--match-quantiles"]):
+        out = tmp_path / f"seg{len(flags)}"
+        assert main(["segment", "--input", str(tmp_path / "shy"), "--output", str(out), "--params", str(params),
+                     "--no-progress", *flags]) == 0
+        printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert ("matched_quantiles" in printed) == bool(flags)
+        scores[bool(flags)] = tuning.score(open_volume(out).read(), gt, per_slice=True)["vrand"]
+    assert scores[True] == pytest.approx(1.0) and scores[False] < 0.95
+    # every method, agglomeration's merge scores included, reads the matched map: the shy map then
+    # segments as the map the setting was tuned on
+    for method in ("watershed", "agglomerate"):
+        labels = []
+        for name, flags in (("tuned", []), ("shy", ["--match-quantiles"])):
+            out = tmp_path / f"{name}_{method}"
+            assert main(["segment", "--input", str(tmp_path / name), "--output", str(out), "--params", str(params),
+                         "--method", method, "--merge", "0.4", "--no-progress", *flags]) == 0
+            labels.append(open_volume(out).read())
+        np.testing.assert_array_equal(*labels)
+
+    # refused, nothing written: no --params; a file from before tune stored quantiles; other channels
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(params.read_text()).items() if k != "quantiles"}))
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(dict(json.loads(params.read_text()), quantiles=stored * 2)))
+    for extra, message in ((["--match-quantiles"], "pass --params"),
+                           (["--params", str(old), "--match-quantiles"], "run `jaxem tune` again"),
+                           (["--params", str(two), "--match-quantiles"], "quantiles of 2 channels")):
+        assert main(["segment", "--input", str(tmp_path / "shy"), "--output", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -3,14 +3,16 @@
     jaxem segment --input pred.zarr --output seg.zarr --method cc|watershed|agglomerate|mws
                   [--kind boundary|foreground|affinities] [--channel 0] [--threshold 0.5] [--min-size 0] [--h NM]
                   [--merge 0.5]
-                  [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json]
+                  [--seeds distance|threshold] [--[no-]per-slice] [--params tuned.json [--match-quantiles]]
                   [--block 64,256,256] [--overlap 8] [--offsets '[[1,0,0],...]'] [--strides 1,2,2]
                   [--dask local|ADDRESS] [--workers 2] [--labels-of IMAGE [--labels-name NAME]]
                   [--overwrite] [--no-progress]
 
 --params takes the settings `jaxem tune` chose (method, threshold, seeds, h, merge, min_size, kind,
-per-slice); flags given on the command line override them. --labels-of also writes the result as a
-multiscale OME-Zarr label image of IMAGE (`jaxem.data.formats.write_labels_of`).
+per-slice); flags given on the command line override them. --match-quantiles first maps the input's
+values onto the distribution of the map they were tuned on (`jaxem.segment.calibration`).
+--labels-of also writes the result as a multiscale OME-Zarr label image of IMAGE
+(`jaxem.data.formats.write_labels_of`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--per-slice", action=argparse.BooleanOptionalAction, default=None,
                         help="segment each z-slice on its own (--no-per-slice: in 3D, also over a --params file's choice)")
     parser.add_argument("--params", default=None, help="JSON of `jaxem tune`: its best setting, under any flags given here")
+    parser.add_argument("--match-quantiles", action="store_true",
+                        help="with --params: map the input's values per channel onto the distribution of the map "
+                             "the settings were tuned on (its quantiles in the file) before segmenting, for a "
+                             "network more confident on its training data than on this volume")
     parser.add_argument("--block", default=None, help="block shape, e.g. 64,256,256 (default: the whole volume)")
     parser.add_argument("--overlap", type=int, default=None, help="context voxels per side (default 0 for cc, 8 otherwise)")
     parser.add_argument("--offsets", default=None,
@@ -116,13 +122,12 @@ def run(args, overrides) -> int:
     else:
         raise UserError(f"--method {args.method!r} is not one of {', '.join(instances.METHODS + ('mws',))}.")
     fn = partial(segment_volume, setting=setting, voxel_size=source.voxel_size, **where)
-    if nonfinite:  # --allow-nan
-        if args.method == "agglomerate":
-            raise UserError(f"--allow-nan does not apply to --method agglomerate (its merge scores read {args.input} "
-                            "as it is); replace the NaN/Inf voxels first, or use another --method.")
-        fn = partial(_with_finite_input, fn)
-    elif source.dtype == "uint8":  # `jaxem predict --dtype uint8`: rint(255 p)
-        fn = partial(_with_probability_input, fn)
+    if nonfinite and args.method == "agglomerate":  # --allow-nan
+        raise UserError(f"--allow-nan does not apply to --method agglomerate (its merge scores read {args.input} "
+                        "as it is); replace the NaN/Inf voxels first, or use another --method.")
+    quantiles = _quantiles_to_match(args, source, channel)
+    read_as = partial(_segmentation_input, finite=bool(nonfinite), quantiles=quantiles, channel_axis=channel == "all")
+    fn = partial(_with_input, fn, read_as)
     block = _parse_per_axis(args.block, spatial)
     overlap = args.overlap if args.overlap is not None else (0 if args.method == "cc" else 8)
     executor = make_executor(args.dask, args.workers, progress=not args.no_progress)
@@ -137,7 +142,7 @@ def run(args, overrides) -> int:
                 stats = agglomerate_blockwise(args.input, output, block, fragments, args.merge, where["kind"],
                                               offsets=where["offsets"], axes=in_plane, overlap=overlap,
                                               min_size=args.min_size, executor=executor, channel=channel,
-                                              overwrite=args.overwrite)
+                                              overwrite=args.overwrite, read_as=read_as)
             else:
                 stats = segment_blockwise(args.input, output, block, fn, overlap=overlap, min_size=args.min_size,
                                           executor=executor, channel=channel, overwrite=args.overwrite)
@@ -149,6 +154,8 @@ def run(args, overrides) -> int:
 
         levels = write_labels_of(args.output, args.labels_of, args.labels_name, overwrite=args.overwrite)
         stats["labels_of"] = {"path": levels[0]["path"], "levels": len(levels)}
+    if quantiles is not None:
+        stats["matched_quantiles"] = args.params
     print(json.dumps(stats))
     return 0
 
@@ -189,15 +196,42 @@ def _check_axes(source, path) -> None:
                         "(z, y, x) or (y, x) predictions, optionally after a channel axis c.")
 
 
-def _with_probability_input(segment_fn, data, **settings):
-    """`segment_fn` (with `settings`, as agglomerate's fragments override them) of a uint8 block
-    read as probabilities (v / 255)."""
-    return segment_fn(as_probabilities(data), **settings)
+def _quantiles_to_match(args, source, channel):
+    """(the input's quantiles, the tuned map's), both (C, LEVELS), with --match-quantiles; else None."""
+    if not args.match_quantiles:
+        return None
+    if not args.params:
+        raise UserError("--match-quantiles matches the input to the map of a `jaxem tune` file: pass --params tuned.json.")
+    # deferred: keeps CLI start-up light
+    from jaxem.segment.calibration import volume_quantiles
+    from jaxem.segment.tune import read_quantiles
+
+    tuned = read_quantiles(args.params)
+    channels = source.shape[0] if channel == "all" else 1
+    if len(tuned) != channels:
+        raise UserError(f"--params {args.params} holds quantiles of {len(tuned)} channels; --input {args.input} is "
+                        f"segmented from {channels}.")
+    return volume_quantiles(source, channel, progress=not args.no_progress), tuned
 
 
-def _with_finite_input(segment_fn, data):
-    """`segment_fn` of a block whose NaN/Inf are read as probabilities (--allow-nan: NaN 0, +Inf 1, -Inf 0)."""
-    return segment_fn(finite_probabilities(data))
+def _segmentation_input(data, finite: bool = False, quantiles=None, channel_axis: bool = False):
+    """A block of the prediction as segmentation reads it: uint8 (`jaxem predict --dtype uint8`:
+    rint(255 p)) as v / 255; with `finite` (--allow-nan) NaN as 0, +Inf as 1, -Inf as 0; with
+    `quantiles` (the input's, the tuned map's) mapped onto the tuned map's distribution."""
+    # deferred: keeps CLI start-up light
+    from jaxem.segment.calibration import match_quantiles
+
+    data = as_probabilities(data)
+    if finite:
+        data = finite_probabilities(data)
+    if quantiles is not None:
+        data = match_quantiles(data, *quantiles, channel_axis=channel_axis)
+    return data
+
+
+def _with_input(segment_fn, read_as, data, **settings):
+    """`segment_fn` (with `settings`, as agglomerate's fragments override them) of `read_as(data)`."""
+    return segment_fn(read_as(data), **settings)
 
 
 def _parse_offsets(text: str) -> list:

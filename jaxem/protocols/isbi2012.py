@@ -9,7 +9,9 @@ watershed, plus an overlay PNG of predictions on the EM.
 
 With `tune_on` (a labelled volume the scores are not taken on, e.g. the training slices) the
 segmentation settings of both rows are also chosen there (`jaxem.segment.tune`) and the held-out
-volume is scored with them too: rows "model_tuned" and "threshold_baseline_tuned".
+volume is scored with them too: rows "model_tuned" and "threshold_baseline_tuned", and
+"model_tuned_matched": the model's tuned setting on its held-out map matched to the quantiles of
+its map of the tuning volume (`jaxem segment --match-quantiles`, `jaxem.segment.calibration`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import numpy as np
 
 from jaxem.metrics.pixel import average_precision, binary_scores
 from jaxem.protocols import common
+from jaxem.segment.calibration import map_quantiles, match_quantiles
 from jaxem.segment.setting import SegmentSetting, segment_volume
 from jaxem.segment.tune import plot_tuning, score, tune
 
 SCORE_KEYS = ("vrand", "vinfo", "adapted_rand_error", "voi_split", "voi_merge", "dice", "iou", "membrane_ap")
-ROWS = ("model", "model_tuned", "threshold_baseline", "threshold_baseline_tuned")
+ROWS = ("model", "model_tuned", "model_tuned_matched", "threshold_baseline", "threshold_baseline_tuned")
 BETTER = {"vrand": "higher", "vinfo": "higher", "adapted_rand_error": "lower", "voi_split": "lower",
           "voi_merge": "lower", "dice": "higher", "iou": "higher", "membrane_ap": "higher"}
-TITLES = {"model": "model", "model_tuned": "tuned", "threshold_baseline": "threshold",
+TITLES = {"model": "model", "model_tuned": "tuned", "model_tuned_matched": "matched", "threshold_baseline": "threshold",
           "threshold_baseline_tuned": "thr.tuned"}
 # The setting of the untuned rows: seeded watershed, distance seeds of depth 1 pixel.
 FIXED_SETTING = SegmentSetting("watershed")
@@ -69,7 +72,8 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     returns {"model": scores, "threshold_baseline": scores}. `adapt_batch_norm`, `tta`: as
     `common.predict_heldout`. `tune_on` = (image, labels): the segmentation settings are also tuned
     on that labelled volume (predicted the same way; tuning.json and tuning.png) and applied here,
-    adding rows "model_tuned" and "threshold_baseline_tuned" and the key "tuned_settings".
+    adding rows "model_tuned" and "threshold_baseline_tuned", "model_tuned_matched" (the model's
+    setting on its map matched to its tuning map's quantiles) and the key "tuned_settings".
     """
     heldout = common.read_heldout(run_dir, image_path, labels_path, out_dir, progress,
                                   adapt_batch_norm=adapt_batch_norm, tta=tta)
@@ -77,10 +81,13 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     labels = {row: segment_slices(boundary, FIXED_SETTING) for row, boundary in maps.items()}
     results = {row: score_slices(labels[row], maps[row], heldout.gt) for row in maps}
     if tune_on is not None:
-        settings, voxel_size = tune_settings(run_dir, tune_on, heldout.out_dir, progress, adapt_batch_norm, tta)
+        settings, voxel_size, quantiles = tune_settings(run_dir, tune_on, heldout.out_dir, progress, adapt_batch_norm, tta)
         for row, setting in settings.items():
             tuned = segment_slices(maps[row], SegmentSetting.from_dict(setting), voxel_size)
             results[f"{row}_tuned"] = score_slices(tuned, maps[row], heldout.gt)
+        matched = match_quantiles(maps["model"], map_quantiles(maps["model"]), quantiles)
+        results["model_tuned_matched"] = score_slices(
+            segment_slices(matched, SegmentSetting.from_dict(settings["model"]), voxel_size), matched, heldout.gt)
         results["tuned_settings"] = settings
     common.write_results(heldout.out_dir, results)
     common.write_instances_overlay(heldout.raw, maps["model"], labels["model"], labels["threshold_baseline"],
@@ -89,10 +96,11 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
 
 
 def tune_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
-                  adapt_batch_norm: int = 0, tta: bool = False) -> tuple[dict, tuple]:
+                  adapt_batch_norm: int = 0, tta: bool = False) -> tuple[dict, tuple, np.ndarray]:
     """Best per-slice VRand settings of the model's prediction and of the threshold baseline on the
     labelled volume `tune_on` = (image, labels) -> ({"model": setting, "threshold_baseline":
-    setting} in their JSON form, the volume's voxel size, which the settings' h is in). Writes
+    setting} in their JSON form, the volume's voxel size, which the settings' h is in, the
+    quantiles (1, LEVELS) of the model's map there, for matching a map to it). Writes
     `out_dir`/tune_predictions.zarr, tuning.json (both sweeps) and tuning.png (the model's)."""
     image_path, labels_path = tune_on
     tuning = common.read_heldout(run_dir, image_path, labels_path, out_dir, progress, name="tune_predictions.zarr",
@@ -103,7 +111,8 @@ def tune_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bo
               "threshold_baseline": baseline_sweep(tuning.raw, tuning.gt, tuning.voxel_size, progress)}
     (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
     plot_tuning(sweeps["model"], out_dir / "tuning.png")
-    return {row: sweep["best"] for row, sweep in sweeps.items()}, tuning.voxel_size
+    return ({row: sweep["best"] for row, sweep in sweeps.items()}, tuning.voxel_size,
+            np.asarray(sweeps["model"]["quantiles"]))
 
 
 def baseline_sweep(raw: np.ndarray, gt: np.ndarray, voxel_size: tuple, progress: bool = True) -> dict:

@@ -36,7 +36,7 @@ EVIDENCE = ("boundary", "foreground", "affinities")
 
 def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: float, evidence: str = "boundary",
                           offsets=None, axes=None, overlap: int = 8, min_size: int = 0, executor=None,
-                          channel=None, overwrite: bool = False) -> dict:
+                          channel=None, overwrite: bool = False, read_as=as_probabilities) -> dict:
     """Fragments of `input_path` (a (z, y, x) / (y, x) map, or affinities (K, *spatial) with
     `channel='all'` and their `offsets`) made block by block with `fragment_fn(array) -> labels`,
     merged over the whole volume while the mean boundary over shared faces is below `merge`,
@@ -44,7 +44,9 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
 
     `evidence`: how the prediction reads as a boundary ('boundary'; 'foreground': 1 - p;
     'affinities'). `axes` limits merging to faces across these axes (e.g. (1, 2): within
-    sections). Returns {'objects', 'blocks', 'fragments', 'edges'}.
+    sections). `read_as(block) -> probabilities` (picklable) turns a block read from `input_path`
+    into the merge evidence (default: uint8 as v / 255). Returns {'objects', 'blocks',
+    'fragments', 'edges'}.
     """
     if evidence not in EVIDENCE:
         raise ValueError(f"evidence {evidence!r} is not one of {EVIDENCE}")
@@ -57,7 +59,7 @@ def agglomerate_blockwise(input_path, output_path, block, fragment_fn, merge: fl
     made = executor.map(partial(_fragments_block, input_path, output_path, shape, block, fragment_fn, overlap,
                                 channel), blocks, desc="fragments")
     partial_graphs = executor.map(partial(_block_graph, input_path, output_path, shape, block, channel, evidence,
-                                          offsets, axes), blocks, desc="region graphs")
+                                          offsets, axes, read_as), blocks, desc="region graphs")
     uv = np.concatenate([g.uv for g in partial_graphs])
     graph = sum_edges(uv[:, 0], uv[:, 1], np.concatenate([g.sums for g in partial_graphs]),
                       np.concatenate([g.counts for g in partial_graphs]))
@@ -72,7 +74,8 @@ def _fragments_block(*args) -> dict:
     return {"ids": made["ids"], "counts": made["counts"]}
 
 
-def _block_graph(input_path, fragments_path, shape, block, channel, evidence, offsets, axes, index) -> RegionGraph:
+def _block_graph(input_path, fragments_path, shape, block, channel, evidence, offsets, axes, read_as,
+                 index) -> RegionGraph:
     """The partial region graph of one block: faces whose lower voxel lies in the block's core."""
     core = stitch.core_box(index, shape, block)
     ext = tuple(slice(c.start, min(c.stop + 1, s)) for c, s in zip(core, shape))  # + the next voxel up
@@ -82,7 +85,7 @@ def _block_graph(input_path, fragments_path, shape, block, channel, evidence, of
         data = source.read(((slice(None) if channel == "all" else (channel or 0)),) + ext)
     else:
         data = source.read(ext)
-    data = as_probabilities(data)  # uint8 predictions: rint(255 p)
+    data = read_as(data)
     parts = []
     for axis in (range(len(shape)) if axes is None else axes):
         # along `axis` the core and the next voxel up; along the others the core alone

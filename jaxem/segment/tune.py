@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxem.errors import UserError
 from jaxem.metrics.clustering import clustering_scores
+from jaxem.segment.calibration import LEVELS, map_quantiles
 from jaxem.segment.instances import finish
 from jaxem.segment.setting import SegmentSetting, check_kind, fragment_key, setting_fragments
 
@@ -83,7 +84,9 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
     core; the segmentation libraries release the GIL).
 
     Returns {"best": setting, "best_score", "metric", "better", "kind", "per_slice", "voxel_size",
-    "offsets", "table": [{"setting", "scores"}]}; ties go to the earlier setting of the grid.
+    "offsets", "table": [{"setting", "scores"}], "quantiles"}; ties go to the earlier setting of the
+    grid. "quantiles" (C rows of `calibration.LEVELS`; one per affinity channel, else one) are the
+    prediction's, for `jaxem segment --match-quantiles`.
     """
     from tqdm import tqdm
 
@@ -127,7 +130,8 @@ def tune(prediction: np.ndarray, gt: np.ndarray, kind: str = "boundary", grid: l
     return {"best": table[best]["setting"], "best_score": table[best]["scores"][metric], "metric": metric,
             "better": METRICS[metric], "kind": kind, "per_slice": bool(per_slice),
             "voxel_size": None if voxel_size is None else [float(v) for v in voxel_size],
-            "offsets": offsets, "table": table}
+            "offsets": offsets, "table": table,
+            "quantiles": map_quantiles(prediction, channel_axis=kind == "affinities").tolist()}
 
 
 def read_setting(path: str | Path) -> dict:
@@ -146,6 +150,23 @@ def read_setting(path: str | Path) -> dict:
         raise UserError(f"--params {path} has no 'best' setting; expected the JSON that `jaxem tune` writes.")
     SegmentSetting.from_dict(tuned["best"], f"'best' in {path}")  # UserError when it is not a setting
     return dict(tuned["best"], kind=tuned.get("kind", "boundary"), per_slice=bool(tuned.get("per_slice", False)))
+
+
+def read_quantiles(path: str | Path) -> np.ndarray:
+    """The quantiles (C, calibration.LEVELS) of the map a `jaxem tune` JSON file was tuned on;
+    UserError naming the file when it has none (written before tune stored them) or they are malformed."""
+    read_setting(path)  # the file's own errors first
+    quantiles = json.loads(Path(path).read_text()).get("quantiles")
+    if quantiles is None:
+        raise UserError(f"--params {path} holds no 'quantiles' (tuned before `jaxem tune` stored them); "
+                        "run `jaxem tune` again to match quantiles.")
+    try:
+        array = np.asarray(quantiles, np.float64)
+    except (TypeError, ValueError):
+        array = np.empty(0)
+    if array.ndim != 2 or array.shape[1] != LEVELS or not np.all(np.diff(array, axis=1) >= 0):
+        raise UserError(f"--params {path}: 'quantiles' must be rows of {LEVELS} non-decreasing numbers, one per channel.")
+    return array
 
 
 def plot_tuning(result: dict, out_path: str | Path) -> None:
