@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from jaxem.cli import main
-from jaxem.data.volume import create_volume
+from jaxem.data.volume import create_volume, write_attributes
 from jaxem.metrics.clustering import clustering_scores
 from jaxem.metrics.detection import detection_scores
 
@@ -97,6 +97,57 @@ def test_semantic_morphology_per_class(tmp_path):
     assert "Morphology of gt objects" in report_md
     for c, volume in ((1, 8 * 16 * 40 * 64), (3, 2 * 16 * 40 * 64)):  # one summary row per class
         assert f"| class {c} | 1 | {volume:.4g} |" in report_md
+
+
+def _prediction_map(path, array, kind):
+    """A (c, *spatial) map with the target description `jaxem predict` writes beside its output."""
+    vol = create_volume(path, array.shape, array.dtype, (40.0, 8.0, 8.0), chunks=(1, 4, 32, 32), axes=("c", "z", "y", "x"))
+    vol.write(array)
+    write_attributes(path, {"jaxem_target": {"kind": kind, "channels": int(array.shape[0])}})
+    return str(path)
+
+
+def _report(pred, gt, tmp_path, name, *extra):
+    out = tmp_path / name
+    assert main(["evaluate", "--pred", pred, "--gt", gt, "--task", "semantic", "--out", str(out), "--block-voxels", "800",
+                 *extra]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_predict_maps_score_as_their_squeezed_probabilities(tmp_path, capsys):
+    """A `jaxem predict` map (c, z, y, x): one channel of uint8 (rint(255 p)) scores as p > 0.5,
+    not as value != 0; a multiclass map as its argmax class; two channels need --channel."""
+    rng = np.random.default_rng(1)
+    gt = np.zeros((6, 20, 20), np.uint8)
+    gt[:, 4:12, 3:15] = 1
+    gt[2:5, 14:18, 2:18] = 2
+    p = np.clip((gt > 0) * 0.8 + rng.normal(0.1, 0.3, gt.shape), 0, 1).astype(np.float32)
+    stored = np.rint(255 * p).astype(np.uint8)
+    g = _zarr(tmp_path / "g.zarr", gt)
+    as_probabilities = _report(_zarr(tmp_path / "p.zarr", stored.astype(np.float32) / 255), g, tmp_path, "float")
+    uint8_map = _report(_prediction_map(tmp_path / "u.zarr", stored[None], "foreground"), g, tmp_path, "uint8")
+    nonzero = _report(_zarr(tmp_path / "mask.zarr", (stored != 0).astype(np.uint8)), g, tmp_path, "nonzero")
+    for key in ("dice", "iou", "precision", "recall", "accuracy"):
+        assert uint8_map[key] == pytest.approx(as_probabilities[key]), key
+    assert uint8_map["precision"] > nonzero["precision"] + 0.05  # what reading it as a class map would give
+
+    logits = np.stack([-2 * (gt == c) + rng.normal(0, 0.8, gt.shape) for c in range(3)])
+    softmax = (np.exp(-logits) / np.exp(-logits).sum(0)).astype(np.float32)
+    multiclass = _report(_prediction_map(tmp_path / "mc.zarr", softmax, "multiclass"), g, tmp_path, "mc")
+    argmax = _report(_zarr(tmp_path / "argmax.zarr", np.argmax(softmax, 0).astype(np.uint8)), g, tmp_path, "argmax")
+    assert 0.3 < multiclass["macro_dice"] < 1
+    for key in ("dice", "macro_dice", "micro_iou", "accuracy"):
+        assert multiclass[key] == pytest.approx(argmax[key]), key
+    assert _report(str(tmp_path / "mc.zarr"), g, tmp_path, "class1", "--channel", "1")["dice"] < multiclass["dice"]
+
+    two = _prediction_map(tmp_path / "two.zarr", np.stack([stored, 255 - stored]), "boundary")
+    out = tmp_path / "refused"
+    assert main(["evaluate", "--pred", two, "--gt", g, "--task", "semantic", "--out", str(out)]) == 2
+    assert "has 2 channels" in capsys.readouterr().err and not out.exists()
+    assert _report(two, g, tmp_path, "second", "--channel", "1")["recall"] < uint8_map["recall"]
+    for pred, channel in ((two, "2"), (g, "0")):
+        assert main(["evaluate", "--pred", pred, "--gt", g, "--task", "semantic", "--out", str(out), "--channel", channel]) == 2
+        assert "--channel" in capsys.readouterr().err and not out.exists()
 
 
 def test_boundary_on_isbi_tiff(tmp_path, shared_data):

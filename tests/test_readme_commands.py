@@ -86,7 +86,8 @@ def tiny_argv(argv: list[str]) -> list[str]:
 
 def write_named_data(folder: Path) -> None:
     """The small volumes the README's lines name: raw/volume/gt (one synthetic stack), another
-    microscope's raw, a boundary prediction with its labels (val_*), affinities (aff.zarr)."""
+    microscope's raw, a boundary prediction with its labels (val_*), affinities (aff.zarr), the
+    stack's boundary map (membranes.zarr: 1 on a boundary)."""
     from jaxem.data.synthetic import generate
     from jaxem.data.volume import create_volume, write_attributes
 
@@ -94,7 +95,8 @@ def write_named_data(folder: Path) -> None:
     boundary = np.stack([_boundaries(s) for s in em.instances]).astype(np.float32)[None]
     affinities = np.stack([_affinity(em.instances, axis) for axis in range(3)]).astype(np.float32)
     volumes = {"raw.zarr": em.raw, "volume.zarr": em.raw, "gt.zarr": em.instances, "val_gt.zarr": em.instances,
-               "other_microscope.zarr": other.raw, "val_pred.zarr": boundary, "aff.zarr": affinities}
+               "other_microscope.zarr": other.raw, "val_pred.zarr": boundary, "aff.zarr": affinities,
+               "membranes.zarr": boundary[0].astype(np.uint8)}
     for name, array in volumes.items():
         axes = ("c", "z", "y", "x") if array.ndim == 4 else None
         create_volume(folder / name, array.shape, array.dtype, VOXEL_SIZE, axes=axes).write(array)

@@ -17,7 +17,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--task", required=True, choices=report.TASKS)
     parser.add_argument("--mask", default=None, help="optional volume; voxels where it is 0 are ignored")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md, morphology CSV and plots")
-    parser.add_argument("--threshold", type=float, default=0.5, help="foreground threshold for float predictions")
+    parser.add_argument("--channel", type=int, default=None,
+                        help="for a prediction map (c, *spatial) of `jaxem predict`: the channel to score (default: "
+                             "the only one; a multiclass map is scored by its argmax class)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="foreground threshold for float predictions (and `jaxem predict --dtype uint8` maps, read as v / 255)")
     parser.add_argument("--boundary-is-zero", action="store_true",
                         help="boundary task: value 0 marks boundary (ISBI 2012 labels: 0 membrane, 255 cell)")
     parser.add_argument("--block-voxels", type=int, default=report.BLOCK_VOXELS, help="voxels read per block")
@@ -33,7 +37,7 @@ def run(args, overrides) -> int:
     check_inputs(args)
     check_out(args)
     with staged(args.out, args.overwrite, "--out") as out:  # a crash leaves no partial report
-        result = report.run_protocol(args.pred, args.gt, args.task, out, args.mask, threshold=args.threshold,
+        result = report.run_protocol(args.pred, args.gt, args.task, out, args.mask, args.channel, threshold=args.threshold,
                                      boundary_is_zero=args.boundary_is_zero, block_voxels=args.block_voxels)
     keys = [k for k in ("dice", "adapted_rand_error", "vrand", "vinfo", "voi_split", "voi_merge",
                         "warping_error", "map", "pq") if k in result]
@@ -43,11 +47,14 @@ def run(args, overrides) -> int:
 
 
 def check_inputs(args) -> None:
-    """UserError for a --block-voxels below 1, or a float --pred holding NaN/Inf without --allow-nan
-    (with it, `_foreground`'s `p > threshold` reads NaN as background and +Inf as foreground)."""
+    """UserError for a --block-voxels below 1, a --channel that does not fit --pred, or a float
+    --pred holding NaN/Inf without --allow-nan (with it, `_foreground`'s `p > threshold` reads NaN
+    as background and +Inf as foreground)."""
     if args.block_voxels < 1:
         raise UserError(f"--block-voxels {args.block_voxels} must be at least 1 (voxels read per block).")
-    refuse_nonfinite(report.open_source(args.pred), args.pred, args.allow_nan, args.block_voxels)
+    pred = report.open_source(args.pred)
+    report.prediction_source(pred, report.open_source(args.gt), args.channel)
+    refuse_nonfinite(pred, args.pred, args.allow_nan, args.block_voxels)
 
 
 def check_out(args) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from jaxem.data.volume import open_volume
+from jaxem.data.volume import as_probabilities, open_volume, read_attributes
 from jaxem.errors import UserError
 from jaxem.metrics import clustering, detection, pixel, runs, topology
 from jaxem.segment import morphology
@@ -94,6 +94,58 @@ def open_source(path: str):
             array = tifffile.imread(path)
         return ArraySource(array, str(path), (1.0,) * array.ndim)
     return open_volume(path)
+
+
+class ChannelSource:
+    """A `jaxem predict` map (c, *spatial) read as one (*spatial) volume: channel `channel` as
+    probabilities (with `probabilities`, uint8 as v / 255: `jaxem predict --dtype uint8` writes
+    rint(255 p)), or with `channel` None the argmax over channels, as class ids (a multiclass map)."""
+
+    def __init__(self, source, channel: int | None, probabilities: bool):
+        self.source, self.channel, self.probabilities = source, channel, probabilities
+        self.path, self.voxel_size = source.path, tuple(source.voxel_size)[-(len(source.shape) - 1):]
+
+    @property
+    def shape(self):
+        return tuple(self.source.shape[1:])
+
+    @property
+    def dtype(self):
+        if self.channel is None:
+            return np.dtype(np.uint8 if self.source.shape[0] <= 256 else np.int32)
+        return np.dtype(np.float32) if self.probabilities else np.dtype(self.source.dtype)
+
+    def read(self, box=None):
+        box = tuple(box) if box is not None else (slice(None),) * len(self.shape)
+        if self.channel is None:
+            return np.argmax(self.source.read((slice(None),) + box), axis=0).astype(self.dtype)
+        data = self.source.read((self.channel,) + box)
+        return as_probabilities(data) if self.probabilities else data
+
+
+def prediction_source(pred, gt, channel: int | None = None):
+    """`pred` as scored against `gt`: itself when it has `gt`'s shape; a prediction map (c,
+    *spatial) whose spatial shape is `gt`'s as one volume (`ChannelSource`): channel `channel`
+    (default: the only one), or the argmax class of a `jaxem predict` multiclass map; the uint8
+    values of `jaxem predict --dtype uint8` read as probabilities. UserError when no channel is
+    named where several could be meant, or `channel` is not one of the map's."""
+    shape, spatial = tuple(pred.shape), tuple(gt.shape)
+    if len(shape) != len(spatial) + 1 or shape[1:] != spatial:
+        if channel is not None:
+            raise UserError(f"--channel {channel} picks a channel of a (c, *spatial) prediction map; {pred.path} has "
+                            f"shape {shape} and ground truth {gt.path} has {spatial}.")
+        return pred
+    target = {} if str(pred.path).lower().endswith((".tif", ".tiff")) else read_attributes(pred.path).get("jaxem_target", {})
+    probabilities = bool(target) and np.dtype(pred.dtype) == np.uint8
+    if channel is None and target.get("kind") == "multiclass":
+        return ChannelSource(pred, None, probabilities)
+    if channel is None and shape[0] > 1:
+        raise UserError(f"prediction {pred.path} has {shape[0]} channels (shape {shape}); choose the one to score "
+                        "against the ground truth with --channel.")
+    channel = 0 if channel is None else channel
+    if not 0 <= channel < shape[0]:
+        raise UserError(f"--channel {channel} is not a channel of {pred.path}, which has {shape[0]} (shape {shape}).")
+    return ChannelSource(pred, channel, probabilities)
 
 
 def blocks(shape, block_voxels: int = BLOCK_VOXELS):
@@ -329,10 +381,12 @@ def write_report(out_dir, scores: dict, shapes: dict, meta: dict, voxel_size) ->
     return report
 
 
-def run_protocol(pred_path, gt_path, task, out_dir, mask_path=None, **options) -> dict:
-    """Opens the volumes, evaluates them and writes the report; returns the report dict."""
+def run_protocol(pred_path, gt_path, task, out_dir, mask_path=None, channel: int | None = None, **options) -> dict:
+    """Opens the volumes, evaluates them and writes the report; returns the report dict. A
+    prediction map (c, *spatial) is read by `prediction_source` (`channel`)."""
     start = time.perf_counter()
-    pred, gt = open_source(pred_path), open_source(gt_path)
+    gt = open_source(gt_path)
+    pred = prediction_source(open_source(pred_path), gt, channel)
     mask = open_source(mask_path) if mask_path else None
     scores, shapes = evaluate(pred, gt, task, mask, **options)
     voxel_size = tuple(gt.voxel_size)[-len(gt.shape):]
