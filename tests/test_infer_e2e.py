@@ -166,13 +166,14 @@ def test_sigkill_then_rerun_equals_uninterrupted(run_dir, tmp_path, capsys):
     cmd = [sys.executable, "-m", "jaxem.cli", "predict", *map(str, args), "--output", str(out), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    done = out / "jaxem_done"
+    # counted through DoneLog, not os.listdir: a marker half-written at the kill is a temp file
+    done_log = DoneLog(str(out))
     deadline = time.monotonic() + 120
-    while not (done.is_dir() and len(os.listdir(done)) >= 3) and proc.poll() is None and time.monotonic() < deadline:
+    while len(done_log.done()) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = len(DoneLog(str(out)).done())  # not os.listdir: a marker half-written at the kill is a temp file
+    killed_at = len(done_log.done())
     assert proc.returncode == -signal.SIGKILL and 3 <= killed_at < total, (proc.returncode, killed_at, total)
 
     assert predict(*args, "--output", out) == 0

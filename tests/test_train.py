@@ -141,7 +141,8 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill between checkpoints: after step 6 is logged (checkpoint at 4)
-        rows = (killed / "metrics.jsonl").read_text().splitlines() if (killed / "metrics.jsonl").exists() else []
+        text = (killed / "metrics.jsonl").read_text() if (killed / "metrics.jsonl").exists() else ""
+        rows = text.split("\n")[:-1]  # complete lines only: the last one may be half-written
         if any(json.loads(r)["step"] >= 6 for r in rows):
             break
         time.sleep(0.05)
