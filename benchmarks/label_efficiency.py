@@ -1,6 +1,6 @@
 """Does pretraining on unlabelled EM pay off when labels are few? ISBI 2012, 1/2/5 labelled slices.
 
-    python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--seeds 0 1 2]
+    python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--first-slice 0] [--seeds 0 1 2]
         [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine] [--control]
         [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
         [--out results.json] [--plot label_efficiency.png] [--rescore]
@@ -9,9 +9,10 @@
    with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
    training volume's slices 0-15 (labels not read) and the 30-slice test volume. Cached in
    RUN/pretrain_<method>: later invocations reuse it.
-2. For every number of labelled slices n (the first n of slices 0-15) and seed, fine-tunes the
-   recipe from random init ("scratch") and from each pretraining, with the same budget, seed and
-   data order (RUN/<arm>_<n>/seed<s>, reused when finished). Each `--semi` method (jaxem.semi:
+2. For every number of labelled slices n (slices F .. F+n-1 of 0-15, F = `--first-slice`, default 0)
+   and seed, fine-tunes the recipe from random init ("scratch") and from each pretraining, with the
+   same budget, seed and data order (RUN/<arm>_<n>/seed<s>, RUN/<arm>_<n>_from<F>/seed<s> when
+   F > 0; reused when finished). Each `--semi` method (jaxem.semi:
    mean_teacher, pseudo_label, fixmatch) adds an arm trained from random init with the same
    labelled slices plus all unlabelled ISBI raw EM (the pretraining's images); `--combine` adds
    "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised. `--transfer.x=y`
@@ -61,6 +62,7 @@ METRICS = ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned", "vinfo
 # protocol -> its VRand key (IoU: the map thresholded at 0.5, the same in every protocol)
 PROTOCOLS = {"fixed": "vrand", "tuned": "vrand_tuned", "matched": "vrand_matched"}
 GOAL = {"slices": (1, 2), "vrand": 0.03, "iou": 0.05}
+HELD_OUT_FIRST = 16  # slices 16-19 are scored; labelled slices come from 0-15
 # The fine-tuning budget of every arm: short enough for 2 CPU cores x (arms x slices x seeds) runs.
 FINETUNE_DEFAULTS = ("--config.train.steps=300", "--config.data.crop_shape=(128, 128)",
                      "--config.train.eval_every=0", "--config.train.checkpoint_every=300")
@@ -227,6 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs (reused)")
     parser.add_argument("--slices", type=int, nargs="+", default=[1, 2, 5], help="labelled training slices (of 0-15)")
+    parser.add_argument("--first-slice", type=int, default=0,
+                        help="the first labelled slice F: n labelled slices are F .. F+n-1 (all of them < 16)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["mim"],
                         help="pretraining methods (configs/pretrain.py args); none: the scratch arm only")
@@ -247,6 +251,9 @@ def main() -> None:
     transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
     if args.control and not transfer:
         parser.error("--control needs --transfer.x=y overrides: without them the same-recipe control is scratch")
+    if args.first_slice < 0 or args.first_slice + max(args.slices) > HELD_OUT_FIRST:
+        parser.error(f"--first-slice {args.first_slice} with --slices {max(args.slices)} reaches past slice "
+                     f"{HELD_OUT_FIRST - 1}: slices {HELD_OUT_FIRST}-19 are held out for scoring")
     pretrain_overrides, finetune_overrides = split_overrides(parser, [a for a in rest if not a.startswith("--transfer.")])
 
     import jax
@@ -273,18 +280,20 @@ def main() -> None:
     arm_overrides = {"scratch": [], **init, **same_recipe, **semi,
                      **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
-    subsets = {n: labelled_subset(n, run / f"labelled_{n}") for n in args.slices}
+    suffix = f"_from{args.first_slice}" if args.first_slice else ""  # slice 0 keeps the original names
+    subsets = {n: labelled_subset(args.first_slice + n, run / f"labelled_{n}{suffix}", first=args.first_slice)
+               for n in args.slices}
     for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
         for n in args.slices:
             for seed in args.seeds:
                 results[arm][n][seed] = finetune_and_score(
                     args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n],
-                    run / f"{arm}_{n}" / f"seed{seed}", seed, progress, args.rescore)
+                    run / f"{arm}_{n}{suffix}" / f"seed{seed}", seed, progress, args.rescore)
     table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))
     report = {
         "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
-        "slices": args.slices, "seeds": args.seeds, "arms": arms, "goal": GOAL,
+        "slices": args.slices, "first_slice": args.first_slice, "seeds": args.seeds, "arms": arms, "goal": GOAL,
         # the goal: a pretrained arm (alone or with a semi method); for reference, the best of every arm
         "goal_met": goal_met(table, candidates),
         # the same, each pretrained arm against random init fine-tuned the same way (its --control

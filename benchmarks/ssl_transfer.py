@@ -71,8 +71,8 @@ def arm_overrides(arm: str, run: Path) -> list[str]:
     return []
 
 
-def labelled_subset(slices: int, out: Path, first: int = 0) -> tuple[str, str]:
-    """Writes ISBI training slices [first, slices) (image and labels) to `out` unless they are
+def labelled_subset(stop: int, out: Path, first: int = 0) -> tuple[str, str]:
+    """Writes ISBI training slices [first, stop) (image and labels) to `out` unless they are
     there; returns their paths."""
     from jaxem.data import datasets
     from jaxem.data.volume import create_volume, open_volume
@@ -83,7 +83,7 @@ def labelled_subset(slices: int, out: Path, first: int = 0) -> tuple[str, str]:
         path = out / name
         if not (path / ".zattrs").exists():
             volume = open_volume(source)
-            array = volume.read()[first:slices]
+            array = volume.read()[first:stop]
             create_volume(path, array.shape, array.dtype, voxel_size=volume.voxel_size, overwrite=True).write(array)
         paths.append(str(path))
     return paths[0], paths[1]

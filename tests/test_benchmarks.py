@@ -264,6 +264,27 @@ def test_held_out_scores_are_reused_only_for_the_same_checkpoints_and_request(tm
                                       tune_on=("a.zarr", "b.zarr"))) is None  # step 300 rewritten
 
 
+def test_label_efficiency_labels_slices_from_first_slice_and_never_a_held_out_one(shared_data, tmp_path, monkeypatch):
+    """--first-slice F labels slices F .. F+n-1 (the subset holds exactly those slices, images and
+    labels); a range reaching the scored slices 16-19 is refused before anything runs."""
+    from benchmarks.isbi2012 import prepare_isbi
+    from benchmarks.ssl_transfer import labelled_subset
+    from jaxem.data import datasets
+    from jaxem.data.volume import open_volume
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
+    refused = subprocess.run([sys.executable, "benchmarks/label_efficiency.py", "--run", str(tmp_path / "r"),
+                              "--slices", "1", "2", "--first-slice", "15"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=BENCHMARK_TIMEOUT_S, env=env)
+    assert refused.returncode == 2 and "held out for scoring" in refused.stderr and not (tmp_path / "r").exists()
+    monkeypatch.setenv("JAXEM_DATA", str(tmp_path / "data"))
+    prepare_isbi()
+    train = [open_volume(paths[0]).read() for paths in datasets.split_paths("isbi2012", "train")]
+    subset = [open_volume(path).read() for path in labelled_subset(7, tmp_path / "labelled_2_from5", first=5)]
+    for whole, part in zip(train, subset):
+        np.testing.assert_array_equal(part, whole[5:7])
+
+
 @pytest.mark.slow
 def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shared_data, tmp_path):
     """Bookkeeping of benchmarks/label_efficiency.py at 2-step sizes (not the accuracy): one
