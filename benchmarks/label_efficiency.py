@@ -1,6 +1,6 @@
 """Does pretraining on unlabelled EM pay off when labels are few? ISBI 2012, 1/2/5 labelled slices.
 
-    python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--first-slice 0] [--seeds 0 1 2]
+    python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--first-slice 0 [5 10]] [--seeds 0 1 2]
         [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine] [--control]
         [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
         [--out results.json] [--plot label_efficiency.png] [--rescore]
@@ -9,10 +9,12 @@
    with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
    training volume's slices 0-15 (labels not read) and the 30-slice test volume. Cached in
    RUN/pretrain_<method>: later invocations reuse it.
-2. For every number of labelled slices n (slices F .. F+n-1 of 0-15, F = `--first-slice`, default 0)
-   and seed, fine-tunes the recipe from random init ("scratch") and from each pretraining, with the
-   same budget, seed and data order (RUN/<arm>_<n>/seed<s>, RUN/<arm>_<n>_from<F>/seed<s> when
-   F > 0; reused when finished). Each `--semi` method (jaxem.semi:
+2. For every number of labelled slices n (slices F .. F+n-1 of 0-15, for each F of `--first-slice`,
+   default 0) and seed, fine-tunes the recipe from random init ("scratch") and from each pretraining,
+   with the same budget, seed and data order (RUN/<arm>_<n>/seed<s>, RUN/<arm>_<n>_from<F>/seed<s>
+   when F > 0; reused when finished). Each (F, seed) is one replicate: statistics and gains pool
+   them (JSON keys "<s>" for F = 0, "<s>_from<F>" otherwise), so that a claim is tested over which
+   sections are labelled as well as over seeds. Each `--semi` method (jaxem.semi:
    mean_teacher, pseudo_label, fixmatch) adds an arm trained from random init with the same
    labelled slices plus all unlabelled ISBI raw EM (the pretraining's images); `--combine` adds
    "<pretraining>+<semi>" arms: the pretrained encoder fine-tuned semi-supervised. `--transfer.x=y`
@@ -29,8 +31,8 @@
      its labelled slices (`jaxem segment --match-quantiles`; "*_matched");
    and the membrane map's average precision, which no threshold or setting affects.
 
-Prints a table and JSON (also to --out): per arm and n the mean and std over seeds, each arm's
-gain over scratch (mean of the per-seed differences, and their std), whether the goal is met
+Prints a table and JSON (also to --out): per arm and n the mean and std over replicates, each arm's
+gain over scratch (mean of the per-replicate differences, and their std), whether the goal is met
 per protocol (at 1 and 2 slices the best pretrained arm, alone or with a semi method, beats scratch
 by >= 0.03 VRand or >= 5 IoU points; `goal_met_same_recipe` the same with each pretrained arm measured
 against random init fine-tuned the same way (its `--control` arm; <semi> for "<pretraining>+<semi>"),
@@ -102,9 +104,20 @@ def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple
             "train_seconds": result["training"].get("seconds"), "wall_seconds_this_invocation": time.time() - start}
 
 
+def from_suffix(first: int) -> str:
+    """The run-directory suffix of runs labelled from slice `first`: "" for 0 (the original names)."""
+    return f"_from{first}" if first else ""
+
+
+def replicate_name(first: int, seed: int) -> str:
+    """The JSON key of the replicate (first labelled slice, seed): "1", or "1_from5"."""
+    return f"{seed}{from_suffix(first)}"
+
+
 def summarise(results: dict, arms: list[str], slices: list[int], controls: dict | None = None) -> dict:
     """{n: {arm: {metric: {mean, std, values}}, gain_<arm>: {metric: {mean, std, values}}}} from
-    results[arm][n][seed]["scores"]; gains are per-seed differences to scratch (same seed). An arm
+    results[arm][n][replicate]["scores"] (replicate: a seed, or a (first slice, seed) pair); gains
+    are per-replicate differences to scratch (same seed and labelled slices). An arm
     with a same-recipe baseline (`same_recipe_baseline`) also gets "pretraining_gain_<arm>": its
     per-seed difference to that baseline, what the pretraining adds with the fine-tuning recipe held fixed."""
     table = {}
@@ -229,8 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="directory for the pretraining and fine-tuning runs (reused)")
     parser.add_argument("--slices", type=int, nargs="+", default=[1, 2, 5], help="labelled training slices (of 0-15)")
-    parser.add_argument("--first-slice", type=int, default=0,
-                        help="the first labelled slice F: n labelled slices are F .. F+n-1 (all of them < 16)")
+    parser.add_argument("--first-slice", type=int, nargs="+", default=[0],
+                        help="first labelled slice(s) F: n labelled slices are F .. F+n-1 (all < 16); several "
+                             "F are pooled with the seeds as replicates")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", default=["mim"],
                         help="pretraining methods (configs/pretrain.py args); none: the scratch arm only")
@@ -251,9 +265,10 @@ def main() -> None:
     transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
     if args.control and not transfer:
         parser.error("--control needs --transfer.x=y overrides: without them the same-recipe control is scratch")
-    if args.first_slice < 0 or args.first_slice + max(args.slices) > HELD_OUT_FIRST:
-        parser.error(f"--first-slice {args.first_slice} with --slices {max(args.slices)} reaches past slice "
-                     f"{HELD_OUT_FIRST - 1}: slices {HELD_OUT_FIRST}-19 are held out for scoring")
+    for first in args.first_slice:
+        if first < 0 or first + max(args.slices) > HELD_OUT_FIRST:
+            parser.error(f"--first-slice {first} with --slices {max(args.slices)} reaches past slice "
+                         f"{HELD_OUT_FIRST - 1}: slices {HELD_OUT_FIRST}-19 are held out for scoring")
     pretrain_overrides, finetune_overrides = split_overrides(parser, [a for a in rest if not a.startswith("--transfer.")])
 
     import jax
@@ -280,15 +295,15 @@ def main() -> None:
     arm_overrides = {"scratch": [], **init, **same_recipe, **semi,
                      **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
-    suffix = f"_from{args.first_slice}" if args.first_slice else ""  # slice 0 keeps the original names
-    subsets = {n: labelled_subset(args.first_slice + n, run / f"labelled_{n}{suffix}", first=args.first_slice)
-               for n in args.slices}
+    subsets = {(n, first): labelled_subset(first + n, run / f"labelled_{n}{from_suffix(first)}", first=first)
+               for n in args.slices for first in args.first_slice}
     for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
         for n in args.slices:
-            for seed in args.seeds:
-                results[arm][n][seed] = finetune_and_score(
-                    args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n],
-                    run / f"{arm}_{n}{suffix}" / f"seed{seed}", seed, progress, args.rescore)
+            for first in args.first_slice:
+                for seed in args.seeds:
+                    results[arm][n][first, seed] = finetune_and_score(
+                        args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n, first],
+                        run / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}", seed, progress, args.rescore)
     table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))
     report = {
@@ -304,7 +319,7 @@ def main() -> None:
         "transfer_overrides": [f"--config.{t}" for t in transfer],
         "pretrain_overrides": [*PRETRAIN_DEFAULTS, *pretrain_overrides], "pretraining": pretraining,
         "table": {str(n): row for n, row in table.items()},
-        "per_run": {arm: {str(n): {str(s): r for s, r in per_n.items()} for n, per_n in by_n.items()}
+        "per_run": {arm: {str(n): {replicate_name(*key): r for key, r in per_n.items()} for n, per_n in by_n.items()}
                     for arm, by_n in results.items()},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "devices": [str(d) for d in jax.devices()]},
@@ -314,7 +329,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(text + "\n")
     if args.plot:
-        plot(table, arms, args.plot, f"ISBI 2012, {len(args.seeds)} seeds, fine-tuning {args.finetune_config}")
+        firsts = ", ".join(map(str, args.first_slice))
+        plot(table, arms, args.plot, f"ISBI 2012, {len(args.seeds)} seeds x first labelled slice {firsts}, "
+                                     f"fine-tuning {args.finetune_config}")
 
 
 if __name__ == "__main__":

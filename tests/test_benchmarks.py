@@ -264,6 +264,25 @@ def test_held_out_scores_are_reused_only_for_the_same_checkpoints_and_request(tm
                                       tune_on=("a.zarr", "b.zarr"))) is None  # step 300 rewritten
 
 
+def test_label_efficiency_pools_first_slices_and_seeds_as_replicates():
+    """With several --first-slice values every (first slice, seed) is one replicate: the mean pools
+    them all and a gain pairs each arm's run with scratch's run on the same slices and seed."""
+    from benchmarks.label_efficiency import replicate_name, summarise
+
+    def run(vrand):
+        return {"scores": {m: vrand for m in ("vrand", "vinfo", "iou", "dice", "membrane_ap", "vrand_tuned",
+                                              "vinfo_tuned", "vrand_matched", "vinfo_matched")}}
+
+    scratch = {(0, 0): 0.70, (0, 1): 0.72, (5, 0): 0.90, (5, 1): 0.86}
+    mim = {(0, 0): 0.80, (0, 1): 0.80, (5, 0): 0.85, (5, 1): 0.85}
+    results = {"scratch": {1: {k: run(v) for k, v in scratch.items()}}, "mim": {1: {k: run(v) for k, v in mim.items()}}}
+    table = summarise(results, ["scratch", "mim"], [1])
+    assert table[1]["scratch"]["vrand"]["mean"] == pytest.approx(0.795)
+    assert table[1]["gain_mim"]["vrand"]["values"] == pytest.approx([0.10, 0.08, -0.05, -0.01])
+    assert table[1]["gain_mim"]["vrand"]["mean"] == pytest.approx(0.03)
+    assert [replicate_name(*k) for k in sorted(mim)] == ["0", "1", "0_from5", "1_from5"]
+
+
 def test_label_efficiency_labels_slices_from_first_slice_and_never_a_held_out_one(shared_data, tmp_path, monkeypatch):
     """--first-slice F labels slices F .. F+n-1 (the subset holds exactly those slices, images and
     labels); a range reaching the scored slices 16-19 is refused before anything runs."""
