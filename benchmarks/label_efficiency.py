@@ -119,13 +119,13 @@ def summarise(results: dict, arms: list[str], slices: list[int], controls: dict 
     results[arm][n][replicate]["scores"] (replicate: a seed, or a (first slice, seed) pair); gains
     are per-replicate differences to scratch (same seed and labelled slices). An arm
     with a same-recipe baseline (`same_recipe_baseline`) also gets "pretraining_gain_<arm>": its
-    per-seed difference to that baseline, what the pretraining adds with the fine-tuning recipe held fixed."""
+    per-replicate difference to that baseline, what the pretraining adds with the fine-tuning recipe held fixed."""
     table = {}
     for n in slices:
         row = {}
         for arm in arms:
-            per_seed = results[arm][n]
-            row[arm] = {m: _stats([per_seed[s]["scores"][m] for s in sorted(per_seed)]) for m in METRICS}
+            runs = results[arm][n]
+            row[arm] = {m: _stats([runs[r]["scores"][m] for r in sorted(runs)]) for m in METRICS}
         for arm in arms[1:]:
             row[f"gain_{arm}"] = _gain(results, arm, "scratch", n)
             baseline = same_recipe_baseline(arm, results, controls or {})
@@ -146,9 +146,9 @@ def same_recipe_baseline(arm: str, results: dict, controls: dict) -> str | None:
 
 
 def _gain(results: dict, arm: str, baseline: str, n: int) -> dict:
-    """{metric: stats} of the per-seed differences arm - baseline at n labelled slices."""
-    seeds = sorted(set(results[arm][n]) & set(results[baseline][n]))
-    return {m: _stats([results[arm][n][s]["scores"][m] - results[baseline][n][s]["scores"][m] for s in seeds])
+    """{metric: stats} of the per-replicate differences arm - baseline at n labelled slices."""
+    replicates = sorted(set(results[arm][n]) & set(results[baseline][n]))
+    return {m: _stats([results[arm][n][r]["scores"][m] - results[baseline][n][r]["scores"][m] for r in replicates])
             for m in METRICS}
 
 
