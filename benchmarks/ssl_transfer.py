@@ -71,11 +71,15 @@ def arm_overrides(arm: str, run: Path) -> list[str]:
     return []
 
 
+ISBI_SLICES_ATTRIBUTE = "isbi2012_train_slices"  # [first, stop) of the ISBI training stack a subset holds
+
+
 def labelled_subset(stop: int, out: Path, first: int = 0) -> tuple[str, str]:
     """Writes ISBI training slices [first, stop) (image and labels) to `out` unless they are
-    there; returns their paths."""
+    there, recording [first, stop) in their attributes (ISBI_SLICES_ATTRIBUTE, also added to a
+    subset written before it was recorded); returns their paths."""
     from jaxem.data import datasets
-    from jaxem.data.volume import create_volume, open_volume
+    from jaxem.data.volume import create_volume, open_volume, read_attributes, write_attributes
 
     images, labels = datasets.split_paths("isbi2012", "train")
     paths = []
@@ -85,8 +89,24 @@ def labelled_subset(stop: int, out: Path, first: int = 0) -> tuple[str, str]:
             volume = open_volume(source)
             array = volume.read()[first:stop]
             create_volume(path, array.shape, array.dtype, voxel_size=volume.voxel_size, overwrite=True).write(array)
+        if read_attributes(path).get(ISBI_SLICES_ATTRIBUTE) is None:
+            write_attributes(path, {ISBI_SLICES_ATTRIBUTE: [first, stop]})
         paths.append(str(path))
     return paths[0], paths[1]
+
+
+def trained_isbi_slices(run: Path) -> tuple[int, int]:
+    """[first, stop) of the ISBI training slices a fine-tuning run trained on, as labelled_subset
+    recorded them in its training volume; a UserError when they are not recorded."""
+    from jaxem.data.volume import read_attributes
+    from jaxem.errors import UserError
+
+    image = json.loads((run / "config.json").read_text())["data"]["train_images"][0]
+    recorded = read_attributes(image).get(ISBI_SLICES_ATTRIBUTE)
+    if recorded is None:
+        raise UserError(f"{image}: expected the ISBI slice range attribute {ISBI_SLICES_ATTRIBUTE!r} that "
+                        "benchmarks/label_efficiency.py records (rerun it on this run directory to add it).")
+    return int(recorded[0]), int(recorded[1])
 
 
 def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Path, progress: bool) -> dict:

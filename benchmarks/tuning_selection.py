@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.isbi2012 import prepare_isbi  # noqa: E402
-from benchmarks.ssl_transfer import labelled_subset  # noqa: E402
+from benchmarks.ssl_transfer import labelled_subset, trained_isbi_slices  # noqa: E402
 
 
 SWEPT_KEYS = ("threshold", "h", "merge", "min_size")  # the numeric values a grid steps through
@@ -108,12 +108,18 @@ def gain_over_argmax(per_run: dict, rule: str) -> dict:
             "per_arm": {arm: {"mean": float(np.mean(v)), "values": v} for arm, v in arms.items()}}
 
 
-def trained_slices(run: Path) -> int:
-    """How many ISBI training slices (0, 1, ...) the run was trained on (its config's volume)."""
-    from jaxem.data.volume import open_volume
-
-    config = json.loads((run / "config.json").read_text())
-    return int(open_volume(config["data"]["train_images"][0]).shape[0])
+def unseen_refusal(runs: list[Path], first: int, stop: int) -> str | None:
+    """Why ISBI training slices [first, stop) cannot be the unseen tuning slices of `runs` (one
+    sentence), or None: they must be a non-empty range before the scored slices 16-19 that no run
+    trained on (trained_isbi_slices, which also holds for runs that labelled slices F to F+n-1)."""
+    if not first < stop <= 16:
+        return f"--unseen {first} {stop}: expected a non-empty range of ISBI training slices before 16."
+    for run in runs:
+        trained = trained_isbi_slices(run)
+        if first < trained[1] and trained[0] < stop:
+            return (f"--unseen {first} {stop}: expected slices none of the runs trained on, but {run} trained on "
+                    f"slices [{trained[0]}, {trained[1]}).")
+    return None
 
 
 def main() -> None:
@@ -127,15 +133,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from jaxem.data import datasets
+    from jaxem.errors import UserError
 
     prepare_isbi()
     labels_path = datasets.split_paths("isbi2012", "val")[1][0]
     unseen = None
     if args.unseen:
-        trained = max(trained_slices(run) for run in args.runs)
-        if args.unseen[0] < trained or args.unseen[1] <= args.unseen[0] or args.unseen[1] > 16:
-            parser.error(f"--unseen {args.unseen[0]} {args.unseen[1]}: expected training slices after the "
-                         f"{trained} the runs trained on and before 16")
+        try:
+            refusal = unseen_refusal(args.runs, *args.unseen)
+        except UserError as error:
+            refusal = str(error)
+        if refusal:
+            parser.error(refusal)
         # beside the runs' arm directories, as label_efficiency.py keeps its labelled_<n> slices
         first, stop = args.unseen
         unseen = labelled_subset(stop, args.runs[0].resolve().parents[1] / f"unseen_{first}_{stop}", first=first)

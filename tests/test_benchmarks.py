@@ -287,9 +287,11 @@ def test_label_efficiency_labels_slices_from_first_slice_and_never_a_held_out_on
     """--first-slice F labels slices F .. F+n-1 (the subset holds exactly those slices, images and
     labels); a range reaching the scored slices 16-19 is refused before anything runs."""
     from benchmarks.isbi2012 import prepare_isbi
-    from benchmarks.ssl_transfer import labelled_subset
+    from benchmarks.ssl_transfer import ISBI_SLICES_ATTRIBUTE, labelled_subset
+    from benchmarks.tuning_selection import unseen_refusal
     from jaxem.data import datasets
-    from jaxem.data.volume import open_volume
+    from jaxem.data.volume import open_volume, read_attributes, write_attributes
+    from jaxem.errors import UserError
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
     refused = subprocess.run([sys.executable, "benchmarks/label_efficiency.py", "--run", str(tmp_path / "r"),
@@ -299,9 +301,24 @@ def test_label_efficiency_labels_slices_from_first_slice_and_never_a_held_out_on
     monkeypatch.setenv("JAXEM_DATA", str(tmp_path / "data"))
     prepare_isbi()
     train = [open_volume(paths[0]).read() for paths in datasets.split_paths("isbi2012", "train")]
-    subset = [open_volume(path).read() for path in labelled_subset(7, tmp_path / "labelled_2_from5", first=5)]
-    for whole, part in zip(train, subset):
-        np.testing.assert_array_equal(part, whole[5:7])
+    paths = labelled_subset(7, tmp_path / "labelled_2_from5", first=5)
+    for whole, path in zip(train, paths):
+        np.testing.assert_array_equal(open_volume(path).read(), whole[5:7])
+        assert read_attributes(path)[ISBI_SLICES_ATTRIBUTE] == [5, 7]
+    # tuning_selection.py --unseen refuses slices such a run trained on, and only those
+    run = tmp_path / "mim_2_from5" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": {"train_images": [paths[0]]}}))
+    assert unseen_refusal([run], 0, 5) is None and unseen_refusal([run], 7, 9) is None
+    assert "trained on slices [5, 7)" in unseen_refusal([run], 0, 6)
+    assert "trained on slices [5, 7)" in unseen_refusal([run], 6, 8)
+    assert "before 16" in unseen_refusal([run], 14, 17) and "non-empty" in unseen_refusal([run], 3, 3)
+    # a subset written before the range was recorded: the refusal names it; labelled_subset adds it
+    write_attributes(paths[0], {ISBI_SLICES_ATTRIBUTE: None})
+    with pytest.raises(UserError, match="labelled_2_from5/image.zarr: expected the ISBI slice range"):
+        unseen_refusal([run], 0, 1)
+    labelled_subset(7, tmp_path / "labelled_2_from5", first=5)
+    assert "trained on slices [5, 7)" in unseen_refusal([run], 4, 6)
 
 
 @pytest.mark.slow
@@ -358,7 +375,7 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
         assert sweep["model"]["best"] == picked["unseen"]["setting"] and sweep["image"] == str(tmp_path / "r" / "unseen_1_2" / "image.zarr")
     refused = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", str(runs[0]), "--unseen", "0", "1"],
                              cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, env=env)
-    assert refused.returncode == 2 and "after the 1 the runs trained on" in refused.stderr
+    assert refused.returncode == 2 and "trained on slices [0, 1)" in refused.stderr
     # A semi arm and a pretrained + semi arm: semi-supervised on the pretraining's unlabelled images;
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command, "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
