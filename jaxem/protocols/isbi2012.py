@@ -82,17 +82,25 @@ def score_run(run_dir: str | Path, image_path: str, labels_path: str, out_dir: s
     results = {row: score_slices(labels[row], maps[row], heldout.gt) for row in maps}
     if tune_on is not None:
         settings, voxel_size, quantiles = tune_settings(run_dir, tune_on, heldout.out_dir, progress, adapt_batch_norm, tta)
-        for row, setting in settings.items():
-            tuned = segment_slices(maps[row], SegmentSetting.from_dict(setting), voxel_size)
-            results[f"{row}_tuned"] = score_slices(tuned, maps[row], heldout.gt)
-        matched = match_quantiles(maps["model"], map_quantiles(maps["model"]), quantiles)
-        results["model_tuned_matched"] = score_slices(
-            segment_slices(matched, SegmentSetting.from_dict(settings["model"]), voxel_size), matched, heldout.gt)
+        baseline = SegmentSetting.from_dict(settings["threshold_baseline"])
+        results["threshold_baseline_tuned"] = score_slices(
+            segment_slices(maps["threshold_baseline"], baseline, voxel_size), maps["threshold_baseline"], heldout.gt)
+        results.update(tuned_rows(maps["model"], heldout.gt, settings["model"], quantiles, voxel_size))
         results["tuned_settings"] = settings
     common.write_results(heldout.out_dir, results)
     common.write_instances_overlay(heldout.raw, maps["model"], labels["model"], labels["threshold_baseline"],
                                    heldout.gt, heldout.out_dir / "overlay.png")
     return results
+
+
+def tuned_rows(boundary: np.ndarray, gt: np.ndarray, setting: dict, quantiles: np.ndarray, voxel_size) -> dict:
+    """{"model_tuned", "model_tuned_matched"}: `score_slices` of a boundary map (z, y, x) segmented
+    with a setting tuned elsewhere (its JSON form; h in the units of `voxel_size`), as it is and
+    after `match_quantiles` maps its values onto `quantiles` (1, LEVELS), the tuning map's."""
+    setting = SegmentSetting.from_dict(setting)
+    matched = match_quantiles(boundary, map_quantiles(boundary), quantiles)
+    return {"model_tuned": score_slices(segment_slices(boundary, setting, voxel_size), boundary, gt),
+            "model_tuned_matched": score_slices(segment_slices(matched, setting, voxel_size), matched, gt)}
 
 
 def tune_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bool = True,
