@@ -2,7 +2,7 @@
 benchmarks/label_efficiency.py trained, scored without training anything.
 
     python benchmarks/ensemble_transfer.py --run runs/isbi --recipe ARM --control ARM \\
-        --slices 1 2 --first-slice 0 5 10 --seeds 0 1 2 --out ensembles.json --plot ensembles.png
+        --slices 1 2 --first-slice 0 5 10 --seeds 0 1 2 [--tta] --out ensembles.json --plot ensembles.png
 
 For every replicate (n labelled slices, first labelled slice F, seed s) it averages the stored
 membrane probability maps of two runs (RUN/heldout/predictions.zarr on the held-out ISBI slices
@@ -19,7 +19,9 @@ held-out map is matched to the tuning map's quantiles ("matched"). The ensembles
     S+R      scratch with the pretrained network
 
 and per replicate and protocol G1 = (S+R) - (S+S'), G2 = (S+R) - (S+C), G3 = (S+R) - S.
-Scores are cached per ensemble in RUN/ensembles/ (rerunning reuses them). Prints JSON.
+`--tta` ensembles the maps predicted with test-time augmentation (RUN/heldout_tta, written by
+`label_efficiency.py --tta`). Scores are cached per ensemble in RUN/ensembles/ (rerunning reuses
+them). Prints JSON.
 """
 
 from __future__ import annotations
@@ -55,22 +57,23 @@ def members(root: Path, recipe: str, control: str, n: int, first: int, seed: int
             "S+R": [scratch, run_of(root, recipe, n, first, seed)]}
 
 
-def mean_map(runs: list[Path], name: str) -> np.ndarray:
-    """The mean (z, y, x) float32 of the runs' stored probability maps RUN/heldout/`name`."""
+def mean_map(runs: list[Path], name: str, scored: str = "heldout") -> np.ndarray:
+    """The mean (z, y, x) float32 of the runs' stored probability maps RUN/`scored`/`name`."""
     from jaxem.protocols.common import prediction_channel
 
-    return np.mean([prediction_channel(run / "heldout" / name) for run in runs], axis=0, dtype=np.float32)
+    return np.mean([prediction_channel(run / scored / name) for run in runs], axis=0, dtype=np.float32)
 
 
-def score_ensemble(runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[str, str]) -> dict:
-    """The scores (`isbi2012.score_slices`) of the runs' mean map on the held-out slices with the
-    fixed setting, tuned on the `labelled` (image, labels) slices, and tuned and matched:
-    {"model", "model_tuned", "model_tuned_matched", "tuned_setting"}."""
+def score_ensemble(runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[str, str],
+                   scored: str = "heldout") -> dict:
+    """The scores (`isbi2012.score_slices`) of the runs' mean map (of their maps in RUN/`scored`) on
+    the held-out slices with the fixed setting, tuned on the `labelled` (image, labels) slices, and
+    tuned and matched: {"model", "model_tuned", "model_tuned_matched", "tuned_setting"}."""
     from jaxem.data.volume import open_volume
     from jaxem.protocols.isbi2012 import FIXED_SETTING, score_slices, segment_slices, tuned_rows
     from jaxem.segment.tune import tune
 
-    held_out, tune_map = mean_map(runs, "predictions.zarr"), mean_map(runs, "tune_predictions.zarr")
+    held_out, tune_map = mean_map(runs, "predictions.zarr", scored), mean_map(runs, "tune_predictions.zarr", scored)
     voxel_size = tuple(open_volume(labelled[0]).voxel_size)
     sweep = tune(tune_map, open_volume(labelled[1]).read(), "boundary", metric="vrand", per_slice=True,
                  voxel_size=voxel_size, progress=False)
@@ -79,19 +82,21 @@ def score_ensemble(runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[st
             "tuned_setting": sweep["best"]}
 
 
-def cached_score(root: Path, runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[str, str]) -> dict:
-    """`score_ensemble`, kept in ROOT/ensembles/<digest of the members>.json and reused."""
-    key = hashlib.sha256("\n".join(str(r.resolve()) for r in runs).encode()).hexdigest()[:16]
+def cached_score(root: Path, runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[str, str],
+                 scored: str = "heldout") -> dict:
+    """`score_ensemble`, kept in ROOT/ensembles/<digest of the members and `scored`>.json and reused."""
+    members_and_maps = [str(r.resolve()) for r in runs] + ([scored] if scored != "heldout" else [])
+    key = hashlib.sha256("\n".join(members_and_maps).encode()).hexdigest()[:16]
     path = root / "ensembles" / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())["scores"]
-    missing = [str(r) for r in runs if not (r / "heldout" / "tune_predictions.zarr").exists()]
+    missing = [str(r) for r in runs if not (r / scored / "tune_predictions.zarr").exists()]
     if missing:
-        raise SystemExit(f"{missing[0]}: expected a run scored by label_efficiency.py (heldout/predictions.zarr "
-                         "and heldout/tune_predictions.zarr); train it first.")
-    scores = score_ensemble(runs, held_out_gt, labelled)
+        raise SystemExit(f"{missing[0]}: expected a run scored by label_efficiency.py ({scored}/predictions.zarr "
+                         f"and {scored}/tune_predictions.zarr); score it first.")
+    scores = score_ensemble(runs, held_out_gt, labelled, scored)
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"members": [str(r) for r in runs], "scores": scores}, indent=2) + "\n")
+    path.write_text(json.dumps({"members": [str(r) for r in runs], "maps": scored, "scores": scores}, indent=2) + "\n")
     return scores
 
 
@@ -152,9 +157,12 @@ def main() -> None:
     parser.add_argument("--slices", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--first-slice", type=int, nargs="+", default=[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tta", action="store_true",
+                        help="the maps predicted with test-time augmentation (RUN/heldout_tta: label_efficiency.py --tta)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
     args = parser.parse_args()
+    scored = "heldout_tta" if args.tta else "heldout"
     if len(args.seeds) < 2:
         parser.error("--seeds: expected at least 2 seeds (S+S' pairs each scratch run with the next seed's).")
 
@@ -169,8 +177,8 @@ def main() -> None:
             labelled = (str(labelled_dir / "image.zarr"), str(labelled_dir / "labels.zarr"))
             for seed in args.seeds:
                 ensembles = members(args.run, args.recipe, args.control, n, first, seed, args.seeds)
-                scores = {e: cached_score(args.run, runs, held_out_gt, labelled) for e, runs in ensembles.items()}
-                stored = json.loads((ensembles["S"][0] / "heldout" / "results.json").read_text())
+                scores = {e: cached_score(args.run, runs, held_out_gt, labelled, scored) for e, runs in ensembles.items()}
+                stored = json.loads((ensembles["S"][0] / scored / "results.json").read_text())
                 checks.append(max(abs(scores["S"][row]["vrand"] - stored[row]["vrand"]) for row in PROTOCOLS.values()))
                 replicates[f"{n}/{replicate_name(first, seed)}"] = {
                     "slices": n, "first_slice": first, "seed": seed,
@@ -179,7 +187,7 @@ def main() -> None:
                       + ", ".join(f"{e} {scores[e]['model_tuned_matched']['vrand']:.3f}" for e in ENSEMBLES), file=sys.stderr)
     table = summarise(replicates, args.slices)
     report = {"benchmark": "ensemble_transfer_isbi2012_heldout_slices_16_19", "recipe": args.recipe,
-              "control": args.control, "first_slices": args.first_slice, "seeds": args.seeds,
+              "control": args.control, "first_slices": args.first_slice, "seeds": args.seeds, "tta": args.tta,
               # S scored here against its own results.json: the same maps, grid and code, so ~0
               "single_scratch_max_abs_difference_to_stored": max(checks),
               "verdict_matched": verdict(table), "table": table, "replicates": replicates,

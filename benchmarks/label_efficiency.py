@@ -3,7 +3,7 @@
     python benchmarks/label_efficiency.py --run runs/label_efficiency [--slices 1 2 5] [--first-slice 0 [5 10]] [--seeds 0 1 2]
         [--methods mim simclr] [--semi fixmatch pseudo_label mean_teacher] [--combine] [--control]
         [--finetune-config isbi2012_unet:cpu] [--pretrain.x=y ...] [--finetune.x=y ...] [--transfer.x=y ...]
-        [--out results.json] [--plot label_efficiency.png] [--rescore]
+        [--out results.json] [--plot label_efficiency.png] [--rescore] [--tta]
 
 1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
    with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
@@ -88,14 +88,15 @@ def pretrained_arm(method: str, transfer: list[str]) -> str:
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
-                       seed: int, progress: bool, rescore: bool = False) -> dict:
+                       seed: int, progress: bool, rescore: bool = False, tta: bool = False) -> dict:
     """Trains the recipe with this benchmark's budget on the labelled `subset` (with `overrides`)
     into `run` and scores slices 16-19 with the fixed watershed setting, with the setting tuned
     on `subset` (keys "*_tuned"), and with that setting on the held-out map matched to the
-    quantiles of the map of `subset` (keys "*_matched": `jaxem segment --match-quantiles`)."""
+    quantiles of the map of `subset` (keys "*_matched": `jaxem segment --match-quantiles`). `tta`:
+    both maps predicted with test-time augmentation (scored into RUN/heldout_tta)."""
     start = time.time()
     result = ssl_transfer.finetune_and_score(finetune_config, [*FINETUNE_DEFAULTS, *overrides], subset, run, seed,
-                                             progress, tune_on_subset=True, rescore=rescore)
+                                             progress, tune_on_subset=True, rescore=rescore, tta=tta)
     fixed, tuned, matched = (result["scores"][row] for row in ("model", "model_tuned", "model_tuned_matched"))
     return {"scores": {**{k: fixed[k] for k in ("vrand", "vinfo", "iou", "dice", "membrane_ap")},
                        "vrand_tuned": tuned["vrand"], "vinfo_tuned": tuned["vinfo"],
@@ -261,6 +262,9 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--rescore", action="store_true",
                         help="score again even where results.json was scored from the same checkpoints and request")
+    parser.add_argument("--tta", action="store_true",
+                        help="predict held-out and labelled slices with test-time augmentation (8 flips and "
+                             "rotations; scores in RUN/<arm>_<n>/seed<s>/heldout_tta, beside those without)")
     args, rest = parser.parse_known_args()
     transfer = [a[len("--transfer."):] for a in rest if a.startswith("--transfer.")]
     if args.control and not transfer:
@@ -303,12 +307,14 @@ def main() -> None:
                 for seed in args.seeds:
                     results[arm][n][first, seed] = finetune_and_score(
                         args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n, first],
-                        run / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}", seed, progress, args.rescore)
+                        run / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}", seed, progress, args.rescore,
+                        args.tta)
     table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))
     report = {
         "benchmark": "label_efficiency_isbi2012_heldout_slices_16_19",
-        "slices": args.slices, "first_slice": args.first_slice, "seeds": args.seeds, "arms": arms, "goal": GOAL,
+        "slices": args.slices, "first_slice": args.first_slice, "seeds": args.seeds, "tta": args.tta, "arms": arms,
+        "goal": GOAL,
         # the goal: a pretrained arm (alone or with a semi method); for reference, the best of every arm
         "goal_met": goal_met(table, candidates),
         # the same, each pretrained arm against random init fine-tuned the same way (its --control

@@ -126,11 +126,12 @@ def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Pat
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path, seed: int,
-                       progress: bool, tune_on_subset: bool = False, rescore: bool = False) -> dict:
+                       progress: bool, tune_on_subset: bool = False, rescore: bool = False, tta: bool = False) -> dict:
     """Trains `finetune_config` on the labelled subset (with `overrides`) into `run` and scores
     slices 16-19 with the fixed watershed setting, and with `tune_on_subset` also with the setting
     tuned on the labelled subset itself (benchmarks.isbi2012.train_and_score's result; `rescore`:
-    score again even where the last scoring of these checkpoints can be read back)."""
+    score again even where the last scoring of these checkpoints can be read back; `tta`: predict
+    with test-time augmentation, into RUN/heldout_tta)."""
     from benchmarks.isbi2012 import train_and_score
     from jaxem.config import apply_overrides, load_config
 
@@ -142,7 +143,7 @@ def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple
     from jaxem.data import datasets
 
     config.data.val_images, config.data.val_labels = datasets.split_paths("isbi2012", "val")
-    return train_and_score(config, run, progress, tune=tune_on_subset, tune_on=subset, rescore=rescore)
+    return train_and_score(config, run, progress, tta=tta, tune=tune_on_subset, tune_on=subset, rescore=rescore)
 
 
 def main() -> None:

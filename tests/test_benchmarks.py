@@ -321,6 +321,28 @@ def test_label_efficiency_labels_slices_from_first_slice_and_never_a_held_out_on
     assert "trained on slices [5, 7)" in unseen_refusal([run], 4, 6)
 
 
+def test_label_efficiency_tta_scores_into_heldout_tta(monkeypatch, tmp_path):
+    """label_efficiency.py --tta reaches the scoring: finetune_and_score asks train_and_score for
+    TTA (which scores into RUN/heldout_tta, beside the scores without it)."""
+    import benchmarks.isbi2012
+    from benchmarks import label_efficiency
+
+    asked = []
+    scores = {"model": {"vrand": 0.5, "vinfo": 0.6, "iou": 0.7, "dice": 0.8, "membrane_ap": 0.9},
+              "tuned_settings": {"model": {"method": "watershed"}}}
+    scores["model_tuned"] = scores["model_tuned_matched"] = scores["model"]
+
+    def train_and_score(config, run, progress, tta=False, **kwargs):
+        asked.append(tta)
+        return {"scores": scores, "training": {}}
+
+    monkeypatch.setattr(benchmarks.isbi2012, "train_and_score", train_and_score)
+    monkeypatch.setattr("jaxem.data.datasets.split_paths", lambda *a: (["v.zarr"], ["l.zarr"]))
+    for tta in (False, True):
+        label_efficiency.finetune_and_score("isbi2012_unet:cpu", [], ("a.zarr", "b.zarr"), tmp_path, 0, False, tta=tta)
+    assert asked == [False, True]
+
+
 def _cells(z: int = 2, size: int = 48) -> np.ndarray:
     """Ground truth (z, size, size) uint32: 4 cells per slice separated by 2-pixel membranes (0)."""
     gt = np.zeros((z, size, size), np.uint32)
@@ -357,7 +379,16 @@ def test_ensemble_transfer_scores_the_mean_map_and_decides_by_the_preregistered_
     alone = et.score_ensemble([runs["good"]], gt, tuple(labelled))
     assert et.score_ensemble([runs["good"], runs["good"]], gt, tuple(labelled)) == alone
     assert min(alone[row]["vrand"] for row in et.PROTOCOLS.values()) > 0.99
-    assert et.score_ensemble([runs["flat"]], gt, tuple(labelled))["model"]["vrand"] < 0.5
+    flat = et.score_ensemble([runs["flat"]], gt, tuple(labelled))
+    assert flat["model"]["vrand"] < 0.5
+    # --tta: the maps of RUN/heldout_tta (here the flat map stored there for the good run), cached apart
+    for name in ("predictions.zarr", "tune_predictions.zarr"):
+        create_volume(runs["good"] / "heldout_tta" / name, (1, *gt.shape), np.float32, voxel_size=(1.0, 1.0, 1.0),
+                      axes=("c", "z", "y", "x")).write(np.full((1, *gt.shape), 0.3, np.float32))
+    assert et.cached_score(tmp_path, [runs["good"]], gt, tuple(labelled)) == alone
+    assert et.cached_score(tmp_path, [runs["good"]], gt, tuple(labelled), "heldout_tta") == flat
+    assert len(list((tmp_path / "ensembles").glob("*.json"))) == 2
+    assert et.cached_score(tmp_path, [runs["good"]], gt, tuple(labelled)) == alone  # read back, not mixed up
 
     def replicates(g1: float, g2: float) -> dict:
         return {f"{n}/{s}": {"slices": n, "vrand": {e: {p: 0.8 + {"S+R": g1, "S+C": g1 - g2}.get(e, 0.0) + 0.01 * s
