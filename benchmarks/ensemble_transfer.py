@@ -128,7 +128,7 @@ def verdict(table: dict) -> str:
     return "level"
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, path: Path, title: str) -> None:
     """Mean VRand of each ensemble per protocol (one panel each) against labelled slices."""
     import matplotlib
 
@@ -144,6 +144,7 @@ def plot(table: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out VRand (mean of replicates)")
     axes[-1].legend(title="S scratch, R recipe, C control", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -197,7 +198,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(text + "\n")
     if args.plot:
-        plot(table, args.plot)
+        plot(table, args.plot, f"ISBI 2012, two-network ensembles, {len(replicates) // len(args.slices)} replicates "
+                               f"(first slice {', '.join(map(str, args.first_slice))} x seeds)"
+                               + (", maps with TTA" if args.tta else ""))
 
 
 if __name__ == "__main__":
