@@ -36,25 +36,21 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.label_efficiency import from_suffix, replicate_name  # noqa: E402
+from benchmarks.isbi2012 import scored_dir_name  # noqa: E402
+from benchmarks.label_efficiency import labelled_dir, replicate_name, run_dir  # noqa: E402
 
 PROTOCOLS = {"fixed": "model", "tuned": "model_tuned", "matched": "model_tuned_matched"}  # -> score row
 ENSEMBLES = ("S", "S+S'", "S+C", "S+R")
 GAINS = {"G1": ("S+R", "S+S'"), "G2": ("S+R", "S+C"), "G3": ("S+R", "S")}
 
 
-def run_of(root: Path, arm: str, n: int, first: int, seed: int) -> Path:
-    """The run directory label_efficiency.py trains arm `arm` in for (n slices from `first`, seed)."""
-    return root / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}"
-
-
 def members(root: Path, recipe: str, control: str, n: int, first: int, seed: int, seeds: list[int]) -> dict:
     """{ensemble name: its member run directories} for one replicate (module docstring)."""
     partner = seeds[(seeds.index(seed) + 1) % len(seeds)]
-    scratch = run_of(root, "scratch", n, first, seed)
-    return {"S": [scratch], "S+S'": [scratch, run_of(root, "scratch", n, first, partner)],
-            "S+C": [scratch, run_of(root, control, n, first, seed)],
-            "S+R": [scratch, run_of(root, recipe, n, first, seed)]}
+    scratch = run_dir(root, "scratch", n, first, seed)
+    return {"S": [scratch], "S+S'": [scratch, run_dir(root, "scratch", n, first, partner)],
+            "S+C": [scratch, run_dir(root, control, n, first, seed)],
+            "S+R": [scratch, run_dir(root, recipe, n, first, seed)]}
 
 
 def mean_map(runs: list[Path], name: str, scored: str = "heldout") -> np.ndarray:
@@ -70,13 +66,11 @@ def score_ensemble(runs: list[Path], held_out_gt: np.ndarray, labelled: tuple[st
     the held-out slices with the fixed setting, tuned on the `labelled` (image, labels) slices, and
     tuned and matched: {"model", "model_tuned", "model_tuned_matched", "tuned_setting"}."""
     from jaxem.data.volume import open_volume
-    from jaxem.protocols.isbi2012 import FIXED_SETTING, score_slices, segment_slices, tuned_rows
-    from jaxem.segment.tune import tune
+    from jaxem.protocols.isbi2012 import FIXED_SETTING, score_slices, segment_slices, sweep_settings, tuned_rows
 
     held_out, tune_map = mean_map(runs, "predictions.zarr", scored), mean_map(runs, "tune_predictions.zarr", scored)
     voxel_size = tuple(open_volume(labelled[0]).voxel_size)
-    sweep = tune(tune_map, open_volume(labelled[1]).read(), "boundary", metric="vrand", per_slice=True,
-                 voxel_size=voxel_size, progress=False)
+    sweep = sweep_settings(tune_map, open_volume(labelled[1]).read(), voxel_size, progress=False)
     return {"model": score_slices(segment_slices(held_out, FIXED_SETTING), held_out, held_out_gt),
             **tuned_rows(held_out, held_out_gt, sweep["best"], np.asarray(sweep["quantiles"]), voxel_size),
             "tuned_setting": sweep["best"]}
@@ -163,7 +157,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="write the PNG here")
     args = parser.parse_args()
-    scored = "heldout_tta" if args.tta else "heldout"
+    scored = scored_dir_name(args.tta)
     if len(args.seeds) < 2:
         parser.error("--seeds: expected at least 2 seeds (S+S' pairs each scratch run with the next seed's).")
 
@@ -174,8 +168,8 @@ def main() -> None:
     replicates, checks = {}, []
     for n in args.slices:
         for first in args.first_slice:
-            labelled_dir = args.run / f"labelled_{n}{from_suffix(first)}"
-            labelled = (str(labelled_dir / "image.zarr"), str(labelled_dir / "labels.zarr"))
+            subset = labelled_dir(args.run, n, first)
+            labelled = (str(subset / "image.zarr"), str(subset / "labels.zarr"))
             for seed in args.seeds:
                 ensembles = members(args.run, args.recipe, args.control, n, first, seed, args.seeds)
                 scores = {e: cached_score(args.run, runs, held_out_gt, labelled, scored) for e, runs in ensembles.items()}

@@ -52,7 +52,7 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
     if tune_on is None:
         tune_on = tuple(p[0] for p in datasets.split_paths("isbi2012", "train"))
     tune_on = tune_on if tune else None
-    out_dir = run / ("heldout_tta" if tta else "heldout")
+    out_dir = run / scored_dir_name(tta)
     key = scoring_key(run, image=images[0], labels=labels[0], tta=tta, tune_on=tune_on, rows=list(ROWS))
     scores = None if rescore else scores_of(out_dir, key)
     if scores is None:
@@ -62,6 +62,11 @@ def train_and_score(config, run: Path, progress: bool, tta: bool = False, tune: 
     else:
         print(f"{out_dir}: the scores of these checkpoints are reused (--rescore scores them again).")
     return {"scores": scores, "training": summary, "wall_seconds_this_invocation": train_seconds}
+
+
+def scored_dir_name(tta: bool) -> str:
+    """The directory in a run where `train_and_score` writes its held-out maps and scores."""
+    return "heldout_tta" if tta else "heldout"
 
 
 SCORED_FROM = "scored_from.json"  # beside results.json: the scoring_key it was computed from

@@ -110,6 +110,16 @@ def from_suffix(first: int) -> str:
     return f"_from{first}" if first else ""
 
 
+def run_dir(root: Path, arm: str, n: int, first: int, seed: int) -> Path:
+    """The run directory of `arm` fine-tuned on n slices from `first` with `seed`."""
+    return root / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}"
+
+
+def labelled_dir(root: Path, n: int, first: int) -> Path:
+    """The directory of the labelled subset (n slices from `first`: image.zarr, labels.zarr)."""
+    return root / f"labelled_{n}{from_suffix(first)}"
+
+
 def replicate_name(first: int, seed: int) -> str:
     """The JSON key of the replicate (first labelled slice, seed): "1", or "1_from5"."""
     return f"{seed}{from_suffix(first)}"
@@ -299,7 +309,7 @@ def main() -> None:
     arm_overrides = {"scratch": [], **init, **same_recipe, **semi,
                      **{f"{a}+{s}": init[a] + semi[s] for a, s in combined}}
     results = {arm: {n: {} for n in args.slices} for arm in arms}
-    subsets = {(n, first): labelled_subset(first + n, run / f"labelled_{n}{from_suffix(first)}", first=first)
+    subsets = {(n, first): labelled_subset(first + n, labelled_dir(run, n, first), first=first)
                for n in args.slices for first in args.first_slice}
     for arm in [*arms[1:], "scratch"]:  # scratch last: it may be trained meanwhile by `--methods` (none)
         for n in args.slices:
@@ -307,7 +317,7 @@ def main() -> None:
                 for seed in args.seeds:
                     results[arm][n][first, seed] = finetune_and_score(
                         args.finetune_config, [*arm_overrides[arm], *finetune_overrides], subsets[n, first],
-                        run / f"{arm}_{n}{from_suffix(first)}" / f"seed{seed}", seed, progress, args.rescore,
+                        run_dir(run, arm, n, first, seed), seed, progress, args.rescore,
                         args.tta)
     table = summarise(results, arms, args.slices, controls)
     print(format_table(table, arms))

@@ -114,13 +114,18 @@ def tune_settings(run_dir, tune_on: tuple[str, str], out_dir: Path, progress: bo
     tuning = common.read_heldout(run_dir, image_path, labels_path, out_dir, progress, name="tune_predictions.zarr",
                                  adapt_batch_norm=adapt_batch_norm, tta=tta)
     maps = boundary_maps(tuning)
-    sweeps = {"model": tune(maps["model"], tuning.gt, "boundary", metric="vrand", per_slice=True,
-                            voxel_size=tuning.voxel_size, progress=progress),
+    sweeps = {"model": sweep_settings(maps["model"], tuning.gt, tuning.voxel_size, progress),
               "threshold_baseline": baseline_sweep(tuning.raw, tuning.gt, tuning.voxel_size, progress)}
     (out_dir / "tuning.json").write_text(json.dumps({"image": image_path, "labels": labels_path, **sweeps}, indent=2) + "\n")
     plot_tuning(sweeps["model"], out_dir / "tuning.png")
     return ({row: sweep["best"] for row, sweep in sweeps.items()}, tuning.voxel_size,
             np.asarray(sweeps["model"]["quantiles"]))
+
+
+def sweep_settings(boundary: np.ndarray, gt: np.ndarray, voxel_size: tuple, progress: bool = True) -> dict:
+    """`tune` of a boundary map (z, y, x), a model's or the baseline's, against `gt` by this protocol: the default grid,
+    each z-slice segmented alone, best mean per-slice VRand; h in the units of `voxel_size`."""
+    return tune(boundary, gt, "boundary", metric="vrand", per_slice=True, voxel_size=voxel_size, progress=progress)
 
 
 def baseline_sweep(raw: np.ndarray, gt: np.ndarray, voxel_size: tuple, progress: bool = True) -> dict:
@@ -132,8 +137,7 @@ def baseline_sweep(raw: np.ndarray, gt: np.ndarray, voxel_size: tuple, progress:
                                    np.ascontiguousarray(gt).tobytes(), str(gt.dtype).encode(),
                                    repr(tuple(voxel_size)).encode()])).hexdigest()
     if key not in _BASELINE_SWEEPS:
-        _BASELINE_SWEEPS[key] = tune(common.otsu_dark(raw, common.UINT8_RANGE), gt, "boundary", metric="vrand",
-                                     per_slice=True, voxel_size=voxel_size, progress=progress)
+        _BASELINE_SWEEPS[key] = sweep_settings(common.otsu_dark(raw, common.UINT8_RANGE), gt, voxel_size, progress)
     return copy.deepcopy(_BASELINE_SWEEPS[key])
 
 
