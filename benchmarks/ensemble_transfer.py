@@ -86,8 +86,9 @@ def cached_score(root: Path, runs: list[Path], held_out_gt: np.ndarray, labelled
         return json.loads(path.read_text())["scores"]
     missing = [str(r) for r in runs if not (r / scored / "tune_predictions.zarr").exists()]
     if missing:
-        raise SystemExit(f"{missing[0]}: expected a run scored by label_efficiency.py ({scored}/predictions.zarr "
-                         f"and {scored}/tune_predictions.zarr); score it first.")
+        print(f"{missing[0]}: expected a run scored by label_efficiency.py ({scored}/predictions.zarr "
+              f"and {scored}/tune_predictions.zarr); score it first.", file=sys.stderr)
+        raise SystemExit(2)  # bad input, as the CLI exits
     scores = score_ensemble(runs, held_out_gt, labelled, scored)
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"members": [str(r) for r in runs], "maps": scored, "scores": scores}, indent=2) + "\n")

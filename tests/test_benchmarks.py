@@ -389,6 +389,9 @@ def test_ensemble_transfer_scores_the_mean_map_and_decides_by_the_preregistered_
     assert et.cached_score(tmp_path, [runs["good"]], gt, tuple(labelled), "heldout_tta") == flat
     assert len(list((tmp_path / "ensembles").glob("*.json"))) == 2
     assert et.cached_score(tmp_path, [runs["good"]], gt, tuple(labelled)) == alone  # read back, not mixed up
+    with pytest.raises(SystemExit) as refused:  # a member never scored: one sentence, exit 2, nothing cached
+        et.cached_score(tmp_path, [runs["good"], tmp_path / "unscored"], gt, tuple(labelled))
+    assert refused.value.code == 2 and len(list((tmp_path / "ensembles").glob("*.json"))) == 2
 
     def replicates(g1: float, g2: float) -> dict:
         return {f"{n}/{s}": {"slices": n, "vrand": {e: {p: 0.8 + {"S+R": g1, "S+C": g1 - g2}.get(e, 0.0) + 0.01 * s
