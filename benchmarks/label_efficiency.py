@@ -8,7 +8,9 @@
 1. Pretrains the fine-tuning recipe's network once per `--methods` entry (`configs/pretrain.py:<method>`
    with the recipe's model section) on all unlabelled ISBI raw EM that holds no scored pixel: the
    training volume's slices 0-15 (labels not read) and the 30-slice test volume. Cached in
-   RUN/pretrain_<method>: later invocations reuse it.
+   RUN/pretrain_<method>: later invocations reuse it. `--pretrain.x=y` overrides pretrain into
+   RUN/pretrain_<method>@x=y instead, and its arms are "<method>@pretrain.x=y[,...]" (e.g. twice the
+   budget: `--pretrain.train.steps=4000`); scratch and the controls are reused.
 2. For every number of labelled slices n (slices F .. F+n-1 of 0-15, for each F of `--first-slice`,
    default 0) and seed, fine-tunes the recipe from random init ("scratch") and from each pretraining,
    with the same budget, seed and data order (RUN/<arm>_<n>/seed<s>, RUN/<arm>_<n>_from<F>/seed<s>
@@ -80,11 +82,21 @@ def pretrain_network(method: str, model, overrides: list[str], run: Path, progre
     return ssl_transfer.pretrain_encoder(f"pretrain:{method}", [*PRETRAIN_DEFAULTS, *overrides], model, run, progress)
 
 
-def pretrained_arm(method: str, transfer: list[str]) -> str:
-    """The arm (and run directory) name of `method`'s pretraining fine-tuned with the `transfer`
-    overrides ("x=y"): "mim", or "mim@train.llrd=0.5". (No brackets: orbax cannot write readable
-    checkpoints under a path that holds one.)"""
-    return f"{method}@{','.join(transfer)}" if transfer else method
+def pretraining_dir_name(method: str, pretrain: list[str] = ()) -> str:
+    """The directory (under RUN) of `method`'s pretraining with the `pretrain` overrides ("x=y",
+    from `--pretrain.x=y`): "pretrain_mim", or "pretrain_mim@train.steps=4000". Each pretraining
+    budget gets its own run: the loop would otherwise resume a finished 2000-step run to 4000 steps
+    on a schedule it was not started with."""
+    return f"pretrain_{method}@{','.join(pretrain)}" if pretrain else f"pretrain_{method}"
+
+
+def pretrained_arm(method: str, transfer: list[str], pretrain: list[str] = ()) -> str:
+    """The arm (and run directory) name of `method`'s pretraining (with the `pretrain` overrides,
+    written "pretrain.x=y") fine-tuned with the `transfer` overrides ("x=y"): "mim",
+    "mim@train.llrd=0.5" or "mim@pretrain.train.steps=4000,train.llrd=0.5". (No brackets: orbax
+    cannot write readable checkpoints under a path that holds one.)"""
+    overrides = [*(f"pretrain.{p}" for p in pretrain), *transfer]
+    return f"{method}@{','.join(overrides)}" if overrides else method
 
 
 def finetune_and_score(finetune_config: str, overrides: list[str], subset: tuple[str, str], run: Path,
@@ -293,16 +305,17 @@ def main() -> None:
     prepare_isbi()
     run, progress = Path(args.run), not args.no_progress
     use_compilation_cache(run / "xla_cache")  # every arm and seed compiles the same network
-    pretrained = {pretrained_arm(m, transfer): m for m in args.methods}  # arm -> its pretraining
+    pretrain_named = [o[len("--config."):] for o in pretrain_overrides]  # "x=y", for the names
+    pretrained = {pretrained_arm(m, transfer, pretrain_named): m for m in args.methods}  # arm -> its pretraining
     controls = {a: pretrained_arm("random", transfer) for a in pretrained} if args.control else {}
     combined = [(a, s) for a in pretrained for s in args.semi] if args.combine else []
     combined_arms = [f"{a}+{s}" for a, s in combined]
     candidates = [*pretrained, *combined_arms]  # the arms the goal reads
     arms = ["scratch", *pretrained, *sorted(set(controls.values())), *args.semi, *combined_arms]
     model = apply_overrides(load_config(args.finetune_config), finetune_overrides).model
-    pretraining = {m: pretrain_network(m, model, pretrain_overrides, run / f"pretrain_{m}", progress)
-                   for m in args.methods}
-    init = {a: [f"--config.train.init_encoder={run / f'pretrain_{m}'}", *(f"--config.{t}" for t in transfer)]
+    pretrain_dirs = {m: run / pretraining_dir_name(m, pretrain_named) for m in args.methods}
+    pretraining = {m: pretrain_network(m, model, pretrain_overrides, pretrain_dirs[m], progress) for m in args.methods}
+    init = {a: [f"--config.train.init_encoder={pretrain_dirs[m]}", *(f"--config.{t}" for t in transfer)]
             for a, m in pretrained.items()}
     semi = {s: semi_overrides(s, unlabelled_images()) for s in args.semi}
     same_recipe = {c: [f"--config.{t}" for t in transfer] for c in controls.values()}

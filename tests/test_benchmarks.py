@@ -488,3 +488,19 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     for arm in ("fixmatch", f"{tuned_mim}+fixmatch"):
         assert ft[arm]["semi"]["method"] == "fixmatch" and ft[arm]["semi"]["weight"] == 1.0
         assert ft[arm]["semi"]["unlabelled_images"] == pretrain_cfg["data"]["train_images"]
+
+
+def test_label_efficiency_gives_each_pretraining_budget_its_own_run_and_arm():
+    """A pretraining override must not resume the default pretraining (the loop would extend a
+    finished 2000-step run on a schedule it was not started with): it gets its own directory, and
+    its fine-tuned arms their own names; the default's names are those of the cached runs."""
+    from benchmarks.label_efficiency import pretrained_arm, pretraining_dir_name
+
+    assert pretraining_dir_name("mim") == "pretrain_mim"
+    longer = pretraining_dir_name("mim", ["train.steps=4000"])
+    assert longer != pretraining_dir_name("mim") and longer.startswith("pretrain_mim@")
+    frozen = ["train.freeze_encoder_steps=-1"]
+    assert pretrained_arm("mim", frozen) == "mim@train.freeze_encoder_steps=-1"
+    assert pretrained_arm("mim", frozen, ["train.steps=4000"]) == \
+        "mim@pretrain.train.steps=4000,train.freeze_encoder_steps=-1"
+    assert pretrained_arm("random", frozen) == pretrained_arm("random", frozen, [])  # controls do not pretrain
