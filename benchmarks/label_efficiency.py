@@ -148,7 +148,7 @@ def summarise(results: dict, arms: list[str], slices: list[int], controls: dict 
         row = {}
         for arm in arms:
             runs = results[arm][n]
-            row[arm] = {m: _stats([runs[r]["scores"][m] for r in sorted(runs)]) for m in METRICS}
+            row[arm] = {m: replicate_stats([runs[r]["scores"][m] for r in sorted(runs)]) for m in METRICS}
         for arm in arms[1:]:
             row[f"gain_{arm}"] = _gain(results, arm, "scratch", n)
             baseline = same_recipe_baseline(arm, results, controls or {})
@@ -171,11 +171,12 @@ def same_recipe_baseline(arm: str, results: dict, controls: dict) -> str | None:
 def _gain(results: dict, arm: str, baseline: str, n: int) -> dict:
     """{metric: stats} of the per-replicate differences arm - baseline at n labelled slices."""
     replicates = sorted(set(results[arm][n]) & set(results[baseline][n]))
-    return {m: _stats([results[arm][n][r]["scores"][m] - results[baseline][n][r]["scores"][m] for r in replicates])
+    return {m: replicate_stats([results[arm][n][r]["scores"][m] - results[baseline][n][r]["scores"][m] for r in replicates])
             for m in METRICS}
 
 
-def _stats(values: list[float]) -> dict:
+def replicate_stats(values: list[float]) -> dict:
+    """{mean, std (ddof 1; 0 for one value), values} of one metric (or difference) over replicates."""
     values = [float(v) for v in values]
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "values": values}

@@ -504,3 +504,49 @@ def test_label_efficiency_gives_each_pretraining_budget_its_own_run_and_arm():
     assert pretrained_arm("mim", frozen, ["train.steps=4000"]) == \
         "mim@pretrain.train.steps=4000,train.freeze_encoder_steps=-1"
     assert pretrained_arm("random", frozen) == pretrained_arm("random", frozen, [])  # controls do not pretrain
+
+
+RECIPE = "mim@train.freeze_encoder_steps=-1,train.freeze_encoder_batch_stats=False"
+CONTROL = "random@train.freeze_encoder_steps=-1,train.freeze_encoder_batch_stats=False"
+SLICES_5_10 = Path("benchmarks/results/2026-12-07_cpu/label_efficiency_mim_frozen_control_first_slices_5_10.json")
+
+
+def test_paired_difference_of_two_arms_equals_the_gain_label_efficiency_reported(tmp_path):
+    """On a committed report (slices 5 / 10 labelled, seeds 0-2): recipe - control, paired by
+    replicate, is the report's own pretraining gain, and the rule reads it as docs/ssl.md did."""
+    report = json.loads(SLICES_5_10.read_text())
+    out = tmp_path / "d.json"
+    done = subprocess.run([sys.executable, "benchmarks/paired_difference.py", str(SLICES_5_10), "--arm", RECIPE,
+                           "--versus", CONTROL, "--metrics", "vrand", "vrand_matched", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    differences = json.loads(out.read_text())["differences"]
+    for n in ("1", "2"):
+        reported = report["table"][n][f"pretraining_gain_{RECIPE}"]
+        for metric in ("vrand", "vrand_matched"):
+            mine = differences[n][metric]
+            assert mine["mean"] == pytest.approx(reported[metric]["mean"], abs=1e-12)
+            assert sorted(mine["values"]) == pytest.approx(sorted(reported[metric]["values"]), abs=1e-12)
+            assert mine["ahead"] == sum(v > 0 for v in reported[metric]["values"])
+    assert differences["1"]["vrand"]["verdict"] == "ahead"  # +0.113, 6 of 6 (docs/ssl.md)
+    assert differences["2"]["vrand_matched"]["verdict"] == "level"  # +0.027, 3 of 6
+
+
+def test_paired_difference_refuses_an_unpaired_replicate_or_another_fine_tuning(tmp_path):
+    """A replicate one arm lacks, or arms fine-tuned differently, exit 2 with one sentence naming it."""
+    report = json.loads(SLICES_5_10.read_text())
+    del report["per_run"][CONTROL]["2"]["1_from10"]
+    gapped = tmp_path / "gapped.json"
+    gapped.write_text(json.dumps(report))
+    done = subprocess.run([sys.executable, "benchmarks/paired_difference.py", str(gapped), "--arm", RECIPE,
+                           "--versus", CONTROL], capture_output=True, text=True)
+    assert done.returncode == 2 and "1_from10" in done.stderr and "2 labelled slices" in done.stderr
+    other = {"finetune_overrides": ["--config.train.steps=600"],
+             "per_run": {"scratch600": json.loads(SLICES_5_10.read_text())["per_run"]["scratch"]}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    done = subprocess.run([sys.executable, "benchmarks/paired_difference.py", str(SLICES_5_10), str(tmp_path / "other.json"),
+                           "--arm", RECIPE, "--versus", "scratch600"], capture_output=True, text=True)
+    assert done.returncode == 2 and "different --finetune overrides" in done.stderr
+    done = subprocess.run([sys.executable, "benchmarks/paired_difference.py", str(SLICES_5_10), "--arm", "mim",
+                           "--versus", CONTROL], capture_output=True, text=True)
+    assert done.returncode == 2 and "no report holds the arm 'mim'" in done.stderr
