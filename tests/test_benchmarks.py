@@ -414,41 +414,47 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     with its seed, init and semi settings (a semi arm, a pretrained + semi arm, a same-recipe
     control); gains per seed. One seed, not the default 0 (the arithmetic over several seeds:
     the test above); each run costs ~40 s of CPU, mostly scoring 512x512 slices."""
-    tiny = ["--pretrain.train.steps=2", "--pretrain.train.checkpoint_every=2", "--finetune.train.steps=2",
-            "--finetune.train.checkpoint_every=2", "--finetune.data.crop_shape=(64,64)",
-            "--finetune.data.batch_size=4", "--pretrain.data.crop_shape=(64,64)"]
+    from benchmarks.label_efficiency import pretrained_arm, pretraining_dir_name
+
+    tiny_pretraining = ["train.steps=2", "train.checkpoint_every=2", "data.crop_shape=(64,64)"]
+    tiny = [*(f"--pretrain.{o}" for o in tiny_pretraining), "--finetune.train.steps=2",
+            "--finetune.train.checkpoint_every=2", "--finetune.data.crop_shape=(64,64)", "--finetune.data.batch_size=4"]
+    # a pretraining with overrides is its own run, and its arms carry them in their names
+    mim, pretrain_dir = pretrained_arm("mim", [], tiny_pretraining), pretraining_dir_name("mim", tiny_pretraining)
+    assert mim == "mim@pretrain.train.steps=2,pretrain.train.checkpoint_every=2,pretrain.data.crop_shape=(64,64)"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXEM_DATA": str(tmp_path / "data")}
     command = [sys.executable, "benchmarks/label_efficiency.py", "--run", str(tmp_path / "r"), "--no-progress",
                "--slices", "1", "--seeds", "1", "--methods", "mim", "--out", str(tmp_path / "r.json"),
                "--plot", str(tmp_path / "p.png"), *tiny]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     report = json.loads((tmp_path / "r.json").read_text())
-    pretrain_cfg = json.loads((tmp_path / "r" / "pretrain_mim" / "config.json").read_text())
+    pretrain_cfg = json.loads((tmp_path / "r" / pretrain_dir / "config.json").read_text())
     assert pretrain_cfg["ssl"]["method"] == "mim" and len(pretrain_cfg["data"]["train_images"]) == 2
     assert all("/val/" not in p for p in pretrain_cfg["data"]["train_images"])  # no scored slice
-    ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed1" / "config.json").read_text()) for arm in ("scratch", "mim")}
-    assert ft["scratch"]["train"]["init_encoder"] == "" and ft["mim"]["train"]["init_encoder"].endswith("pretrain_mim")
-    assert ft["mim"]["seed"] == ft["scratch"]["seed"] == 1 and ft["mim"]["model"] == pretrain_cfg["model"]
+    ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed1" / "config.json").read_text()) for arm in ("scratch", mim)}
+    assert ft["scratch"]["train"]["init_encoder"] == "" and ft[mim]["train"]["init_encoder"].endswith(pretrain_dir)
+    assert ft[mim]["seed"] == ft["scratch"]["seed"] == 1 and ft[mim]["model"] == pretrain_cfg["model"]
+    assert pretrain_cfg["train"]["steps"] == 2 and report["arms"] == ["scratch", mim]
     runs = report["per_run"]
-    gain = runs["mim"]["1"]["1"]["scores"]["vrand"] - runs["scratch"]["1"]["1"]["scores"]["vrand"]
-    assert report["table"]["1"]["gain_mim"]["vrand"]["values"] == pytest.approx([gain])
+    gain = runs[mim]["1"]["1"]["scores"]["vrand"] - runs["scratch"]["1"]["1"]["scores"]["vrand"]
+    assert report["table"]["1"][f"gain_{mim}"]["vrand"]["values"] == pytest.approx([gain])
     assert set(report["goal_met"]["tuned"]["1"]) == set(report["goal_met"]["matched"]["1"]) \
         == {"best_arm", "vrand_gain", "iou_gain", "met"}
-    assert report["goal_met"]["fixed"]["1"]["best_arm"] == "mim" and "1" in report["best_of_all_arms"]["fixed"]
-    tuned = runs["mim"]["1"]["1"]
+    assert report["goal_met"]["fixed"]["1"]["best_arm"] == mim and "1" in report["best_of_all_arms"]["fixed"]
+    tuned = runs[mim]["1"]["1"]
     assert {"vrand_tuned", "vrand_matched", "membrane_ap"} <= set(tuned["scores"]) and tuned["tuned_setting"]["method"]
-    assert (tmp_path / "p.png").stat().st_size > 1000 and "| 1 | mim |" in out.stdout
+    assert (tmp_path / "p.png").stat().st_size > 1000 and f"| 1 | {mim} |" in out.stdout
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
     assert again.stdout.count("scores of these checkpoints are reused") == 2  # scratch and mim, not scored again
     # benchmarks/tuning_selection.py on these runs: its argmax rule re-derives each run's tuned score
-    runs = [tmp_path / "r" / f"{arm}_1" / "seed1" for arm in ("scratch", "mim")]
+    runs = [tmp_path / "r" / f"{arm}_1" / "seed1" for arm in ("scratch", mim)]
     # (and with --unseen 1 2: tuned on training slice 1, which the 1-slice runs never saw)
     selection = subprocess.run([sys.executable, "benchmarks/tuning_selection.py", *map(str, runs), "--unseen", "1", "2"],
                                cwd=ROOT, capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
     selection = json.loads(selection.stdout)
-    for run, arm in zip(runs, ("scratch", "mim")):
+    for run, arm in zip(runs, ("scratch", mim)):
         picked = selection["per_run"][str(run)]
         tuned = report["per_run"][arm]["1"]["1"]["scores"]["vrand_tuned"]
         assert picked["argmax"]["heldout_vrand"] == pytest.approx(tuned)
@@ -466,16 +472,16 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     # --transfer.x=y: the pretrained arms (alone and with the semi method) fine-tuned otherwise, under their own name.
     semi = subprocess.run([*command, "--semi", "fixmatch", "--combine", "--control", "--transfer.train.llrd=0.5"], cwd=ROOT,
                           capture_output=True, text=True, timeout=BENCHMARK_TIMEOUT_S, check=True, env=env)
-    tuned_mim = "mim@train.llrd=0.5"
+    tuned_mim = pretrained_arm("mim", ["train.llrd=0.5"], tiny_pretraining)
     assert f"| 1 | {tuned_mim}+fixmatch |" in semi.stdout
     ft = {arm: json.loads((tmp_path / "r" / f"{arm}_1" / "seed1" / "config.json").read_text())
-          for arm in ("scratch", "mim", tuned_mim, "fixmatch", f"{tuned_mim}+fixmatch")}
+          for arm in ("scratch", mim, tuned_mim, "fixmatch", f"{tuned_mim}+fixmatch")}
     assert ft["scratch"]["semi"]["weight"] == ft[tuned_mim]["semi"]["weight"] == 0
     assert ft["fixmatch"]["train"]["init_encoder"] == ""
     assert ft[f"{tuned_mim}+fixmatch"]["train"]["init_encoder"] == ft[tuned_mim]["train"]["init_encoder"] \
-        == ft["mim"]["train"]["init_encoder"]
+        == ft[mim]["train"]["init_encoder"]
     assert ft[tuned_mim]["train"]["llrd"] == ft[f"{tuned_mim}+fixmatch"]["train"]["llrd"] == 0.5
-    assert ft["scratch"]["train"]["llrd"] == ft["fixmatch"]["train"]["llrd"] == ft["mim"]["train"]["llrd"] == 1.0
+    assert ft["scratch"]["train"]["llrd"] == ft["fixmatch"]["train"]["llrd"] == ft[mim]["train"]["llrd"] == 1.0
     control = json.loads((tmp_path / "r" / "random@train.llrd=0.5_1" / "seed1" / "config.json").read_text())
     assert control["train"]["init_encoder"] == "" and control["train"]["llrd"] == 0.5 and control["seed"] == 1
     combined = json.loads((tmp_path / "r.json").read_text())
