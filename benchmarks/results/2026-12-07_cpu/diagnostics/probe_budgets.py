@@ -1,4 +1,4 @@
-"""Diagnostic: the linear membrane probe (jaxem.ssl.probe) of the 2000- and 4000-step mim encoders
+"""Diagnostic: the linear membrane probe (jaxem.ssl.probe) of the 500-, 2000- and 4000-step mim encoders
 against three random initialisations, on the 5 labelled ISBI slices 0-4 (label_efficiency's
 RUN/labelled_5). Usage: python probe_budgets.py RUN > probe_budgets.json"""
 import json
@@ -26,7 +26,7 @@ out = {}
 for seed in (0, 1, 2):
     v = encoder.clone(parent=None).init(jax.random.PRNGKey(seed), jax.numpy.zeros((1, 128, 128, 1)), train=False)
     out[f"random_init_{seed}"] = probe.score_variables(dict(v))
-for name in ("pretrain_mim", "pretrain_mim@train.steps=4000"):
+for name in ("pretrain_mim@train.steps=500", "pretrain_mim", "pretrain_mim@train.steps=4000"):
     v = load_encoder(run / name)
     out[name] = probe.score_variables({c: t["encoder"] for c, t in v.items()})
 print(json.dumps(out, indent=1))
