@@ -32,8 +32,8 @@ target EM in training, source_only and adabn, in <run>/seed<N>/<arm>, shared by 
 
 Every arm is scored on a held-out target volume (VRand/VInfo etc. of watershed cells, per slice,
 jaxem.protocols.isbi2012.score_run); source_only also on a held-out source volume (the in-domain
-score the shift costs). Finished runs are reused. Prints JSON with per-seed scores, mean ± std
-over seeds and the machine.
+score the shift costs). Finished runs are reused (refused when trained with other settings).
+Prints JSON with per-seed scores, mean ± std over seeds and the machine.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@
 2. For every number of labelled slices n (slices F .. F+n-1 of 0-15, for each F of `--first-slice`,
    default 0) and seed, fine-tunes the recipe from random init ("scratch") and from each pretraining,
    with the same budget, seed and data order (RUN/<arm>_<n>/seed<s>, RUN/<arm>_<n>_from<F>/seed<s>
-   when F > 0; reused when finished). Each (F, seed) is one replicate: statistics and gains pool
+   when F > 0; reused when finished, refused when trained with other settings, e.g. another
+   `--finetune.x=y`: use another --run). Each (F, seed) is one replicate: statistics and gains pool
    them (JSON keys "<s>" for F = 0, "<s>_from<F>" otherwise), so that a claim is tested over which
    sections are labelled as well as over seeds. Each `--semi` method (jaxem.semi:
    mean_teacher, pseudo_label, fixmatch) adds an arm trained from random init with the same

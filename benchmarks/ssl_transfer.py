@@ -13,7 +13,8 @@
 3. Scores every arm on held-out slices 16-19 (VRand/VInfo of watershed cells, as benchmarks/isbi2012.py),
    with the fixed watershed setting: the arms differ in their networks only (no per-arm tuning).
 
-Finished runs are reused. Prints JSON: per-seed and mean scores of both arms, the difference, the
+Finished runs are reused; a run directory trained with other settings (another
+`--pretrain.x=y` or `--finetune.x=y`) is refused, never scored as this one. Prints JSON: per-seed and mean scores of both arms, the difference, the
 times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
 """
 
@@ -112,7 +113,7 @@ def trained_isbi_slices(run: Path) -> tuple[int, int]:
 def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Path, progress: bool) -> dict:
     """Pretrains `model` (the fine-tuning config's model section) with `pretrain_config` on the
     unlabelled ISBI slices (not 16-19) into `run`; returns the summary (resumes or skips a
-    finished run)."""
+    finished run; a run there pretrained with other settings is a UserError, not reused)."""
     from jaxem.config import apply_overrides, load_config
     from jaxem.ssl.pretrain import pretrain
 
@@ -121,7 +122,7 @@ def pretrain_encoder(pretrain_config: str, overrides: list[str], model, run: Pat
     config.data.train_images = unlabelled_images()
     config = apply_overrides(config, overrides)
     start = time.time()
-    summary = pretrain(config, run, progress=progress)
+    summary = pretrain(config, run, progress=progress, exact=True)
     return dict(summary, wall_seconds_this_invocation=time.time() - start)
 
 

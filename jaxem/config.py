@@ -183,6 +183,30 @@ def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def config_differences(saved: dict | ml_collections.ConfigDict, wanted: ml_collections.ConfigDict,
+                       ignore: tuple[str, ...] = (), shared_only: bool = False) -> dict[str, tuple]:
+    """{"section.field": (saved value, wanted value)} for every leaf where a run's saved config
+    (config.json's dict, or a ConfigDict) and `wanted` differ, compared as JSON (tuples and lists
+    alike); a leaf only one has shows None on the other side, unless `shared_only` (then only
+    leaves both have are compared: e.g. a field added to jaxem after the run was trained). Keys in
+    `ignore` (dotted) are skipped."""
+    def leaves(tree, prefix=""):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], tree
+
+    def as_json(cfg):
+        return json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg,
+                                     sort_keys=True, default=list))
+
+    old, new = dict(leaves(as_json(saved))), dict(leaves(as_json(wanted)))
+    keys = old.keys() & new.keys() if shared_only else old.keys() | new.keys()
+    return {key: (old.get(key), new.get(key)) for key in sorted(keys)
+            if key not in ignore and old.get(key) != new.get(key)}
+
+
 def fingerprint(section: ml_collections.ConfigDict) -> str:
     """A short hash of one config section, e.g. the model, to detect incompatible workdirs."""
     text = json.dumps(section.to_dict(), sort_keys=True, default=list)

@@ -92,7 +92,7 @@ def test_mim_learns_to_paint_in_hidden_patches(tmp_path):
     assert np.mean([r["loss"] for r in logs[-3:]]) < 0.85 * logs[0]["loss"]
 
 
-def test_mim_resumes_exactly_and_fine_tuning_starts_from_the_whole_network_but_its_head(tmp_path):
+def test_mim_resumes_exactly_and_fine_tuning_starts_from_the_whole_network_but_its_head_or_the_encoder_alone(tmp_path):
     import shutil
 
     config = _tiny_mim(tmp_path)  # checkpoints at steps 3 and 6
@@ -117,6 +117,15 @@ def test_mim_resumes_exactly_and_fine_tuning_starts_from_the_whole_network_but_i
             np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(state.params["head"]), jax.tree.leaves(fresh.params["head"])):
         np.testing.assert_array_equal(x, y)  # the head starts fresh
+    # train.init_decoder=False: the encoder alone; the decoder and head as from random init
+    encoder_only = apply_overrides(seg, ["--config.train.init_decoder=False"])
+    _, alone, _, _ = build_training(encoder_only, parallel.make_mesh(1))
+    for part in record["parts"]:
+        expected = exported["params"][part] if part == "encoder" else fresh.params[part]
+        for x, y in zip(jax.tree.leaves(alone.params[part]), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(exported["params"]["dec0"]),
+                                                         jax.tree.leaves(fresh.params["dec0"])))
 
 
 def test_fine_tuning_a_pretrained_network_with_ema_trains(tmp_path):

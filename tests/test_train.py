@@ -172,3 +172,48 @@ def test_workdir_of_other_experiment_is_refused(tmp_path):
     other = apply_overrides(cfg, ["--config.model.widths=(8, 16)"])
     with pytest.raises(UserError, match="different `model` config"):
         check_workdir(other, tmp_path, run_shape)
+
+
+def test_changed_settings_on_resume_are_recorded_and_refused_where_a_run_is_reused(tmp_path, capsys):
+    """More steps continue a run and resumed.jsonl says what changed at which step; a finished run
+    asked for with another learning rate trains nothing and keeps the config.json it was trained
+    with; with exact=True (the benchmarks' reuse) that request is a UserError naming the field."""
+    from jaxem.commands.demo import write_synthetic_data
+    from jaxem.config import config_differences, load_saved_config
+    from jaxem.errors import UserError
+    from jaxem.train.trainer import train
+
+    cfg = load_config("demo:tiny")
+    paths = write_synthetic_data(cfg, tmp_path / "data")
+    cfg = apply_overrides(cfg, [
+        f"--config.data.train_images=('{paths['train'][0]}',)", f"--config.data.train_labels=('{paths['train'][1]}',)",
+        "--config.data.val_images=()", "--config.data.val_labels=()", "--config.train.steps=2",
+        "--config.train.checkpoint_every=2", "--config.train.eval_every=0", "--config.train.async_checkpoints=false"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    trained_with = (run / "config.json").read_text()
+    other_lr = apply_overrides(cfg, ["--config.optimizer.learning_rate=0.5"])
+    assert config_differences(load_saved_config(run), other_lr) == {
+        "optimizer.learning_rate": (cfg.optimizer.learning_rate, 0.5)}
+
+    with pytest.raises(UserError, match=r"other settings \(optimizer.learning_rate .* -> 0.5\)"):
+        train(other_lr, run, progress=False, exact=True)
+    train(cfg, run, progress=False, exact=True)  # the same settings: reused
+    assert train(other_lr, run, progress=False)["start_step"] == 2  # finished: nothing trained...
+    assert (run / "config.json").read_text() == trained_with and not (run / "resumed.jsonl").exists()  # ...or rewritten
+
+    capsys.readouterr()
+    longer = apply_overrides(cfg, ["--config.train.steps=4"])
+    with pytest.raises(UserError, match="train.steps 2 -> 4"):
+        train(longer, run, progress=False, exact=True)
+    train(longer, run, progress=False)
+    assert "continuing at step 2 with changed settings: train.steps 2 -> 4" in capsys.readouterr().out
+    assert [json.loads(line) for line in (run / "resumed.jsonl").read_text().splitlines()] == [
+        {"step": 2, "changed": {"train.steps": [2, 4]}}]
+    assert load_saved_config(run).train.steps == 4
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
+    # a field jaxem gained after the run was trained (absent from its config.json) is not held against it
+    saved = json.loads((run / "config.json").read_text())
+    del saved["train"]["llrd"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert train(longer, run, progress=False, exact=True)["start_step"] == 4

@@ -92,7 +92,7 @@ def _check_rank(cfg: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
         raise UserError(f"crop {tuple(shape)} has {len(shape)} axes but model.ndim is {cfg.ndim}.")
 
 
-def transfer_encoder_params(seg_variables: dict, encoder_variables: dict) -> dict:
+def transfer_encoder_params(seg_variables: dict, encoder_variables: dict, encoder_only: bool = False) -> dict:
     """Copies a pretrained encoder into a segmentation model's 'encoder' subtree (and, when the
     variables hold more parts of a network than its encoder, as `ssl.method=mim` exports, each part
     into the same-named part: decoder levels included, output heads never).
@@ -100,6 +100,7 @@ def transfer_encoder_params(seg_variables: dict, encoder_variables: dict) -> dic
     `encoder_variables` are the variables of an encoder model ('resnet', 'vit': they hold the
     weights under 'encoder') or of the encoder alone. Every collection (params, batch_stats) present
     in both is copied; every leaf must exist in the target with the same shape, otherwise a
-    UserError names the first mismatching path. Returns new variables; inputs are unchanged.
+    UserError names the first mismatching path. `encoder_only`: the encoder alone, whatever else
+    the variables hold (the decoder keeps its random init). Returns new variables; inputs are unchanged.
     """
-    return transfer_encoder(seg_variables, encoder_variables)
+    return transfer_encoder(seg_variables, encoder_variables, encoder_only)

@@ -24,13 +24,14 @@ def exported_encoder_dir(path: str | Path) -> Path:
     return path if (path / MODEL_FILE).is_file() else path / ENCODER_DIR
 
 
-def transfer_encoder(seg_variables: Mapping, encoder_variables: Mapping) -> dict:
+def transfer_encoder(seg_variables: Mapping, encoder_variables: Mapping, encoder_only: bool = False) -> dict:
     """See jaxem.models.transfer_encoder_params. Returns a new (unfrozen) variables dict."""
     seg = _plain(seg_variables)
     source = _plain(encoder_variables)
     copied = 0
     for collection, tree in source.items():
         parts = network_parts(tree) if "encoder" in tree else {"encoder": tree}
+        parts = {"encoder": parts["encoder"]} if encoder_only else parts
         for part, subtree in parts.items():
             target = seg.get(collection, {}).get(part)
             if target is None:

@@ -72,12 +72,13 @@ def read_heldout(run_dir: str | Path, image_path: str, labels_path: str, out_dir
 
 def train_to_completion(config, run_dir: str | Path, progress: bool = True) -> tuple[dict, float]:
     """Trains `config` in `run_dir` (resuming; a finished run returns at once) -> (summary, seconds).
-    Exits when SIGTERM stopped the training: a half-trained model is not scored."""
+    A run there trained with other settings is a UserError, never reused as this one. Exits when
+    SIGTERM stopped the training: a half-trained model is not scored."""
     # deferred: jaxem.train pulls in optax/orbax, which scoring an existing run never needs
     from jaxem.train.trainer import train
 
     start = time.time()
-    summary = train(config, run_dir, progress=progress)
+    summary = train(config, run_dir, progress=progress, exact=True)
     if "preempted_at" in summary:
         raise SystemExit(f"training stopped at step {summary['preempted_at']} (SIGTERM); run the same command to resume.")
     return summary, time.time() - start

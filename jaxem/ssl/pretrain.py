@@ -52,15 +52,16 @@ def validate_pretraining_config(config: ml_collections.ConfigDict, mesh) -> None
     models.check_input_shape(config.model, tuple(config.data.crop_shape))
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+def pretrain(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True, exact: bool = False) -> dict:
     """Pretrains `config.model`'s encoder with `config.ssl` on `config.data.train_images` (labels
-    are not read); resumes from `workdir`'s checkpoints; exports the encoder when done.
+    are not read); resumes from `workdir`'s checkpoints; exports the encoder when done. `exact`: a
+    run in `workdir` pretrained with any other setting is a UserError rather than continued.
 
     Returns the loop's summary plus `encoder_dir`.
     """
     parallel.initialize_distributed()
     workdir = Path(workdir)
-    check_workdir(config, workdir, run_shape)
+    check_workdir(config, workdir, run_shape, exact=exact)
     mesh = parallel.make_mesh(config.train.num_devices)
     validate_pretraining_config(config, mesh)
     if config.ssl.method in MOMENTUM_METHODS and config.model.get("norm") == "batch" and jax.process_index() == 0:

@@ -6,7 +6,10 @@ jaxem.ssl.pretrain): it owns time, IO, logging and checkpoints; the steps own th
 
 Running the same command again resumes from the newest readable checkpoint (state, RNG and data
 iterator position), so an interrupted run ends with the same parameters as an uninterrupted one.
-SIGTERM (preemption) saves a checkpoint before exiting. A NaN/Inf loss stops the run with a clear
+A run continued with other settings (e.g. more
+train.steps) keeps a record of what changed at which step in resumed.jsonl; a finished run asked
+for again trains nothing and keeps the config.json it was trained with. SIGTERM (preemption) saves
+a checkpoint before exiting. A NaN/Inf loss stops the run with a clear
 message; checkpoints are only written after the loss of that step was seen to be finite. Whether a
 workdir's checkpoints fit a config is decided by the run's shape, {what: fingerprint} of everything
 its checkpoints depend on, which the trainer computes (`section_shape` plus what add-ons contribute)
@@ -26,7 +29,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxem.config import fingerprint, save_config
+from jaxem.config import config_differences, fingerprint, save_config
 from jaxem.data.volume import nonfinite_count, open_volume
 from jaxem.errors import UserError
 from jaxem.train.checkpoint import Checkpointer, check_checkpoint_path
@@ -40,23 +43,41 @@ class TrainingDiverged(UserError):
     """The loss became NaN or Inf."""
 
 
+# Settings a run can change on resume without changing what it computes (performance only).
+PERFORMANCE_FIELDS = ("data.num_workers", "data.prefetch", "train.async_checkpoints")
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
-                  shape: Callable[[ml_collections.ConfigDict], RunShape]) -> None:
+                  shape: Callable[[ml_collections.ConfigDict], RunShape], exact: bool = False) -> None:
     """UserError when `workdir` holds checkpoints of a run whose shape differs from `config`'s:
     `shape(config)` (e.g. the trainer's `run_shape`) is applied to the run's saved config.json and
     to `config`; an entry present in only one of the two differs too; and when orbax could not
-    write readable checkpoints there (`check_checkpoint_path`)."""
+    write readable checkpoints there (`check_checkpoint_path`). `exact`: also when the run was
+    trained with any other setting both configs have (PERFORMANCE_FIELDS aside), e.g. another
+    learning rate or number of steps: for drivers that reuse finished runs and must not score one trained otherwise."""
     check_checkpoint_path(workdir)
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
             raise UserError(f"{workdir} holds checkpoints but no config.json; use a new --workdir.")
         return
-    saved, wanted = shape(ml_collections.ConfigDict(json.loads(saved_path.read_text()))), shape(config)
+    saved_config = json.loads(saved_path.read_text())
+    saved, wanted = shape(ml_collections.ConfigDict(saved_config)), shape(config)
     for what in [*wanted, *(w for w in saved if w not in wanted)]:
         if saved.get(what) != wanted.get(what):
             raise UserError(f"{workdir} holds a run with a different {what}; use a new --workdir "
                             f"(or delete {workdir}) instead of mixing experiments.")
+    # fields only one config has (added to jaxem since) are not compared: the run had none of them
+    changed = config_differences(saved_config, config, ignore=PERFORMANCE_FIELDS, shared_only=True) if exact else {}
+    if changed and has_checkpoints(workdir):
+        raise UserError(f"{workdir} holds a run trained with other settings ({describe_changes(changed)}); "
+                        "use another run directory for them (or delete this one) rather than reuse it.")
+
+
+def describe_changes(changed: dict[str, tuple]) -> str:
+    """"train.steps 2000 -> 4000, ..." for config_differences' result (at most five, then a count)."""
+    shown = [f"{key} {old!r} -> {new!r}" for key, (old, new) in list(changed.items())[:5]]
+    return ", ".join(shown) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
 
 
 def section_shape(config: ml_collections.ConfigDict, sections: tuple[str, ...], ignore: tuple[str, ...] = ()) -> RunShape:
@@ -133,6 +154,20 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def record_settings(config: ml_collections.ConfigDict, workdir: Path, saved_config: dict | None, step: int) -> None:
+    """Writes the config and versions a run (re)starts with to `workdir`; when it continues at
+    `step` a run saved with `saved_config` and settings changed, says which and appends
+    {"step", "changed": {field: [before, after]}} to resumed.jsonl (config.json then holds the
+    newest settings, resumed.jsonl what the earlier steps ran with)."""
+    changed = config_differences(saved_config, config, ignore=PERFORMANCE_FIELDS) if saved_config else {}
+    if changed:
+        print(f"{workdir}: continuing at step {step} with changed settings: {describe_changes(changed)}.")
+        with open(workdir / "resumed.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, "changed": {k: list(v) for k, v in changed.items()}}) + "\n")
+    save_config(config, workdir)
+    (workdir / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n")
+
+
 def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_step: Callable, loader,
              meta: dict, devices: int, validate: Callable | None = None, progress: bool = True,
              train_panels: tuple[str, ...] = ()) -> tuple[dict, Any]:
@@ -143,17 +178,16 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
     anything. `state` is the freshly initialised state (replaced by the newest readable checkpoint
     in `workdir` if there is one); `meta` (the run's shape) is recorded with every checkpoint;
     `validate(state) -> {name: float}` runs every `train.eval_every` steps when given. Writes the
-    resolved config, versions, metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
+    resolved config and versions (`record_settings`; not over a finished run's), metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
     closes `loader`; `train_panels` names train metrics that get a panel of their own in the plot.
     Returns (summary dict: steps, time, last validation metrics; the final state).
     """
     tc = config.train
     is_main = jax.process_index() == 0
+    saved_path = workdir / "config.json"
+    saved_config = json.loads(saved_path.read_text()) if saved_path.is_file() else None
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir)
-        (workdir / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n")
-
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, best_metric=tc.best_metric, best_mode=tc.best_mode,
                         async_save=tc.async_checkpoints)
     writer = MetricWriter(workdir, enabled=is_main)
@@ -167,6 +201,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
     if start >= tc.steps and is_main:
         print(f"{workdir} already holds a run trained to step {start} (train.steps={tc.steps}): nothing to train; "
               f"raise --config.train.steps to continue it, or use a new --workdir for another experiment.")
+    elif is_main:
+        record_settings(config, workdir, saved_config if restored is not None else None, start)
 
     def save(step: int, metrics: dict | None = None, force: bool = False):
         ckpt.save(step, state, loader.get_state(), meta, metrics=metrics, force=force)

@@ -69,15 +69,16 @@ def validate_training_config(config: ml_collections.ConfigDict, mesh) -> None:
                         f"{config.target.kind!r} has {channels} channels; set --config.model.out_channels={channels}.")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True, exact: bool = False) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the loop's summary
-    (steps, time, last validation metrics)."""
+    (steps, time, last validation metrics). `exact`: a run in `workdir` trained with any other
+    setting is a UserError rather than continued (check_workdir)."""
     parallel.initialize_distributed()
     mesh = parallel.make_mesh(config.train.num_devices)
     validate_training_config(config, mesh)
     config = with_dataset_volumes(config)
     workdir = Path(workdir)
-    check_workdir(config, workdir, run_shape)
+    check_workdir(config, workdir, run_shape, exact=exact)
 
     tc, ndim = config.train, config.model.ndim
     # A resumed run continues from its own checkpoint: the pretrained encoder is not needed again.
@@ -119,7 +120,8 @@ def build_training(config: ml_collections.ConfigDict, mesh, load_encoder: bool =
     key = jax.random.PRNGKey(config.seed)
     state = jax.eval_shape(init, key) if abstract else init(key)
     if tc.get("init_encoder") and load_encoder and not abstract:
-        state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model)
+        state = with_pretrained_encoder(state, tc.init_encoder, mesh, config.model,
+                                        encoder_only=not tc.get("init_decoder", True))
     teacher, rounds = run_teacher(config, state, mesh), unlabelled.rounds_on(config.get("semi"))
     add_ons = init_adversaries(config, model, state, replicated)
     if rounds > 1:  # the rounds' teacher lives in the state; before the first round ends: the run teacher or a placeholder
@@ -187,16 +189,18 @@ def copy_on_devices(tree, sharding):
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)(tree)
 
 
-def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None):
+def with_pretrained_encoder(state, path: str, mesh, model_cfg: ml_collections.ConfigDict | None = None,
+                            encoder_only: bool = False):
     """`state` whose encoder variables (params and EMA copy; batch_stats with batch norm) come from
-    the pretrained encoder at `path`, with a fresh optimizer state; UserError when they do not fit.
+    the pretrained encoder at `path` (and its decoder's, where `path` holds a whole network as mim
+    exports it, unless `encoder_only`), with a fresh optimizer state; UserError when they do not fit.
     `path` is an exported encoder, or a SAM/DINOv2/MAE/timm checkpoint file converted on the fly
     to fit `model_cfg` (jaxem.models.convert)."""
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     try:
         pretrained = (convert.load_pretrained(path, model_cfg) if model_cfg is not None and convert.is_checkpoint(path)
                       else checkpoint.load_encoder(path))
-        variables = models.transfer_encoder_params(variables, pretrained)
+        variables = models.transfer_encoder_params(variables, pretrained, encoder_only)
     except UserError as e:
         raise UserError(f"train.init_encoder={path}: {e}") from None
     variables = parallel.replicate(jax.device_get(variables), mesh)
