@@ -22,4 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.snemi3d import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(default_config="cremi_affinities:cpu,synthetic", protocol="cremi", description=__doc__)
+    from jaxem.errors import run_script
+
+    run_script(lambda: main(default_config="cremi_affinities:cpu,synthetic", protocol="cremi", description=__doc__))

@@ -366,4 +366,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxem.errors import run_script
+
+    run_script(main)

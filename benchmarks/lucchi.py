@@ -93,12 +93,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from jaxem.errors import run_script
 
-    from jaxem.errors import UserError
-
-    try:
-        main()
-    except UserError as e:  # bad input: one sentence, exit code 2, as the CLI does
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

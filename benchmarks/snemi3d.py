@@ -108,4 +108,6 @@ def main(default_config: str = "snemi3d_affinities:cpu,synthetic", protocol: str
 
 
 if __name__ == "__main__":
-    main()
+    from jaxem.errors import run_script
+
+    run_script(main)

@@ -2,8 +2,11 @@
 
 Anything the user can fix (a wrong path, an unknown config key, a shape mismatch) raises
 `UserError` with one sentence that names the file or field and what was expected. The CLI prints
-it without a traceback and exits with code 2.
+it without a traceback and exits with code 2; scripts (benchmarks/) do the same with `run_script`.
 """
+
+import sys
+from typing import Callable
 
 
 class UserError(ValueError):
@@ -11,3 +14,13 @@ class UserError(ValueError):
 
     A ValueError, so library callers below the CLI catch it as the bad value it is; only
     `jaxem.cli.main` turns it into the one-line message and exit code 2."""
+
+
+def run_script(main: Callable[[], object], name: str | None = None) -> None:
+    """Runs a script's `main()`; a UserError prints "NAME: error: <sentence>" on stderr (NAME: the
+    script's file name) and exits with code 2, as the CLI does."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{name or sys.argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)

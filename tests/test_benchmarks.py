@@ -448,6 +448,13 @@ def test_label_efficiency_benchmark_pretrains_once_and_fine_tunes_every_arm(shar
     assert json.loads((tmp_path / "r.json").read_text())["table"] == report["table"]  # finished runs reused
     assert "nothing to train" in again.stdout
     assert again.stdout.count("scores of these checkpoints are reused") == 2  # scratch and mim, not scored again
+    # another --finetune setting in the same --run: refused by name (exit 2), the finished runs left as they were
+    scratch_config = (tmp_path / "r" / "scratch_1" / "seed1" / "config.json").read_text()
+    changed = subprocess.run([*command, "--finetune.optimizer.learning_rate=0.001"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=BENCHMARK_TIMEOUT_S, env=env)
+    assert changed.returncode == 2 and "other settings (optimizer.learning_rate 0.003 -> 0.001)" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert (tmp_path / "r" / "scratch_1" / "seed1" / "config.json").read_text() == scratch_config
     # benchmarks/tuning_selection.py on these runs: its argmax rule re-derives each run's tuned score
     runs = [tmp_path / "r" / f"{arm}_1" / "seed1" for arm in ("scratch", mim)]
     # (and with --unseen 1 2: tuned on training slice 1, which the 1-slice runs never saw)
