@@ -14,8 +14,8 @@
    with the fixed watershed setting: the arms differ in their networks only (no per-arm tuning).
 
 Finished runs are reused; a run directory trained with other settings (another
-`--pretrain.x=y` or `--finetune.x=y`) is refused, never scored as this one. Prints JSON: per-seed and mean scores of both arms, the difference, the
-times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
+`--pretrain.x=y` or `--finetune.x=y`) is refused, never scored as this one. Prints JSON: per-seed
+and mean scores of both arms, the difference, the times and the machine. Needs the ISBI data (../shared/data/isbi2012 or $JAXEM_DATA).
 """
 
 from __future__ import annotations

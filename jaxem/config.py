@@ -198,8 +198,7 @@ def config_differences(saved: dict | ml_collections.ConfigDict, wanted: ml_colle
             yield prefix[:-1], tree
 
     def as_json(cfg):
-        return json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg,
-                                     sort_keys=True, default=list))
+        return json.loads(to_json(cfg)) if isinstance(cfg, ml_collections.ConfigDict) else cfg
 
     old, new = dict(leaves(as_json(saved))), dict(leaves(as_json(wanted)))
     keys = old.keys() & new.keys() if shared_only else old.keys() | new.keys()

@@ -16,11 +16,11 @@ class UserError(ValueError):
     `jaxem.cli.main` turns it into the one-line message and exit code 2."""
 
 
-def run_script(main: Callable[[], object], name: str | None = None) -> None:
-    """Runs a script's `main()`; a UserError prints "NAME: error: <sentence>" on stderr (NAME: the
-    script's file name) and exits with code 2, as the CLI does."""
+def run_script(main: Callable[[], object]) -> None:
+    """Runs a script's `main()`; a UserError prints "SCRIPT: error: <sentence>" on stderr (SCRIPT:
+    the script's path as run) and exits with code 2, as the CLI does."""
     try:
         main()
     except UserError as e:
-        print(f"{name or sys.argv[0]}: error: {e}", file=sys.stderr)
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
         sys.exit(2)

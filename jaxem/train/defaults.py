@@ -31,7 +31,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         accumulate_steps=1,  # micro-batches per optimizer step
         num_devices=0,  # 0 = all devices of all processes
         init_encoder="",  # a `jaxem pretrain` workdir (or its encoder/): start the encoder from it
-        init_decoder=True,  # ...and the decoder, where that pretraining trained a whole network (mim); False: random decoder
+        init_decoder=True,  # ...and the decoder where it pretrained a whole network (mim); False: random decoder
         # Fine-tuning controls (jaxem.train.state.encoder_controls; with optimizer.encoder_lr_scale):
         llrd=1.0,  # layer-wise lr decay in (0, 1]: encoder layer i of L learns at lr x llrd^(L - i); 1 = off
         freeze_encoder_steps=0,  # no encoder updates (nor batch-norm statistics) for this many steps; -1 = whole run

@@ -6,11 +6,10 @@ jaxem.ssl.pretrain): it owns time, IO, logging and checkpoints; the steps own th
 
 Running the same command again resumes from the newest readable checkpoint (state, RNG and data
 iterator position), so an interrupted run ends with the same parameters as an uninterrupted one.
-A run continued with other settings (e.g. more
-train.steps) keeps a record of what changed at which step in resumed.jsonl; a finished run asked
-for again trains nothing and keeps the config.json it was trained with. SIGTERM (preemption) saves
-a checkpoint before exiting. A NaN/Inf loss stops the run with a clear
-message; checkpoints are only written after the loss of that step was seen to be finite. Whether a
+A run continued with other settings (e.g. more train.steps) keeps a record of what changed at which
+step in resumed.jsonl; a finished run asked for again trains nothing and keeps the config.json it
+was trained with. SIGTERM (preemption) saves a checkpoint before exiting. A NaN/Inf loss stops the
+run with a clear message; checkpoints are only written after the loss of that step was seen to be finite. Whether a
 workdir's checkpoints fit a config is decided by the run's shape, {what: fingerprint} of everything
 its checkpoints depend on, which the trainer computes (`section_shape` plus what add-ons contribute)
 and each checkpoint records as its metadata.
@@ -54,7 +53,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
     to `config`; an entry present in only one of the two differs too; and when orbax could not
     write readable checkpoints there (`check_checkpoint_path`). `exact`: also when the run was
     trained with any other setting both configs have (PERFORMANCE_FIELDS aside), e.g. another
-    learning rate or number of steps: for drivers that reuse finished runs and must not score one trained otherwise."""
+    learning rate or number of steps: for drivers that reuse finished runs and must not score one
+    trained otherwise."""
     check_checkpoint_path(workdir)
     saved_path = workdir / "config.json"
     if not saved_path.exists():
@@ -178,8 +178,8 @@ def run_loop(config: ml_collections.ConfigDict, workdir: Path, *, state, train_s
     anything. `state` is the freshly initialised state (replaced by the newest readable checkpoint
     in `workdir` if there is one); `meta` (the run's shape) is recorded with every checkpoint;
     `validate(state) -> {name: float}` runs every `train.eval_every` steps when given. Writes the
-    resolved config and versions (`record_settings`; not over a finished run's), metrics.jsonl/TensorBoard, checkpoints and training_curves.png;
-    closes `loader`; `train_panels` names train metrics that get a panel of their own in the plot.
+    resolved config and versions (`record_settings`; not over a finished run's), metrics.jsonl/
+    TensorBoard, checkpoints and training_curves.png; closes `loader`; `train_panels` names train metrics that get a panel of their own in the plot.
     Returns (summary dict: steps, time, last validation metrics; the final state).
     """
     tc = config.train

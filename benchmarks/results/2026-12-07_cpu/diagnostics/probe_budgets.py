@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))  # the repository
 import jax  # noqa: E402
 
 from jaxem import models  # noqa: E402
